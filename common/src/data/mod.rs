@@ -1,0 +1,205 @@
+//! Datasets: loaders for the standard formats, partitioners, synthetic data.
+//!
+//! A [`Dataset`] is loaded once and shared (`Arc`); a client's share of it is
+//! a [`Shard`], a list of indices, so a thousand idle simulated clients cost
+//! only their index lists.
+
+pub mod fetch;
+pub mod idx;
+pub mod partition;
+pub mod synthetic;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub use partition::Partition;
+
+/// Environment variable naming the data directory.
+pub const DATA_DIR_ENV: &str = "FEDVEIL_DATA";
+
+/// A labelled dataset of fixed-shape examples, stored densely.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dataset {
+    /// Row-major features, `len() * example_len()` values.
+    pub features: Vec<f32>,
+    /// Shape of one example, e.g. `[1, 28, 28]` for MNIST.
+    pub example_shape: Vec<usize>,
+    pub labels: Vec<u32>,
+    pub num_classes: usize,
+}
+
+impl Dataset {
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    pub fn example_len(&self) -> usize {
+        self.example_shape.iter().product()
+    }
+
+    pub fn example(&self, i: usize) -> &[f32] {
+        let n = self.example_len();
+        &self.features[i * n..(i + 1) * n]
+    }
+
+    /// Examples per class.
+    pub fn class_counts(&self) -> Vec<usize> {
+        let mut counts = vec![0; self.num_classes];
+        for &l in &self.labels {
+            counts[l as usize] += 1;
+        }
+        counts
+    }
+
+    /// The first `n` examples (for quick runs and tests).
+    pub fn truncated(mut self, n: usize) -> Self {
+        let n = n.min(self.len());
+        self.features.truncate(n * self.example_len());
+        self.labels.truncate(n);
+        self
+    }
+}
+
+/// One client's view of a shared dataset.
+#[derive(Debug, Clone)]
+pub struct Shard {
+    pub data: Arc<Dataset>,
+    pub indices: Vec<usize>,
+}
+
+impl Shard {
+    pub fn whole(data: Arc<Dataset>) -> Self {
+        let indices = (0..data.len()).collect();
+        Self { data, indices }
+    }
+
+    pub fn len(&self) -> usize {
+        self.indices.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.indices.is_empty()
+    }
+}
+
+/// A train/test pair.
+#[derive(Debug, Clone)]
+pub struct Split {
+    pub train: Arc<Dataset>,
+    pub test: Arc<Dataset>,
+}
+
+/// Why a dataset could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error(
+        "dataset '{dataset}' is missing from {dir}: put {files} there \
+         (or point --data-dir / {DATA_DIR_ENV} at a folder that has {dataset}/){hint}"
+    )]
+    Missing {
+        dataset: String,
+        dir: PathBuf,
+        files: String,
+        hint: String,
+    },
+    #[error("{path}: checksum mismatch (sha256 {actual}, expected {expected}); delete it and fetch it again")]
+    Checksum {
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
+    #[error("{path}: not a valid IDX file: {reason}")]
+    BadIdx { path: PathBuf, reason: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("download of {url} failed: {reason}")]
+    Download { url: String, reason: String },
+    #[error("unknown dataset '{0}' (known: mnist, fashion-mnist, synthetic)")]
+    Unknown(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl DataError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        DataError::Io {
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
+
+/// The data directory: `explicit` (a `--data-dir` flag), else `$FEDVEIL_DATA`,
+/// else the per-user cache (`~/.cache/fedveil/data` on Linux).
+pub fn resolve_data_dir(explicit: Option<&Path>) -> PathBuf {
+    if let Some(dir) = explicit {
+        return dir.to_owned();
+    }
+    if let Some(dir) = std::env::var_os(DATA_DIR_ENV).filter(|v| !v.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    dirs::cache_dir()
+        .unwrap_or_else(std::env::temp_dir)
+        .join("fedveil")
+        .join("data")
+}
+
+/// Datasets this build can load by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DatasetName {
+    Mnist,
+    FashionMnist,
+    Synthetic,
+}
+
+impl DatasetName {
+    pub fn parse(name: &str) -> Result<Self, DataError> {
+        match name {
+            "mnist" => Ok(Self::Mnist),
+            "fashion-mnist" => Ok(Self::FashionMnist),
+            "synthetic" => Ok(Self::Synthetic),
+            other => Err(DataError::Unknown(other.to_owned())),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Mnist => "mnist",
+            Self::FashionMnist => "fashion-mnist",
+            Self::Synthetic => "synthetic",
+        }
+    }
+}
+
+/// How a dataset is fetched when it is missing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Download {
+    /// Fetch missing files from the canonical mirrors (checksums pinned).
+    IfMissing,
+    /// Fail with a message naming the missing files.
+    Never,
+}
+
+/// Loads `name` from `data_dir` (train and test split).
+///
+/// `synthetic` is generated in memory from `seed`; the others are read from
+/// `data_dir/<name>/` in their standard formats.
+pub fn load(
+    name: DatasetName,
+    data_dir: &Path,
+    download: Download,
+    seed: u64,
+) -> Result<Split, DataError> {
+    match name {
+        DatasetName::Mnist => idx::load_idx_dataset(&idx::MNIST, data_dir, download),
+        DatasetName::FashionMnist => idx::load_idx_dataset(&idx::FASHION_MNIST, data_dir, download),
+        DatasetName::Synthetic => Ok(synthetic::SyntheticConfig::default().generate(seed)),
+    }
+}

@@ -1,0 +1,12 @@
+//! fedveil-common: the vocabulary and pure logic shared by server, client
+//! and simulation. Nothing here opens a socket, spawns a task or reads the
+//! clock; drivers pass time in.
+
+pub mod aggregate;
+pub mod data;
+pub mod metrics;
+pub mod model;
+#[cfg(feature = "net")]
+pub mod net;
+pub mod round;
+pub mod wire;

@@ -1,0 +1,199 @@
+//! Local training and evaluation for any Burn classifier, behind the
+//! object-safe [`FlModel`] trait that the client and server use.
+
+use burn::nn::loss::CrossEntropyLoss;
+use burn::optim::{GradientsParams, SgdConfig};
+use burn::prelude::*;
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha20Rng;
+
+use super::flat::{ParamLayout, load_flat, to_flat};
+use super::{ModelError, ModelSpec};
+use crate::data::{Dataset, Shard};
+
+/// Examples per batch when evaluating (no gradients, so larger is fine).
+pub const EVAL_BATCH_SIZE: usize = 500;
+
+/// Model inputs for one batch.
+pub enum Inputs {
+    /// `[batch, channels, height, width]`.
+    Images(Tensor<4>),
+}
+
+/// A Burn module that maps a batch to class logits `[batch, classes]`.
+pub trait Classifier: Module + Sized + 'static {
+    fn logits(&self, inputs: Inputs) -> Tensor<2>;
+}
+
+/// What one local training run should do.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainPlan {
+    pub epochs: u32,
+    pub batch_size: usize,
+    pub learning_rate: f64,
+    /// Seeds minibatch shuffling; callers mix in round and client.
+    pub shuffle_seed: u64,
+}
+
+/// Outcome of local training.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TrainStats {
+    /// Examples in the shard (the FedAvg weight).
+    pub examples: usize,
+    pub steps: usize,
+    /// Mean loss over the last epoch.
+    pub last_epoch_loss: f32,
+}
+
+/// Loss and accuracy over a set of examples.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EvalStats {
+    pub examples: usize,
+    pub loss: f32,
+    pub accuracy: f32,
+}
+
+/// A trainable model as seen by the federated code: parameters in and out as
+/// flat vectors, train on a shard, evaluate on a shard.
+pub trait FlModel: Send {
+    fn spec(&self) -> &ModelSpec;
+    fn layout(&self) -> &ParamLayout;
+    fn params(&self) -> Vec<f32>;
+    fn set_params(&mut self, values: &[f32]) -> Result<(), ModelError>;
+    fn train(&mut self, shard: &Shard, plan: &TrainPlan) -> Result<TrainStats, ModelError>;
+    fn evaluate(&self, shard: &Shard) -> EvalStats;
+}
+
+/// [`FlModel`] for any [`Classifier`].
+pub struct BurnClassifier<M: Classifier> {
+    model: M,
+    /// Autodiff-enabled device the parameters live on.
+    device: Device,
+    spec: ModelSpec,
+    layout: ParamLayout,
+}
+
+impl<M: Classifier> BurnClassifier<M> {
+    /// Wraps a model initialised on `device` (autodiff is turned on here).
+    pub fn new(name: &str, init: impl FnOnce(&Device) -> M, device: &Device) -> Self {
+        let device = device.clone().autodiff();
+        let model = init(&device);
+        let layout = ParamLayout::of(&model);
+        let spec = ModelSpec {
+            name: name.to_owned(),
+            param_count: layout.param_count() as u64,
+            shape_signature: layout.signature(),
+        };
+        Self {
+            model,
+            device,
+            spec,
+            layout,
+        }
+    }
+
+    pub fn module(&self) -> &M {
+        &self.model
+    }
+
+    fn batch(&self, data: &Dataset, indices: &[usize], device: &Device) -> (Inputs, Tensor<1, Int>) {
+        let d = data.example_len();
+        let mut features = Vec::with_capacity(indices.len() * d);
+        for &i in indices {
+            features.extend_from_slice(data.example(i));
+        }
+        let mut shape = vec![indices.len()];
+        shape.extend_from_slice(&data.example_shape);
+        let labels: Vec<i32> = indices.iter().map(|&i| data.labels[i] as i32).collect();
+        let x = Tensor::<4>::from_data(TensorData::new(features, shape), device);
+        let y = Tensor::<1, Int>::from_data(TensorData::new(labels, [indices.len()]), device);
+        (Inputs::Images(x), y)
+    }
+}
+
+impl<M: Classifier> FlModel for BurnClassifier<M> {
+    fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    fn layout(&self) -> &ParamLayout {
+        &self.layout
+    }
+
+    fn params(&self) -> Vec<f32> {
+        to_flat(&self.model)
+    }
+
+    fn set_params(&mut self, values: &[f32]) -> Result<(), ModelError> {
+        if values.len() as u64 != self.spec.param_count {
+            return Err(ModelError::WrongLength {
+                got: values.len(),
+                expected: self.spec.param_count as usize,
+            });
+        }
+        self.model = load_flat(self.model.clone(), values);
+        Ok(())
+    }
+
+    fn train(&mut self, shard: &Shard, plan: &TrainPlan) -> Result<TrainStats, ModelError> {
+        if plan.batch_size == 0 {
+            return Err(ModelError::InvalidPlan("batch size must be at least 1".into()));
+        }
+        if !(plan.learning_rate > 0.0 && plan.learning_rate.is_finite()) {
+            return Err(ModelError::InvalidPlan(format!(
+                "learning rate {} must be positive",
+                plan.learning_rate
+            )));
+        }
+        let loss_fn = CrossEntropyLoss::new(None, &self.device);
+        let mut optim = SgdConfig::new().init();
+        let mut rng = ChaCha20Rng::seed_from_u64(plan.shuffle_seed);
+        let mut order = shard.indices.clone();
+        let mut model = self.model.clone();
+        let (mut steps, mut last_epoch_loss) = (0, f32::NAN);
+        for _ in 0..plan.epochs {
+            order.shuffle(&mut rng);
+            let mut loss_sum = 0.0f64;
+            for batch in order.chunks(plan.batch_size) {
+                let (x, y) = self.batch(&shard.data, batch, &self.device);
+                let loss = loss_fn.forward(model.logits(x), y);
+                loss_sum += f64::from(loss.clone().into_scalar::<f32>()) * batch.len() as f64;
+                let grads = GradientsParams::from_grads(loss.backward(), &model);
+                model = optim.step(plan.learning_rate, model, grads);
+                steps += 1;
+            }
+            last_epoch_loss = (loss_sum / order.len().max(1) as f64) as f32;
+        }
+        if !last_epoch_loss.is_finite() && plan.epochs > 0 && !order.is_empty() {
+            return Err(ModelError::Diverged(last_epoch_loss));
+        }
+        self.model = model;
+        Ok(TrainStats {
+            examples: shard.len(),
+            steps,
+            last_epoch_loss,
+        })
+    }
+
+    fn evaluate(&self, shard: &Shard) -> EvalStats {
+        let model = self.model.valid();
+        let device = self.device.clone().inner();
+        let loss_fn = CrossEntropyLoss::new(None, &device);
+        let (mut loss_sum, mut correct) = (0.0f64, 0i64);
+        for batch in shard.indices.chunks(EVAL_BATCH_SIZE) {
+            let (x, y) = self.batch(&shard.data, batch, &device);
+            let logits = model.logits(x);
+            let loss = loss_fn.forward(logits.clone(), y.clone());
+            loss_sum += f64::from(loss.into_scalar::<f32>()) * batch.len() as f64;
+            let pred = logits.argmax(1).squeeze_dim::<1>(1);
+            correct += pred.equal(y).int().sum().into_scalar::<i64>();
+        }
+        let n = shard.len().max(1) as f64;
+        EvalStats {
+            examples: shard.len(),
+            loss: (loss_sum / n) as f32,
+            accuracy: (correct as f64 / n) as f32,
+        }
+    }
+}

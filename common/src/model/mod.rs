@@ -1,0 +1,136 @@
+//! Models: a registry by name, the Burn modules, and the flat-vector view.
+//!
+//! Burn 0.22 picks the backend at run time through [`Device`], so model code
+//! names no backend; [`DeviceSpec`] turns `--device cpu|cuda[:N]` into one.
+
+pub mod classifier;
+pub mod cnn;
+pub mod flat;
+
+use std::fmt;
+use std::str::FromStr;
+
+use burn::prelude::Device;
+
+pub use crate::wire::ModelSpec;
+pub use classifier::{EvalStats, FlModel, TrainPlan, TrainStats};
+pub use flat::ParamLayout;
+
+/// Names accepted by `--model`.
+pub const MODEL_NAMES: &[&str] = &["cnn"];
+
+/// Why a model could not be built, loaded or trained.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ModelError {
+    #[error("unknown model '{0}' (known: {known})", known = MODEL_NAMES.join(", "))]
+    Unknown(String),
+    #[error("parameter vector has {got} values, the model has {expected}")]
+    WrongLength { got: usize, expected: usize },
+    #[error("model '{model}' cannot take inputs of shape {shape:?}: {reason}")]
+    IncompatibleData {
+        model: String,
+        shape: Vec<usize>,
+        reason: String,
+    },
+    #[error("invalid training plan: {0}")]
+    InvalidPlan(String),
+    #[error("training diverged (loss {0}); lower the learning rate")]
+    Diverged(f32),
+    #[error("device '{0}' is not available: {1}")]
+    Device(String, String),
+}
+
+/// What a model needs to know about the data to be built.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DataShape {
+    pub example_shape: Vec<usize>,
+    pub num_classes: usize,
+}
+
+/// Builds the model registered under `name` for data of `shape`.
+pub fn build(name: &str, shape: &DataShape, device: &Device) -> Result<Box<dyn FlModel>, ModelError> {
+    match name {
+        "cnn" => {
+            let [c, h, w] = shape.example_shape[..] else {
+                return Err(incompatible(name, shape, "expected [channels, height, width]"));
+            };
+            if h != w || h < 22 {
+                return Err(incompatible(name, shape, "expected square images of side >= 22"));
+            }
+            let cfg = cnn::CnnConfig::new()
+                .with_in_channels(c)
+                .with_image_size(h)
+                .with_num_classes(shape.num_classes);
+            Ok(Box::new(classifier::BurnClassifier::new(
+                name,
+                |d| cfg.init(d),
+                device,
+            )))
+        }
+        other => Err(ModelError::Unknown(other.to_owned())),
+    }
+}
+
+fn incompatible(name: &str, shape: &DataShape, reason: &str) -> ModelError {
+    ModelError::IncompatibleData {
+        model: name.to_owned(),
+        shape: shape.example_shape.clone(),
+        reason: reason.to_owned(),
+    }
+}
+
+/// `--device cpu | cuda | cuda:N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceSpec {
+    /// Burn's `flex` CPU backend.
+    #[default]
+    Cpu,
+    /// Burn's CUDA backend (needs the `cuda` cargo feature).
+    Cuda(usize),
+}
+
+impl FromStr for DeviceSpec {
+    type Err = ModelError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || ModelError::Device(s.to_owned(), "expected cpu, cuda or cuda:N".into());
+        match s {
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            _ => match s.strip_prefix("cuda:") {
+                Some(n) => n.parse().map(Self::Cuda).map_err(|_| bad()),
+                None => Err(bad()),
+            },
+        }
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Cpu => write!(f, "cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl DeviceSpec {
+    /// The Burn device, or an error if this build has no such backend.
+    pub fn device(self) -> Result<Device, ModelError> {
+        match self {
+            Self::Cpu => Ok(Device::flex()),
+            #[cfg(feature = "cuda")]
+            Self::Cuda(n) => Ok(Device::cuda(n)),
+            #[cfg(not(feature = "cuda"))]
+            Self::Cuda(_) => Err(ModelError::Device(
+                self.to_string(),
+                "this build has no CUDA backend; rebuild with `--features cuda` \
+                 (needs network access at build time)"
+                    .into(),
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,14 @@
+//! The round protocol as sans-IO state machines: [`server::Coordinator`]
+//! and [`client::ClientSession`]. Drivers feed them messages and time and
+//! send what they emit; the tests in `tests.rs` drive both ends in memory.
+
+pub mod client;
+pub mod server;
+
+pub use client::{ClientEvent, ClientSession, SessionError};
+pub use server::{
+    ClientId, ConfigError, Coordinator, CoordinatorConfig, Event, RoundSummary, Transmit,
+};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,660 @@
+//! The server side of a federated run, as a sans-IO state machine.
+//!
+//! Like `quinn_proto::Connection`, the [`Coordinator`] does no I/O and reads
+//! no clock: the driver feeds it connections, messages and the current time,
+//! and polls it for messages to send ([`Coordinator::poll_transmit`]),
+//! things that happened ([`Coordinator::poll_event`]) and when it next needs
+//! a timeout ([`Coordinator::poll_timeout`]). Every path (joins, dropouts,
+//! replays, bad updates, timeouts) is therefore testable without a socket.
+//!
+//! A round: wait until `min_clients` are admitted, sample a cohort of
+//! `max(1, round(fraction * admitted))`, send each the global model and round
+//! config, fold each valid update into a streaming weighted mean, and finish
+//! when every cohort member has answered, dropped out, or the round timed out.
+//! The driver then evaluates and persists, and calls
+//! [`Coordinator::start_next_round`].
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::SeedableRng;
+use rand::seq::IndexedRandom;
+use rand_chacha::ChaCha20Rng;
+
+use crate::aggregate::{AggregateError, WeightedMean};
+use crate::wire::{
+    CodecError, Evaluation, Goodbye, Hello, Message, ModelSpec, PROTOCOL_VERSION, ReasonCode,
+    RoundConfig, RoundStart, Update, Welcome,
+};
+
+/// A connection's identity within one server run.
+pub type ClientId = u64;
+
+/// Default: give up on stragglers after this long.
+pub const DEFAULT_ROUND_TIMEOUT: Duration = Duration::from_secs(600);
+/// Default cap on admitted clients.
+pub const DEFAULT_MAX_CLIENTS: usize = 10_000;
+/// Default cap on the weight one update may claim.
+pub const DEFAULT_MAX_EXAMPLES_PER_UPDATE: u64 = 10_000_000;
+
+/// How the server runs rounds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CoordinatorConfig {
+    /// Rounds to run before saying goodbye.
+    pub rounds: u64,
+    /// Admitted clients needed before a round starts.
+    pub min_clients: usize,
+    /// Fraction C of admitted clients sampled into each round's cohort.
+    pub fraction: f64,
+    /// Time after which a round completes with the updates that arrived.
+    pub round_timeout: Duration,
+    /// Clients beyond this are refused with [`ReasonCode::ServerFull`].
+    pub max_clients: usize,
+    /// Largest `num_examples` an update may claim.
+    pub max_examples_per_update: u64,
+    /// Seeds cohort sampling.
+    pub seed: u64,
+    /// Sent to every cohort member.
+    pub round: RoundConfig,
+}
+
+impl CoordinatorConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.min_clients == 0 {
+            return Err(ConfigError("min_clients must be at least 1".into()));
+        }
+        if !(self.fraction > 0.0 && self.fraction <= 1.0) {
+            return Err(ConfigError(format!(
+                "fraction {} must be in (0, 1]",
+                self.fraction
+            )));
+        }
+        if self.round_timeout.is_zero() {
+            return Err(ConfigError("round timeout must be positive".into()));
+        }
+        if self.max_clients < self.min_clients {
+            return Err(ConfigError(format!(
+                "max_clients {} is below min_clients {}",
+                self.max_clients, self.min_clients
+            )));
+        }
+        let r = &self.round;
+        if r.local_epochs == 0 || r.batch_size == 0 {
+            return Err(ConfigError("local epochs and batch size must be at least 1".into()));
+        }
+        if !(r.learning_rate > 0.0 && r.learning_rate.is_finite()) {
+            return Err(ConfigError(format!(
+                "learning rate {} must be positive",
+                r.learning_rate
+            )));
+        }
+        Ok(())
+    }
+
+    /// Cohort size for `admitted` clients.
+    pub fn cohort_size(&self, admitted: usize) -> usize {
+        ((self.fraction * admitted as f64).round() as usize).clamp(1, admitted.max(1))
+    }
+}
+
+/// A configuration that cannot run.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("invalid server configuration: {0}")]
+pub struct ConfigError(pub String);
+
+/// A message for the driver to send, then optionally close the connection.
+#[derive(Debug, Clone)]
+pub struct Transmit {
+    pub to: ClientId,
+    /// Shared, so the global model is held once however large the cohort.
+    pub message: Arc<Message>,
+    /// Close the connection after sending (the peer is refused).
+    pub close: bool,
+}
+
+/// What one completed round did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoundSummary {
+    pub round: u64,
+    pub cohort: Vec<ClientId>,
+    /// Clients whose update was folded in.
+    pub contributors: Vec<ClientId>,
+    /// Cohort members that left, timed out or sent a refused update.
+    pub dropped: Vec<ClientId>,
+    pub total_examples: u64,
+    /// Example-weighted mean of the contributors' last-epoch training loss.
+    pub train_loss: f32,
+    /// Example-weighted evaluation of the incoming global model on the
+    /// clients' own data, if any client reported one.
+    pub client_eval: Option<ClientEvalSummary>,
+    pub timed_out: bool,
+    pub started_at: Instant,
+    pub finished_at: Instant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ClientEvalSummary {
+    pub examples: u64,
+    pub loss: f32,
+    pub accuracy: f32,
+}
+
+/// Things the driver may want to log or act on.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Joined {
+        id: ClientId,
+        node_name: String,
+    },
+    Left {
+        id: ClientId,
+    },
+    RoundStarted {
+        round: u64,
+        cohort: Vec<ClientId>,
+    },
+    UpdateAccepted {
+        round: u64,
+        id: ClientId,
+        num_examples: u64,
+    },
+    /// A client's message was refused (and told so).
+    Rejected {
+        id: ClientId,
+        code: ReasonCode,
+        detail: String,
+    },
+    /// The global model now includes this round's mean update.
+    RoundCompleted(RoundSummary),
+    /// No valid update arrived: the global model is unchanged.
+    RoundFailed {
+        round: u64,
+        reason: String,
+    },
+    /// All rounds are done; goodbyes are queued.
+    Finished {
+        rounds_completed: u64,
+    },
+}
+
+#[derive(Debug)]
+struct ClientEntry {
+    /// `None` until the client's hello is accepted.
+    node_name: Option<String>,
+}
+
+#[derive(Debug)]
+struct RoundState {
+    round: u64,
+    cohort: Vec<ClientId>,
+    pending: BTreeSet<ClientId>,
+    contributors: Vec<ClientId>,
+    dropped: Vec<ClientId>,
+    evaluated: BTreeSet<ClientId>,
+    sum: WeightedMean,
+    loss_sum: f64,
+    eval: (f64, f64, u64),
+    started_at: Instant,
+    deadline: Instant,
+}
+
+#[derive(Debug)]
+enum Phase {
+    /// Waiting for `min_clients` admitted clients.
+    Waiting,
+    Collecting(Box<RoundState>),
+    /// A round finished; the driver calls `start_next_round`.
+    BetweenRounds,
+    Finished,
+}
+
+/// The server's round protocol.
+#[derive(Debug)]
+pub struct Coordinator {
+    cfg: CoordinatorConfig,
+    spec: ModelSpec,
+    global: Vec<f32>,
+    rounds_completed: u64,
+    next_round: u64,
+    clients: BTreeMap<ClientId, ClientEntry>,
+    next_id: ClientId,
+    rng: ChaCha20Rng,
+    phase: Phase,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<Event>,
+}
+
+impl Coordinator {
+    /// A coordinator that starts at round `first_round` (1 for a new run)
+    /// with `global_model` as the current global model.
+    pub fn new(
+        cfg: CoordinatorConfig,
+        spec: ModelSpec,
+        global_model: Vec<f32>,
+        first_round: u64,
+    ) -> Result<Self, ConfigError> {
+        cfg.validate()?;
+        if global_model.len() as u64 != spec.param_count {
+            return Err(ConfigError(format!(
+                "initial model has {} values, the model spec says {}",
+                global_model.len(),
+                spec.param_count
+            )));
+        }
+        let rng = ChaCha20Rng::seed_from_u64(cfg.seed);
+        Ok(Self {
+            cfg,
+            spec,
+            global: global_model,
+            rounds_completed: first_round.saturating_sub(1),
+            next_round: first_round.max(1),
+            clients: BTreeMap::new(),
+            next_id: 1,
+            rng,
+            phase: Phase::Waiting,
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+        })
+    }
+
+    pub fn config(&self) -> &CoordinatorConfig {
+        &self.cfg
+    }
+
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    pub fn global_model(&self) -> &[f32] {
+        &self.global
+    }
+
+    pub fn rounds_completed(&self) -> u64 {
+        self.rounds_completed
+    }
+
+    /// Admitted clients.
+    pub fn admitted(&self) -> usize {
+        self.clients.values().filter(|c| c.node_name.is_some()).count()
+    }
+
+    pub fn is_finished(&self) -> bool {
+        matches!(self.phase, Phase::Finished)
+    }
+
+    /// The round being collected, if any.
+    pub fn current_round(&self) -> Option<u64> {
+        match &self.phase {
+            Phase::Collecting(r) => Some(r.round),
+            _ => None,
+        }
+    }
+
+    /// A new connection; it must say hello before anything else.
+    pub fn connect(&mut self) -> ClientId {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.clients.insert(id, ClientEntry { node_name: None });
+        id
+    }
+
+    /// The connection is gone (closed, lost or refused).
+    pub fn disconnect(&mut self, id: ClientId, now: Instant) {
+        let Some(entry) = self.clients.remove(&id) else {
+            return;
+        };
+        if entry.node_name.is_some() {
+            self.events.push_back(Event::Left { id });
+        }
+        if let Phase::Collecting(r) = &mut self.phase
+            && r.pending.remove(&id)
+        {
+            r.dropped.push(id);
+            self.maybe_finish(now);
+        }
+    }
+
+    /// The connection's bytes could not be decoded: tell it and close it.
+    pub fn codec_error(&mut self, id: ClientId, err: &CodecError, now: Instant) {
+        self.refuse(id, err.reason(), err.to_string(), true);
+        self.disconnect(id, now);
+    }
+
+    /// Feeds one decoded message from `id`.
+    pub fn handle_message(&mut self, id: ClientId, message: Message, now: Instant) {
+        let Some(entry) = self.clients.get(&id) else {
+            return;
+        };
+        let admitted = entry.node_name.is_some();
+        match message {
+            Message::Hello(hello) if !admitted => self.on_hello(id, hello, now),
+            Message::Update(update) if admitted => self.on_update(id, update, now),
+            Message::Evaluation(eval) if admitted => self.on_evaluation(id, eval),
+            Message::Error(err) => {
+                tracing::warn!(client = id, code = ?err.code, detail = %err.detail, "client reported an error");
+            }
+            other => {
+                let detail = format!(
+                    "a {} message is not expected {}",
+                    other.kind(),
+                    if admitted { "now" } else { "before hello" }
+                );
+                self.refuse(id, ReasonCode::UnexpectedMessage, detail, !admitted);
+                if !admitted {
+                    self.disconnect(id, now);
+                }
+            }
+        }
+    }
+
+    /// Call when `poll_timeout` has passed.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if let Phase::Collecting(r) = &self.phase
+            && now >= r.deadline
+        {
+            self.finish_round(now, true);
+        }
+    }
+
+    /// When the driver must call `handle_timeout` next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match &self.phase {
+            Phase::Collecting(r) => Some(r.deadline),
+            _ => None,
+        }
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// After a round completed or failed: start the next one (or finish).
+    pub fn start_next_round(&mut self, now: Instant) {
+        if matches!(self.phase, Phase::BetweenRounds) {
+            self.phase = Phase::Waiting;
+            self.maybe_start(now);
+        }
+    }
+
+    /// Ends the run early (operator shutdown): the current round is abandoned.
+    pub fn shutdown(&mut self, reason: &str) {
+        self.phase = Phase::Finished;
+        self.say_goodbye(reason);
+    }
+
+    fn on_hello(&mut self, id: ClientId, hello: Hello, now: Instant) {
+        let refusal = if hello.version != PROTOCOL_VERSION {
+            Some((
+                ReasonCode::VersionMismatch,
+                format!(
+                    "client speaks protocol {}, server speaks {PROTOCOL_VERSION}",
+                    hello.version
+                ),
+            ))
+        } else if hello.model != self.spec {
+            Some((
+                ReasonCode::ModelMismatch,
+                format!(
+                    "client model '{}' ({} parameters) differs from the server's '{}' ({} parameters)",
+                    hello.model.name, hello.model.param_count, self.spec.name, self.spec.param_count
+                ),
+            ))
+        } else if self.admitted() >= self.cfg.max_clients {
+            Some((
+                ReasonCode::ServerFull,
+                format!("server is full ({} clients)", self.cfg.max_clients),
+            ))
+        } else if matches!(self.phase, Phase::Finished) {
+            Some((ReasonCode::Shutdown, "the run is over".into()))
+        } else {
+            None
+        };
+        if let Some((code, detail)) = refusal {
+            self.refuse(id, code, detail, true);
+            self.disconnect(id, now);
+            return;
+        }
+        if let Some(entry) = self.clients.get_mut(&id) {
+            entry.node_name = Some(hello.node_name.clone());
+        }
+        self.send(
+            id,
+            Message::Welcome(Welcome {
+                version: PROTOCOL_VERSION,
+                client_id: id,
+                model: self.spec.clone(),
+            }),
+        );
+        self.events.push_back(Event::Joined {
+            id,
+            node_name: hello.node_name,
+        });
+        self.maybe_start(now);
+    }
+
+    fn on_update(&mut self, id: ClientId, update: Update, now: Instant) {
+        let max_examples = self.cfg.max_examples_per_update;
+        let Phase::Collecting(r) = &mut self.phase else {
+            let detail = format!("update for round {} arrived when no round is open", update.round);
+            return self.refuse(id, ReasonCode::StaleRound, detail, false);
+        };
+        if update.round != r.round {
+            let detail = format!("update for round {}, current round is {}", update.round, r.round);
+            return self.refuse(id, ReasonCode::StaleRound, detail, false);
+        }
+        if !r.cohort.contains(&id) {
+            let detail = format!("client {id} was not sampled for round {}", r.round);
+            return self.refuse(id, ReasonCode::NotInCohort, detail, false);
+        }
+        if !r.pending.contains(&id) {
+            let detail = format!("round {} already has this client's update or it was dropped", r.round);
+            return self.refuse(id, ReasonCode::DuplicateUpdate, detail, false);
+        }
+        let checked = if update.num_examples == 0 || update.num_examples > max_examples {
+            Err((
+                ReasonCode::BadWeight,
+                format!("num_examples {} outside 1..={max_examples}", update.num_examples),
+            ))
+        } else {
+            r.sum
+                .add(&update.delta, update.num_examples as f64)
+                .map_err(|e| (reason_for(&e), e.to_string()))
+        };
+        r.pending.remove(&id);
+        match checked {
+            Ok(()) => {
+                r.contributors.push(id);
+                let loss = if update.train_loss.is_finite() { update.train_loss } else { 0.0 };
+                r.loss_sum += f64::from(loss) * update.num_examples as f64;
+                self.events.push_back(Event::UpdateAccepted {
+                    round: r.round,
+                    id,
+                    num_examples: update.num_examples,
+                });
+            }
+            Err((code, detail)) => {
+                r.dropped.push(id);
+                self.refuse(id, code, detail, false);
+            }
+        }
+        self.maybe_finish(now);
+    }
+
+    fn on_evaluation(&mut self, id: ClientId, eval: Evaluation) {
+        let Phase::Collecting(r) = &mut self.phase else {
+            return;
+        };
+        let valid = eval.round == r.round
+            && r.cohort.contains(&id)
+            && eval.loss.is_finite()
+            && (0.0..=1.0).contains(&eval.accuracy)
+            && eval.num_examples <= self.cfg.max_examples_per_update;
+        if valid && r.evaluated.insert(id) {
+            let n = eval.num_examples as f64;
+            r.eval.0 += f64::from(eval.loss) * n;
+            r.eval.1 += f64::from(eval.accuracy) * n;
+            r.eval.2 += eval.num_examples;
+        } else {
+            tracing::debug!(client = id, round = eval.round, "ignoring evaluation report");
+        }
+    }
+
+    fn maybe_start(&mut self, now: Instant) {
+        if !matches!(self.phase, Phase::Waiting) {
+            return;
+        }
+        if self.rounds_completed >= self.cfg.rounds {
+            self.phase = Phase::Finished;
+            self.say_goodbye("all rounds completed");
+            self.events.push_back(Event::Finished {
+                rounds_completed: self.rounds_completed,
+            });
+            return;
+        }
+        if self.admitted() < self.cfg.min_clients {
+            return;
+        }
+        // Sample over node names (then ids), so the cohort depends on who is
+        // connected and the seed, not on connection order.
+        let mut candidates: Vec<(&str, ClientId)> = self
+            .clients
+            .iter()
+            .filter_map(|(&id, c)| c.node_name.as_deref().map(|n| (n, id)))
+            .collect();
+        candidates.sort_unstable();
+        let k = self.cfg.cohort_size(candidates.len());
+        let mut cohort: Vec<ClientId> = candidates
+            .sample(&mut self.rng, k)
+            .map(|&(_, id)| id)
+            .collect();
+        cohort.sort_unstable();
+        let round = self.next_round;
+        let start = Arc::new(Message::RoundStart(RoundStart {
+            round,
+            config: self.cfg.round.clone(),
+            global_model: self.global.clone(),
+        }));
+        for &id in &cohort {
+            self.transmits.push_back(Transmit {
+                to: id,
+                message: Arc::clone(&start),
+                close: false,
+            });
+        }
+        self.events.push_back(Event::RoundStarted {
+            round,
+            cohort: cohort.clone(),
+        });
+        self.phase = Phase::Collecting(Box::new(RoundState {
+            round,
+            pending: cohort.iter().copied().collect(),
+            cohort,
+            contributors: Vec::new(),
+            dropped: Vec::new(),
+            evaluated: BTreeSet::new(),
+            sum: WeightedMean::new(self.global.len()),
+            loss_sum: 0.0,
+            eval: (0.0, 0.0, 0),
+            started_at: now,
+            deadline: now + self.cfg.round_timeout,
+        }));
+    }
+
+    fn maybe_finish(&mut self, now: Instant) {
+        if let Phase::Collecting(r) = &self.phase
+            && r.pending.is_empty()
+        {
+            self.finish_round(now, false);
+        }
+    }
+
+    fn finish_round(&mut self, now: Instant, timed_out: bool) {
+        let Phase::Collecting(r) = std::mem::replace(&mut self.phase, Phase::BetweenRounds) else {
+            return;
+        };
+        let mut r = *r;
+        r.dropped.extend(r.pending.iter().copied());
+        let Some(mean) = r.sum.mean() else {
+            self.events.push_back(Event::RoundFailed {
+                round: r.round,
+                reason: format!(
+                    "no valid update from a cohort of {}{}",
+                    r.cohort.len(),
+                    if timed_out { " before the round timeout" } else { "" }
+                ),
+            });
+            self.next_round = r.round + 1;
+            return;
+        };
+        for (g, d) in self.global.iter_mut().zip(&mean) {
+            *g += d;
+        }
+        self.rounds_completed += 1;
+        self.next_round = r.round + 1;
+        let total = r.sum.total_weight();
+        let client_eval = (r.eval.2 > 0).then(|| ClientEvalSummary {
+            examples: r.eval.2,
+            loss: (r.eval.0 / r.eval.2 as f64) as f32,
+            accuracy: (r.eval.1 / r.eval.2 as f64) as f32,
+        });
+        r.dropped.sort_unstable();
+        self.events.push_back(Event::RoundCompleted(RoundSummary {
+            round: r.round,
+            cohort: r.cohort,
+            contributors: r.contributors,
+            dropped: r.dropped,
+            total_examples: total as u64,
+            train_loss: (r.loss_sum / total) as f32,
+            client_eval,
+            timed_out,
+            started_at: r.started_at,
+            finished_at: now,
+        }));
+    }
+
+    fn say_goodbye(&mut self, reason: &str) {
+        let bye = Arc::new(Message::Goodbye(Goodbye {
+            rounds_completed: self.rounds_completed,
+            reason: reason.to_owned(),
+        }));
+        let ids: Vec<ClientId> = self.clients.keys().copied().collect();
+        for id in ids {
+            self.transmits.push_back(Transmit {
+                to: id,
+                message: Arc::clone(&bye),
+                close: true,
+            });
+        }
+    }
+
+    fn send(&mut self, to: ClientId, message: Message) {
+        self.transmits.push_back(Transmit {
+            to,
+            message: Arc::new(message),
+            close: false,
+        });
+    }
+
+    fn refuse(&mut self, id: ClientId, code: ReasonCode, detail: String, close: bool) {
+        tracing::warn!(client = id, ?code, %detail, "refused");
+        self.transmits.push_back(Transmit {
+            to: id,
+            message: Arc::new(Message::error(code, detail.clone())),
+            close,
+        });
+        self.events.push_back(Event::Rejected { id, code, detail });
+    }
+}
+
+fn reason_for(err: &AggregateError) -> ReasonCode {
+    match err {
+        AggregateError::WrongLength { .. } => ReasonCode::WrongLength,
+        AggregateError::NonFinite { .. } => ReasonCode::NonFinite,
+        AggregateError::BadWeight(_) => ReasonCode::BadWeight,
+    }
+}

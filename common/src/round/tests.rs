@@ -1,0 +1,427 @@
+//! Both state machines driven in memory: no sockets, explicit time.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::wire::{Evaluation, Message, ModelSpec, ReasonCode, RoundConfig, Update};
+
+const D: usize = 4;
+
+fn spec() -> ModelSpec {
+    ModelSpec {
+        name: "toy".into(),
+        param_count: D as u64,
+        shape_signature: [1; 32],
+    }
+}
+
+fn cfg(rounds: u64, min_clients: usize, fraction: f64) -> CoordinatorConfig {
+    CoordinatorConfig {
+        rounds,
+        min_clients,
+        fraction,
+        round_timeout: Duration::from_secs(30),
+        max_clients: 100,
+        max_examples_per_update: 1000,
+        seed: 7,
+        round: RoundConfig {
+            local_epochs: 1,
+            batch_size: 10,
+            learning_rate: 0.1,
+            seed: 1,
+        },
+    }
+}
+
+/// A coordinator plus client sessions, with messages routed by hand.
+struct Harness {
+    server: Coordinator,
+    clients: BTreeMap<ClientId, ClientSession>,
+    events: Vec<Event>,
+    closed: Vec<ClientId>,
+    errors_to: Vec<(ClientId, ReasonCode)>,
+    now: Instant,
+}
+
+impl Harness {
+    fn new(cfg: CoordinatorConfig, n: usize) -> Self {
+        let server = Coordinator::new(cfg, spec(), vec![0.0; D], 1).unwrap();
+        let mut h = Harness {
+            server,
+            clients: BTreeMap::new(),
+            events: Vec::new(),
+            closed: Vec::new(),
+            errors_to: Vec::new(),
+            now: Instant::now(),
+        };
+        for i in 0..n {
+            h.join(&format!("node-{i}"));
+        }
+        h
+    }
+
+    fn join(&mut self, name: &str) -> ClientId {
+        let id = self.server.connect();
+        let mut session = ClientSession::new(name, spec(), 10);
+        while let Some(m) = session.poll_transmit() {
+            self.server.handle_message(id, m, self.now);
+        }
+        self.clients.insert(id, session);
+        self.pump();
+        id
+    }
+
+    /// Delivers everything the server wants to send.
+    fn pump(&mut self) {
+        while let Some(t) = self.server.poll_transmit() {
+            if let Message::Error(e) = &*t.message {
+                self.errors_to.push((t.to, e.code));
+            }
+            if let Some(c) = self.clients.get_mut(&t.to) {
+                let _ = c.handle_message((*t.message).clone());
+            }
+            if t.close {
+                self.closed.push(t.to);
+            }
+        }
+        while let Some(e) = self.server.poll_event() {
+            self.events.push(e);
+        }
+    }
+
+    /// Rounds each client has been asked to train: (client, round, model).
+    fn train_requests(&mut self) -> Vec<(ClientId, u64, Vec<f32>)> {
+        let mut out = Vec::new();
+        for (&id, c) in &mut self.clients {
+            while let Some(ev) = c.poll_event() {
+                if let ClientEvent::Train {
+                    round,
+                    global_model,
+                    ..
+                } = ev
+                {
+                    out.push((id, round, global_model));
+                }
+            }
+        }
+        out
+    }
+
+    fn send_raw(&mut self, id: ClientId, m: Message) {
+        self.server.handle_message(id, m, self.now);
+        self.pump();
+    }
+
+    /// The client submits through its session (as a real client does).
+    fn submit(&mut self, id: ClientId, round: u64, delta: Vec<f32>, n: u64) {
+        let c = self.clients.get_mut(&id).unwrap();
+        c.submit(
+            Update {
+                round,
+                num_examples: n,
+                train_loss: 0.5,
+                delta,
+            },
+            Some(Evaluation {
+                round,
+                num_examples: n,
+                loss: 1.0,
+                accuracy: 0.5,
+            }),
+        )
+        .unwrap();
+        let msgs: Vec<Message> = std::iter::from_fn(|| c.poll_transmit()).collect();
+        for m in msgs {
+            self.server.handle_message(id, m, self.now);
+        }
+        self.pump();
+    }
+
+    fn completed(&self) -> Vec<&RoundSummary> {
+        self.events
+            .iter()
+            .filter_map(|e| match e {
+                Event::RoundCompleted(s) => Some(s),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+#[test]
+fn fedavg_is_the_example_weighted_mean() {
+    let mut h = Harness::new(cfg(2, 3, 1.0), 3);
+    let reqs = h.train_requests();
+    assert_eq!(reqs.len(), 3);
+    let weights = [1u64, 2, 5];
+    for (i, (id, round, model)) in reqs.into_iter().enumerate() {
+        assert_eq!((round, model), (1, vec![0.0; D]));
+        h.submit(id, 1, vec![i as f32; D], weights[i]);
+    }
+    let expected = (0.0 * 1.0 + 1.0 * 2.0 + 2.0 * 5.0) / 8.0;
+    assert_eq!(h.server.global_model(), &[expected as f32; D]);
+    let s = h.completed()[0];
+    assert_eq!(s.total_examples, 8);
+    assert_eq!(s.contributors.len(), 3);
+    assert!(!s.timed_out);
+    let eval = s.client_eval.unwrap();
+    assert_eq!((eval.examples, eval.accuracy), (8, 0.5));
+
+    // Round 2 starts only when the driver says so, from the new model.
+    assert!(h.train_requests().is_empty());
+    h.server.start_next_round(h.now);
+    h.pump();
+    let reqs = h.train_requests();
+    assert!(reqs.iter().all(|(_, r, m)| *r == 2 && m == &vec![expected as f32; D]));
+    for (id, _, _) in reqs {
+        h.submit(id, 2, vec![1.0; D], 1);
+    }
+    assert_eq!(h.server.rounds_completed(), 2);
+    h.server.start_next_round(h.now);
+    h.pump();
+    assert!(h.server.is_finished());
+    assert!(h.events.contains(&Event::Finished { rounds_completed: 2 }));
+    assert!(h.clients.values().all(|c| c.is_finished()));
+}
+
+#[test]
+fn waits_for_min_clients() {
+    let mut h = Harness::new(cfg(1, 3, 1.0), 2);
+    assert!(h.train_requests().is_empty());
+    assert_eq!(h.server.current_round(), None);
+    h.join("late");
+    assert_eq!(h.train_requests().len(), 3);
+}
+
+#[test]
+fn bad_updates_are_refused_and_the_round_completes_with_the_rest() {
+    let mut h = Harness::new(cfg(1, 4, 1.0), 4);
+    let ids: Vec<ClientId> = h.train_requests().iter().map(|r| r.0).collect();
+    h.submit(ids[0], 1, vec![1.0; D - 1], 5); // wrong length
+    h.submit(ids[1], 1, vec![f32::NAN, 0.0, 0.0, 0.0], 5); // NaN
+    h.submit(ids[2], 1, vec![f32::INFINITY; D], 5); // Inf
+    assert_eq!(h.server.current_round(), Some(1), "still waiting for the good one");
+    h.submit(ids[3], 1, vec![2.0; D], 5);
+    assert_eq!(
+        h.errors_to,
+        vec![
+            (ids[0], ReasonCode::WrongLength),
+            (ids[1], ReasonCode::NonFinite),
+            (ids[2], ReasonCode::NonFinite)
+        ]
+    );
+    let s = h.completed()[0];
+    assert_eq!(s.contributors, vec![ids[3]]);
+    assert_eq!(s.dropped, ids[..3].to_vec());
+    assert_eq!(h.server.global_model(), &[2.0; D]);
+    assert!(h.closed.is_empty(), "a bad update drops the client from the round, not the connection");
+}
+
+#[test]
+fn zero_or_huge_weights_are_refused() {
+    let mut h = Harness::new(cfg(1, 2, 1.0), 2);
+    let ids: Vec<ClientId> = h.train_requests().iter().map(|r| r.0).collect();
+    h.send_raw(
+        ids[0],
+        Message::Update(Update {
+            round: 1,
+            num_examples: 0,
+            train_loss: 0.0,
+            delta: vec![1.0; D],
+        }),
+    );
+    h.send_raw(
+        ids[1],
+        Message::Update(Update {
+            round: 1,
+            num_examples: 1001,
+            train_loss: 0.0,
+            delta: vec![1.0; D],
+        }),
+    );
+    assert_eq!(h.errors_to, vec![(ids[0], ReasonCode::BadWeight), (ids[1], ReasonCode::BadWeight)]);
+    assert!(matches!(h.events.last(), Some(Event::RoundFailed { round: 1, .. })));
+    assert_eq!(h.server.global_model(), &[0.0; D], "a failed round leaves the model unchanged");
+}
+
+#[test]
+fn replayed_late_and_duplicate_updates_are_refused() {
+    let mut h = Harness::new(cfg(3, 2, 1.0), 2);
+    let ids: Vec<ClientId> = h.train_requests().iter().map(|r| r.0).collect();
+    let update = |round| {
+        Message::Update(Update {
+            round,
+            num_examples: 1,
+            train_loss: 0.0,
+            delta: vec![1.0; D],
+        })
+    };
+    h.send_raw(ids[0], update(1));
+    h.send_raw(ids[0], update(1)); // duplicate
+    h.send_raw(ids[1], update(2)); // future round
+    h.send_raw(ids[1], update(1));
+    assert_eq!(h.server.rounds_completed(), 1);
+    h.server.start_next_round(h.now);
+    h.pump();
+    h.send_raw(ids[0], update(1)); // replay of round 1 in round 2
+    assert_eq!(
+        h.errors_to,
+        vec![
+            (ids[0], ReasonCode::DuplicateUpdate),
+            (ids[1], ReasonCode::StaleRound),
+            (ids[0], ReasonCode::StaleRound)
+        ]
+    );
+    assert_eq!(h.server.global_model(), &[1.0; D], "round 1 counted once");
+}
+
+#[test]
+fn stragglers_time_out_and_late_updates_are_stale() {
+    let mut h = Harness::new(cfg(2, 2, 1.0), 2);
+    let ids: Vec<ClientId> = h.train_requests().iter().map(|r| r.0).collect();
+    h.submit(ids[0], 1, vec![3.0; D], 1);
+    let deadline = h.server.poll_timeout().unwrap();
+    h.server.handle_timeout(deadline - Duration::from_millis(1));
+    h.pump();
+    assert!(h.completed().is_empty(), "not before the deadline");
+    h.server.handle_timeout(deadline);
+    h.pump();
+    let s = h.completed()[0];
+    assert!(s.timed_out);
+    assert_eq!(s.dropped, vec![ids[1]]);
+    assert_eq!(h.server.global_model(), &[3.0; D]);
+    h.submit(ids[1], 1, vec![9.0; D], 1);
+    assert_eq!(h.errors_to, vec![(ids[1], ReasonCode::StaleRound)]);
+}
+
+#[test]
+fn a_client_that_leaves_mid_round_is_dropped() {
+    let mut h = Harness::new(cfg(1, 2, 1.0), 2);
+    let ids: Vec<ClientId> = h.train_requests().iter().map(|r| r.0).collect();
+    h.submit(ids[0], 1, vec![1.0; D], 1);
+    h.server.disconnect(ids[1], h.now);
+    h.pump();
+    let s = h.completed()[0];
+    assert_eq!((s.contributors.clone(), s.dropped.clone()), (vec![ids[0]], vec![ids[1]]));
+}
+
+#[test]
+fn hello_is_checked_and_required_first() {
+    let mut h = Harness::new(cfg(1, 5, 1.0), 0);
+    // Another model.
+    let id = h.server.connect();
+    let mut other = spec();
+    other.param_count = 5;
+    h.send_raw(
+        id,
+        ClientSession::new("x", other, 1).poll_transmit().unwrap(),
+    );
+    // An update before hello.
+    let id2 = h.server.connect();
+    h.send_raw(
+        id2,
+        Message::Update(Update {
+            round: 1,
+            num_examples: 1,
+            train_loss: 0.0,
+            delta: vec![0.0; D],
+        }),
+    );
+    assert_eq!(
+        h.errors_to,
+        vec![(id, ReasonCode::ModelMismatch), (id2, ReasonCode::UnexpectedMessage)]
+    );
+    assert_eq!(h.closed, vec![id, id2]);
+    assert_eq!(h.server.admitted(), 0);
+}
+
+#[test]
+fn server_full_is_refused() {
+    let mut c = cfg(1, 1, 1.0);
+    c.max_clients = 1;
+    c.rounds = 0;
+    let mut h = Harness::new(c, 0);
+    h.join("a");
+    h.join("b");
+    assert!(h.errors_to.iter().any(|&(_, code)| code == ReasonCode::ServerFull));
+}
+
+#[test]
+fn cohort_sampling_is_a_seeded_fraction() {
+    let run = |seed| {
+        let mut c = cfg(1, 10, 0.3);
+        c.seed = seed;
+        let mut h = Harness::new(c, 10);
+        let mut ids: Vec<ClientId> = h.train_requests().iter().map(|r| r.0).collect();
+        ids.sort();
+        ids
+    };
+    let a = run(1);
+    assert_eq!(a.len(), 3);
+    assert_eq!(a, run(1));
+    assert!((2..20).any(|s| run(s) != a), "different seeds sample differently");
+    assert_eq!(cfg(1, 1, 0.1).cohort_size(100), 10);
+    assert_eq!(cfg(1, 1, 0.1).cohort_size(3), 1);
+}
+
+#[test]
+fn invalid_configs_are_refused() {
+    let bad = [
+        CoordinatorConfig { min_clients: 0, ..cfg(1, 1, 1.0) },
+        CoordinatorConfig { fraction: 0.0, ..cfg(1, 1, 1.0) },
+        CoordinatorConfig { fraction: 1.5, ..cfg(1, 1, 1.0) },
+        CoordinatorConfig { round_timeout: Duration::ZERO, ..cfg(1, 1, 1.0) },
+    ];
+    for c in bad {
+        assert!(Coordinator::new(c, spec(), vec![0.0; D], 1).is_err());
+    }
+    assert!(Coordinator::new(cfg(1, 1, 1.0), spec(), vec![0.0; 3], 1).is_err());
+}
+
+#[test]
+fn client_refuses_replayed_rounds_and_wrong_models() {
+    let mut c = ClientSession::new("n", spec(), 1);
+    c.poll_transmit();
+    let start = |round, len| {
+        Message::RoundStart(crate::wire::RoundStart {
+            round,
+            config: cfg(1, 1, 1.0).round,
+            global_model: vec![0.0; len],
+        })
+    };
+    assert_eq!(c.handle_message(start(1, D)), Err(SessionError::Unexpected("round-start")));
+    c.handle_message(Message::Welcome(crate::wire::Welcome {
+        version: crate::wire::PROTOCOL_VERSION,
+        client_id: 3,
+        model: spec(),
+    }))
+    .unwrap();
+    c.handle_message(start(2, D)).unwrap();
+    assert_eq!(
+        c.handle_message(start(2, D)),
+        Err(SessionError::StaleRound { got: 2, last: 2 })
+    );
+    assert!(matches!(c.handle_message(start(3, D + 1)), Err(SessionError::WrongModelLength { .. })));
+    // Round 3 supersedes round 2: a late result for round 2 is not sent.
+    c.handle_message(start(3, D)).unwrap();
+    let update = |round| Update {
+        round,
+        num_examples: 1,
+        train_loss: 0.0,
+        delta: vec![0.0; D],
+    };
+    assert_eq!(c.submit(update(2), None), Err(SessionError::NotTraining(2)));
+    c.submit(update(3), None).unwrap();
+    assert!(matches!(c.poll_transmit(), Some(Message::Update(u)) if u.round == 3));
+}
+
+#[test]
+fn client_reports_refusal_before_welcome() {
+    let mut c = ClientSession::new("n", spec(), 1);
+    let err = c
+        .handle_message(Message::error(ReasonCode::ModelMismatch, "other model"))
+        .unwrap_err();
+    assert!(matches!(err, SessionError::Refused { code: ReasonCode::ModelMismatch, .. }));
+    assert!(c.is_finished());
+}

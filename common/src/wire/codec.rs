@@ -1,0 +1,566 @@
+//! Framing and encoding: the one place that knows the byte layout.
+//!
+//! A frame is
+//!
+//! ```text
+//! magic "FVL\0" | version u16 | header_len u32 | payload_len u64 | header | payload
+//! ```
+//!
+//! (integers little-endian). The header is the message encoded with bincode
+//! 2 in fixed-int mode (varints would inflate random integers by 25%); the
+//! payload is the message's bulk vector as raw little-endian `f32`s, written
+//! and read without per-element work. Both lengths are checked against
+//! [`FrameLimits`] before anything is allocated, so a peer cannot make us
+//! reserve more than the configured maximum.
+//!
+//! [`FrameDecoder`] is sans-IO: feed it whatever bytes arrived, poll complete
+//! messages out. The transport never parses anything itself.
+
+use std::borrow::Cow;
+
+use super::message::{Message, PROTOCOL_VERSION, ReasonCode};
+
+/// Four bytes that open every frame, so garbage is caught at once.
+pub const FRAME_MAGIC: [u8; 4] = *b"FVL\0";
+/// Bytes before the header: magic, version, header length, payload length.
+pub const FRAME_PREFIX_LEN: usize = 4 + 2 + 4 + 8;
+/// Default cap on a header (configs, metrics, errors are all tiny).
+pub const DEFAULT_MAX_HEADER_BYTES: u32 = 64 * 1024;
+/// Default cap on a payload: 1 GiB, i.e. a 268M-parameter f32 model.
+pub const DEFAULT_MAX_PAYLOAD_BYTES: u64 = 1 << 30;
+
+/// Size limits a decoder enforces. Servers set `max_payload_bytes` to the
+/// exact model size, so an oversized update is refused before it is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameLimits {
+    pub max_header_bytes: u32,
+    pub max_payload_bytes: u64,
+}
+
+impl Default for FrameLimits {
+    fn default() -> Self {
+        Self {
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+        }
+    }
+}
+
+impl FrameLimits {
+    /// Limits for a peer exchanging models of `param_count` parameters.
+    pub fn for_model(param_count: u64) -> Self {
+        Self {
+            max_payload_bytes: param_count * 4,
+            ..Self::default()
+        }
+    }
+}
+
+/// Why bytes could not be turned into a message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CodecError {
+    #[error("not a fedveil frame (bad magic bytes {0:02x?})")]
+    BadMagic([u8; 4]),
+    #[error("peer speaks protocol version {got}, this build speaks {PROTOCOL_VERSION}")]
+    UnsupportedVersion { got: u16 },
+    #[error("frame header of {len} bytes exceeds the limit of {max}")]
+    HeaderTooLarge { len: u32, max: u32 },
+    #[error("frame payload of {len} bytes exceeds the limit of {max}")]
+    PayloadTooLarge { len: u64, max: u64 },
+    #[error("frame payload of {0} bytes is not a whole number of f32 values")]
+    PayloadMisaligned(u64),
+    #[error("malformed frame header: {0}")]
+    MalformedHeader(String),
+    #[error("header has {trailing} bytes after the message")]
+    TrailingHeaderBytes { trailing: usize },
+    #[error("a {kind} message must {} a payload", if *.expected { "carry" } else { "not carry" })]
+    PayloadPresence { kind: &'static str, expected: bool },
+    #[error("stream ended inside a frame ({buffered} bytes buffered)")]
+    Truncated { buffered: usize },
+    #[error("could not encode message: {0}")]
+    Encode(String),
+}
+
+impl CodecError {
+    /// The wire reason code a peer is told when its bytes fail to decode.
+    pub fn reason(&self) -> ReasonCode {
+        match self {
+            CodecError::UnsupportedVersion { .. } => ReasonCode::VersionMismatch,
+            CodecError::HeaderTooLarge { .. } | CodecError::PayloadTooLarge { .. } => {
+                ReasonCode::FrameTooLarge
+            }
+            _ => ReasonCode::MalformedFrame,
+        }
+    }
+}
+
+fn bincode_config() -> impl bincode::config::Config {
+    bincode::config::standard().with_fixed_int_encoding()
+}
+
+/// An encoded frame: the small head (prefix and header) and the payload
+/// bytes, kept apart so a large model is written without being copied.
+pub struct EncodedFrame<'a> {
+    pub head: Vec<u8>,
+    pub payload: Cow<'a, [u8]>,
+}
+
+impl EncodedFrame<'_> {
+    pub fn len(&self) -> usize {
+        self.head.len() + self.payload.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The whole frame in one buffer (tests and small messages).
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.len());
+        out.extend_from_slice(&self.head);
+        out.extend_from_slice(&self.payload);
+        out
+    }
+}
+
+/// Encodes `msg` into a frame.
+pub fn encode(msg: &Message) -> Result<EncodedFrame<'_>, CodecError> {
+    let header = bincode::serde::encode_to_vec(msg, bincode_config())
+        .map_err(|e| CodecError::Encode(e.to_string()))?;
+    let payload = msg.payload().map(f32s_to_le_bytes).unwrap_or_default();
+    let header_len = u32::try_from(header.len())
+        .map_err(|_| CodecError::Encode("header over 4 GiB".into()))?;
+    let mut head = Vec::with_capacity(FRAME_PREFIX_LEN + header.len());
+    head.extend_from_slice(&FRAME_MAGIC);
+    head.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    head.extend_from_slice(&header_len.to_le_bytes());
+    head.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    head.extend_from_slice(&header);
+    Ok(EncodedFrame { head, payload })
+}
+
+/// `f32`s as little-endian bytes; borrowed on little-endian machines.
+pub fn f32s_to_le_bytes(values: &[f32]) -> Cow<'_, [u8]> {
+    if cfg!(target_endian = "little") {
+        Cow::Borrowed(bytemuck::cast_slice(values))
+    } else {
+        Cow::Owned(values.iter().flat_map(|v| v.to_le_bytes()).collect())
+    }
+}
+
+#[derive(Debug)]
+enum DecodeState {
+    /// Collecting the fixed-size prefix.
+    Prefix,
+    /// Collecting `header_len` header bytes; the payload length is known.
+    Header { header_len: usize, payload_len: usize },
+    /// Filling the payload of an already decoded header.
+    Payload {
+        message: Box<Message>,
+        values: Vec<f32>,
+        filled: usize,
+    },
+}
+
+/// Incremental, sans-IO frame decoder.
+///
+/// After an error the decoder is poisoned (the stream is out of sync), and
+/// every later call returns the same error: the connection must be dropped.
+#[derive(Debug)]
+pub struct FrameDecoder {
+    limits: FrameLimits,
+    buf: Vec<u8>,
+    state: DecodeState,
+    poisoned: Option<CodecError>,
+}
+
+impl FrameDecoder {
+    pub fn new(limits: FrameLimits) -> Self {
+        Self {
+            limits,
+            buf: Vec::new(),
+            state: DecodeState::Prefix,
+            poisoned: None,
+        }
+    }
+
+    pub fn limits(&self) -> FrameLimits {
+        self.limits
+    }
+
+    /// Feeds bytes and returns every message they complete.
+    pub fn push(&mut self, mut bytes: &[u8]) -> Result<Vec<Message>, CodecError> {
+        let mut out = Vec::new();
+        while !bytes.is_empty() {
+            if let Some(err) = &self.poisoned {
+                return Err(err.clone());
+            }
+            let used = match self.step(bytes) {
+                Ok((used, msg)) => {
+                    out.extend(msg);
+                    used
+                }
+                Err(err) => {
+                    self.poisoned = Some(err.clone());
+                    return Err(err);
+                }
+            };
+            bytes = &bytes[used..];
+        }
+        Ok(out)
+    }
+
+    /// Call when the stream ends: errors if it ended in the middle of a frame.
+    pub fn finish(&self) -> Result<(), CodecError> {
+        if let Some(err) = &self.poisoned {
+            return Err(err.clone());
+        }
+        let buffered = match &self.state {
+            DecodeState::Prefix => self.buf.len(),
+            DecodeState::Header { .. } => FRAME_PREFIX_LEN + self.buf.len(),
+            DecodeState::Payload { filled, .. } => *filled,
+        };
+        if buffered == 0 {
+            Ok(())
+        } else {
+            Err(CodecError::Truncated { buffered })
+        }
+    }
+
+    /// Consumes a prefix of `bytes`; returns how much and any finished message.
+    fn step(&mut self, bytes: &[u8]) -> Result<(usize, Option<Message>), CodecError> {
+        match &mut self.state {
+            DecodeState::Prefix => {
+                let used = fill(&mut self.buf, bytes, FRAME_PREFIX_LEN);
+                if self.buf.len() < FRAME_PREFIX_LEN {
+                    return Ok((used, None));
+                }
+                let (header_len, payload_len) = self.parse_prefix()?;
+                self.buf.clear();
+                self.state = DecodeState::Header {
+                    header_len,
+                    payload_len,
+                };
+                Ok((used, self.complete_if_ready()?))
+            }
+            DecodeState::Header { header_len, .. } => {
+                let used = fill(&mut self.buf, bytes, *header_len);
+                Ok((used, self.complete_if_ready()?))
+            }
+            DecodeState::Payload { values, filled, .. } => {
+                let target: &mut [u8] = bytemuck::cast_slice_mut(values.as_mut_slice());
+                let n = (target.len() - *filled).min(bytes.len());
+                target[*filled..*filled + n].copy_from_slice(&bytes[..n]);
+                *filled += n;
+                Ok((n, self.complete_if_ready()?))
+            }
+        }
+    }
+
+    fn parse_prefix(&self) -> Result<(usize, usize), CodecError> {
+        let b = &self.buf;
+        let magic: [u8; 4] = b[0..4].try_into().expect("4 bytes");
+        if magic != FRAME_MAGIC {
+            return Err(CodecError::BadMagic(magic));
+        }
+        let version = u16::from_le_bytes([b[4], b[5]]);
+        if version != PROTOCOL_VERSION {
+            return Err(CodecError::UnsupportedVersion { got: version });
+        }
+        let header_len = u32::from_le_bytes(b[6..10].try_into().expect("4 bytes"));
+        let payload_len = u64::from_le_bytes(b[10..18].try_into().expect("8 bytes"));
+        if header_len > self.limits.max_header_bytes {
+            return Err(CodecError::HeaderTooLarge {
+                len: header_len,
+                max: self.limits.max_header_bytes,
+            });
+        }
+        if payload_len > self.limits.max_payload_bytes {
+            return Err(CodecError::PayloadTooLarge {
+                len: payload_len,
+                max: self.limits.max_payload_bytes,
+            });
+        }
+        if payload_len % 4 != 0 {
+            return Err(CodecError::PayloadMisaligned(payload_len));
+        }
+        let payload_len = usize::try_from(payload_len).map_err(|_| CodecError::PayloadTooLarge {
+            len: payload_len,
+            max: usize::MAX as u64,
+        })?;
+        Ok((header_len as usize, payload_len))
+    }
+
+    /// Advances the state when the current part is complete.
+    fn complete_if_ready(&mut self) -> Result<Option<Message>, CodecError> {
+        loop {
+            match &mut self.state {
+                DecodeState::Prefix => return Ok(None),
+                DecodeState::Header {
+                    header_len,
+                    payload_len,
+                } => {
+                    if self.buf.len() < *header_len {
+                        return Ok(None);
+                    }
+                    let payload_len = *payload_len;
+                    let message = decode_header(&self.buf)?;
+                    self.buf.clear();
+                    let carries = message.payload().is_some();
+                    if !carries && payload_len > 0 {
+                        return Err(CodecError::PayloadPresence {
+                            kind: message.kind(),
+                            expected: false,
+                        });
+                    }
+                    if !carries {
+                        self.state = DecodeState::Prefix;
+                        return Ok(Some(message));
+                    }
+                    self.state = DecodeState::Payload {
+                        message: Box::new(message),
+                        values: vec![0.0; payload_len / 4],
+                        filled: 0,
+                    };
+                }
+                DecodeState::Payload { values, filled, .. } => {
+                    if *filled < values.len() * 4 {
+                        return Ok(None);
+                    }
+                    let DecodeState::Payload {
+                        mut message,
+                        mut values,
+                        ..
+                    } = std::mem::replace(&mut self.state, DecodeState::Prefix)
+                    else {
+                        unreachable!("state checked above")
+                    };
+                    if cfg!(target_endian = "big") {
+                        for v in &mut values {
+                            *v = f32::from_bits(v.to_bits().swap_bytes());
+                        }
+                    }
+                    *message.payload_slot().expect("payload message") = values;
+                    return Ok(Some(*message));
+                }
+            }
+        }
+    }
+}
+
+/// Appends up to `want - buf.len()` bytes; returns how many were taken.
+fn fill(buf: &mut Vec<u8>, bytes: &[u8], want: usize) -> usize {
+    let n = want.saturating_sub(buf.len()).min(bytes.len());
+    buf.extend_from_slice(&bytes[..n]);
+    n
+}
+
+fn decode_header(bytes: &[u8]) -> Result<Message, CodecError> {
+    let (msg, used): (Message, usize) =
+        bincode::serde::decode_from_slice(bytes, bincode_config())
+            .map_err(|e| CodecError::MalformedHeader(e.to_string()))?;
+    if used != bytes.len() {
+        return Err(CodecError::TrailingHeaderBytes {
+            trailing: bytes.len() - used,
+        });
+    }
+    Ok(msg)
+}
+
+/// Decodes exactly one complete frame (tests, tools).
+pub fn decode_one(bytes: &[u8], limits: FrameLimits) -> Result<Message, CodecError> {
+    let mut decoder = FrameDecoder::new(limits);
+    let mut msgs = decoder.push(bytes)?;
+    decoder.finish()?;
+    match msgs.len() {
+        1 => Ok(msgs.pop().expect("one")),
+        0 => Err(CodecError::Truncated { buffered: 0 }),
+        n => Err(CodecError::MalformedHeader(format!("{n} frames, expected one"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::message::*;
+
+    fn update(n: usize) -> Message {
+        Message::Update(Update {
+            round: 7,
+            num_examples: 600,
+            train_loss: 0.25,
+            delta: (0..n).map(|i| i as f32 * 0.5 - 3.0).collect(),
+        })
+    }
+
+    fn all_kinds() -> Vec<Message> {
+        let spec = ModelSpec {
+            name: "cnn".into(),
+            param_count: 3,
+            shape_signature: [9; 32],
+        };
+        vec![
+            Message::Hello(Hello {
+                version: PROTOCOL_VERSION,
+                node_name: "node-a".into(),
+                model: spec.clone(),
+                num_examples: 10,
+            }),
+            Message::Welcome(Welcome {
+                version: PROTOCOL_VERSION,
+                client_id: 4,
+                model: spec,
+            }),
+            Message::RoundStart(RoundStart {
+                round: 1,
+                config: RoundConfig {
+                    local_epochs: 5,
+                    batch_size: 10,
+                    learning_rate: 0.05,
+                    seed: 42,
+                },
+                global_model: vec![1.0, -2.0, f32::MIN_POSITIVE],
+            }),
+            update(3),
+            Message::Evaluation(Evaluation {
+                round: 1,
+                num_examples: 5,
+                loss: 0.5,
+                accuracy: 0.9,
+            }),
+            Message::error(ReasonCode::WrongLength, "nope"),
+            Message::Goodbye(Goodbye {
+                rounds_completed: 3,
+                reason: "done".into(),
+            }),
+        ]
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        for msg in all_kinds() {
+            let bytes = encode(&msg).unwrap().to_vec();
+            assert_eq!(decode_one(&bytes, FrameLimits::default()).unwrap(), msg);
+        }
+    }
+
+    #[test]
+    fn payload_is_raw_little_endian_and_bit_exact() {
+        let values = vec![f32::MIN, -0.0, 1.5e-40, f32::MAX, 3.25];
+        let msg = Message::Update(Update {
+            round: 1,
+            num_examples: 1,
+            train_loss: 0.0,
+            delta: values.clone(),
+        });
+        let frame = encode(&msg).unwrap();
+        assert_eq!(frame.payload.len(), values.len() * 4);
+        assert_eq!(&frame.payload[12..16], &f32::MAX.to_le_bytes());
+        let Message::Update(back) = decode_one(&frame.to_vec(), FrameLimits::default()).unwrap()
+        else {
+            panic!("wrong kind")
+        };
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&back.delta), bits(&values));
+    }
+
+    #[test]
+    fn decodes_any_split_of_a_stream() {
+        let msgs = all_kinds();
+        let stream: Vec<u8> = msgs.iter().flat_map(|m| encode(m).unwrap().to_vec()).collect();
+        for chunk in [1, 2, 3, 7, 17, 64, stream.len()] {
+            let mut dec = FrameDecoder::new(FrameLimits::default());
+            let mut got = Vec::new();
+            for part in stream.chunks(chunk) {
+                got.extend(dec.push(part).unwrap());
+            }
+            dec.finish().unwrap();
+            assert_eq!(got, msgs, "chunk size {chunk}");
+        }
+    }
+
+    #[test]
+    fn rejects_garbage() {
+        let err = decode_one(b"GET / HTTP/1.1\r\n\r\n", FrameLimits::default()).unwrap_err();
+        assert!(matches!(err, CodecError::BadMagic(_)), "{err}");
+        assert_eq!(err.reason(), ReasonCode::MalformedFrame);
+    }
+
+    #[test]
+    fn rejects_oversized_payload_before_reading_it() {
+        let bytes = encode(&update(100)).unwrap().to_vec();
+        let limits = FrameLimits::for_model(99);
+        let mut dec = FrameDecoder::new(limits);
+        // The prefix alone is enough to refuse.
+        let err = dec.push(&bytes[..FRAME_PREFIX_LEN]).unwrap_err();
+        assert_eq!(
+            err,
+            CodecError::PayloadTooLarge {
+                len: 400,
+                max: 396
+            }
+        );
+        assert_eq!(err.reason(), ReasonCode::FrameTooLarge);
+        // Poisoned: later bytes are refused too.
+        assert!(dec.push(&bytes[FRAME_PREFIX_LEN..]).is_err());
+    }
+
+    #[test]
+    fn rejects_oversized_header() {
+        let msg = Message::error(ReasonCode::Internal, "x".repeat(200));
+        let bytes = encode(&msg).unwrap();
+        let limits = FrameLimits {
+            max_header_bytes: 100,
+            ..FrameLimits::default()
+        };
+        let err = decode_one(&bytes.to_vec(), limits).unwrap_err();
+        assert!(matches!(err, CodecError::HeaderTooLarge { max: 100, .. }));
+    }
+
+    #[test]
+    fn rejects_wrong_version_and_misaligned_payload() {
+        let mut bytes = encode(&update(2)).unwrap().to_vec();
+        bytes[4] = 99;
+        assert_eq!(
+            decode_one(&bytes, FrameLimits::default()).unwrap_err(),
+            CodecError::UnsupportedVersion { got: 99 }
+        );
+        let mut bytes = encode(&update(2)).unwrap().to_vec();
+        bytes[10] = 7; // payload length 7
+        assert_eq!(
+            decode_one(&bytes, FrameLimits::default()).unwrap_err(),
+            CodecError::PayloadMisaligned(7)
+        );
+    }
+
+    #[test]
+    fn rejects_corrupt_header_and_truncation() {
+        let mut bytes = encode(&update(2)).unwrap().to_vec();
+        bytes[FRAME_PREFIX_LEN] = 0xee; // enum tag out of range
+        let err = decode_one(&bytes, FrameLimits::default()).unwrap_err();
+        assert!(matches!(err, CodecError::MalformedHeader(_)), "{err}");
+
+        let bytes = encode(&update(2)).unwrap().to_vec();
+        let err = decode_one(&bytes[..bytes.len() - 1], FrameLimits::default()).unwrap_err();
+        assert!(matches!(err, CodecError::Truncated { .. }), "{err}");
+    }
+
+    #[test]
+    fn rejects_payload_on_a_message_without_one() {
+        let msg = Message::error(ReasonCode::Internal, "x");
+        let mut frame = encode(&msg).unwrap();
+        frame.head[10] = 4;
+        let mut bytes = frame.to_vec();
+        bytes.extend_from_slice(&[0; 4]);
+        let err = decode_one(&bytes, FrameLimits::default()).unwrap_err();
+        assert!(matches!(err, CodecError::PayloadPresence { expected: false, .. }));
+    }
+
+    #[test]
+    fn fixed_int_header_stays_small() {
+        // A varint config would vary; fixed-int keeps headers predictable.
+        let msg = update(0);
+        let frame = encode(&msg).unwrap();
+        assert!(frame.head.len() < FRAME_PREFIX_LEN + 64, "{}", frame.head.len());
+    }
+}

@@ -1,0 +1,186 @@
+//! The messages of the fedveil round protocol, version [`PROTOCOL_VERSION`].
+//!
+//! Every message is a small serde header plus, for the messages that carry a
+//! model or an update, one bulk vector. The bulk vector is marked
+//! `#[serde(skip)]` so it never goes through serde element by element: the
+//! codec ([`super::codec`]) writes it as one raw little-endian blob after the
+//! header and puts it back on decode.
+
+use serde::{Deserialize, Serialize};
+
+/// Bumped on any incompatible change to the messages or the frame layout.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Identifies a model architecture and its exact parameter layout.
+///
+/// Two peers agree on a model only if both the name and the shape signature
+/// (a hash over every parameter's path and shape, in flattening order) match.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelSpec {
+    pub name: String,
+    pub param_count: u64,
+    pub shape_signature: [u8; 32],
+}
+
+/// What a client is asked to do in one round. Every client of a cohort gets
+/// the same config, so the round is reproducible from it and the seed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundConfig {
+    pub local_epochs: u32,
+    pub batch_size: u32,
+    pub learning_rate: f32,
+    /// Seeds the client's minibatch shuffling (mixed with the round and client).
+    pub seed: u64,
+}
+
+/// Client → server: first message on a connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    pub version: u16,
+    /// Human-readable node name, for logs.
+    pub node_name: String,
+    /// The model the client is able to train.
+    pub model: ModelSpec,
+    /// Number of local training examples (informational; weights come with updates).
+    pub num_examples: u64,
+}
+
+/// Server → client: the client is admitted; `client_id` names it in this run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Welcome {
+    pub version: u16,
+    pub client_id: u64,
+    pub model: ModelSpec,
+}
+
+/// Server → client: train on this global model with this config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundStart {
+    pub round: u64,
+    pub config: RoundConfig,
+    /// The global model as a flat parameter vector (the payload).
+    #[serde(skip)]
+    pub global_model: Vec<f32>,
+}
+
+/// Client → server: the result of local training for `round`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Update {
+    pub round: u64,
+    /// Weight of this update in FedAvg (the number of examples trained on).
+    pub num_examples: u64,
+    /// Mean training loss over the last local epoch.
+    pub train_loss: f32,
+    /// `local_model - global_model`, flattened (the payload).
+    #[serde(skip)]
+    pub delta: Vec<f32>,
+}
+
+/// Client → server: the received global model evaluated on the client's data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Evaluation {
+    pub round: u64,
+    pub num_examples: u64,
+    pub loss: f32,
+    pub accuracy: f32,
+}
+
+/// Why a peer refused something. Stable numeric codes travel on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[repr(u16)]
+pub enum ReasonCode {
+    /// Peer speaks another protocol version.
+    VersionMismatch = 1,
+    /// Peer trains another model (name or shape signature differ).
+    ModelMismatch = 2,
+    /// A frame could not be decoded.
+    MalformedFrame = 3,
+    /// A frame or payload exceeds the configured limit.
+    FrameTooLarge = 4,
+    /// A message that is not allowed in the current state.
+    UnexpectedMessage = 5,
+    /// An update for a round that is not the current one (late or replayed).
+    StaleRound = 6,
+    /// A second update for the same round.
+    DuplicateUpdate = 7,
+    /// Update length differs from the model's parameter count.
+    WrongLength = 8,
+    /// Update contains NaN or infinite values.
+    NonFinite = 9,
+    /// Sample count of zero or above the limit.
+    BadWeight = 10,
+    /// Client was not selected for this round.
+    NotInCohort = 11,
+    /// Too many clients are connected.
+    ServerFull = 12,
+    /// The server is shutting down or the run is over.
+    Shutdown = 13,
+    /// Anything else; see the detail text.
+    Internal = 100,
+}
+
+/// Either side: a refusal with a reason code and a human-readable detail.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorMessage {
+    pub code: ReasonCode,
+    pub detail: String,
+}
+
+/// Server → client: the run has ended (or the client is no longer needed).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Goodbye {
+    pub rounds_completed: u64,
+    pub reason: String,
+}
+
+/// One protocol message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Message {
+    Hello(Hello),
+    Welcome(Welcome),
+    RoundStart(RoundStart),
+    Update(Update),
+    Evaluation(Evaluation),
+    Error(ErrorMessage),
+    Goodbye(Goodbye),
+}
+
+impl Message {
+    /// Short name for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "hello",
+            Message::Welcome(_) => "welcome",
+            Message::RoundStart(_) => "round-start",
+            Message::Update(_) => "update",
+            Message::Evaluation(_) => "evaluation",
+            Message::Error(_) => "error",
+            Message::Goodbye(_) => "goodbye",
+        }
+    }
+
+    /// The bulk vector this message carries outside its serde header, if any.
+    pub fn payload(&self) -> Option<&[f32]> {
+        match self {
+            Message::RoundStart(m) => Some(&m.global_model),
+            Message::Update(m) => Some(&m.delta),
+            _ => None,
+        }
+    }
+
+    /// Where the decoded bulk vector goes; `None` for messages without one.
+    pub(crate) fn payload_slot(&mut self) -> Option<&mut Vec<f32>> {
+        match self {
+            Message::RoundStart(m) => Some(&mut m.global_model),
+            Message::Update(m) => Some(&mut m.delta),
+            _ => None,
+        }
+    }
+
+    pub fn error(code: ReasonCode, detail: impl Into<String>) -> Self {
+        Message::Error(ErrorMessage {
+            code,
+            detail: detail.into(),
+        })
+    }
+}

@@ -1,0 +1,7 @@
+//! The wire: versioned messages and the codec that frames them.
+
+pub mod codec;
+pub mod message;
+
+pub use codec::{CodecError, EncodedFrame, FrameDecoder, FrameLimits, decode_one, encode};
+pub use message::*;

@@ -1,0 +1,386 @@
+//! The thin async driver around [`Coordinator`]: accepts QUIC connections,
+//! moves frames between streams and the state machine, fires its timer,
+//! evaluates each new global model, and reports metrics.
+//!
+//! One task per connection reads (frames → coordinator) and one writes
+//! (coordinator → frames); the central loop owns the coordinator, so no
+//! protocol state is shared or locked.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use fedveil_common::metrics::RoundMetrics;
+use fedveil_common::model::EvalStats;
+use fedveil_common::net::{self, CLOSE_OK, CLOSE_REFUSED, MessageReader, NetError};
+use fedveil_common::round::{ClientId, Coordinator, Event, RoundSummary};
+use fedveil_common::wire::{FrameLimits, Message};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+/// How long to wait for a closing peer to acknowledge our last frames.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// How long a TLS handshake may take.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a new connection may take to open its stream and say hello.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Evaluates a global model on the server's held-out data.
+pub trait Evaluator: Send + 'static {
+    fn evaluate(&mut self, global_model: &[f32]) -> EvalStats;
+}
+
+impl<F: FnMut(&[f32]) -> EvalStats + Send + 'static> Evaluator for F {
+    fn evaluate(&mut self, global_model: &[f32]) -> EvalStats {
+        self(global_model)
+    }
+}
+
+/// Told what happens during a run (logging, metrics files, progress bars).
+pub trait Observer: Send {
+    fn on_event(&mut self, _event: &Event) {}
+    fn on_round(&mut self, _metrics: &RoundMetrics, _global_model: &[f32]) {}
+}
+
+/// Logs events through `tracing`.
+pub struct LogObserver;
+
+impl Observer for LogObserver {
+    fn on_event(&mut self, event: &Event) {
+        log_event(event);
+    }
+
+    fn on_round(&mut self, m: &RoundMetrics, _global_model: &[f32]) {
+        tracing::info!(
+            round = m.round,
+            accuracy = format_args!("{:.4}", m.accuracy),
+            loss = format_args!("{:.4}", m.loss),
+            contributors = m.contributors,
+            dropped = m.dropped,
+            secs = format_args!("{:.2}", m.round_secs),
+            "round complete"
+        );
+    }
+}
+
+/// Logs one coordinator event at a fitting level.
+pub fn log_event(event: &Event) {
+    match event {
+        Event::Joined { id, node_name } => tracing::info!(client = id, node = %node_name, "client joined"),
+        Event::Left { id } => tracing::info!(client = id, "client left"),
+        Event::RoundStarted { round, cohort } => {
+            tracing::info!(round, cohort = cohort.len(), "round started")
+        }
+        Event::UpdateAccepted { round, id, num_examples } => {
+            tracing::debug!(round, client = id, num_examples, "update accepted")
+        }
+        Event::Rejected { id, code, detail } => {
+            tracing::warn!(client = id, ?code, %detail, "client message rejected")
+        }
+        Event::RoundCompleted(_) => {}
+        Event::RoundFailed { round, reason } => {
+            tracing::warn!(round, %reason, "round failed; global model unchanged")
+        }
+        Event::Finished { rounds_completed } => tracing::info!(rounds_completed, "run finished"),
+    }
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct RunReport {
+    pub rounds_completed: u64,
+    pub rounds_failed: u64,
+    pub final_model: Vec<f32>,
+    pub metrics: Vec<RoundMetrics>,
+    /// True if the run ended because of a shutdown request.
+    pub interrupted: bool,
+}
+
+enum Inbound {
+    Connected(quinn::Connection, quinn::SendStream, quinn::RecvStream),
+    Message(ClientId, Message),
+    Failed(ClientId, NetError),
+    Closed(ClientId),
+}
+
+struct Outbound {
+    message: Arc<Message>,
+    close: bool,
+}
+
+struct Peer {
+    out: mpsc::UnboundedSender<Outbound>,
+}
+
+#[derive(Default)]
+struct Traffic {
+    up: AtomicU64,
+    down: AtomicU64,
+}
+
+/// Runs `coordinator` on `endpoint` until all rounds are done or `shutdown`
+/// resolves.
+pub async fn serve(
+    endpoint: quinn::Endpoint,
+    coordinator: Coordinator,
+    evaluator: impl Evaluator,
+    limits: FrameLimits,
+    observer: &mut dyn Observer,
+    shutdown: impl Future<Output = ()>,
+) -> RunReport {
+    let mut driver = Driver {
+        coordinator,
+        evaluator: Some(Box::new(evaluator)),
+        limits,
+        peers: HashMap::new(),
+        writers: Vec::new(),
+        traffic: Arc::new(Traffic::default()),
+        report: RunReport {
+            rounds_completed: 0,
+            rounds_failed: 0,
+            final_model: Vec::new(),
+            metrics: Vec::new(),
+            interrupted: false,
+        },
+        last_traffic: (0, 0),
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    tokio::pin!(shutdown);
+    loop {
+        if driver.process(observer).await {
+            break;
+        }
+        let deadline = driver.coordinator.poll_timeout();
+        let timer = async {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => { tokio::spawn(handshake(incoming, tx.clone())); }
+                None => break,
+            },
+            Some(inbound) = rx.recv() => driver.on_inbound(inbound, &tx),
+            () = timer => driver.coordinator.handle_timeout(Instant::now()),
+            () = &mut shutdown => {
+                tracing::info!("shutdown requested; abandoning the current round");
+                driver.coordinator.shutdown("the server is shutting down");
+                driver.report.interrupted = true;
+                driver.process(observer).await;
+                break;
+            }
+        }
+    }
+    driver.finish(&endpoint).await
+}
+
+struct Driver {
+    coordinator: Coordinator,
+    evaluator: Option<Box<dyn Evaluator>>,
+    limits: FrameLimits,
+    peers: HashMap<ClientId, Peer>,
+    writers: Vec<JoinHandle<()>>,
+    traffic: Arc<Traffic>,
+    report: RunReport,
+    last_traffic: (u64, u64),
+}
+
+impl Driver {
+    fn on_inbound(&mut self, inbound: Inbound, tx: &mpsc::UnboundedSender<Inbound>) {
+        let now = Instant::now();
+        match inbound {
+            Inbound::Connected(connection, send, recv) => {
+                let id = self.coordinator.connect();
+                let (out_tx, out_rx) = mpsc::unbounded_channel();
+                tokio::spawn(read_loop(id, recv, self.limits, tx.clone(), Arc::clone(&self.traffic)));
+                self.writers.push(tokio::spawn(write_loop(
+                    send,
+                    connection.clone(),
+                    out_rx,
+                    Arc::clone(&self.traffic),
+                )));
+                tracing::debug!(client = id, remote = %connection.remote_address(), "connection accepted");
+                self.peers.insert(id, Peer { out: out_tx });
+            }
+            Inbound::Message(id, message) => self.coordinator.handle_message(id, message, now),
+            Inbound::Failed(id, NetError::Codec(err)) => {
+                tracing::warn!(client = id, %err, "undecodable frame; dropping connection");
+                self.coordinator.codec_error(id, &err, now);
+            }
+            Inbound::Failed(id, err) => {
+                tracing::info!(client = id, %err, "connection lost");
+                self.drop_peer(id, now);
+            }
+            Inbound::Closed(id) => self.drop_peer(id, now),
+        }
+    }
+
+    fn drop_peer(&mut self, id: ClientId, now: Instant) {
+        self.coordinator.disconnect(id, now);
+        self.peers.remove(&id);
+    }
+
+    /// Sends what the coordinator queued and handles its events; returns
+    /// true when the run is over.
+    async fn process(&mut self, observer: &mut dyn Observer) -> bool {
+        let mut finished = false;
+        loop {
+            let mut progressed = false;
+            while let Some(t) = self.coordinator.poll_transmit() {
+                progressed = true;
+                if let Some(peer) = self.peers.get(&t.to) {
+                    let _ = peer.out.send(Outbound {
+                        message: t.message,
+                        close: t.close,
+                    });
+                }
+                if t.close {
+                    self.peers.remove(&t.to);
+                }
+            }
+            while let Some(event) = self.coordinator.poll_event() {
+                progressed = true;
+                observer.on_event(&event);
+                match event {
+                    Event::RoundCompleted(summary) => {
+                        let metrics = self.round_metrics(&summary).await;
+                        observer.on_round(&metrics, self.coordinator.global_model());
+                        self.report.rounds_completed += 1;
+                        self.report.metrics.push(metrics);
+                        self.coordinator.start_next_round(Instant::now());
+                    }
+                    Event::RoundFailed { .. } => {
+                        self.report.rounds_failed += 1;
+                        self.coordinator.start_next_round(Instant::now());
+                    }
+                    Event::Finished { .. } => finished = true,
+                    _ => {}
+                }
+            }
+            if !progressed {
+                return finished || self.coordinator.is_finished();
+            }
+        }
+    }
+
+    async fn round_metrics(&mut self, s: &RoundSummary) -> RoundMetrics {
+        let model = self.coordinator.global_model().to_vec();
+        let mut evaluator = self.evaluator.take().expect("evaluator present between rounds");
+        let (evaluator, stats) = tokio::task::spawn_blocking(move || {
+            let stats = evaluator.evaluate(&model);
+            (evaluator, stats)
+        })
+        .await
+        .expect("evaluation does not panic");
+        self.evaluator = Some(evaluator);
+        let (up, down) = (
+            self.traffic.up.load(Ordering::Relaxed),
+            self.traffic.down.load(Ordering::Relaxed),
+        );
+        let (last_up, last_down) = std::mem::replace(&mut self.last_traffic, (up, down));
+        RoundMetrics {
+            round: s.round,
+            accuracy: stats.accuracy,
+            loss: stats.loss,
+            bytes_up: up - last_up,
+            bytes_down: down - last_down,
+            round_secs: s.started_at.elapsed().as_secs_f64(),
+            cohort: s.cohort.len(),
+            contributors: s.contributors.len(),
+            dropped: s.dropped.len(),
+            timed_out: s.timed_out,
+            examples: s.total_examples,
+            train_loss: s.train_loss,
+            client_accuracy: s.client_eval.map(|e| e.accuracy),
+            client_loss: s.client_eval.map(|e| e.loss),
+        }
+    }
+
+    async fn finish(mut self, endpoint: &quinn::Endpoint) -> RunReport {
+        // Dropping the senders lets each writer flush, finish and close.
+        self.peers.clear();
+        for writer in self.writers.drain(..) {
+            let _ = tokio::time::timeout(CLOSE_GRACE * 2, writer).await;
+        }
+        endpoint.close(CLOSE_OK.into(), b"run finished");
+        self.report.final_model = self.coordinator.global_model().to_vec();
+        self.report
+    }
+}
+
+async fn handshake(incoming: quinn::Incoming, tx: mpsc::UnboundedSender<Inbound>) {
+    let remote = incoming.remote_address();
+    let connection = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(err)) => return tracing::warn!(%remote, %err, "handshake failed"),
+        Err(_) => return tracing::warn!(%remote, "handshake timed out"),
+    };
+    match tokio::time::timeout(HELLO_TIMEOUT, connection.accept_bi()).await {
+        Ok(Ok((send, recv))) => {
+            let _ = tx.send(Inbound::Connected(connection, send, recv));
+        }
+        Ok(Err(err)) => tracing::info!(%remote, %err, "connection closed before opening its stream"),
+        Err(_) => {
+            tracing::warn!(%remote, "no stream opened in time; closing");
+            connection.close(CLOSE_REFUSED.into(), b"no stream opened");
+        }
+    }
+}
+
+async fn read_loop(
+    id: ClientId,
+    recv: quinn::RecvStream,
+    limits: FrameLimits,
+    tx: mpsc::UnboundedSender<Inbound>,
+    traffic: Arc<Traffic>,
+) {
+    let mut reader = MessageReader::new(recv, limits);
+    let mut counted = 0;
+    loop {
+        let next = reader.next().await;
+        traffic.up.fetch_add(reader.bytes_read() - counted, Ordering::Relaxed);
+        counted = reader.bytes_read();
+        let inbound = match next {
+            Ok(Some(message)) => Inbound::Message(id, message),
+            Ok(None) => Inbound::Closed(id),
+            Err(err) => Inbound::Failed(id, err),
+        };
+        let done = !matches!(inbound, Inbound::Message(..));
+        if tx.send(inbound).is_err() || done {
+            return;
+        }
+    }
+}
+
+async fn write_loop(
+    mut send: quinn::SendStream,
+    connection: quinn::Connection,
+    mut out: mpsc::UnboundedReceiver<Outbound>,
+    traffic: Arc<Traffic>,
+) {
+    let mut close_code = CLOSE_OK;
+    while let Some(Outbound { message, close }) = out.recv().await {
+        match net::write_message(&mut send, &message).await {
+            Ok(n) => {
+                traffic.down.fetch_add(n, Ordering::Relaxed);
+            }
+            Err(err) => {
+                tracing::debug!(%err, "write failed");
+                return;
+            }
+        }
+        if close {
+            if !matches!(&*message, Message::Goodbye(_)) {
+                close_code = CLOSE_REFUSED;
+            }
+            break;
+        }
+    }
+    let _ = send.finish();
+    let _ = tokio::time::timeout(CLOSE_GRACE, send.stopped()).await;
+    connection.close(close_code.into(), b"");
+}

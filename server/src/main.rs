@@ -1,0 +1,183 @@
+//! `fedveil-server`: create the server's TLS identity and run federated
+//! training rounds for connecting clients.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use fedveil_common::data::{self, DatasetName, Download};
+use fedveil_common::model::{DataShape, DeviceSpec};
+use fedveil_common::net::{self, ServerIdentity};
+use fedveil_common::round::server::{DEFAULT_MAX_CLIENTS, DEFAULT_MAX_EXAMPLES_PER_UPDATE};
+use fedveil_common::round::{Coordinator, CoordinatorConfig};
+use fedveil_common::wire::{FrameLimits, RoundConfig};
+use fedveil_server::setup::{MetricsFiles, ModelEvaluator, ServerObserver, initial_model};
+
+#[derive(Parser)]
+#[command(name = "fedveil-server", version, about = "fedveil aggregation server")]
+struct Cli {
+    /// Log filter (error, warn, info, debug, trace, or a tracing directive).
+    #[arg(long, global = true, default_value = "info", env = "FEDVEIL_LOG")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create the server's CA and TLS certificate in DIR.
+    Init(InitArgs),
+    /// Run federated training (creates the identity first if DIR has none).
+    Run(RunArgs),
+}
+
+#[derive(Args)]
+struct InitArgs {
+    /// Directory for the CA and server certificate (keys are mode 0600).
+    #[arg(long)]
+    dir: PathBuf,
+    /// DNS names and IP addresses clients use to reach this server.
+    #[arg(long, value_delimiter = ',', default_value = "localhost,127.0.0.1")]
+    name: Vec<String>,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    identity: InitArgs,
+    /// UDP address to listen on.
+    #[arg(long, default_value = "127.0.0.1:4433")]
+    listen: SocketAddr,
+    /// Dataset whose test split evaluates each new global model.
+    #[arg(long, default_value = "mnist")]
+    dataset: String,
+    /// Data directory (default: $FEDVEIL_DATA, then the user cache).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    #[arg(long, default_value = "cnn")]
+    model: String,
+    /// cpu, cuda or cuda:N (cuda needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
+    /// Clients needed before a round starts.
+    #[arg(long, default_value_t = 2)]
+    min_clients: usize,
+    /// Fraction C of connected clients sampled each round.
+    #[arg(long, default_value_t = 1.0)]
+    fraction: f64,
+    #[arg(long, default_value_t = 10)]
+    rounds: u64,
+    /// Local epochs E per round.
+    #[arg(long, default_value_t = 1)]
+    local_epochs: u32,
+    /// Local minibatch size B.
+    #[arg(long, default_value_t = 10)]
+    batch_size: u32,
+    /// Client SGD learning rate.
+    #[arg(long, default_value_t = 0.05)]
+    lr: f32,
+    /// Seconds before a round completes without its stragglers.
+    #[arg(long, default_value_t = 600)]
+    round_timeout: u64,
+    /// Most clients admitted at once.
+    #[arg(long, default_value_t = DEFAULT_MAX_CLIENTS)]
+    max_clients: usize,
+    /// Largest example count one update may claim.
+    #[arg(long, default_value_t = DEFAULT_MAX_EXAMPLES_PER_UPDATE)]
+    max_examples_per_update: u64,
+    /// Seeds the initial model, cohort sampling and client shuffling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Write metrics.jsonl and metrics.csv here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).context("--log")?)
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Init(args) => {
+            ServerIdentity::create(&args.dir, &args.name)?;
+            println!(
+                "created CA and server certificate for {} in {}\nclients trust {}",
+                args.name.join(", "),
+                args.dir.display(),
+                args.dir.join(net::CA_CERT_FILE).display()
+            );
+            Ok(())
+        }
+        Command::Run(args) => tokio::runtime::Runtime::new()?.block_on(run(args)),
+    }
+}
+
+async fn run(args: RunArgs) -> Result<()> {
+    let identity = ServerIdentity::load_or_create(&args.identity.dir, &args.identity.name)?;
+    let device = args.device.device()?;
+    let data_dir = data::resolve_data_dir(args.data_dir.as_deref());
+    let split = data::load(DatasetName::parse(&args.dataset)?, &data_dir, Download::IfMissing, args.seed)?;
+    let shape = DataShape {
+        example_shape: split.test.example_shape.clone(),
+        num_classes: split.test.num_classes,
+    };
+    let (spec, initial) = initial_model(&args.model, &shape, &device, args.seed)?;
+    let config = CoordinatorConfig {
+        rounds: args.rounds,
+        min_clients: args.min_clients,
+        fraction: args.fraction,
+        round_timeout: Duration::from_secs(args.round_timeout),
+        max_clients: args.max_clients,
+        max_examples_per_update: args.max_examples_per_update,
+        seed: args.seed,
+        round: RoundConfig {
+            local_epochs: args.local_epochs,
+            batch_size: args.batch_size,
+            learning_rate: args.lr,
+            seed: args.seed,
+        },
+    };
+    let limits = FrameLimits::for_model(spec.param_count);
+    let coordinator = Coordinator::new(config, spec.clone(), initial, 1)?;
+    let evaluator = ModelEvaluator::new(&args.model, split.test, &device)?;
+    let endpoint = quinn::Endpoint::server(net::server_config(&identity)?, args.listen)
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    tracing::info!(
+        listen = %endpoint.local_addr()?,
+        model = %spec.name,
+        params = spec.param_count,
+        ca = %args.identity.dir.join(net::CA_CERT_FILE).display(),
+        "server ready; waiting for {} clients", args.min_clients
+    );
+    let mut observer = ServerObserver {
+        files: args.out.as_deref().map(MetricsFiles::create).transpose()?,
+    };
+    let report = fedveil_server::serve(endpoint, coordinator, evaluator, limits, &mut observer, shutdown_signal()).await;
+    match report.metrics.last() {
+        Some(last) => println!(
+            "{} rounds completed ({} failed); final test accuracy {:.4}, loss {:.4}",
+            report.rounds_completed, report.rounds_failed, last.accuracy, last.loss
+        ),
+        None => println!("no round completed"),
+    }
+    Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}

@@ -1,0 +1,115 @@
+//! Building blocks a server run is assembled from: the initial global model,
+//! the held-out evaluator, and the metrics files. Shared by the
+//! `fedveil-server` binary and the simulator.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use burn::prelude::Device;
+use fedveil_common::data::{Dataset, Shard};
+use fedveil_common::metrics::RoundMetrics;
+use fedveil_common::model::{self, DataShape, EvalStats, FlModel, ModelError, ModelSpec};
+use fedveil_common::round::Event;
+use std::sync::Arc;
+
+use crate::driver::{Evaluator, Observer, log_event};
+
+/// The model's shape signature and a freshly initialised parameter vector.
+/// The device RNG is seeded, so the same seed gives the same initial model.
+pub fn initial_model(
+    name: &str,
+    shape: &DataShape,
+    device: &Device,
+    seed: u64,
+) -> Result<(ModelSpec, Vec<f32>), ModelError> {
+    device.seed(seed);
+    let m = model::build(name, shape, device)?;
+    Ok((m.spec().clone(), m.params()))
+}
+
+/// Evaluates global models on a held-out dataset.
+pub struct ModelEvaluator {
+    model: Box<dyn FlModel>,
+    test: Shard,
+}
+
+impl ModelEvaluator {
+    pub fn new(name: &str, test: Arc<Dataset>, device: &Device) -> Result<Self, ModelError> {
+        let shape = DataShape {
+            example_shape: test.example_shape.clone(),
+            num_classes: test.num_classes,
+        };
+        Ok(Self {
+            model: model::build(name, &shape, device)?,
+            test: Shard::whole(test),
+        })
+    }
+}
+
+impl Evaluator for ModelEvaluator {
+    fn evaluate(&mut self, global_model: &[f32]) -> EvalStats {
+        match self.model.set_params(global_model) {
+            Ok(()) => self.model.evaluate(&self.test),
+            Err(err) => {
+                tracing::error!(%err, "cannot evaluate global model");
+                EvalStats {
+                    examples: 0,
+                    loss: f32::NAN,
+                    accuracy: 0.0,
+                }
+            }
+        }
+    }
+}
+
+/// Writes `metrics.jsonl` and `metrics.csv` in a directory, one line per
+/// round, flushed as each round completes.
+pub struct MetricsFiles {
+    jsonl: BufWriter<File>,
+    csv: BufWriter<File>,
+    pub dir: PathBuf,
+}
+
+impl MetricsFiles {
+    pub fn create(dir: &Path) -> std::io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let jsonl = BufWriter::new(File::create(dir.join("metrics.jsonl"))?);
+        let mut csv = BufWriter::new(File::create(dir.join("metrics.csv"))?);
+        writeln!(csv, "{}", RoundMetrics::CSV_HEADER)?;
+        csv.flush()?;
+        Ok(Self {
+            jsonl,
+            csv,
+            dir: dir.to_owned(),
+        })
+    }
+
+    pub fn write(&mut self, m: &RoundMetrics) -> std::io::Result<()> {
+        serde_json::to_writer(&mut self.jsonl, m)?;
+        writeln!(self.jsonl)?;
+        writeln!(self.csv, "{}", m.csv_row())?;
+        self.jsonl.flush()?;
+        self.csv.flush()
+    }
+}
+
+/// Logs events and writes metrics files (the `fedveil-server run` observer).
+pub struct ServerObserver {
+    pub files: Option<MetricsFiles>,
+}
+
+impl Observer for ServerObserver {
+    fn on_event(&mut self, event: &Event) {
+        log_event(event);
+    }
+
+    fn on_round(&mut self, m: &RoundMetrics, global_model: &[f32]) {
+        crate::driver::LogObserver.on_round(m, global_model);
+        if let Some(files) = &mut self.files
+            && let Err(err) = files.write(m)
+        {
+            tracing::error!(%err, dir = %files.dir.display(), "cannot write metrics");
+        }
+    }
+}
