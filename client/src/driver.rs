@@ -10,7 +10,7 @@ use fedveil_common::round::{ClientEvent, ClientSession, SessionError};
 use fedveil_common::wire::{FrameLimits, Message, ReasonCode};
 use tokio::sync::Semaphore;
 
-use crate::trainer::Trainer;
+use crate::trainer::LocalTrainer;
 
 /// Where and how to connect.
 #[derive(Debug, Clone)]
@@ -56,7 +56,7 @@ impl From<quinn::ConnectionError> for ClientError {
 pub async fn run(
     endpoint: &quinn::Endpoint,
     opts: &ClientOptions,
-    trainer: Arc<Trainer>,
+    trainer: Arc<dyn LocalTrainer>,
 ) -> Result<ClientReport, ClientError> {
     let connection = endpoint
         .connect(opts.server, &opts.server_name)
@@ -64,7 +64,11 @@ pub async fn run(
         .await?;
     let (mut send, recv) = connection.open_bi().await?;
     let mut reader = MessageReader::new(recv, FrameLimits::for_model(trainer.spec().param_count));
-    let mut session = ClientSession::new(&opts.node_name, trainer.spec().clone(), trainer.num_examples() as u64);
+    let mut session = ClientSession::new(
+        &opts.node_name,
+        trainer.spec().clone(),
+        trainer.num_examples() as u64,
+    );
     let mut report = ClientReport {
         client_id: None,
         rounds_trained: 0,

@@ -6,4 +6,4 @@ pub mod driver;
 pub mod trainer;
 
 pub use driver::{ClientError, ClientOptions, ClientReport, run};
-pub use trainer::Trainer;
+pub use trainer::{LocalTrainer, Trainer};

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use fedveil_client::{ClientOptions, Trainer};
+use fedveil_client::{ClientOptions, LocalTrainer, Trainer};
 use fedveil_common::data::{self, DatasetName, Download, Partition, Shard};
 use fedveil_common::model::DeviceSpec;
 use fedveil_common::net;
@@ -71,14 +71,21 @@ fn main() -> Result<()> {
 }
 
 async fn run(args: RunArgs) -> Result<()> {
-    let ca = std::fs::read_to_string(&args.ca_cert)
-        .with_context(|| format!("cannot read the server's CA certificate {}", args.ca_cert.display()))?;
+    let ca = std::fs::read_to_string(&args.ca_cert).with_context(|| {
+        format!(
+            "cannot read the server's CA certificate {}",
+            args.ca_cert.display()
+        )
+    })?;
     let server = tokio::net::lookup_host(&args.server)
         .await
         .with_context(|| format!("cannot resolve {}", args.server))?
         .next()
         .with_context(|| format!("{} has no address", args.server))?;
-    let host = args.server.rsplit_once(':').map_or(args.server.as_str(), |(h, _)| h);
+    let host = args
+        .server
+        .rsplit_once(':')
+        .map_or(args.server.as_str(), |(h, _)| h);
     let device = args.device.device()?;
     let split = data::load(
         DatasetName::parse(&args.dataset)?,
@@ -93,16 +100,32 @@ async fn run(args: RunArgs) -> Result<()> {
                 .split_once('/')
                 .and_then(|(i, n)| Some((i.parse::<usize>().ok()?, n.parse::<usize>().ok()?)))
                 .filter(|&(i, n)| i < n)
-                .with_context(|| format!("--shard {spec}: expected INDEX/COUNT with INDEX < COUNT"))?;
-            let parts = args.partition.split(&split.train.labels, split.train.num_classes, n, args.seed)?;
+                .with_context(|| {
+                    format!("--shard {spec}: expected INDEX/COUNT with INDEX < COUNT")
+                })?;
+            let parts =
+                args.partition
+                    .split(&split.train.labels, split.train.num_classes, n, args.seed)?;
             Shard {
                 data: split.train,
                 indices: parts[i].clone(),
             }
         }
     };
-    let trainer = Arc::new(Trainer::new(&args.model, shard, device, fedveil_client::trainer::mix_seed(&[args.seed, hash_name(&args.name)]))?);
-    let mut endpoint = quinn::Endpoint::client((if server.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }).parse()?)?;
+    let trainer = Arc::new(Trainer::new(
+        &args.model,
+        shard,
+        device,
+        fedveil_client::trainer::mix_seed(&[args.seed, hash_name(&args.name)]),
+    )?);
+    let mut endpoint = quinn::Endpoint::client(
+        (if server.is_ipv6() {
+            "[::]:0"
+        } else {
+            "0.0.0.0:0"
+        })
+        .parse()?,
+    )?;
     endpoint.set_default_client_config(net::client_config(&ca)?);
     let opts = ClientOptions {
         server,
@@ -125,5 +148,7 @@ async fn run(args: RunArgs) -> Result<()> {
 }
 
 fn hash_name(name: &str) -> u64 {
-    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }

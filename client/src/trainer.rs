@@ -6,6 +6,21 @@ use fedveil_common::data::Shard;
 use fedveil_common::model::{self, DataShape, ModelError, ModelSpec, TrainPlan};
 use fedveil_common::wire::{Evaluation, RoundConfig, Update};
 
+/// What the client driver needs from local training. [`Trainer`] is the
+/// real one; wrappers (recording, DP, faults) implement it around another.
+pub trait LocalTrainer: Send + Sync + 'static {
+    fn spec(&self) -> &ModelSpec;
+    fn num_examples(&self) -> usize;
+    /// Trains from `global_model`; returns the update and the global model's
+    /// evaluation on the local data.
+    fn train_round(
+        &self,
+        round: u64,
+        config: &RoundConfig,
+        global_model: &[f32],
+    ) -> Result<(Update, Evaluation), ModelError>;
+}
+
 /// Trains one node's model on its shard.
 ///
 /// The model is built per round rather than kept, so an idle client holds
@@ -21,7 +36,12 @@ pub struct Trainer {
 }
 
 impl Trainer {
-    pub fn new(model_name: &str, shard: Shard, device: Device, node_seed: u64) -> Result<Self, ModelError> {
+    pub fn new(
+        model_name: &str,
+        shard: Shard,
+        device: Device,
+        node_seed: u64,
+    ) -> Result<Self, ModelError> {
         let shape = DataShape {
             example_shape: shard.data.example_shape.clone(),
             num_classes: shard.data.num_classes,
@@ -36,17 +56,18 @@ impl Trainer {
             node_seed,
         })
     }
+}
 
-    pub fn spec(&self) -> &ModelSpec {
+impl LocalTrainer for Trainer {
+    fn spec(&self) -> &ModelSpec {
         &self.spec
     }
 
-    pub fn num_examples(&self) -> usize {
+    fn num_examples(&self) -> usize {
         self.shard.len()
     }
 
-    /// Runs one round of local training from `global_model`.
-    pub fn train_round(
+    fn train_round(
         &self,
         round: u64,
         config: &RoundConfig,

@@ -98,7 +98,10 @@ mod tests {
         m.add(&[1.0, 1.0], 2.0).unwrap();
         assert_eq!(
             m.add(&[1.0], 1.0),
-            Err(AggregateError::WrongLength { got: 1, expected: 2 })
+            Err(AggregateError::WrongLength {
+                got: 1,
+                expected: 2
+            })
         );
         assert_eq!(
             m.add(&[1.0, f32::NAN], 1.0),

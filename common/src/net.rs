@@ -77,6 +77,8 @@ pub const SERVER_KEY_FILE: &str = "server.key";
 /// Clients pin the CA certificate.
 pub struct ServerIdentity {
     pub ca_cert_pem: String,
+    /// The CA's signing key; `None` when loaded (it stays on disk).
+    pub ca_key_pem: Option<String>,
     pub cert_chain: Vec<CertificateDer<'static>>,
     pub key: PrivateKeyDer<'static>,
 }
@@ -95,35 +97,61 @@ impl ServerIdentity {
     /// Creates a fresh CA and server certificate in `dir`. Keys are written
     /// with mode 0600.
     pub fn create(dir: &Path, names: &[String]) -> Result<Self, NetError> {
+        let identity = Self::generate(names)?;
+        identity.save(dir)?;
+        Ok(identity)
+    }
+
+    /// A fresh CA and a server certificate for `names` (DNS names or IP
+    /// addresses), in memory.
+    pub fn generate(names: &[String]) -> Result<Self, NetError> {
         if names.is_empty() {
-            return Err(NetError::Tls("the server certificate needs at least one name".into()));
+            return Err(NetError::Tls(
+                "the server certificate needs at least one name".into(),
+            ));
         }
-        std::fs::create_dir_all(dir).map_err(file_err(dir))?;
         let ca_key = KeyPair::generate().map_err(tls_err)?;
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(tls_err)?;
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        ca_params.distinguished_name.push(DnType::CommonName, "fedveil CA");
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "fedveil CA");
         ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let ca_cert = ca_params.self_signed(&ca_key).map_err(tls_err)?;
         let issuer = Issuer::new(ca_params, ca_key);
 
         let server_key = KeyPair::generate().map_err(tls_err)?;
         let mut params = CertificateParams::new(names.to_vec()).map_err(tls_err)?;
-        params.distinguished_name.push(DnType::CommonName, names[0].as_str());
+        params
+            .distinguished_name
+            .push(DnType::CommonName, names[0].as_str());
         params.use_authority_key_identifier_extension = true;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let server_cert = params.signed_by(&server_key, &issuer).map_err(tls_err)?;
-
-        write_file(&dir.join(CA_CERT_FILE), ca_cert.pem().as_bytes(), false)?;
-        write_file(&dir.join(CA_KEY_FILE), issuer.key().serialize_pem().as_bytes(), true)?;
-        write_file(&dir.join(SERVER_CERT_FILE), server_cert.pem().as_bytes(), false)?;
-        write_file(&dir.join(SERVER_KEY_FILE), server_key.serialize_pem().as_bytes(), true)?;
         Ok(Self {
             ca_cert_pem: ca_cert.pem(),
+            ca_key_pem: Some(issuer.key().serialize_pem()),
             cert_chain: vec![server_cert.der().clone()],
             key: PrivatePkcs8KeyDer::from(server_key.serialize_der()).into(),
         })
+    }
+
+    /// Writes the identity's files into `dir` (keys with mode 0600).
+    pub fn save(&self, dir: &Path) -> Result<(), NetError> {
+        std::fs::create_dir_all(dir).map_err(file_err(dir))?;
+        write_file(&dir.join(CA_CERT_FILE), self.ca_cert_pem.as_bytes(), false)?;
+        if let Some(ca_key) = &self.ca_key_pem {
+            write_file(&dir.join(CA_KEY_FILE), ca_key.as_bytes(), true)?;
+        }
+        let certs: String = self
+            .cert_chain
+            .iter()
+            .map(|c| pem_block("CERTIFICATE", c.as_ref()))
+            .collect();
+        write_file(&dir.join(SERVER_CERT_FILE), certs.as_bytes(), false)?;
+        let key = pem_block("PRIVATE KEY", self.key.secret_der());
+        write_file(&dir.join(SERVER_KEY_FILE), key.as_bytes(), true)
     }
 
     pub fn load(dir: &Path) -> Result<Self, NetError> {
@@ -138,6 +166,7 @@ impl ServerIdentity {
         let ca_cert_pem = String::from_utf8(read(CA_CERT_FILE)?).map_err(tls_err)?;
         Ok(Self {
             ca_cert_pem,
+            ca_key_pem: None,
             cert_chain,
             key,
         })
@@ -157,6 +186,11 @@ fn write_file(path: &Path, bytes: &[u8], secret: bool) -> Result<(), NetError> {
     let mut f = options.open(path).map_err(file_err(path))?;
     f.write_all(bytes).map_err(file_err(path))?;
     f.sync_all().map_err(file_err(path))
+}
+
+/// PEM armour for DER bytes.
+fn pem_block(label: &str, der: &[u8]) -> String {
+    pem::encode(&pem::Pem::new(label, der.to_vec()))
 }
 
 fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {

@@ -68,12 +68,18 @@ impl Observer for LogObserver {
 /// Logs one coordinator event at a fitting level.
 pub fn log_event(event: &Event) {
     match event {
-        Event::Joined { id, node_name } => tracing::info!(client = id, node = %node_name, "client joined"),
+        Event::Joined { id, node_name } => {
+            tracing::info!(client = id, node = %node_name, "client joined")
+        }
         Event::Left { id } => tracing::info!(client = id, "client left"),
         Event::RoundStarted { round, cohort } => {
             tracing::info!(round, cohort = cohort.len(), "round started")
         }
-        Event::UpdateAccepted { round, id, num_examples } => {
+        Event::UpdateAccepted {
+            round,
+            id,
+            num_examples,
+        } => {
             tracing::debug!(round, client = id, num_examples, "update accepted")
         }
         Event::Rejected { id, code, detail } => {
@@ -196,7 +202,13 @@ impl Driver {
             Inbound::Connected(connection, send, recv) => {
                 let id = self.coordinator.connect();
                 let (out_tx, out_rx) = mpsc::unbounded_channel();
-                tokio::spawn(read_loop(id, recv, self.limits, tx.clone(), Arc::clone(&self.traffic)));
+                tokio::spawn(read_loop(
+                    id,
+                    recv,
+                    self.limits,
+                    tx.clone(),
+                    Arc::clone(&self.traffic),
+                ));
                 self.writers.push(tokio::spawn(write_loop(
                     send,
                     connection.clone(),
@@ -269,7 +281,10 @@ impl Driver {
 
     async fn round_metrics(&mut self, s: &RoundSummary) -> RoundMetrics {
         let model = self.coordinator.global_model().to_vec();
-        let mut evaluator = self.evaluator.take().expect("evaluator present between rounds");
+        let mut evaluator = self
+            .evaluator
+            .take()
+            .expect("evaluator present between rounds");
         let (evaluator, stats) = tokio::task::spawn_blocking(move || {
             let stats = evaluator.evaluate(&model);
             (evaluator, stats)
@@ -323,7 +338,9 @@ async fn handshake(incoming: quinn::Incoming, tx: mpsc::UnboundedSender<Inbound>
         Ok(Ok((send, recv))) => {
             let _ = tx.send(Inbound::Connected(connection, send, recv));
         }
-        Ok(Err(err)) => tracing::info!(%remote, %err, "connection closed before opening its stream"),
+        Ok(Err(err)) => {
+            tracing::info!(%remote, %err, "connection closed before opening its stream")
+        }
         Err(_) => {
             tracing::warn!(%remote, "no stream opened in time; closing");
             connection.close(CLOSE_REFUSED.into(), b"no stream opened");
@@ -342,7 +359,9 @@ async fn read_loop(
     let mut counted = 0;
     loop {
         let next = reader.next().await;
-        traffic.up.fetch_add(reader.bytes_read() - counted, Ordering::Relaxed);
+        traffic
+            .up
+            .fetch_add(reader.bytes_read() - counted, Ordering::Relaxed);
         counted = reader.bytes_read();
         let inbound = match next {
             Ok(Some(message)) => Inbound::Message(id, message),

@@ -30,7 +30,7 @@ enum Command {
     /// Create the server's CA and TLS certificate in DIR.
     Init(InitArgs),
     /// Run federated training (creates the identity first if DIR has none).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
 }
 
 #[derive(Args)]
@@ -112,7 +112,7 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
-        Command::Run(args) => tokio::runtime::Runtime::new()?.block_on(run(args)),
+        Command::Run(args) => tokio::runtime::Runtime::new()?.block_on(run(*args)),
     }
 }
 
@@ -120,7 +120,12 @@ async fn run(args: RunArgs) -> Result<()> {
     let identity = ServerIdentity::load_or_create(&args.identity.dir, &args.identity.name)?;
     let device = args.device.device()?;
     let data_dir = data::resolve_data_dir(args.data_dir.as_deref());
-    let split = data::load(DatasetName::parse(&args.dataset)?, &data_dir, Download::IfMissing, args.seed)?;
+    let split = data::load(
+        DatasetName::parse(&args.dataset)?,
+        &data_dir,
+        Download::IfMissing,
+        args.seed,
+    )?;
     let shape = DataShape {
         example_shape: split.test.example_shape.clone(),
         num_classes: split.test.num_classes,
@@ -156,7 +161,15 @@ async fn run(args: RunArgs) -> Result<()> {
     let mut observer = ServerObserver {
         files: args.out.as_deref().map(MetricsFiles::create).transpose()?,
     };
-    let report = fedveil_server::serve(endpoint, coordinator, evaluator, limits, &mut observer, shutdown_signal()).await;
+    let report = fedveil_server::serve(
+        endpoint,
+        coordinator,
+        evaluator,
+        limits,
+        &mut observer,
+        shutdown_signal(),
+    )
+    .await;
     match report.metrics.last() {
         Some(last) => println!(
             "{} rounds completed ({} failed); final test accuracy {:.4}, loss {:.4}",

@@ -90,7 +90,8 @@ impl Fetch {
                 break;
             }
             hasher.update(&buf[..n]);
-            out.write_all(&buf[..n]).map_err(|e| DataError::io(&part, e))?;
+            out.write_all(&buf[..n])
+                .map_err(|e| DataError::io(&part, e))?;
         }
         out.sync_all().map_err(|e| DataError::io(&part, e))?;
         let actual = hex::encode(hasher.finalize());
@@ -156,7 +157,9 @@ mod tests {
         let sha = hex::encode(Sha256::digest(&body));
         let dir = temp_dir("ok");
         let dest = dir.join("file.gz");
-        Fetch::default().file(&serve_once(body.clone()), &sha, &dest).unwrap();
+        Fetch::default()
+            .file(&serve_once(body.clone()), &sha, &dest)
+            .unwrap();
         assert_eq!(std::fs::read(&dest).unwrap(), body);
         assert_eq!(sha256_file(&dest).unwrap(), sha);
         std::fs::remove_dir_all(dir).unwrap();
@@ -178,7 +181,11 @@ mod tests {
     fn unreachable_mirror_is_a_download_error() {
         // Port 1 on loopback refuses connections at once.
         let err = Fetch::default()
-            .file("http://127.0.0.1:1/x.gz", &"0".repeat(64), &temp_dir("down").join("x.gz"))
+            .file(
+                "http://127.0.0.1:1/x.gz",
+                &"0".repeat(64),
+                &temp_dir("down").join("x.gz"),
+            )
             .unwrap_err();
         assert!(matches!(err, DataError::Download { .. }), "{err}");
     }

@@ -109,7 +109,11 @@ pub fn load_idx_dataset(
         .filter(|f| !dir.join(f.name).is_file())
         .collect();
     if !missing.is_empty() {
-        let names = missing.iter().map(|f| f.name).collect::<Vec<_>>().join(", ");
+        let names = missing
+            .iter()
+            .map(|f| f.name)
+            .collect::<Vec<_>>()
+            .join(", ");
         let missing_error = |hint: String| DataError::Missing {
             dataset: spec.name.to_owned(),
             dir: dir.clone(),
@@ -160,10 +164,16 @@ fn read_pair(
         reason,
     };
     if dims.len() != 3 {
-        return Err(bad(&images_path, format!("expected 3 dimensions, found {dims:?}")));
+        return Err(bad(
+            &images_path,
+            format!("expected 3 dimensions, found {dims:?}"),
+        ));
     }
     if label_dims.len() != 1 {
-        return Err(bad(&labels_path, format!("expected 1 dimension, found {label_dims:?}")));
+        return Err(bad(
+            &labels_path,
+            format!("expected 1 dimension, found {label_dims:?}"),
+        ));
     }
     if dims[0] != label_dims[0] {
         return Err(bad(
@@ -172,7 +182,10 @@ fn read_pair(
         ));
     }
     if let Some(l) = label_bytes.iter().find(|&&l| l as usize >= num_classes) {
-        return Err(bad(&labels_path, format!("label {l} out of range 0..{num_classes}")));
+        return Err(bad(
+            &labels_path,
+            format!("label {l} out of range 0..{num_classes}"),
+        ));
     }
     Ok(Dataset {
         features: pixels.iter().map(|&p| f32::from(p) / 255.0).collect(),
@@ -255,7 +268,11 @@ mod tests {
 
     #[test]
     fn idx_rejects_bad_magic_and_short_body() {
-        assert!(parse_idx(&[0, 0, 0x0d, 1, 0, 0, 0, 1, 5]).unwrap_err().contains("magic"));
+        assert!(
+            parse_idx(&[0, 0, 0x0d, 1, 0, 0, 0, 1, 5])
+                .unwrap_err()
+                .contains("magic")
+        );
         let raw = encode_idx(&[2, 3], &[0; 5]);
         assert!(parse_idx(&raw).unwrap_err().contains("need 6"));
     }
@@ -266,7 +283,10 @@ mod tests {
         let err = load_idx_dataset(&MNIST, &dir, Download::Never).unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("train-images-idx3-ubyte.gz"), "{msg}");
-        assert!(msg.contains(&dir.join("mnist").display().to_string()), "{msg}");
+        assert!(
+            msg.contains(&dir.join("mnist").display().to_string()),
+            "{msg}"
+        );
         assert!(msg.contains("FEDVEIL_DATA"), "{msg}");
     }
 

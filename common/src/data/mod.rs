@@ -16,6 +16,8 @@ pub use partition::Partition;
 
 /// Environment variable naming the data directory.
 pub const DATA_DIR_ENV: &str = "FEDVEIL_DATA";
+/// Environment variable that, set to anything but `0`, forbids downloads.
+pub const OFFLINE_ENV: &str = "FEDVEIL_OFFLINE";
 
 /// A labelled dataset of fixed-shape examples, stored densely.
 #[derive(Debug, Clone, PartialEq)]
@@ -106,7 +108,9 @@ pub enum DataError {
         files: String,
         hint: String,
     },
-    #[error("{path}: checksum mismatch (sha256 {actual}, expected {expected}); delete it and fetch it again")]
+    #[error(
+        "{path}: checksum mismatch (sha256 {actual}, expected {expected}); delete it and fetch it again"
+    )]
     Checksum {
         path: PathBuf,
         expected: String,
@@ -197,6 +201,8 @@ pub fn load(
     download: Download,
     seed: u64,
 ) -> Result<Split, DataError> {
+    let offline = std::env::var_os(OFFLINE_ENV).is_some_and(|v| !v.is_empty() && v != "0");
+    let download = if offline { Download::Never } else { download };
     match name {
         DatasetName::Mnist => idx::load_idx_dataset(&idx::MNIST, data_dir, download),
         DatasetName::FashionMnist => idx::load_idx_dataset(&idx::FASHION_MNIST, data_dir, download),

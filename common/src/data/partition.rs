@@ -5,8 +5,8 @@
 use std::fmt;
 use std::str::FromStr;
 
-use rand::{Rng as _, SeedableRng};
 use rand::seq::SliceRandom;
+use rand::{Rng as _, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use rand_distr::{Distribution, Gamma};
 
@@ -75,7 +75,9 @@ impl Partition {
         seed: u64,
     ) -> Result<Vec<Vec<usize>>, DataError> {
         if clients == 0 {
-            return Err(DataError::Invalid("cannot partition among 0 clients".into()));
+            return Err(DataError::Invalid(
+                "cannot partition among 0 clients".into(),
+            ));
         }
         if labels.len() < clients {
             return Err(DataError::Invalid(format!(
@@ -90,7 +92,9 @@ impl Partition {
                 idx.shuffle(&mut rng);
                 even_chunks(&idx, clients)
             }
-            Partition::Dirichlet { alpha } => dirichlet(labels, num_classes, clients, alpha, &mut rng)?,
+            Partition::Dirichlet { alpha } => {
+                dirichlet(labels, num_classes, clients, alpha, &mut rng)?
+            }
             Partition::Shards { per_client } => {
                 let shards = clients * per_client;
                 if shards > labels.len() {
@@ -106,7 +110,11 @@ impl Partition {
                 order.shuffle(&mut rng);
                 order
                     .chunks(per_client)
-                    .map(|ids| ids.iter().flat_map(|&s| pieces[s].iter().copied()).collect())
+                    .map(|ids| {
+                        ids.iter()
+                            .flat_map(|&s| pieces[s].iter().copied())
+                            .collect()
+                    })
                     .collect()
             }
         };
@@ -128,7 +136,8 @@ fn dirichlet(
     alpha: f64,
     rng: &mut ChaCha20Rng,
 ) -> Result<Vec<Vec<usize>>, DataError> {
-    let gamma = Gamma::new(alpha, 1.0).map_err(|e| DataError::Invalid(format!("alpha {alpha}: {e}")))?;
+    let gamma =
+        Gamma::new(alpha, 1.0).map_err(|e| DataError::Invalid(format!("alpha {alpha}: {e}")))?;
     let min_size = DIRICHLET_MIN_EXAMPLES.min(labels.len() / clients);
     let mut by_class: Vec<Vec<usize>> = vec![Vec::new(); num_classes];
     for (i, &l) in labels.iter().enumerate() {
@@ -145,7 +154,10 @@ fn dirichlet(
             } else {
                 // Every draw underflowed (tiny alpha): the class goes to one client.
                 let pick = (rng.next_u64() % clients as u64) as usize;
-                weights.iter_mut().enumerate().for_each(|(i, w)| *w = f64::from(u8::from(i == pick)));
+                weights
+                    .iter_mut()
+                    .enumerate()
+                    .for_each(|(i, w)| *w = f64::from(u8::from(i == pick)));
             }
             let mut start = 0;
             let mut acc = 0.0;
@@ -170,7 +182,6 @@ fn dirichlet(
     )))
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,7 +193,11 @@ mod tests {
     fn check_disjoint_cover(parts: &[Vec<usize>], n: usize) {
         let mut all: Vec<usize> = parts.iter().flatten().copied().collect();
         all.sort_unstable();
-        assert_eq!(all, (0..n).collect::<Vec<_>>(), "every example exactly once");
+        assert_eq!(
+            all,
+            (0..n).collect::<Vec<_>>(),
+            "every example exactly once"
+        );
     }
 
     #[test]
@@ -190,7 +205,14 @@ mod tests {
         for s in ["iid", "dirichlet:0.1", "shards:2"] {
             assert_eq!(s.parse::<Partition>().unwrap().to_string(), s);
         }
-        for s in ["", "dirichlet:0", "dirichlet:-1", "shards:0", "random", "dirichlet:x"] {
+        for s in [
+            "",
+            "dirichlet:0",
+            "dirichlet:-1",
+            "shards:0",
+            "random",
+            "dirichlet:x",
+        ] {
             assert!(s.parse::<Partition>().is_err(), "{s}");
         }
     }
@@ -211,7 +233,9 @@ mod tests {
     #[test]
     fn shards_give_few_labels_per_client() {
         let l = labels(6000, 10);
-        let parts = Partition::Shards { per_client: 2 }.split(&l, 10, 100, 3).unwrap();
+        let parts = Partition::Shards { per_client: 2 }
+            .split(&l, 10, 100, 3)
+            .unwrap();
         check_disjoint_cover(&parts, l.len());
         for p in &parts {
             assert_eq!(p.len(), 60);
@@ -249,14 +273,24 @@ mod tests {
     fn deterministic_in_seed() {
         let l = labels(1000, 10);
         let p = Partition::Dirichlet { alpha: 0.5 };
-        assert_eq!(p.split(&l, 10, 10, 9).unwrap(), p.split(&l, 10, 10, 9).unwrap());
-        assert_ne!(p.split(&l, 10, 10, 9).unwrap(), p.split(&l, 10, 10, 10).unwrap());
+        assert_eq!(
+            p.split(&l, 10, 10, 9).unwrap(),
+            p.split(&l, 10, 10, 9).unwrap()
+        );
+        assert_ne!(
+            p.split(&l, 10, 10, 9).unwrap(),
+            p.split(&l, 10, 10, 10).unwrap()
+        );
     }
 
     #[test]
     fn refuses_impossible_splits() {
         assert!(Partition::Iid.split(&labels(5, 2), 2, 6, 0).is_err());
         assert!(Partition::Iid.split(&labels(5, 2), 2, 0, 0).is_err());
-        assert!(Partition::Shards { per_client: 3 }.split(&labels(5, 2), 2, 2, 0).is_err());
+        assert!(
+            Partition::Shards { per_client: 3 }
+                .split(&labels(5, 2), 2, 2, 0)
+                .is_err()
+        );
     }
 }

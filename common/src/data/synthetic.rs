@@ -45,7 +45,9 @@ impl SyntheticConfig {
     /// Generates train and test splits; the same seed gives the same data.
     pub fn generate(&self, seed: u64) -> Split {
         let mut rng = ChaCha20Rng::seed_from_u64(seed);
-        let patterns: Vec<Vec<f32>> = (0..self.num_classes).map(|_| self.pattern(&mut rng)).collect();
+        let patterns: Vec<Vec<f32>> = (0..self.num_classes)
+            .map(|_| self.pattern(&mut rng))
+            .collect();
         let train = self.sample(&patterns, self.train_examples, &mut rng);
         let test = self.sample(&patterns, self.test_examples, &mut rng);
         Split {
@@ -60,7 +62,11 @@ impl SyntheticConfig {
         for _ in 0..3 {
             let horizontal = rng.random_bool(0.5);
             let (len, thick) = (rng.random_range(h / 3..=2 * h / 3), rng.random_range(2..=3));
-            let (rows, cols) = if horizontal { (thick, len) } else { (len, thick) };
+            let (rows, cols) = if horizontal {
+                (thick, len)
+            } else {
+                (len, thick)
+            };
             let r0 = rng.random_range(3..h - rows - 3);
             let c0 = rng.random_range(3..w - cols - 3);
             for r in r0..r0 + rows {
@@ -144,7 +150,9 @@ mod tests {
                 let x = s.test.example(i);
                 let best = (0..10)
                     .min_by(|&a, &b| {
-                        let dist = |m: &Vec<f32>| m.iter().zip(x).map(|(p, q)| (p - q) * (p - q)).sum::<f32>();
+                        let dist = |m: &Vec<f32>| {
+                            m.iter().zip(x).map(|(p, q)| (p - q) * (p - q)).sum::<f32>()
+                        };
                         dist(&means[a]).total_cmp(&dist(&means[b]))
                     })
                     .unwrap();

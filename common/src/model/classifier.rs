@@ -97,7 +97,12 @@ impl<M: Classifier> BurnClassifier<M> {
         &self.model
     }
 
-    fn batch(&self, data: &Dataset, indices: &[usize], device: &Device) -> (Inputs, Tensor<1, Int>) {
+    fn batch(
+        &self,
+        data: &Dataset,
+        indices: &[usize],
+        device: &Device,
+    ) -> (Inputs, Tensor<1, Int>) {
         let d = data.example_len();
         let mut features = Vec::with_capacity(indices.len() * d);
         for &i in indices {
@@ -138,7 +143,9 @@ impl<M: Classifier> FlModel for BurnClassifier<M> {
 
     fn train(&mut self, shard: &Shard, plan: &TrainPlan) -> Result<TrainStats, ModelError> {
         if plan.batch_size == 0 {
-            return Err(ModelError::InvalidPlan("batch size must be at least 1".into()));
+            return Err(ModelError::InvalidPlan(
+                "batch size must be at least 1".into(),
+            ));
         }
         if !(plan.learning_rate > 0.0 && plan.learning_rate.is_finite()) {
             return Err(ModelError::InvalidPlan(format!(

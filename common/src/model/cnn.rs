@@ -52,7 +52,9 @@ impl CnnConfig {
 
 impl Cnn {
     pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
-        let x = self.pool.forward(self.relu.forward(self.conv1.forward(images)));
+        let x = self
+            .pool
+            .forward(self.relu.forward(self.conv1.forward(images)));
         let x = self.pool.forward(self.relu.forward(self.conv2.forward(x)));
         let x = self.relu.forward(self.conv3.forward(x));
         let x = x.flatten::<2>(1, 3);

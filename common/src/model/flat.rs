@@ -32,7 +32,10 @@ impl ParamLayout {
     }
 
     pub fn param_count(&self) -> usize {
-        self.entries.iter().map(|e| e.shape.iter().product::<usize>()).sum()
+        self.entries
+            .iter()
+            .map(|e| e.shape.iter().product::<usize>())
+            .sum()
     }
 
     /// SHA-256 over `path:dims;` for every entry, in order.

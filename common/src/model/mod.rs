@@ -48,14 +48,26 @@ pub struct DataShape {
 }
 
 /// Builds the model registered under `name` for data of `shape`.
-pub fn build(name: &str, shape: &DataShape, device: &Device) -> Result<Box<dyn FlModel>, ModelError> {
+pub fn build(
+    name: &str,
+    shape: &DataShape,
+    device: &Device,
+) -> Result<Box<dyn FlModel>, ModelError> {
     match name {
         "cnn" => {
             let [c, h, w] = shape.example_shape[..] else {
-                return Err(incompatible(name, shape, "expected [channels, height, width]"));
+                return Err(incompatible(
+                    name,
+                    shape,
+                    "expected [channels, height, width]",
+                ));
             };
             if h != w || h < 22 {
-                return Err(incompatible(name, shape, "expected square images of side >= 22"));
+                return Err(incompatible(
+                    name,
+                    shape,
+                    "expected square images of side >= 22",
+                ));
             }
             let cfg = cnn::CnnConfig::new()
                 .with_in_channels(c)

@@ -154,5 +154,11 @@ fn device_specs_parse() {
     assert!("gpu".parse::<DeviceSpec>().is_err());
     assert!("cuda:x".parse::<DeviceSpec>().is_err());
     #[cfg(not(feature = "cuda"))]
-    assert!(DeviceSpec::Cuda(0).device().unwrap_err().to_string().contains("--features cuda"));
+    assert!(
+        DeviceSpec::Cuda(0)
+            .device()
+            .unwrap_err()
+            .to_string()
+            .contains("--features cuda")
+    );
 }

@@ -26,7 +26,10 @@ pub enum ClientEvent {
     /// The server refused something we sent (the session may go on).
     ServerError { code: ReasonCode, detail: String },
     /// The run is over.
-    Finished { rounds_completed: u64, reason: String },
+    Finished {
+        rounds_completed: u64,
+        reason: String,
+    },
 }
 
 /// A protocol violation by the server; the driver should disconnect.
@@ -38,7 +41,10 @@ pub enum SessionError {
     Version(u16),
     #[error("server trains model '{}' ({} parameters), this client has '{}' ({} parameters)",
         .server.name, .server.param_count, .local.name, .local.param_count)]
-    ModelMismatch { server: ModelSpec, local: ModelSpec },
+    ModelMismatch {
+        server: Box<ModelSpec>,
+        local: Box<ModelSpec>,
+    },
     #[error("server sent a {0} message out of turn")]
     Unexpected(&'static str),
     #[error("server sent round {got} after round {last} (replayed or out of order)")]
@@ -130,8 +136,8 @@ impl ClientSession {
                 }
                 if welcome.model != self.spec {
                     return Err(SessionError::ModelMismatch {
-                        server: welcome.model,
-                        local: self.spec.clone(),
+                        server: Box::new(welcome.model),
+                        local: Box::new(self.spec.clone()),
                     });
                 }
                 self.client_id = Some(welcome.client_id);

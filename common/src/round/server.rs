@@ -81,7 +81,9 @@ impl CoordinatorConfig {
         }
         let r = &self.round;
         if r.local_epochs == 0 || r.batch_size == 0 {
-            return Err(ConfigError("local epochs and batch size must be at least 1".into()));
+            return Err(ConfigError(
+                "local epochs and batch size must be at least 1".into(),
+            ));
         }
         if !(r.learning_rate > 0.0 && r.learning_rate.is_finite()) {
             return Err(ConfigError(format!(
@@ -276,7 +278,10 @@ impl Coordinator {
 
     /// Admitted clients.
     pub fn admitted(&self) -> usize {
-        self.clients.values().filter(|c| c.node_name.is_some()).count()
+        self.clients
+            .values()
+            .filter(|c| c.node_name.is_some())
+            .count()
     }
 
     pub fn is_finished(&self) -> bool {
@@ -401,7 +406,10 @@ impl Coordinator {
                 ReasonCode::ModelMismatch,
                 format!(
                     "client model '{}' ({} parameters) differs from the server's '{}' ({} parameters)",
-                    hello.model.name, hello.model.param_count, self.spec.name, self.spec.param_count
+                    hello.model.name,
+                    hello.model.param_count,
+                    self.spec.name,
+                    self.spec.param_count
                 ),
             ))
         } else if self.admitted() >= self.cfg.max_clients {
@@ -440,11 +448,17 @@ impl Coordinator {
     fn on_update(&mut self, id: ClientId, update: Update, now: Instant) {
         let max_examples = self.cfg.max_examples_per_update;
         let Phase::Collecting(r) = &mut self.phase else {
-            let detail = format!("update for round {} arrived when no round is open", update.round);
+            let detail = format!(
+                "update for round {} arrived when no round is open",
+                update.round
+            );
             return self.refuse(id, ReasonCode::StaleRound, detail, false);
         };
         if update.round != r.round {
-            let detail = format!("update for round {}, current round is {}", update.round, r.round);
+            let detail = format!(
+                "update for round {}, current round is {}",
+                update.round, r.round
+            );
             return self.refuse(id, ReasonCode::StaleRound, detail, false);
         }
         if !r.cohort.contains(&id) {
@@ -452,13 +466,19 @@ impl Coordinator {
             return self.refuse(id, ReasonCode::NotInCohort, detail, false);
         }
         if !r.pending.contains(&id) {
-            let detail = format!("round {} already has this client's update or it was dropped", r.round);
+            let detail = format!(
+                "round {} already has this client's update or it was dropped",
+                r.round
+            );
             return self.refuse(id, ReasonCode::DuplicateUpdate, detail, false);
         }
         let checked = if update.num_examples == 0 || update.num_examples > max_examples {
             Err((
                 ReasonCode::BadWeight,
-                format!("num_examples {} outside 1..={max_examples}", update.num_examples),
+                format!(
+                    "num_examples {} outside 1..={max_examples}",
+                    update.num_examples
+                ),
             ))
         } else {
             r.sum
@@ -469,7 +489,11 @@ impl Coordinator {
         match checked {
             Ok(()) => {
                 r.contributors.push(id);
-                let loss = if update.train_loss.is_finite() { update.train_loss } else { 0.0 };
+                let loss = if update.train_loss.is_finite() {
+                    update.train_loss
+                } else {
+                    0.0
+                };
                 r.loss_sum += f64::from(loss) * update.num_examples as f64;
                 self.events.push_back(Event::UpdateAccepted {
                     round: r.round,
@@ -500,7 +524,11 @@ impl Coordinator {
             r.eval.1 += f64::from(eval.accuracy) * n;
             r.eval.2 += eval.num_examples;
         } else {
-            tracing::debug!(client = id, round = eval.round, "ignoring evaluation report");
+            tracing::debug!(
+                client = id,
+                round = eval.round,
+                "ignoring evaluation report"
+            );
         }
     }
 
@@ -585,7 +613,11 @@ impl Coordinator {
                 reason: format!(
                     "no valid update from a cohort of {}{}",
                     r.cohort.len(),
-                    if timed_out { " before the round timeout" } else { "" }
+                    if timed_out {
+                        " before the round timeout"
+                    } else {
+                        ""
+                    }
                 ),
             });
             self.next_round = r.round + 1;

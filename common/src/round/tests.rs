@@ -173,7 +173,10 @@ fn fedavg_is_the_example_weighted_mean() {
     h.server.start_next_round(h.now);
     h.pump();
     let reqs = h.train_requests();
-    assert!(reqs.iter().all(|(_, r, m)| *r == 2 && m == &vec![expected as f32; D]));
+    assert!(
+        reqs.iter()
+            .all(|(_, r, m)| *r == 2 && m == &vec![expected as f32; D])
+    );
     for (id, _, _) in reqs {
         h.submit(id, 2, vec![1.0; D], 1);
     }
@@ -181,7 +184,9 @@ fn fedavg_is_the_example_weighted_mean() {
     h.server.start_next_round(h.now);
     h.pump();
     assert!(h.server.is_finished());
-    assert!(h.events.contains(&Event::Finished { rounds_completed: 2 }));
+    assert!(h.events.contains(&Event::Finished {
+        rounds_completed: 2
+    }));
     assert!(h.clients.values().all(|c| c.is_finished()));
 }
 
@@ -201,7 +206,11 @@ fn bad_updates_are_refused_and_the_round_completes_with_the_rest() {
     h.submit(ids[0], 1, vec![1.0; D - 1], 5); // wrong length
     h.submit(ids[1], 1, vec![f32::NAN, 0.0, 0.0, 0.0], 5); // NaN
     h.submit(ids[2], 1, vec![f32::INFINITY; D], 5); // Inf
-    assert_eq!(h.server.current_round(), Some(1), "still waiting for the good one");
+    assert_eq!(
+        h.server.current_round(),
+        Some(1),
+        "still waiting for the good one"
+    );
     h.submit(ids[3], 1, vec![2.0; D], 5);
     assert_eq!(
         h.errors_to,
@@ -215,7 +224,10 @@ fn bad_updates_are_refused_and_the_round_completes_with_the_rest() {
     assert_eq!(s.contributors, vec![ids[3]]);
     assert_eq!(s.dropped, ids[..3].to_vec());
     assert_eq!(h.server.global_model(), &[2.0; D]);
-    assert!(h.closed.is_empty(), "a bad update drops the client from the round, not the connection");
+    assert!(
+        h.closed.is_empty(),
+        "a bad update drops the client from the round, not the connection"
+    );
 }
 
 #[test]
@@ -240,9 +252,22 @@ fn zero_or_huge_weights_are_refused() {
             delta: vec![1.0; D],
         }),
     );
-    assert_eq!(h.errors_to, vec![(ids[0], ReasonCode::BadWeight), (ids[1], ReasonCode::BadWeight)]);
-    assert!(matches!(h.events.last(), Some(Event::RoundFailed { round: 1, .. })));
-    assert_eq!(h.server.global_model(), &[0.0; D], "a failed round leaves the model unchanged");
+    assert_eq!(
+        h.errors_to,
+        vec![
+            (ids[0], ReasonCode::BadWeight),
+            (ids[1], ReasonCode::BadWeight)
+        ]
+    );
+    assert!(matches!(
+        h.events.last(),
+        Some(Event::RoundFailed { round: 1, .. })
+    ));
+    assert_eq!(
+        h.server.global_model(),
+        &[0.0; D],
+        "a failed round leaves the model unchanged"
+    );
 }
 
 #[test]
@@ -303,7 +328,10 @@ fn a_client_that_leaves_mid_round_is_dropped() {
     h.server.disconnect(ids[1], h.now);
     h.pump();
     let s = h.completed()[0];
-    assert_eq!((s.contributors.clone(), s.dropped.clone()), (vec![ids[0]], vec![ids[1]]));
+    assert_eq!(
+        (s.contributors.clone(), s.dropped.clone()),
+        (vec![ids[0]], vec![ids[1]])
+    );
 }
 
 #[test]
@@ -330,7 +358,10 @@ fn hello_is_checked_and_required_first() {
     );
     assert_eq!(
         h.errors_to,
-        vec![(id, ReasonCode::ModelMismatch), (id2, ReasonCode::UnexpectedMessage)]
+        vec![
+            (id, ReasonCode::ModelMismatch),
+            (id2, ReasonCode::UnexpectedMessage)
+        ]
     );
     assert_eq!(h.closed, vec![id, id2]);
     assert_eq!(h.server.admitted(), 0);
@@ -344,7 +375,11 @@ fn server_full_is_refused() {
     let mut h = Harness::new(c, 0);
     h.join("a");
     h.join("b");
-    assert!(h.errors_to.iter().any(|&(_, code)| code == ReasonCode::ServerFull));
+    assert!(
+        h.errors_to
+            .iter()
+            .any(|&(_, code)| code == ReasonCode::ServerFull)
+    );
 }
 
 #[test]
@@ -360,7 +395,10 @@ fn cohort_sampling_is_a_seeded_fraction() {
     let a = run(1);
     assert_eq!(a.len(), 3);
     assert_eq!(a, run(1));
-    assert!((2..20).any(|s| run(s) != a), "different seeds sample differently");
+    assert!(
+        (2..20).any(|s| run(s) != a),
+        "different seeds sample differently"
+    );
     assert_eq!(cfg(1, 1, 0.1).cohort_size(100), 10);
     assert_eq!(cfg(1, 1, 0.1).cohort_size(3), 1);
 }
@@ -368,10 +406,22 @@ fn cohort_sampling_is_a_seeded_fraction() {
 #[test]
 fn invalid_configs_are_refused() {
     let bad = [
-        CoordinatorConfig { min_clients: 0, ..cfg(1, 1, 1.0) },
-        CoordinatorConfig { fraction: 0.0, ..cfg(1, 1, 1.0) },
-        CoordinatorConfig { fraction: 1.5, ..cfg(1, 1, 1.0) },
-        CoordinatorConfig { round_timeout: Duration::ZERO, ..cfg(1, 1, 1.0) },
+        CoordinatorConfig {
+            min_clients: 0,
+            ..cfg(1, 1, 1.0)
+        },
+        CoordinatorConfig {
+            fraction: 0.0,
+            ..cfg(1, 1, 1.0)
+        },
+        CoordinatorConfig {
+            fraction: 1.5,
+            ..cfg(1, 1, 1.0)
+        },
+        CoordinatorConfig {
+            round_timeout: Duration::ZERO,
+            ..cfg(1, 1, 1.0)
+        },
     ];
     for c in bad {
         assert!(Coordinator::new(c, spec(), vec![0.0; D], 1).is_err());
@@ -390,7 +440,10 @@ fn client_refuses_replayed_rounds_and_wrong_models() {
             global_model: vec![0.0; len],
         })
     };
-    assert_eq!(c.handle_message(start(1, D)), Err(SessionError::Unexpected("round-start")));
+    assert_eq!(
+        c.handle_message(start(1, D)),
+        Err(SessionError::Unexpected("round-start"))
+    );
     c.handle_message(Message::Welcome(crate::wire::Welcome {
         version: crate::wire::PROTOCOL_VERSION,
         client_id: 3,
@@ -402,7 +455,10 @@ fn client_refuses_replayed_rounds_and_wrong_models() {
         c.handle_message(start(2, D)),
         Err(SessionError::StaleRound { got: 2, last: 2 })
     );
-    assert!(matches!(c.handle_message(start(3, D + 1)), Err(SessionError::WrongModelLength { .. })));
+    assert!(matches!(
+        c.handle_message(start(3, D + 1)),
+        Err(SessionError::WrongModelLength { .. })
+    ));
     // Round 3 supersedes round 2: a late result for round 2 is not sent.
     c.handle_message(start(3, D)).unwrap();
     let update = |round| Update {
@@ -422,6 +478,12 @@ fn client_reports_refusal_before_welcome() {
     let err = c
         .handle_message(Message::error(ReasonCode::ModelMismatch, "other model"))
         .unwrap_err();
-    assert!(matches!(err, SessionError::Refused { code: ReasonCode::ModelMismatch, .. }));
+    assert!(matches!(
+        err,
+        SessionError::Refused {
+            code: ReasonCode::ModelMismatch,
+            ..
+        }
+    ));
     assert!(c.is_finished());
 }

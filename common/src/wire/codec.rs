@@ -128,8 +128,8 @@ pub fn encode(msg: &Message) -> Result<EncodedFrame<'_>, CodecError> {
     let header = bincode::serde::encode_to_vec(msg, bincode_config())
         .map_err(|e| CodecError::Encode(e.to_string()))?;
     let payload = msg.payload().map(f32s_to_le_bytes).unwrap_or_default();
-    let header_len = u32::try_from(header.len())
-        .map_err(|_| CodecError::Encode("header over 4 GiB".into()))?;
+    let header_len =
+        u32::try_from(header.len()).map_err(|_| CodecError::Encode("header over 4 GiB".into()))?;
     let mut head = Vec::with_capacity(FRAME_PREFIX_LEN + header.len());
     head.extend_from_slice(&FRAME_MAGIC);
     head.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
@@ -153,7 +153,10 @@ enum DecodeState {
     /// Collecting the fixed-size prefix.
     Prefix,
     /// Collecting `header_len` header bytes; the payload length is known.
-    Header { header_len: usize, payload_len: usize },
+    Header {
+        header_len: usize,
+        payload_len: usize,
+    },
     /// Filling the payload of an already decoded header.
     Payload {
         message: Box<Message>,
@@ -284,10 +287,11 @@ impl FrameDecoder {
         if payload_len % 4 != 0 {
             return Err(CodecError::PayloadMisaligned(payload_len));
         }
-        let payload_len = usize::try_from(payload_len).map_err(|_| CodecError::PayloadTooLarge {
-            len: payload_len,
-            max: usize::MAX as u64,
-        })?;
+        let payload_len =
+            usize::try_from(payload_len).map_err(|_| CodecError::PayloadTooLarge {
+                len: payload_len,
+                max: usize::MAX as u64,
+            })?;
         Ok((header_len as usize, payload_len))
     }
 
@@ -356,9 +360,8 @@ fn fill(buf: &mut Vec<u8>, bytes: &[u8], want: usize) -> usize {
 }
 
 fn decode_header(bytes: &[u8]) -> Result<Message, CodecError> {
-    let (msg, used): (Message, usize) =
-        bincode::serde::decode_from_slice(bytes, bincode_config())
-            .map_err(|e| CodecError::MalformedHeader(e.to_string()))?;
+    let (msg, used): (Message, usize) = bincode::serde::decode_from_slice(bytes, bincode_config())
+        .map_err(|e| CodecError::MalformedHeader(e.to_string()))?;
     if used != bytes.len() {
         return Err(CodecError::TrailingHeaderBytes {
             trailing: bytes.len() - used,
@@ -375,7 +378,9 @@ pub fn decode_one(bytes: &[u8], limits: FrameLimits) -> Result<Message, CodecErr
     match msgs.len() {
         1 => Ok(msgs.pop().expect("one")),
         0 => Err(CodecError::Truncated { buffered: 0 }),
-        n => Err(CodecError::MalformedHeader(format!("{n} frames, expected one"))),
+        n => Err(CodecError::MalformedHeader(format!(
+            "{n} frames, expected one"
+        ))),
     }
 }
 
@@ -467,7 +472,10 @@ mod tests {
     #[test]
     fn decodes_any_split_of_a_stream() {
         let msgs = all_kinds();
-        let stream: Vec<u8> = msgs.iter().flat_map(|m| encode(m).unwrap().to_vec()).collect();
+        let stream: Vec<u8> = msgs
+            .iter()
+            .flat_map(|m| encode(m).unwrap().to_vec())
+            .collect();
         for chunk in [1, 2, 3, 7, 17, 64, stream.len()] {
             let mut dec = FrameDecoder::new(FrameLimits::default());
             let mut got = Vec::new();
@@ -493,13 +501,7 @@ mod tests {
         let mut dec = FrameDecoder::new(limits);
         // The prefix alone is enough to refuse.
         let err = dec.push(&bytes[..FRAME_PREFIX_LEN]).unwrap_err();
-        assert_eq!(
-            err,
-            CodecError::PayloadTooLarge {
-                len: 400,
-                max: 396
-            }
-        );
+        assert_eq!(err, CodecError::PayloadTooLarge { len: 400, max: 396 });
         assert_eq!(err.reason(), ReasonCode::FrameTooLarge);
         // Poisoned: later bytes are refused too.
         assert!(dec.push(&bytes[FRAME_PREFIX_LEN..]).is_err());
@@ -553,7 +555,13 @@ mod tests {
         let mut bytes = frame.to_vec();
         bytes.extend_from_slice(&[0; 4]);
         let err = decode_one(&bytes, FrameLimits::default()).unwrap_err();
-        assert!(matches!(err, CodecError::PayloadPresence { expected: false, .. }));
+        assert!(matches!(
+            err,
+            CodecError::PayloadPresence {
+                expected: false,
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -561,6 +569,10 @@ mod tests {
         // A varint config would vary; fixed-int keeps headers predictable.
         let msg = update(0);
         let frame = encode(&msg).unwrap();
-        assert!(frame.head.len() < FRAME_PREFIX_LEN + 64, "{}", frame.head.len());
+        assert!(
+            frame.head.len() < FRAME_PREFIX_LEN + 64,
+            "{}",
+            frame.head.len()
+        );
     }
 }

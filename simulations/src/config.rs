@@ -1,0 +1,121 @@
+//! A simulation's configuration: defaults, then a TOML file, then flags.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Everything a simulation run needs. TOML keys are the field names;
+/// flags use the same names with dashes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SimConfig {
+    /// mnist, fashion-mnist or synthetic.
+    pub dataset: String,
+    /// Data directory (default: $FEDVEIL_DATA, then the user cache).
+    pub data_dir: Option<PathBuf>,
+    /// iid, dirichlet:ALPHA or shards:K.
+    pub partition: String,
+    pub model: String,
+    /// cpu, cuda or cuda:N.
+    pub device: String,
+    /// Simulated clients (each a real QUIC connection).
+    pub clients: usize,
+    /// Fraction C of clients sampled each round.
+    pub fraction: f64,
+    pub rounds: u64,
+    pub local_epochs: u32,
+    pub batch_size: u32,
+    pub lr: f32,
+    pub seed: u64,
+    /// Use only the first N training examples (quick runs); 0 = all.
+    pub train_limit: usize,
+    /// Seconds before a round completes without its stragglers.
+    pub round_timeout: f64,
+    /// Local trainings running at once (default: number of cores).
+    pub max_concurrent_training: Option<usize>,
+    /// Results directory (default: results/sim-UNIXTIME).
+    pub out: Option<PathBuf>,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self {
+            dataset: "mnist".into(),
+            data_dir: None,
+            partition: "iid".into(),
+            model: "cnn".into(),
+            device: "cpu".into(),
+            clients: 10,
+            fraction: 0.5,
+            rounds: 5,
+            local_epochs: 1,
+            batch_size: 20,
+            lr: 0.05,
+            seed: 0,
+            train_limit: 10_000,
+            round_timeout: 600.0,
+            max_concurrent_training: None,
+            out: None,
+        }
+    }
+}
+
+impl SimConfig {
+    /// Reads a TOML file; missing keys keep their defaults. Also says
+    /// whether the file names a dataset (an explicit choice never falls back).
+    pub fn from_toml_file(path: &Path) -> anyhow::Result<(Self, bool)> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
+        let config: Self =
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
+        let names_dataset = text
+            .parse::<toml::Table>()
+            .is_ok_and(|t| t.contains_key("dataset"));
+        Ok((config, names_dataset))
+    }
+
+    pub fn round_timeout(&self) -> anyhow::Result<Duration> {
+        Duration::try_from_secs_f64(self.round_timeout)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "round_timeout {} must be a positive number of seconds",
+                    self.round_timeout
+                )
+            })
+    }
+
+    pub fn concurrency(&self) -> usize {
+        self.max_concurrent_training
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .max(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partial_toml_keeps_defaults_and_unknown_keys_fail() {
+        let c: SimConfig = toml::from_str("clients = 3\npartition = \"dirichlet:0.5\"").unwrap();
+        assert_eq!(c.clients, 3);
+        assert_eq!(c.partition, "dirichlet:0.5");
+        assert_eq!(c.rounds, SimConfig::default().rounds);
+        assert!(toml::from_str::<SimConfig>("clinets = 3").is_err());
+    }
+
+    #[test]
+    fn round_trips_through_toml() {
+        let c = SimConfig {
+            out: Some("x".into()),
+            ..SimConfig::default()
+        };
+        assert_eq!(
+            toml::from_str::<SimConfig>(&toml::to_string(&c).unwrap()).unwrap(),
+            c
+        );
+    }
+}

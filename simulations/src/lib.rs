@@ -1,0 +1,180 @@
+//! fedveil-sim: a real server and many real clients in one process, talking
+//! QUIC + TLS 1.3 over loopback. Nothing is mocked: every client has its own
+//! connection, its own shard and its own training run; only the machine is
+//! shared.
+
+pub mod config;
+pub mod progress;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use fedveil_client::trainer::mix_seed;
+use fedveil_client::{ClientOptions, ClientReport, LocalTrainer, Trainer};
+use fedveil_common::data::{self, DatasetName, Download, Partition, Shard, Split};
+use fedveil_common::model::{DataShape, DeviceSpec};
+use fedveil_common::net::{self, ServerIdentity};
+use fedveil_common::round::server::DEFAULT_MAX_EXAMPLES_PER_UPDATE;
+use fedveil_common::round::{Coordinator, CoordinatorConfig};
+use fedveil_common::wire::{FrameLimits, RoundConfig};
+use fedveil_server::setup::{ModelEvaluator, initial_model};
+use fedveil_server::{Observer, RunReport};
+use tokio::sync::Semaphore;
+
+pub use config::SimConfig;
+
+/// What a simulation produced.
+#[derive(Debug)]
+pub struct SimReport {
+    pub server: RunReport,
+    pub clients: Vec<Result<ClientReport, String>>,
+    pub wall: Duration,
+}
+
+/// Where the data came from, for the run summary.
+#[derive(Debug, Clone)]
+pub struct LoadedData {
+    pub split: Split,
+    pub dataset: String,
+    /// Set when the default dataset was unavailable and synthetic data is used.
+    pub fallback_note: Option<String>,
+}
+
+/// Loads the configured dataset. When the user did not choose one
+/// (`explicit == false`) and MNIST cannot be found or fetched, says why and
+/// falls back to synthetic data; an explicit choice never falls back.
+pub fn load_data(cfg: &SimConfig, explicit: bool) -> Result<LoadedData> {
+    let name = DatasetName::parse(&cfg.dataset)?;
+    let dir = data::resolve_data_dir(cfg.data_dir.as_deref());
+    let loaded = data::load(name, &dir, Download::IfMissing, cfg.seed);
+    let (split, dataset, fallback_note) = match loaded {
+        Ok(split) => (split, cfg.dataset.clone(), None),
+        Err(err) if !explicit => {
+            let note = format!("{err}\nusing the synthetic dataset instead");
+            let split = data::load(DatasetName::Synthetic, &dir, Download::Never, cfg.seed)?;
+            (split, "synthetic".to_owned(), Some(note))
+        }
+        Err(err) => return Err(err.into()),
+    };
+    let split = if cfg.train_limit > 0 && cfg.train_limit < split.train.len() {
+        Split {
+            train: Arc::new((*split.train).clone().truncated(cfg.train_limit)),
+            test: split.test,
+        }
+    } else {
+        split
+    };
+    Ok(LoadedData {
+        split,
+        dataset,
+        fallback_note,
+    })
+}
+
+/// Runs one simulation on `split`.
+pub async fn run(cfg: &SimConfig, split: &Split, observer: &mut dyn Observer) -> Result<SimReport> {
+    let started = Instant::now();
+    if cfg.clients == 0 {
+        bail!("clients must be at least 1");
+    }
+    let partition: Partition = cfg.partition.parse()?;
+    let device = cfg.device.parse::<DeviceSpec>()?.device()?;
+    let shards = partition
+        .split(
+            &split.train.labels,
+            split.train.num_classes,
+            cfg.clients,
+            cfg.seed,
+        )
+        .context("partitioning the training set")?;
+    let shape = DataShape {
+        example_shape: split.train.example_shape.clone(),
+        num_classes: split.train.num_classes,
+    };
+    let (spec, initial) = initial_model(&cfg.model, &shape, &device, cfg.seed)?;
+    let coordinator = Coordinator::new(
+        CoordinatorConfig {
+            rounds: cfg.rounds,
+            min_clients: cfg.clients,
+            fraction: cfg.fraction,
+            round_timeout: cfg.round_timeout()?,
+            max_clients: cfg.clients,
+            max_examples_per_update: DEFAULT_MAX_EXAMPLES_PER_UPDATE,
+            seed: cfg.seed,
+            round: RoundConfig {
+                local_epochs: cfg.local_epochs,
+                batch_size: cfg.batch_size,
+                learning_rate: cfg.lr,
+                seed: cfg.seed,
+            },
+        },
+        spec.clone(),
+        initial,
+        1,
+    )?;
+    let evaluator = ModelEvaluator::new(&cfg.model, Arc::clone(&split.test), &device)?;
+
+    let identity = ServerIdentity::generate(&["localhost".to_owned()])?;
+    let server = quinn::Endpoint::server(net::server_config(&identity)?, "127.0.0.1:0".parse()?)?;
+    let server_addr = server.local_addr()?;
+    // One client endpoint (one UDP socket) carries every simulated client.
+    let mut client_endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    client_endpoint.set_default_client_config(net::client_config(&identity.ca_cert_pem)?);
+
+    let slots = Arc::new(Semaphore::new(cfg.concurrency()));
+    let mut clients = tokio::task::JoinSet::new();
+    for (i, indices) in shards.into_iter().enumerate() {
+        let shard = Shard {
+            data: Arc::clone(&split.train),
+            indices,
+        };
+        let trainer: Arc<dyn LocalTrainer> = Arc::new(Trainer::new(
+            &cfg.model,
+            shard,
+            device.clone(),
+            mix_seed(&[cfg.seed, i as u64]),
+        )?);
+        let opts = ClientOptions {
+            server: server_addr,
+            server_name: "localhost".into(),
+            node_name: format!("client-{i:05}"),
+            training_slots: Some(Arc::clone(&slots)),
+        };
+        let endpoint = client_endpoint.clone();
+        clients.spawn(async move {
+            fedveil_client::run(&endpoint, &opts, trainer)
+                .await
+                .map_err(|e| format!("{}: {e}", opts.node_name))
+        });
+    }
+    let limits = FrameLimits::for_model(spec.param_count);
+    let server_report = fedveil_server::serve(
+        server,
+        coordinator,
+        evaluator,
+        limits,
+        observer,
+        std::future::pending(),
+    )
+    .await;
+    let mut client_reports = Vec::new();
+    while let Some(joined) = clients.join_next().await {
+        client_reports.push(joined.unwrap_or_else(|e| Err(format!("client task failed: {e}"))));
+    }
+    client_endpoint.close(net::CLOSE_OK.into(), b"done");
+    Ok(SimReport {
+        server: server_report,
+        clients: client_reports,
+        wall: started.elapsed(),
+    })
+}
+
+/// Quiet observer that only logs at debug level (tests, `--quiet`).
+pub struct QuietObserver;
+
+impl Observer for QuietObserver {
+    fn on_event(&mut self, event: &fedveil_common::round::Event) {
+        tracing::debug!(?event, "event");
+    }
+}

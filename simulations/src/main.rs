@@ -1,0 +1,202 @@
+//! `fedveil-sim`: run a federated simulation over loopback QUIC.
+//!
+//! With no arguments it runs a small default simulation: MNIST if its files
+//! are found (or can be downloaded), otherwise the synthetic dataset, saying
+//! so plainly.
+
+use std::path::PathBuf;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use fedveil_server::setup::MetricsFiles;
+use fedveil_sim::SimConfig;
+use fedveil_sim::progress::{ProgressObserver, human_bytes};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "fedveil-sim",
+    version,
+    about = "Run a federated learning simulation over loopback QUIC"
+)]
+struct Cli {
+    /// TOML file with any of the settings below (flags override it).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// mnist, fashion-mnist or synthetic [default: mnist, falling back to synthetic if unavailable].
+    #[arg(long)]
+    dataset: Option<String>,
+    /// Data directory [default: $FEDVEIL_DATA, then the user cache].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// iid, dirichlet:ALPHA or shards:K [default: iid].
+    #[arg(long)]
+    partition: Option<String>,
+    /// Model name [default: cnn].
+    #[arg(long)]
+    model: Option<String>,
+    /// cpu, cuda or cuda:N [default: cpu].
+    #[arg(long)]
+    device: Option<String>,
+    /// Number of simulated clients [default: 10].
+    #[arg(long)]
+    clients: Option<usize>,
+    /// Fraction C of clients sampled per round [default: 0.5].
+    #[arg(long)]
+    fraction: Option<f64>,
+    /// Rounds [default: 5].
+    #[arg(long)]
+    rounds: Option<u64>,
+    /// Local epochs E [default: 1].
+    #[arg(long)]
+    local_epochs: Option<u32>,
+    /// Local batch size B [default: 20].
+    #[arg(long)]
+    batch_size: Option<u32>,
+    /// Client learning rate [default: 0.05].
+    #[arg(long)]
+    lr: Option<f32>,
+    /// Seed for data split, initial model, sampling and shuffling [default: 0].
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Use only the first N training examples; 0 = all [default: 10000].
+    #[arg(long)]
+    train_limit: Option<usize>,
+    /// Seconds before a round completes without stragglers [default: 600].
+    #[arg(long)]
+    round_timeout: Option<f64>,
+    /// Local trainings at once [default: number of cores].
+    #[arg(long)]
+    max_concurrent_training: Option<usize>,
+    /// Results directory [default: results/sim-UNIXTIME].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// No progress bars (for CI and logs).
+    #[arg(long, short)]
+    quiet: bool,
+    /// Log filter (error, warn, info, debug, trace, or a tracing directive).
+    #[arg(long, default_value = "warn", env = "FEDVEIL_LOG")]
+    log: String,
+}
+
+impl Cli {
+    /// Defaults, then the config file, then flags.
+    fn resolve(&self) -> Result<(SimConfig, bool)> {
+        let (mut c, file_names_dataset) = match &self.config {
+            Some(path) => SimConfig::from_toml_file(path)?,
+            None => (SimConfig::default(), false),
+        };
+        let explicit_dataset = self.dataset.is_some() || file_names_dataset;
+        macro_rules! take {
+            ($($field:ident),*) => { $( if let Some(v) = &self.$field { c.$field = v.clone(); } )* };
+        }
+        take!(
+            dataset,
+            partition,
+            model,
+            device,
+            clients,
+            fraction,
+            rounds,
+            local_epochs,
+            batch_size,
+            lr,
+            seed,
+            train_limit,
+            round_timeout
+        );
+        if self.data_dir.is_some() {
+            c.data_dir = self.data_dir.clone();
+        }
+        if self.max_concurrent_training.is_some() {
+            c.max_concurrent_training = self.max_concurrent_training;
+        }
+        if self.out.is_some() {
+            c.out = self.out.clone();
+        }
+        Ok((c, explicit_dataset))
+    }
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).context("--log")?)
+        .with_writer(std::io::stderr)
+        .init();
+    let (mut cfg, explicit_dataset) = cli.resolve()?;
+    let loaded = fedveil_sim::load_data(&cfg, explicit_dataset)?;
+    if let Some(note) = &loaded.fallback_note {
+        eprintln!("note: {note}");
+    }
+    cfg.dataset = loaded.dataset.clone();
+    let out = cfg.out.clone().unwrap_or_else(|| {
+        let secs = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        PathBuf::from("results").join(format!("sim-{secs}"))
+    });
+    cfg.out = Some(out.clone());
+    let files =
+        MetricsFiles::create(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    std::fs::write(out.join("config.toml"), toml::to_string(&cfg)?)?;
+    eprintln!(
+        "fedveil-sim: {} clients on {} ({} train / {} test, {} split), {} rounds, C={}, E={}, B={}, lr={}, {} trainings at once",
+        cfg.clients,
+        cfg.dataset,
+        loaded.split.train.len(),
+        loaded.split.test.len(),
+        cfg.partition,
+        cfg.rounds,
+        cfg.fraction,
+        cfg.local_epochs,
+        cfg.batch_size,
+        cfg.lr,
+        cfg.concurrency()
+    );
+    let mut observer = ProgressObserver::new(cfg.rounds, files, cli.quiet);
+    let runtime = tokio::runtime::Runtime::new()?;
+    let report = runtime.block_on(fedveil_sim::run(&cfg, &loaded.split, &mut observer))?;
+    observer.finish();
+
+    let m = &report.server.metrics;
+    let failed_clients: Vec<&String> = report
+        .clients
+        .iter()
+        .filter_map(|r| r.as_ref().err())
+        .collect();
+    println!("\nsummary");
+    println!(
+        "  rounds completed   {} of {} ({} failed)",
+        report.server.rounds_completed, cfg.rounds, report.server.rounds_failed
+    );
+    if let (Some(last), Some(best)) = (
+        m.last(),
+        m.iter().max_by(|a, b| a.accuracy.total_cmp(&b.accuracy)),
+    ) {
+        println!(
+            "  final accuracy     {:.4} (loss {:.4})",
+            last.accuracy, last.loss
+        );
+        println!(
+            "  best accuracy      {:.4} (round {})",
+            best.accuracy, best.round
+        );
+    }
+    let (up, down): (u64, u64) = (
+        m.iter().map(|r| r.bytes_up).sum(),
+        m.iter().map(|r| r.bytes_down).sum(),
+    );
+    println!(
+        "  traffic            {} up, {} down",
+        human_bytes(up),
+        human_bytes(down)
+    );
+    println!("  wall time          {:.1}s", report.wall.as_secs_f64());
+    println!("  clients failed     {}", failed_clients.len());
+    for f in failed_clients.iter().take(5) {
+        println!("    {f}");
+    }
+    println!("  results            {}", out.display());
+    Ok(())
+}
