@@ -340,7 +340,11 @@ async fn bad_updates_are_rejected_and_the_round_completes_with_the_others() {
         .unwrap();
     assert_eq!(next_error(reader).await, ReasonCode::MalformedFrame);
     // ... and the server closes that connection.
-    assert!(tokio::time::timeout(Duration::from_secs(10), conn.closed()).await.is_ok());
+    assert!(
+        tokio::time::timeout(Duration::from_secs(10), conn.closed())
+            .await
+            .is_ok()
+    );
 
     let (report, rec) = server.run.await.unwrap();
     honest_task.await.unwrap().unwrap();
