@@ -68,6 +68,7 @@ pub async fn run(
         &opts.node_name,
         trainer.spec().clone(),
         trainer.num_examples() as u64,
+        ClientSession::os_rng(),
     );
     let mut report = ClientReport {
         client_id: None,

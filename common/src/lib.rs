@@ -9,4 +9,5 @@ pub mod model;
 #[cfg(feature = "net")]
 pub mod net;
 pub mod round;
+pub mod secagg;
 pub mod wire;

@@ -23,8 +23,11 @@ pub struct RoundMetrics {
     pub timed_out: bool,
     /// Examples behind the aggregate (sum of FedAvg weights).
     pub examples: u64,
-    /// Example-weighted mean of the clients' last-epoch training loss.
-    pub train_loss: f32,
+    /// Example-weighted mean of the clients' last-epoch training loss
+    /// (absent under secure aggregation, which hides per-client values).
+    pub train_loss: Option<f32>,
+    /// Whether the round was aggregated through SecAgg+.
+    pub secure: bool,
     /// Example-weighted accuracy of the incoming global model on the
     /// clients' own data (federated evaluation), when reported.
     pub client_accuracy: Option<f32>,
@@ -33,12 +36,12 @@ pub struct RoundMetrics {
 
 impl RoundMetrics {
     /// Column names of [`RoundMetrics::csv_row`].
-    pub const CSV_HEADER: &'static str = "round,accuracy,loss,bytes_up,bytes_down,round_secs,cohort,contributors,dropped,timed_out,examples,train_loss,client_accuracy,client_loss";
+    pub const CSV_HEADER: &'static str = "round,accuracy,loss,bytes_up,bytes_down,round_secs,cohort,contributors,dropped,timed_out,examples,train_loss,client_accuracy,client_loss,secure";
 
     pub fn csv_row(&self) -> String {
         let opt = |v: Option<f32>| v.map(|x| x.to_string()).unwrap_or_default();
         format!(
-            "{},{},{},{},{},{:.3},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{:.3},{},{},{},{},{},{},{},{},{}",
             self.round,
             self.accuracy,
             self.loss,
@@ -50,9 +53,10 @@ impl RoundMetrics {
             self.dropped,
             self.timed_out,
             self.examples,
-            self.train_loss,
+            opt(self.train_loss),
             opt(self.client_accuracy),
-            opt(self.client_loss)
+            opt(self.client_loss),
+            self.secure
         )
     }
 }
@@ -75,7 +79,8 @@ mod tests {
             dropped: 1,
             timed_out: false,
             examples: 100,
-            train_loss: 0.7,
+            train_loss: Some(0.7),
+            secure: false,
             client_accuracy: None,
             client_loss: Some(0.9),
         };

@@ -310,6 +310,7 @@ impl Driver {
             timed_out: s.timed_out,
             examples: s.total_examples,
             train_loss: s.train_loss,
+            secure: s.secure,
             client_accuracy: s.client_eval.map(|e| e.accuracy),
             client_loss: s.client_eval.map(|e| e.loss),
         }

@@ -10,7 +10,10 @@ use clap::{Args, Parser, Subcommand};
 use fedveil_common::data::{self, DatasetName, Download};
 use fedveil_common::model::{DataShape, DeviceSpec};
 use fedveil_common::net::{self, ServerIdentity};
-use fedveil_common::round::server::{DEFAULT_MAX_CLIENTS, DEFAULT_MAX_EXAMPLES_PER_UPDATE};
+use fedveil_common::round::server::SecAggConfig;
+use fedveil_common::round::server::{
+    DEFAULT_MAX_CLIENTS, DEFAULT_MAX_EXAMPLES_PER_UPDATE, DEFAULT_MAX_FAILED_ROUNDS,
+};
 use fedveil_common::round::{Coordinator, CoordinatorConfig};
 use fedveil_common::wire::{FrameLimits, RoundConfig};
 use fedveil_server::setup::{MetricsFiles, ModelEvaluator, ServerObserver, initial_model};
@@ -93,6 +96,54 @@ struct RunArgs {
     /// Write metrics.jsonl and metrics.csv here.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Stop the run after this many failed rounds.
+    #[arg(long, default_value_t = DEFAULT_MAX_FAILED_ROUNDS)]
+    max_failed_rounds: u64,
+    #[command(flatten)]
+    secagg: SecAggArgs,
+}
+
+/// Secure aggregation (SecAgg+): the server sees only the cohort's sum.
+#[derive(Args, Debug, Clone)]
+pub struct SecAggArgs {
+    /// Aggregate through SecAgg+.
+    #[arg(long)]
+    secagg: bool,
+    /// Neighbours per client [default: ~3 log2(cohort), the full cohort when small].
+    #[arg(long)]
+    secagg_degree: Option<u32>,
+    /// Shamir threshold t (> degree / 2) [default: from --secagg-expected-dropout].
+    #[arg(long)]
+    secagg_threshold: Option<u32>,
+    /// Masked values live in Z_(2^BITS).
+    #[arg(long, default_value_t = fedveil_common::secagg::DEFAULT_BITS)]
+    secagg_bits: u32,
+    /// Weighted update values are clipped to [-CLIP, CLIP] before encoding.
+    #[arg(long, default_value_t = fedveil_common::secagg::DEFAULT_CLIP)]
+    secagg_clip: f32,
+    /// Example counts are capped at this weight.
+    #[arg(long, default_value_t = fedveil_common::secagg::DEFAULT_MAX_WEIGHT)]
+    secagg_max_weight: u64,
+    /// Dropout rate the default threshold tolerates.
+    #[arg(long, default_value_t = fedveil_common::secagg::DEFAULT_EXPECTED_DROPOUT)]
+    secagg_expected_dropout: f64,
+    /// Seconds allowed for each key-exchange and unmask stage.
+    #[arg(long, default_value_t = 60)]
+    secagg_stage_timeout: u64,
+}
+
+impl SecAggArgs {
+    fn config(&self) -> Option<SecAggConfig> {
+        self.secagg.then(|| SecAggConfig {
+            degree: self.secagg_degree,
+            threshold: self.secagg_threshold,
+            bits: self.secagg_bits,
+            clip: self.secagg_clip,
+            max_weight: self.secagg_max_weight,
+            expected_dropout: self.secagg_expected_dropout,
+            stage_timeout: Duration::from_secs(self.secagg_stage_timeout),
+        })
+    }
 }
 
 fn main() -> Result<()> {
@@ -144,7 +195,10 @@ async fn run(args: RunArgs) -> Result<()> {
             batch_size: args.batch_size,
             learning_rate: args.lr,
             seed: args.seed,
+            secure_aggregation: args.secagg.secagg,
         },
+        secagg: args.secagg.config(),
+        max_failed_rounds: args.max_failed_rounds,
     };
     let limits = FrameLimits::for_model(spec.param_count);
     let coordinator = Coordinator::new(config, spec.clone(), initial, 1)?;

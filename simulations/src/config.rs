@@ -36,6 +36,16 @@ pub struct SimConfig {
     pub max_concurrent_training: Option<usize>,
     /// Results directory (default: results/sim-UNIXTIME).
     pub out: Option<PathBuf>,
+    /// Aggregate through SecAgg+ (the server sees only the sum).
+    pub secagg: bool,
+    /// SecAgg+ neighbours per client (default: derived from the cohort).
+    pub secagg_degree: Option<u32>,
+    /// SecAgg+ Shamir threshold (default: derived from the expected dropout).
+    pub secagg_threshold: Option<u32>,
+    /// SecAgg+ modulus bits.
+    pub secagg_bits: u32,
+    /// Clip range of weighted update values before fixed-point encoding.
+    pub secagg_clip: f32,
 }
 
 impl Default for SimConfig {
@@ -57,6 +67,11 @@ impl Default for SimConfig {
             round_timeout: 600.0,
             max_concurrent_training: None,
             out: None,
+            secagg: true,
+            secagg_degree: None,
+            secagg_threshold: None,
+            secagg_bits: fedveil_common::secagg::DEFAULT_BITS,
+            secagg_clip: fedveil_common::secagg::DEFAULT_CLIP,
         }
     }
 }

@@ -15,7 +15,8 @@ use fedveil_client::{ClientOptions, ClientReport, LocalTrainer, Trainer};
 use fedveil_common::data::{self, DatasetName, Download, Partition, Shard, Split};
 use fedveil_common::model::{DataShape, DeviceSpec};
 use fedveil_common::net::{self, ServerIdentity};
-use fedveil_common::round::server::DEFAULT_MAX_EXAMPLES_PER_UPDATE;
+use fedveil_common::round::server::SecAggConfig;
+use fedveil_common::round::server::{DEFAULT_MAX_EXAMPLES_PER_UPDATE, DEFAULT_MAX_FAILED_ROUNDS};
 use fedveil_common::round::{Coordinator, CoordinatorConfig};
 use fedveil_common::wire::{FrameLimits, RoundConfig};
 use fedveil_server::setup::{ModelEvaluator, initial_model};
@@ -93,6 +94,16 @@ pub async fn run(cfg: &SimConfig, split: &Split, observer: &mut dyn Observer) ->
         num_classes: split.train.num_classes,
     };
     let (spec, initial) = initial_model(&cfg.model, &shape, &device, cfg.seed)?;
+    let largest_shard = shards.iter().map(Vec::len).max().unwrap_or(1) as u64;
+    let secagg = cfg.secagg.then(|| SecAggConfig {
+        degree: cfg.secagg_degree,
+        threshold: cfg.secagg_threshold,
+        bits: cfg.secagg_bits,
+        clip: cfg.secagg_clip,
+        // Weights are example counts over the largest shard: full resolution.
+        max_weight: largest_shard.max(1),
+        ..SecAggConfig::default()
+    });
     let coordinator = Coordinator::new(
         CoordinatorConfig {
             rounds: cfg.rounds,
@@ -107,7 +118,10 @@ pub async fn run(cfg: &SimConfig, split: &Split, observer: &mut dyn Observer) ->
                 batch_size: cfg.batch_size,
                 learning_rate: cfg.lr,
                 seed: cfg.seed,
+                secure_aggregation: cfg.secagg,
             },
+            secagg,
+            max_failed_rounds: DEFAULT_MAX_FAILED_ROUNDS,
         },
         spec.clone(),
         initial,

@@ -71,6 +71,21 @@ struct Cli {
     /// Results directory [default: results/sim-UNIXTIME].
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Secure aggregation (SecAgg+) on or off [default: true].
+    #[arg(long)]
+    secagg: Option<bool>,
+    /// SecAgg+ neighbours per client [default: ~3 log2(cohort)].
+    #[arg(long)]
+    secagg_degree: Option<u32>,
+    /// SecAgg+ Shamir threshold, > degree/2 [default: tolerates 10% dropout].
+    #[arg(long)]
+    secagg_threshold: Option<u32>,
+    /// SecAgg+ modulus bits, 16..=32 [default: 32].
+    #[arg(long)]
+    secagg_bits: Option<u32>,
+    /// Clip range of weighted update values before encoding [default: 1.0].
+    #[arg(long)]
+    secagg_clip: Option<f32>,
     /// No progress bars (for CI and logs).
     #[arg(long, short)]
     quiet: bool,
@@ -141,7 +156,7 @@ fn main() -> Result<()> {
         MetricsFiles::create(&out).with_context(|| format!("cannot create {}", out.display()))?;
     std::fs::write(out.join("config.toml"), toml::to_string(&cfg)?)?;
     eprintln!(
-        "fedveil-sim: {} clients on {} ({} train / {} test, {} split), {} rounds, C={}, E={}, B={}, lr={}, {} trainings at once",
+        "fedveil-sim: {} clients on {} ({} train / {} test, {} split), {} rounds, C={}, E={}, B={}, lr={}, secure aggregation {}, {} trainings at once",
         cfg.clients,
         cfg.dataset,
         loaded.split.train.len(),
@@ -152,6 +167,7 @@ fn main() -> Result<()> {
         cfg.local_epochs,
         cfg.batch_size,
         cfg.lr,
+        if cfg.secagg { "on" } else { "off" },
         cfg.concurrency()
     );
     let mut observer = ProgressObserver::new(cfg.rounds, files, cli.quiet);

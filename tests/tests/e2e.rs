@@ -35,6 +35,7 @@ fn round_config() -> RoundConfig {
         batch_size: 20,
         learning_rate: 0.1,
         seed: 3,
+        secure_aggregation: false,
     }
 }
 
@@ -80,6 +81,8 @@ fn start_server(split: &Split, rounds: u64, min_clients: usize, timeout: Duratio
         max_examples_per_update: 100_000,
         seed: 1,
         round: round_config(),
+        secagg: None,
+        max_failed_rounds: 3,
     };
     let coordinator = Coordinator::new(config, spec.clone(), initial.clone(), 1).unwrap();
     let evaluator = ModelEvaluator::new("cnn", Arc::clone(&split.test), &device).unwrap();
@@ -374,11 +377,11 @@ async fn a_frame_over_the_limit_is_refused_before_it_is_read() {
     let split = synthetic();
     let server = start_server(&split, 1, 2, Duration::from_secs(5));
     let (conn, mut send, mut reader) = rogue(&server, "too-big").await;
-    // Claim a payload 4 bytes larger than the model.
+    // Claim a payload 4 bytes larger than the largest allowed (a masked update).
     let mut head = Vec::from(wire::codec::FRAME_MAGIC);
     head.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
     head.extend_from_slice(&1u32.to_le_bytes());
-    head.extend_from_slice(&(server.spec.param_count * 4 + 4).to_le_bytes());
+    head.extend_from_slice(&((server.spec.param_count + 2) * 4).to_le_bytes());
     send.write_all(&head).await.unwrap();
     assert_eq!(next_error(&mut reader).await, ReasonCode::FrameTooLarge);
     assert!(

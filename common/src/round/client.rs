@@ -8,8 +8,12 @@
 
 use std::collections::VecDeque;
 
+use rand_chacha::ChaCha20Rng;
+
+use crate::secagg::client::{ClientError as SecAggError, SecAggClient};
 use crate::wire::{
-    Evaluation, Hello, Message, ModelSpec, PROTOCOL_VERSION, ReasonCode, RoundConfig, Update,
+    Evaluation, Hello, Message, ModelSpec, PROTOCOL_VERSION, ReasonCode, RoundConfig, SecAgg,
+    Update,
 };
 
 /// What the driver should do or know.
@@ -53,18 +57,30 @@ pub enum SessionError {
     WrongModelLength { got: usize, expected: u64 },
     #[error("no round {0} is being trained")]
     NotTraining(u64),
+    #[error("secure aggregation, round {round}: {source}")]
+    SecAgg { round: u64, source: SecAggError },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     AwaitingWelcome,
     Ready,
+    /// Secure round: key exchange before training.
+    KeyExchange(u64),
     Training(u64),
+    /// Secure round: masked input sent, waiting for the unmask request.
+    Unmasking(u64),
     Finished,
 }
 
+/// A secure round in progress: the protocol state, and the global model
+/// and config held until the key exchange is done.
+struct SecureRound {
+    client: SecAggClient,
+    pending_train: Option<(RoundConfig, Vec<f32>)>,
+}
+
 /// The client's round protocol.
-#[derive(Debug)]
 pub struct ClientSession {
     spec: ModelSpec,
     state: State,
@@ -72,11 +88,29 @@ pub struct ClientSession {
     last_round: u64,
     outbox: VecDeque<Message>,
     events: VecDeque<ClientEvent>,
+    /// Secret keys and seeds for secure aggregation come from here; drivers
+    /// seed it from the OS.
+    rng: ChaCha20Rng,
+    secure: Option<SecureRound>,
+    /// Config and model of a secure round whose setup has not arrived yet.
+    pending_secure: Option<(RoundConfig, Vec<f32>)>,
+}
+
+impl std::fmt::Debug for ClientSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientSession")
+            .field("state", &self.state)
+            .field("client_id", &self.client_id)
+            .field("last_round", &self.last_round)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ClientSession {
-    /// Starts a session; the hello is queued at once.
-    pub fn new(node_name: &str, spec: ModelSpec, num_examples: u64) -> Self {
+    /// Starts a session; the hello is queued at once. `rng` must be a
+    /// cryptographically secure generator seeded from the OS (see
+    /// [`ClientSession::os_rng`]); tests may pass a seeded one.
+    pub fn new(node_name: &str, spec: ModelSpec, num_examples: u64, rng: ChaCha20Rng) -> Self {
         let hello = Message::Hello(Hello {
             version: PROTOCOL_VERSION,
             node_name: node_name.to_owned(),
@@ -90,7 +124,19 @@ impl ClientSession {
             last_round: 0,
             outbox: VecDeque::from([hello]),
             events: VecDeque::new(),
+            rng,
+            secure: None,
+            pending_secure: None,
         }
+    }
+
+    /// A ChaCha20 generator seeded from the operating system.
+    pub fn os_rng() -> ChaCha20Rng {
+        rand::make_rng()
+    }
+
+    fn secagg_err(&self, round: u64, source: SecAggError) -> SessionError {
+        SessionError::SecAgg { round, source }
     }
 
     pub fn client_id(&self) -> Option<u64> {
@@ -146,7 +192,10 @@ impl ClientSession {
                     client_id: welcome.client_id,
                 });
             }
-            (State::Ready | State::Training(_), Message::RoundStart(start)) => {
+            (
+                State::Ready | State::KeyExchange(_) | State::Training(_) | State::Unmasking(_),
+                Message::RoundStart(start),
+            ) => {
                 if start.round <= self.last_round {
                     return Err(SessionError::StaleRound {
                         got: start.round,
@@ -159,21 +208,93 @@ impl ClientSession {
                         expected: self.spec.param_count,
                     });
                 }
-                // A newer round supersedes one still in training (we were late).
+                // A newer round supersedes one still in progress (we were late).
                 self.last_round = start.round;
-                self.state = State::Training(start.round);
-                self.events.push_back(ClientEvent::Train {
-                    round: start.round,
-                    config: start.config,
-                    global_model: start.global_model,
-                });
+                self.secure = None;
+                if start.config.secure_aggregation {
+                    self.state = State::KeyExchange(start.round);
+                    self.pending_secure = Some((start.config, start.global_model));
+                } else {
+                    self.state = State::Training(start.round);
+                    self.events.push_back(ClientEvent::Train {
+                        round: start.round,
+                        config: start.config,
+                        global_model: start.global_model,
+                    });
+                }
+            }
+            (State::KeyExchange(round) | State::Unmasking(round), Message::SecAgg(msg))
+                if msg.round() == round =>
+            {
+                self.on_secagg(round, msg)?;
             }
             (_, other) => return Err(SessionError::Unexpected(other.kind())),
         }
         Ok(())
     }
 
-    /// The driver's result for `round`: queues the evaluation and the update.
+    fn on_secagg(&mut self, round: u64, msg: SecAgg) -> Result<(), SessionError> {
+        let id = self.client_id.unwrap_or_default();
+        let result = match msg {
+            SecAgg::Setup { setup, .. } if self.secure.is_none() => {
+                let pending_train = self.pending_secure.take();
+                SecAggClient::new(id, round, &setup, &mut self.rng).map(|(client, adv)| {
+                    self.secure = Some(SecureRound {
+                        client,
+                        pending_train,
+                    });
+                    Some(adv)
+                })
+            }
+            SecAgg::PeerKeys { peers, .. } if self.secure.is_some() => {
+                let s = self.secure.as_mut().expect("checked");
+                s.client.on_peer_keys(peers, &mut self.rng).map(Some)
+            }
+            SecAgg::PeerShares { shares, .. } if self.secure.is_some() => {
+                let s = self.secure.as_mut().expect("checked");
+                s.client.on_peer_shares(shares).map(|()| {
+                    if let Some((config, global_model)) = s.pending_train.take() {
+                        self.state = State::Training(round);
+                        self.events.push_back(ClientEvent::Train {
+                            round,
+                            config,
+                            global_model,
+                        });
+                    }
+                    None
+                })
+            }
+            SecAgg::UnmaskRequest {
+                survivors, dropped, ..
+            } if self.secure.is_some() => {
+                let s = self.secure.as_mut().expect("checked");
+                let reply = s.client.on_unmask_request(&survivors, &dropped).map(Some);
+                if reply.is_ok() {
+                    self.secure = None;
+                    self.state = State::Ready;
+                }
+                reply
+            }
+            other => return Err(SessionError::Unexpected(other.kind())),
+        };
+        match result {
+            Ok(Some(reply)) => {
+                self.outbox.push_back(Message::SecAgg(reply));
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(source) => {
+                // Leave the round; the next round start begins afresh.
+                self.secure = None;
+                self.state = State::Ready;
+                Err(self.secagg_err(round, source))
+            }
+        }
+    }
+
+    /// The driver's result for `round`: queues the evaluation and the update
+    /// (or, in a secure round, the masked update alone: per-client metrics
+    /// would leak what secure aggregation hides).
     ///
     /// A result for a round that was superseded is refused, never sent.
     pub fn submit(
@@ -183,6 +304,22 @@ impl ClientSession {
     ) -> Result<(), SessionError> {
         if self.state != State::Training(update.round) {
             return Err(SessionError::NotTraining(update.round));
+        }
+        let round = update.round;
+        if let Some(s) = self.secure.as_mut() {
+            let len = self.spec.param_count as usize;
+            match s.client.mask(&update.delta, update.num_examples, len) {
+                Ok(masked) => {
+                    self.state = State::Unmasking(round);
+                    self.outbox.push_back(Message::SecAgg(masked));
+                    return Ok(());
+                }
+                Err(source) => {
+                    self.secure = None;
+                    self.state = State::Ready;
+                    return Err(self.secagg_err(round, source));
+                }
+            }
         }
         self.state = State::Ready;
         if let Some(eval) = evaluation {

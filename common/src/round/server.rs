@@ -23,9 +23,11 @@ use rand::seq::IndexedRandom;
 use rand_chacha::ChaCha20Rng;
 
 use crate::aggregate::{AggregateError, WeightedMean};
+use crate::secagg::server::{Outcome, SecAggServer, Stage as SecAggStage};
+use crate::secagg::{DEFAULT_BITS, DEFAULT_CLIP, DEFAULT_EXPECTED_DROPOUT, DEFAULT_MAX_WEIGHT};
 use crate::wire::{
     CodecError, Evaluation, Goodbye, Hello, Message, ModelSpec, PROTOCOL_VERSION, ReasonCode,
-    RoundConfig, RoundStart, Update, Welcome,
+    RoundConfig, RoundStart, SecAgg, SecAggParams, Update, Welcome,
 };
 
 /// A connection's identity within one server run.
@@ -37,6 +39,62 @@ pub const DEFAULT_ROUND_TIMEOUT: Duration = Duration::from_secs(600);
 pub const DEFAULT_MAX_CLIENTS: usize = 10_000;
 /// Default cap on the weight one update may claim.
 pub const DEFAULT_MAX_EXAMPLES_PER_UPDATE: u64 = 10_000_000;
+/// Default number of failed rounds after which the run gives up.
+pub const DEFAULT_MAX_FAILED_ROUNDS: u64 = 10;
+/// Smallest cohort secure aggregation runs with.
+pub const MIN_SECAGG_COHORT: usize = 3;
+/// Default time for each secure-aggregation stage other than training.
+pub const DEFAULT_SECAGG_STAGE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Secure aggregation settings. Unset degree and threshold are derived per
+/// round from the cohort size and the expected dropout rate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SecAggConfig {
+    pub degree: Option<u32>,
+    pub threshold: Option<u32>,
+    pub bits: u32,
+    pub clip: f32,
+    pub max_weight: u64,
+    pub expected_dropout: f64,
+    /// Deadline of each stage except the masked input (which includes
+    /// training and uses the round timeout).
+    pub stage_timeout: Duration,
+}
+
+impl Default for SecAggConfig {
+    fn default() -> Self {
+        Self {
+            degree: None,
+            threshold: None,
+            bits: DEFAULT_BITS,
+            clip: DEFAULT_CLIP,
+            max_weight: DEFAULT_MAX_WEIGHT,
+            expected_dropout: DEFAULT_EXPECTED_DROPOUT,
+            stage_timeout: DEFAULT_SECAGG_STAGE_TIMEOUT,
+        }
+    }
+}
+
+impl SecAggConfig {
+    /// The parameters for a cohort of `n`.
+    pub fn params(&self, n: usize) -> SecAggParams {
+        let mut p = SecAggParams::recommended(n, self.expected_dropout);
+        if let Some(k) = self.degree {
+            p.degree = k;
+            if self.threshold.is_none() {
+                p.threshold =
+                    (p.effective_degree(n) / 2 + 1).max(p.threshold.min(p.effective_degree(n)));
+            }
+        }
+        if let Some(t) = self.threshold {
+            p.threshold = t;
+        }
+        p.bits = self.bits;
+        p.clip = self.clip;
+        p.max_weight = self.max_weight;
+        p
+    }
+}
 
 /// How the server runs rounds.
 #[derive(Debug, Clone, PartialEq)]
@@ -57,6 +115,11 @@ pub struct CoordinatorConfig {
     pub seed: u64,
     /// Sent to every cohort member.
     pub round: RoundConfig,
+    /// Aggregate through SecAgg+ (the server sees only the sum).
+    pub secagg: Option<SecAggConfig>,
+    /// The run ends after this many failed rounds (no valid update, or a
+    /// secure-aggregation abort), so a broken setup does not loop forever.
+    pub max_failed_rounds: u64,
 }
 
 impl CoordinatorConfig {
@@ -91,6 +154,28 @@ impl CoordinatorConfig {
                 r.learning_rate
             )));
         }
+        if r.secure_aggregation != self.secagg.is_some() {
+            return Err(ConfigError(
+                "round.secure_aggregation must match the secagg setting".into(),
+            ));
+        }
+        if let Some(sa) = &self.secagg {
+            // Check the settings for the cohort this config expects.
+            let n = self.cohort_size(self.min_clients);
+            if n < MIN_SECAGG_COHORT {
+                return Err(ConfigError(format!(
+                    "secure aggregation needs cohorts of at least {MIN_SECAGG_COHORT} (with 2, each client could subtract its own input from the sum); this config samples {n}"
+                )));
+            }
+            sa.params(n)
+                .validate(n)
+                .map_err(|e| ConfigError(format!("secure aggregation: {e}")))?;
+            if sa.stage_timeout.is_zero() {
+                return Err(ConfigError(
+                    "secure-aggregation stage timeout must be positive".into(),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -124,9 +209,13 @@ pub struct RoundSummary {
     pub contributors: Vec<ClientId>,
     /// Cohort members that left, timed out or sent a refused update.
     pub dropped: Vec<ClientId>,
+    /// Sum of the FedAvg weights (with secure aggregation: decoded from the
+    /// masked sum, in examples, capped per client at `max_weight`).
     pub total_examples: u64,
-    /// Example-weighted mean of the contributors' last-epoch training loss.
-    pub train_loss: f32,
+    /// Example-weighted mean of the contributors' last-epoch training loss
+    /// (not known under secure aggregation).
+    pub train_loss: Option<f32>,
+    pub secure: bool,
     /// Example-weighted evaluation of the incoming global model on the
     /// clients' own data, if any client reported one.
     pub client_eval: Option<ClientEvalSummary>,
@@ -186,7 +275,14 @@ struct ClientEntry {
     node_name: Option<String>,
 }
 
-#[derive(Debug)]
+/// How a round's updates are combined.
+enum Aggregation {
+    /// Updates arrive in the clear and are folded into a weighted mean.
+    Plain(WeightedMean),
+    /// SecAgg+: the server sees only the masked sum.
+    Secure(Box<SecAggServer>),
+}
+
 struct RoundState {
     round: u64,
     cohort: Vec<ClientId>,
@@ -194,11 +290,23 @@ struct RoundState {
     contributors: Vec<ClientId>,
     dropped: Vec<ClientId>,
     evaluated: BTreeSet<ClientId>,
-    sum: WeightedMean,
+    agg: Aggregation,
     loss_sum: f64,
     eval: (f64, f64, u64),
     started_at: Instant,
     deadline: Instant,
+    /// Some stage ended by timeout rather than by everyone answering.
+    timed_out: bool,
+}
+
+impl std::fmt::Debug for RoundState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RoundState")
+            .field("round", &self.round)
+            .field("cohort", &self.cohort.len())
+            .field("pending", &self.pending.len())
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug)]
@@ -218,6 +326,7 @@ pub struct Coordinator {
     spec: ModelSpec,
     global: Vec<f32>,
     rounds_completed: u64,
+    rounds_failed: u64,
     next_round: u64,
     clients: BTreeMap<ClientId, ClientEntry>,
     next_id: ClientId,
@@ -250,6 +359,7 @@ impl Coordinator {
             spec,
             global: global_model,
             rounds_completed: first_round.saturating_sub(1),
+            rounds_failed: 0,
             next_round: first_round.max(1),
             clients: BTreeMap::new(),
             next_id: 1,
@@ -312,11 +422,19 @@ impl Coordinator {
         if entry.node_name.is_some() {
             self.events.push_back(Event::Left { id });
         }
-        if let Phase::Collecting(r) = &mut self.phase
-            && r.pending.remove(&id)
-        {
-            r.dropped.push(id);
-            self.maybe_finish(now);
+        if let Phase::Collecting(r) = &mut self.phase {
+            match &mut r.agg {
+                Aggregation::Secure(sa) => {
+                    sa.drop_client(id);
+                    self.maybe_advance_secagg(now);
+                }
+                Aggregation::Plain(_) => {
+                    if r.pending.remove(&id) {
+                        r.dropped.push(id);
+                        self.maybe_finish(now);
+                    }
+                }
+            }
         }
     }
 
@@ -336,6 +454,7 @@ impl Coordinator {
             Message::Hello(hello) if !admitted => self.on_hello(id, hello, now),
             Message::Update(update) if admitted => self.on_update(id, update, now),
             Message::Evaluation(eval) if admitted => self.on_evaluation(id, eval),
+            Message::SecAgg(msg) if admitted => self.on_secagg(id, msg, now),
             Message::Error(err) => {
                 tracing::warn!(client = id, code = ?err.code, detail = %err.detail, "client reported an error");
             }
@@ -355,9 +474,17 @@ impl Coordinator {
 
     /// Call when `poll_timeout` has passed.
     pub fn handle_timeout(&mut self, now: Instant) {
-        if let Phase::Collecting(r) = &self.phase
-            && now >= r.deadline
-        {
+        let Phase::Collecting(r) = &mut self.phase else {
+            return;
+        };
+        if now < r.deadline {
+            return;
+        }
+        r.timed_out = true;
+        if matches!(r.agg, Aggregation::Secure(_)) {
+            // The stage ends without those who did not answer.
+            self.advance_secagg(now, true);
+        } else {
             self.finish_round(now, true);
         }
     }
@@ -465,6 +592,10 @@ impl Coordinator {
             let detail = format!("client {id} was not sampled for round {}", r.round);
             return self.refuse(id, ReasonCode::NotInCohort, detail, false);
         }
+        let Aggregation::Plain(sum) = &mut r.agg else {
+            let detail = "this round uses secure aggregation; plain updates are refused".to_owned();
+            return self.refuse(id, ReasonCode::UnexpectedMessage, detail, false);
+        };
         if !r.pending.contains(&id) {
             let detail = format!(
                 "round {} already has this client's update or it was dropped",
@@ -481,8 +612,7 @@ impl Coordinator {
                 ),
             ))
         } else {
-            r.sum
-                .add(&update.delta, update.num_examples as f64)
+            sum.add(&update.delta, update.num_examples as f64)
                 .map_err(|e| (reason_for(&e), e.to_string()))
         };
         r.pending.remove(&id);
@@ -507,6 +637,113 @@ impl Coordinator {
             }
         }
         self.maybe_finish(now);
+    }
+
+    fn on_secagg(&mut self, id: ClientId, msg: SecAgg, now: Instant) {
+        let Phase::Collecting(r) = &mut self.phase else {
+            let detail = format!("{} arrived when no round is open", msg.kind());
+            return self.refuse(id, ReasonCode::StaleRound, detail, false);
+        };
+        let Aggregation::Secure(sa) = &mut r.agg else {
+            let detail = format!("round {} does not use secure aggregation", r.round);
+            return self.refuse(id, ReasonCode::UnexpectedMessage, detail, false);
+        };
+        if let Err(rej) = sa.handle(id, msg) {
+            self.refuse(id, rej.code, rej.detail, false);
+        }
+        self.maybe_advance_secagg(now);
+    }
+
+    /// Advances the secure-aggregation stage once nobody is pending.
+    fn maybe_advance_secagg(&mut self, now: Instant) {
+        if let Phase::Collecting(r) = &self.phase
+            && let Aggregation::Secure(sa) = &r.agg
+            && sa.pending().is_empty()
+        {
+            self.advance_secagg(now, false);
+        }
+    }
+
+    /// Ends the current stage and sends the next stage's messages, or ends
+    /// the round with the unmasked sum or an abort.
+    fn advance_secagg(&mut self, now: Instant, timed_out: bool) {
+        loop {
+            let Phase::Collecting(r) = &mut self.phase else {
+                return;
+            };
+            let Aggregation::Secure(sa) = &mut r.agg else {
+                return;
+            };
+            match sa.advance() {
+                Ok(None) => {
+                    let mut out = Vec::new();
+                    while let Some((to, msg)) = sa.poll_transmit() {
+                        out.push((to, msg));
+                    }
+                    let stage_timeout = self
+                        .cfg
+                        .secagg
+                        .as_ref()
+                        .map_or(DEFAULT_SECAGG_STAGE_TIMEOUT, |c| c.stage_timeout);
+                    r.deadline = now
+                        + if sa.stage() == SecAggStage::MaskedInput {
+                            self.cfg.round_timeout
+                        } else {
+                            stage_timeout
+                        };
+                    let idle = sa.pending().is_empty();
+                    for (to, msg) in out {
+                        self.send(to, Message::SecAgg(msg));
+                    }
+                    if !idle {
+                        return;
+                    }
+                }
+                Ok(Some(outcome)) => return self.finish_secure(now, outcome, timed_out),
+                Err(abort) => {
+                    let round = r.round;
+                    self.phase = Phase::BetweenRounds;
+                    self.next_round = round + 1;
+                    self.rounds_failed += 1;
+                    self.events.push_back(Event::RoundFailed {
+                        round,
+                        reason: format!("secure aggregation aborted: {abort}"),
+                    });
+                    return;
+                }
+            }
+        }
+    }
+
+    fn finish_secure(&mut self, now: Instant, outcome: Outcome, timed_out: bool) {
+        let Phase::Collecting(r) = std::mem::replace(&mut self.phase, Phase::BetweenRounds) else {
+            return;
+        };
+        for (g, d) in self.global.iter_mut().zip(&outcome.mean) {
+            *g += d;
+        }
+        self.rounds_completed += 1;
+        self.next_round = r.round + 1;
+        let survivors: BTreeSet<ClientId> = outcome.survivors.iter().copied().collect();
+        let dropped = r
+            .cohort
+            .iter()
+            .copied()
+            .filter(|c| !survivors.contains(c))
+            .collect();
+        self.events.push_back(Event::RoundCompleted(RoundSummary {
+            round: r.round,
+            cohort: r.cohort,
+            contributors: outcome.survivors,
+            dropped,
+            total_examples: outcome.total_weight.round() as u64,
+            train_loss: None,
+            secure: true,
+            client_eval: None,
+            timed_out: timed_out || r.timed_out,
+            started_at: r.started_at,
+            finished_at: now,
+        }));
     }
 
     fn on_evaluation(&mut self, id: ClientId, eval: Evaluation) {
@@ -536,9 +773,15 @@ impl Coordinator {
         if !matches!(self.phase, Phase::Waiting) {
             return;
         }
-        if self.rounds_completed >= self.cfg.rounds {
+        let failed_out = self.rounds_failed >= self.cfg.max_failed_rounds;
+        if self.rounds_completed >= self.cfg.rounds || failed_out {
             self.phase = Phase::Finished;
-            self.say_goodbye("all rounds completed");
+            let reason = if failed_out {
+                format!("stopping after {} failed rounds", self.rounds_failed)
+            } else {
+                "all rounds completed".to_owned()
+            };
+            self.say_goodbye(&reason);
             self.events.push_back(Event::Finished {
                 rounds_completed: self.rounds_completed,
             });
@@ -562,6 +805,46 @@ impl Coordinator {
             .collect();
         cohort.sort_unstable();
         let round = self.next_round;
+        let (agg, setups) = match &self.cfg.secagg {
+            None => (
+                Aggregation::Plain(WeightedMean::new(self.global.len())),
+                Vec::new(),
+            ),
+            Some(sa) => {
+                let graph_seed = rand::Rng::next_u64(&mut self.rng);
+                let built = if cohort.len() < MIN_SECAGG_COHORT {
+                    Err(format!(
+                        "a cohort of {} is below the minimum of {MIN_SECAGG_COHORT}",
+                        cohort.len()
+                    ))
+                } else {
+                    SecAggServer::new(
+                        round,
+                        sa.params(cohort.len()),
+                        &cohort,
+                        self.global.len(),
+                        graph_seed,
+                    )
+                    .map_err(|e| e.to_string())
+                };
+                match built {
+                    Ok((server, setups)) => (Aggregation::Secure(Box::new(server)), setups),
+                    Err(err) => {
+                        self.next_round = round + 1;
+                        self.phase = Phase::BetweenRounds;
+                        self.rounds_failed += 1;
+                        self.events.push_back(Event::RoundFailed {
+                            round,
+                            reason: format!(
+                                "cannot run secure aggregation for a cohort of {}: {err}",
+                                cohort.len()
+                            ),
+                        });
+                        return;
+                    }
+                }
+            }
+        };
         let start = Arc::new(Message::RoundStart(RoundStart {
             round,
             config: self.cfg.round.clone(),
@@ -574,6 +857,15 @@ impl Coordinator {
                 close: false,
             });
         }
+        for (id, setup) in setups {
+            self.send(id, Message::SecAgg(SecAgg::Setup { round, setup }));
+        }
+        let secure = matches!(agg, Aggregation::Secure(_));
+        let deadline = now
+            + match &self.cfg.secagg {
+                Some(sa) if secure => sa.stage_timeout,
+                _ => self.cfg.round_timeout,
+            };
         self.events.push_back(Event::RoundStarted {
             round,
             cohort: cohort.clone(),
@@ -585,11 +877,12 @@ impl Coordinator {
             contributors: Vec::new(),
             dropped: Vec::new(),
             evaluated: BTreeSet::new(),
-            sum: WeightedMean::new(self.global.len()),
+            agg,
             loss_sum: 0.0,
             eval: (0.0, 0.0, 0),
             started_at: now,
-            deadline: now + self.cfg.round_timeout,
+            deadline,
+            timed_out: false,
         }));
     }
 
@@ -607,7 +900,11 @@ impl Coordinator {
         };
         let mut r = *r;
         r.dropped.extend(r.pending.iter().copied());
-        let Some(mean) = r.sum.mean() else {
+        let Aggregation::Plain(sum) = &r.agg else {
+            unreachable!("secure rounds finish through finish_secure")
+        };
+        let Some(mean) = sum.mean() else {
+            self.rounds_failed += 1;
             self.events.push_back(Event::RoundFailed {
                 round: r.round,
                 reason: format!(
@@ -628,7 +925,7 @@ impl Coordinator {
         }
         self.rounds_completed += 1;
         self.next_round = r.round + 1;
-        let total = r.sum.total_weight();
+        let total = sum.total_weight();
         let client_eval = (r.eval.2 > 0).then(|| ClientEvalSummary {
             examples: r.eval.2,
             loss: (r.eval.0 / r.eval.2 as f64) as f32,
@@ -641,7 +938,8 @@ impl Coordinator {
             contributors: r.contributors,
             dropped: r.dropped,
             total_examples: total as u64,
-            train_loss: (r.loss_sum / total) as f32,
+            train_loss: Some((r.loss_sum / total) as f32),
+            secure: false,
             client_eval,
             timed_out,
             started_at: r.started_at,

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use super::server::SecAggConfig;
 use super::*;
 use crate::wire::{Evaluation, Message, ModelSpec, ReasonCode, RoundConfig, Update};
 
@@ -30,8 +31,15 @@ fn cfg(rounds: u64, min_clients: usize, fraction: f64) -> CoordinatorConfig {
             batch_size: 10,
             learning_rate: 0.1,
             seed: 1,
+            secure_aggregation: false,
         },
+        secagg: None,
+        max_failed_rounds: 5,
     }
+}
+
+fn rng() -> rand_chacha::ChaCha20Rng {
+    rand::SeedableRng::seed_from_u64(0)
 }
 
 /// A coordinator plus client sessions, with messages routed by hand.
@@ -63,7 +71,7 @@ impl Harness {
 
     fn join(&mut self, name: &str) -> ClientId {
         let id = self.server.connect();
-        let mut session = ClientSession::new(name, spec(), 10);
+        let mut session = ClientSession::new(name, spec(), 10, rng());
         while let Some(m) = session.poll_transmit() {
             self.server.handle_message(id, m, self.now);
         }
@@ -343,7 +351,9 @@ fn hello_is_checked_and_required_first() {
     other.param_count = 5;
     h.send_raw(
         id,
-        ClientSession::new("x", other, 1).poll_transmit().unwrap(),
+        ClientSession::new("x", other, 1, rng())
+            .poll_transmit()
+            .unwrap(),
     );
     // An update before hello.
     let id2 = h.server.connect();
@@ -431,7 +441,7 @@ fn invalid_configs_are_refused() {
 
 #[test]
 fn client_refuses_replayed_rounds_and_wrong_models() {
-    let mut c = ClientSession::new("n", spec(), 1);
+    let mut c = ClientSession::new("n", spec(), 1, rng());
     c.poll_transmit();
     let start = |round, len| {
         Message::RoundStart(crate::wire::RoundStart {
@@ -474,7 +484,7 @@ fn client_refuses_replayed_rounds_and_wrong_models() {
 
 #[test]
 fn client_reports_refusal_before_welcome() {
-    let mut c = ClientSession::new("n", spec(), 1);
+    let mut c = ClientSession::new("n", spec(), 1, rng());
     let err = c
         .handle_message(Message::error(ReasonCode::ModelMismatch, "other model"))
         .unwrap_err();
@@ -486,4 +496,162 @@ fn client_reports_refusal_before_welcome() {
         }
     ));
     assert!(c.is_finished());
+}
+
+/// Routes messages both ways until nothing moves; collects train requests.
+fn settle(h: &mut Harness) -> Vec<(ClientId, u64, Vec<f32>)> {
+    let mut trains = Vec::new();
+    loop {
+        h.pump();
+        trains.extend(h.train_requests());
+        let mut moved = false;
+        let ids: Vec<ClientId> = h.clients.keys().copied().collect();
+        for id in ids {
+            let msgs: Vec<Message> =
+                std::iter::from_fn(|| h.clients.get_mut(&id).unwrap().poll_transmit()).collect();
+            for m in msgs {
+                moved = true;
+                h.server.handle_message(id, m, h.now);
+            }
+        }
+        if !moved {
+            h.pump();
+            trains.extend(h.train_requests());
+            return trains;
+        }
+    }
+}
+
+fn secure_cfg(n: usize) -> CoordinatorConfig {
+    let mut c = cfg(1, n, 1.0);
+    c.round.secure_aggregation = true;
+    c.secagg = Some(SecAggConfig {
+        clip: 4.0,
+        ..SecAggConfig::default()
+    });
+    c
+}
+
+fn submit_secure(h: &mut Harness, id: ClientId, round: u64, delta: Vec<f32>, n: u64) {
+    h.clients
+        .get_mut(&id)
+        .unwrap()
+        .submit(
+            Update {
+                round,
+                num_examples: n,
+                train_loss: 0.5,
+                delta,
+            },
+            None,
+        )
+        .unwrap();
+}
+
+#[test]
+fn secure_round_yields_the_weighted_mean_without_plain_updates() {
+    let mut h = Harness::new(secure_cfg(5), 5);
+    let trains = settle(&mut h);
+    assert_eq!(trains.len(), 5, "training starts after the key exchange");
+    let mut expected = [0.0f64; D];
+    let mut total = 0.0;
+    for (i, (id, round, _)) in trains.iter().enumerate() {
+        let delta: Vec<f32> = (0..D)
+            .map(|j| (i as f32 - 2.0) * 0.3 + j as f32 * 0.1)
+            .collect();
+        let n = 100 * (i as u64 + 1);
+        for (e, d) in expected.iter_mut().zip(&delta) {
+            *e += n as f64 * f64::from(*d);
+        }
+        total += n as f64;
+        submit_secure(&mut h, *id, *round, delta, n);
+    }
+    settle(&mut h);
+    let s = h.completed()[0].clone();
+    assert!(s.secure);
+    assert_eq!(s.contributors.len(), 5);
+    assert_eq!(s.total_examples, 1500);
+    assert!(s.train_loss.is_none() && s.client_eval.is_none());
+    for (j, (sum, got)) in expected.iter().zip(h.server.global_model()).enumerate() {
+        let want = sum / total;
+        assert!((f64::from(*got) - want).abs() < 1e-5, "{j}");
+    }
+    assert!(
+        !h.events
+            .iter()
+            .any(|e| matches!(e, Event::UpdateAccepted { .. })),
+        "no plain update reached the server"
+    );
+}
+
+#[test]
+fn secure_round_survives_a_client_that_leaves_before_its_masked_input() {
+    let mut h = Harness::new(secure_cfg(6), 6);
+    let trains = settle(&mut h);
+    let gone = trains[0].0;
+    h.server.disconnect(gone, h.now);
+    h.clients.remove(&gone);
+    for (id, round, _) in &trains[1..] {
+        submit_secure(&mut h, *id, *round, vec![1.0; D], 10);
+    }
+    settle(&mut h);
+    let s = h.completed()[0].clone();
+    assert_eq!((s.contributors.len(), s.dropped.clone()), (5, vec![gone]));
+    for v in h.server.global_model() {
+        assert!((v - 1.0).abs() < 1e-5, "{v}");
+    }
+}
+
+#[test]
+fn secure_round_aborts_cleanly_when_too_few_stay() {
+    let mut h = Harness::new(secure_cfg(4), 4);
+    let trains = settle(&mut h);
+    for (id, _, _) in &trains[..2] {
+        h.server.disconnect(*id, h.now);
+        h.clients.remove(id);
+    }
+    for (id, round, _) in &trains[2..] {
+        submit_secure(&mut h, *id, *round, vec![1.0; D], 10);
+    }
+    settle(&mut h);
+    assert!(h.completed().is_empty());
+    assert!(h.events.iter().any(|e| matches!(e, Event::RoundFailed { reason, .. } if reason.contains("secure aggregation aborted"))));
+    assert_eq!(h.server.global_model(), &[0.0; D], "model unchanged");
+}
+
+#[test]
+fn secure_stage_timeout_drops_the_silent() {
+    let mut h = Harness::new(secure_cfg(6), 6);
+    let trains = settle(&mut h);
+    // One client never sends its masked input.
+    for (id, round, _) in &trains[1..] {
+        submit_secure(&mut h, *id, *round, vec![2.0; D], 10);
+    }
+    settle(&mut h);
+    assert!(h.completed().is_empty());
+    let deadline = h.server.poll_timeout().unwrap();
+    h.server.handle_timeout(deadline);
+    settle(&mut h);
+    let s = h.completed()[0].clone();
+    assert_eq!(s.contributors.len(), 5);
+    assert!(s.timed_out);
+}
+
+#[test]
+fn plain_updates_are_refused_in_secure_rounds() {
+    let mut h = Harness::new(secure_cfg(3), 3);
+    let trains = settle(&mut h);
+    h.send_raw(
+        trains[0].0,
+        Message::Update(Update {
+            round: trains[0].1,
+            num_examples: 1,
+            train_loss: 0.0,
+            delta: vec![0.0; D],
+        }),
+    );
+    assert_eq!(
+        h.errors_to,
+        vec![(trains[0].0, ReasonCode::UnexpectedMessage)]
+    );
 }

@@ -18,7 +18,7 @@
 
 use std::borrow::Cow;
 
-use super::message::{Message, PROTOCOL_VERSION, ReasonCode};
+use super::message::{Message, PROTOCOL_VERSION, Payload, ReasonCode};
 
 /// Four bytes that open every frame, so garbage is caught at once.
 pub const FRAME_MAGIC: [u8; 4] = *b"FVL\0";
@@ -47,10 +47,11 @@ impl Default for FrameLimits {
 }
 
 impl FrameLimits {
-    /// Limits for a peer exchanging models of `param_count` parameters.
+    /// Limits for a peer exchanging models of `param_count` parameters: the
+    /// largest payload is a masked update (the model plus its weight).
     pub fn for_model(param_count: u64) -> Self {
         Self {
-            max_payload_bytes: param_count * 4,
+            max_payload_bytes: (param_count + 1) * 4,
             ..Self::default()
         }
     }
@@ -127,7 +128,11 @@ impl EncodedFrame<'_> {
 pub fn encode(msg: &Message) -> Result<EncodedFrame<'_>, CodecError> {
     let header = bincode::serde::encode_to_vec(msg, bincode_config())
         .map_err(|e| CodecError::Encode(e.to_string()))?;
-    let payload = msg.payload().map(f32s_to_le_bytes).unwrap_or_default();
+    let payload = match msg.payload() {
+        Some(Payload::F32(v)) => f32s_to_le_bytes(v),
+        Some(Payload::U32(v)) => u32s_to_le_bytes(v),
+        None => Cow::Borrowed(&[][..]),
+    };
     let header_len =
         u32::try_from(header.len()).map_err(|_| CodecError::Encode("header over 4 GiB".into()))?;
     let mut head = Vec::with_capacity(FRAME_PREFIX_LEN + header.len());
@@ -148,6 +153,15 @@ pub fn f32s_to_le_bytes(values: &[f32]) -> Cow<'_, [u8]> {
     }
 }
 
+/// `u32`s as little-endian bytes; borrowed on little-endian machines.
+pub fn u32s_to_le_bytes(values: &[u32]) -> Cow<'_, [u8]> {
+    if cfg!(target_endian = "little") {
+        Cow::Borrowed(bytemuck::cast_slice(values))
+    } else {
+        Cow::Owned(values.iter().flat_map(|v| v.to_le_bytes()).collect())
+    }
+}
+
 #[derive(Debug)]
 enum DecodeState {
     /// Collecting the fixed-size prefix.
@@ -160,7 +174,8 @@ enum DecodeState {
     /// Filling the payload of an already decoded header.
     Payload {
         message: Box<Message>,
-        values: Vec<f32>,
+        /// Raw 32-bit words; f32 messages reinterpret them without a copy.
+        values: Vec<u32>,
         filled: usize,
     },
 }
@@ -323,7 +338,7 @@ impl FrameDecoder {
                     }
                     self.state = DecodeState::Payload {
                         message: Box::new(message),
-                        values: vec![0.0; payload_len / 4],
+                        values: vec![0; payload_len / 4],
                         filled: 0,
                     };
                 }
@@ -341,10 +356,11 @@ impl FrameDecoder {
                     };
                     if cfg!(target_endian = "big") {
                         for v in &mut values {
-                            *v = f32::from_bits(v.to_bits().swap_bytes());
+                            *v = v.swap_bytes();
                         }
                     }
-                    *message.payload_slot().expect("payload message") = values;
+                    let placed = message.set_payload(values);
+                    debug_assert!(placed, "payload message");
                     return Ok(Some(*message));
                 }
             }
@@ -423,6 +439,7 @@ mod tests {
                     batch_size: 10,
                     learning_rate: 0.05,
                     seed: 42,
+                    secure_aggregation: false,
                 },
                 global_model: vec![1.0, -2.0, f32::MIN_POSITIVE],
             }),
@@ -437,6 +454,17 @@ mod tests {
             Message::Goodbye(Goodbye {
                 rounds_completed: 3,
                 reason: "done".into(),
+            }),
+            Message::SecAgg(SecAgg::MaskedInput {
+                round: 2,
+                masked: vec![0, u32::MAX, 7],
+            }),
+            Message::SecAgg(SecAgg::Shares {
+                round: 2,
+                shares: vec![EncryptedShare {
+                    peer: 4,
+                    ciphertext: vec![1, 2, 3],
+                }],
             }),
         ]
     }
@@ -497,7 +525,7 @@ mod tests {
     #[test]
     fn rejects_oversized_payload_before_reading_it() {
         let bytes = encode(&update(100)).unwrap().to_vec();
-        let limits = FrameLimits::for_model(99);
+        let limits = FrameLimits::for_model(98);
         let mut dec = FrameDecoder::new(limits);
         // The prefix alone is enough to refuse.
         let err = dec.push(&bytes[..FRAME_PREFIX_LEN]).unwrap_err();

@@ -31,6 +31,8 @@ pub struct RoundConfig {
     pub learning_rate: f32,
     /// Seeds the client's minibatch shuffling (mixed with the round and client).
     pub seed: u64,
+    /// Updates go through SecAgg+; a [`SecAgg::Setup`] follows the round start.
+    pub secure_aggregation: bool,
 }
 
 /// Client → server: first message on a connection.
@@ -51,6 +53,30 @@ pub struct Welcome {
     pub version: u16,
     pub client_id: u64,
     pub model: ModelSpec,
+}
+
+/// Secure-aggregation settings of a round (the same for the whole cohort).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SecAggParams {
+    /// Shamir threshold t: shares needed to reconstruct a client's secrets.
+    pub threshold: u32,
+    /// Neighbours per client k in the communication graph.
+    pub degree: u32,
+    /// Masked values live in Z_(2^bits).
+    pub bits: u32,
+    /// Update values are clipped to [-clip, clip] before encoding.
+    pub clip: f32,
+    /// Example counts are capped here and sent as count / max_weight.
+    pub max_weight: u64,
+    /// Largest cohort the encoding leaves headroom for.
+    pub max_cohort: u32,
+}
+
+/// One client's SecAgg+ view of a round: the settings and its neighbours.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SecAggSetup {
+    pub params: SecAggParams,
+    pub neighbours: Vec<u64>,
 }
 
 /// Server → client: train on this global model with this config.
@@ -85,6 +111,99 @@ pub struct Evaluation {
     pub accuracy: f32,
 }
 
+/// A client's public keys for one round: one for share encryption, one for
+/// pairwise masks (X25519).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerKeys {
+    pub id: u64,
+    pub enc_pk: [u8; 32],
+    pub mask_pk: [u8; 32],
+}
+
+/// An AEAD-encrypted pair of Shamir shares between two clients, routed
+/// through the server. `peer` is the recipient (client → server) or the
+/// sender (server → client).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EncryptedShare {
+    pub peer: u64,
+    pub ciphertext: Vec<u8>,
+}
+
+/// A share revealed for unmasking: of `owner`'s secret, held by the sender.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevealedShare {
+    pub owner: u64,
+    pub share: [u8; 32],
+}
+
+/// SecAgg+ messages after the round start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum SecAgg {
+    /// Server → client: this round's settings and my neighbours.
+    Setup { round: u64, setup: SecAggSetup },
+    /// Client → server: my public keys.
+    AdvertiseKeys { round: u64, keys: PeerKeys },
+    /// Server → client: my neighbours' public keys.
+    PeerKeys { round: u64, peers: Vec<PeerKeys> },
+    /// Client → server: encrypted shares, one per neighbour.
+    Shares {
+        round: u64,
+        shares: Vec<EncryptedShare>,
+    },
+    /// Server → client: shares my neighbours made for me.
+    PeerShares {
+        round: u64,
+        shares: Vec<EncryptedShare>,
+    },
+    /// Client → server: the masked, encoded update (the payload).
+    MaskedInput {
+        round: u64,
+        #[serde(skip)]
+        masked: Vec<u32>,
+    },
+    /// Server → client: which of my neighbours survived and which dropped.
+    UnmaskRequest {
+        round: u64,
+        survivors: Vec<u64>,
+        dropped: Vec<u64>,
+    },
+    /// Client → server: self-mask shares of survivors, mask-key shares of
+    /// dropped neighbours (never both for one peer).
+    UnmaskShares {
+        round: u64,
+        self_mask: Vec<RevealedShare>,
+        mask_key: Vec<RevealedShare>,
+    },
+}
+
+impl SecAgg {
+    pub fn round(&self) -> u64 {
+        match self {
+            SecAgg::Setup { round, .. }
+            | SecAgg::AdvertiseKeys { round, .. }
+            | SecAgg::PeerKeys { round, .. }
+            | SecAgg::Shares { round, .. }
+            | SecAgg::PeerShares { round, .. }
+            | SecAgg::MaskedInput { round, .. }
+            | SecAgg::UnmaskRequest { round, .. }
+            | SecAgg::UnmaskShares { round, .. } => *round,
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SecAgg::Setup { .. } => "secagg-setup",
+            SecAgg::AdvertiseKeys { .. } => "secagg-advertise-keys",
+            SecAgg::PeerKeys { .. } => "secagg-peer-keys",
+            SecAgg::Shares { .. } => "secagg-shares",
+            SecAgg::PeerShares { .. } => "secagg-peer-shares",
+            SecAgg::MaskedInput { .. } => "secagg-masked-input",
+            SecAgg::UnmaskRequest { .. } => "secagg-unmask-request",
+            SecAgg::UnmaskShares { .. } => "secagg-unmask-shares",
+        }
+    }
+}
+
 /// Why a peer refused something. Stable numeric codes travel on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[repr(u16)]
@@ -115,6 +234,9 @@ pub enum ReasonCode {
     ServerFull = 12,
     /// The server is shutting down or the run is over.
     Shutdown = 13,
+    /// A secure-aggregation message that breaks the protocol (unknown peer,
+    /// bad share, wrong stage).
+    SecAggViolation = 14,
     /// Anything else; see the detail text.
     Internal = 100,
 }
@@ -143,6 +265,14 @@ pub enum Message {
     Evaluation(Evaluation),
     Error(ErrorMessage),
     Goodbye(Goodbye),
+    SecAgg(SecAgg),
+}
+
+/// A message's bulk vector, borrowed for encoding.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Payload<'a> {
+    F32(&'a [f32]),
+    U32(&'a [u32]),
 }
 
 impl Message {
@@ -156,25 +286,30 @@ impl Message {
             Message::Evaluation(_) => "evaluation",
             Message::Error(_) => "error",
             Message::Goodbye(_) => "goodbye",
+            Message::SecAgg(m) => m.kind(),
         }
     }
 
     /// The bulk vector this message carries outside its serde header, if any.
-    pub fn payload(&self) -> Option<&[f32]> {
+    pub fn payload(&self) -> Option<Payload<'_>> {
         match self {
-            Message::RoundStart(m) => Some(&m.global_model),
-            Message::Update(m) => Some(&m.delta),
+            Message::RoundStart(m) => Some(Payload::F32(&m.global_model)),
+            Message::Update(m) => Some(Payload::F32(&m.delta)),
+            Message::SecAgg(SecAgg::MaskedInput { masked, .. }) => Some(Payload::U32(masked)),
             _ => None,
         }
     }
 
-    /// Where the decoded bulk vector goes; `None` for messages without one.
-    pub(crate) fn payload_slot(&mut self) -> Option<&mut Vec<f32>> {
+    /// Puts a decoded payload (as raw 32-bit words) into place; returns
+    /// false for messages without one.
+    pub(crate) fn set_payload(&mut self, words: Vec<u32>) -> bool {
         match self {
-            Message::RoundStart(m) => Some(&mut m.global_model),
-            Message::Update(m) => Some(&mut m.delta),
-            _ => None,
+            Message::RoundStart(m) => m.global_model = bytemuck::allocation::cast_vec(words),
+            Message::Update(m) => m.delta = bytemuck::allocation::cast_vec(words),
+            Message::SecAgg(SecAgg::MaskedInput { masked, .. }) => *masked = words,
+            _ => return false,
         }
+        true
     }
 
     pub fn error(code: ReasonCode, detail: impl Into<String>) -> Self {

@@ -1,0 +1,546 @@
+//! The server side of one SecAgg+ round.
+//!
+//! Stages advance when every expected client has answered, or when the
+//! driver calls [`SecAggServer::advance`] after a stage timeout; clients
+//! that did not answer (or were refused) drop out at that stage. Sets, as in
+//! the papers: U1 advertised keys, U2 sent shares, U3 sent a masked input,
+//! U4 answered the unmask request.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use curve25519_dalek::scalar::Scalar;
+use x25519_dalek::PublicKey;
+
+use super::client::x25519_secret;
+use super::encode::FixedPoint;
+use super::shamir::{self, Share};
+use super::{ParamsError, graph, prg};
+use crate::wire::{
+    EncryptedShare, PeerKeys, ReasonCode, RevealedShare, SecAgg, SecAggParams, SecAggSetup,
+};
+
+/// A client message the server refuses (the client is dropped from the round).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{detail}")]
+pub struct Reject {
+    pub code: ReasonCode,
+    pub detail: String,
+}
+
+fn reject(code: ReasonCode, detail: impl Into<String>) -> Reject {
+    Reject {
+        code,
+        detail: detail.into(),
+    }
+}
+
+fn violation(detail: impl Into<String>) -> Reject {
+    reject(ReasonCode::SecAggViolation, detail)
+}
+
+/// Why a round could not produce a sum (the global model stays unchanged).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Abort {
+    #[error("only {have} clients reached the {stage} stage; at least {needed} are needed")]
+    TooFewClients {
+        stage: &'static str,
+        have: usize,
+        needed: usize,
+    },
+    #[error(
+        "client {client} has {have} surviving neighbours, fewer than the threshold {threshold}"
+    )]
+    TooFewNeighbours {
+        client: u64,
+        have: usize,
+        threshold: usize,
+    },
+    #[error("could not reconstruct the {what} of client {client}: {reason}")]
+    Reconstruction {
+        client: u64,
+        what: &'static str,
+        reason: String,
+    },
+}
+
+/// The unmasked result of a round.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    /// `sum(w_i * update_i) / sum(w_i)` over the survivors.
+    pub mean: Vec<f32>,
+    /// The unmasked integer sum (d values, then the weight), for audits.
+    pub sum: Vec<u32>,
+    /// Clients whose input is in the sum (U3).
+    pub survivors: Vec<u64>,
+    /// Clients that shared keys but sent no input (U2 \ U3).
+    pub dropped: Vec<u64>,
+    /// `sum(w_i)` in units of examples (`w_i * max_weight`).
+    pub total_weight: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    AdvertiseKeys,
+    ShareKeys,
+    MaskedInput,
+    Unmask,
+    Finished,
+}
+
+impl Stage {
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::AdvertiseKeys => "advertise-keys",
+            Stage::ShareKeys => "share-keys",
+            Stage::MaskedInput => "masked-input",
+            Stage::Unmask => "unmask",
+            Stage::Finished => "finished",
+        }
+    }
+}
+
+/// One round of SecAgg+ on the server.
+pub struct SecAggServer {
+    round: u64,
+    params: SecAggParams,
+    graph: BTreeMap<u64, Vec<u64>>,
+    /// Length of the masked vector: the model plus the weight.
+    len: usize,
+    stage: Stage,
+    pending: BTreeSet<u64>,
+    keys: BTreeMap<u64, PeerKeys>,
+    /// Shares awaiting forwarding, by recipient: (sender, ciphertext).
+    inbox: BTreeMap<u64, Vec<EncryptedShare>>,
+    u2: BTreeSet<u64>,
+    u3: BTreeSet<u64>,
+    sum: Vec<u32>,
+    self_mask_shares: BTreeMap<u64, Vec<Share>>,
+    mask_key_shares: BTreeMap<u64, Vec<Share>>,
+    u4: BTreeSet<u64>,
+    outbox: VecDeque<(u64, SecAgg)>,
+    values: FixedPoint,
+    weights: FixedPoint,
+}
+
+impl SecAggServer {
+    /// A round over `cohort` for a model of `model_len` parameters; returns
+    /// the setup each client receives with its round start.
+    pub fn new(
+        round: u64,
+        params: SecAggParams,
+        cohort: &[u64],
+        model_len: usize,
+        graph_seed: u64,
+    ) -> Result<(Self, Vec<(u64, SecAggSetup)>), ParamsError> {
+        params.validate(cohort.len())?;
+        let (values, weights) = params.encoders()?;
+        let k = params.effective_degree(cohort.len()) as usize;
+        let graph = graph::harary(cohort, k, graph_seed);
+        let setups = graph
+            .iter()
+            .map(|(&id, nb)| {
+                (
+                    id,
+                    SecAggSetup {
+                        params: params.clone(),
+                        neighbours: nb.clone(),
+                    },
+                )
+            })
+            .collect();
+        Ok((
+            Self {
+                round,
+                params,
+                pending: graph.keys().copied().collect(),
+                graph,
+                len: model_len + 1,
+                stage: Stage::AdvertiseKeys,
+                keys: BTreeMap::new(),
+                inbox: BTreeMap::new(),
+                u2: BTreeSet::new(),
+                u3: BTreeSet::new(),
+                sum: vec![0; model_len + 1],
+                self_mask_shares: BTreeMap::new(),
+                mask_key_shares: BTreeMap::new(),
+                u4: BTreeSet::new(),
+                outbox: VecDeque::new(),
+                values,
+                weights,
+            },
+            setups,
+        ))
+    }
+
+    pub fn stage(&self) -> Stage {
+        self.stage
+    }
+
+    /// Clients the current stage still waits for.
+    pub fn pending(&self) -> &BTreeSet<u64> {
+        &self.pending
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<(u64, SecAgg)> {
+        self.outbox.pop_front()
+    }
+
+    /// The client left or was refused: it no longer counts for this stage.
+    pub fn drop_client(&mut self, id: u64) {
+        self.pending.remove(&id);
+    }
+
+    fn threshold(&self) -> usize {
+        self.params.threshold as usize
+    }
+
+    fn is_neighbour(&self, a: u64, b: u64) -> bool {
+        self.graph
+            .get(&a)
+            .is_some_and(|nb| nb.binary_search(&b).is_ok())
+    }
+
+    /// Feeds one client message. On `Err` the client is out of the round.
+    pub fn handle(&mut self, from: u64, msg: SecAgg) -> Result<(), Reject> {
+        if msg.round() != self.round {
+            return Err(reject(
+                ReasonCode::StaleRound,
+                format!(
+                    "secure-aggregation message for round {}, current round is {}",
+                    msg.round(),
+                    self.round
+                ),
+            ));
+        }
+        if !self.pending.contains(&from) {
+            return Err(violation(format!(
+                "client {from} sent a {} message in the {} stage, where none is expected from it",
+                msg.kind(),
+                self.stage.name()
+            )));
+        }
+        let result = match (self.stage, msg) {
+            (Stage::AdvertiseKeys, SecAgg::AdvertiseKeys { keys, .. }) => {
+                if keys.id != from {
+                    Err(violation(format!(
+                        "client {from} advertised keys for client {}",
+                        keys.id
+                    )))
+                } else {
+                    self.keys.insert(from, keys);
+                    Ok(())
+                }
+            }
+            (Stage::ShareKeys, SecAgg::Shares { shares, .. }) => self.on_shares(from, shares),
+            (Stage::MaskedInput, SecAgg::MaskedInput { masked, .. }) => {
+                self.on_masked(from, &masked)
+            }
+            (
+                Stage::Unmask,
+                SecAgg::UnmaskShares {
+                    self_mask,
+                    mask_key,
+                    ..
+                },
+            ) => self.on_unmask(from, &self_mask, &mask_key),
+            (stage, msg) => Err(violation(format!(
+                "a {} message is not expected in the {} stage",
+                msg.kind(),
+                stage.name()
+            ))),
+        };
+        self.pending.remove(&from);
+        result
+    }
+
+    fn on_shares(&mut self, from: u64, shares: Vec<EncryptedShare>) -> Result<(), Reject> {
+        let mut seen = BTreeSet::new();
+        for s in &shares {
+            if !self.is_neighbour(from, s.peer) || !self.keys.contains_key(&s.peer) {
+                return Err(violation(format!(
+                    "client {from} sent a share for unknown peer {}",
+                    s.peer
+                )));
+            }
+            if !seen.insert(s.peer) {
+                return Err(violation(format!(
+                    "client {from} sent two shares for peer {}",
+                    s.peer
+                )));
+            }
+        }
+        if seen.len() < self.threshold() {
+            return Err(violation(format!(
+                "client {from} shared with {} peers, below the threshold {}",
+                seen.len(),
+                self.threshold()
+            )));
+        }
+        for s in shares {
+            self.inbox.entry(s.peer).or_default().push(EncryptedShare {
+                peer: from,
+                ciphertext: s.ciphertext,
+            });
+        }
+        self.u2.insert(from);
+        Ok(())
+    }
+
+    fn on_masked(&mut self, from: u64, masked: &[u32]) -> Result<(), Reject> {
+        if masked.len() != self.len {
+            return Err(reject(
+                ReasonCode::WrongLength,
+                format!(
+                    "masked input has {} values, expected {}",
+                    masked.len(),
+                    self.len
+                ),
+            ));
+        }
+        let modmask = prg::modulus_mask(self.params.bits);
+        if let Some(i) = masked.iter().position(|&v| v > modmask) {
+            return Err(violation(format!(
+                "masked value at index {i} is outside Z_(2^{})",
+                self.params.bits
+            )));
+        }
+        for (s, &v) in self.sum.iter_mut().zip(masked) {
+            *s = s.wrapping_add(v) & modmask;
+        }
+        self.u3.insert(from);
+        Ok(())
+    }
+
+    fn on_unmask(
+        &mut self,
+        from: u64,
+        self_mask: &[RevealedShare],
+        mask_key: &[RevealedShare],
+    ) -> Result<(), Reject> {
+        let survivors: BTreeSet<u64> = self.neighbours_in(from, &self.u3);
+        let dropped: BTreeSet<u64> = self.neighbours_in(from, &self.dropped_set());
+        let check = |shares: &[RevealedShare],
+                     expected: &BTreeSet<u64>,
+                     kind: &str|
+         -> Result<Vec<(u64, Scalar)>, Reject> {
+            let got: BTreeSet<u64> = shares.iter().map(|s| s.owner).collect();
+            if got.len() != shares.len() || &got != expected {
+                return Err(violation(format!(
+                    "client {from} revealed {kind} shares for the wrong peers"
+                )));
+            }
+            shares
+                .iter()
+                .map(|s| {
+                    Option::<Scalar>::from(Scalar::from_canonical_bytes(s.share))
+                        .map(|y| (s.owner, y))
+                        .ok_or_else(|| {
+                            violation(format!("client {from} revealed a malformed {kind} share"))
+                        })
+                })
+                .collect()
+        };
+        let a = check(self_mask, &survivors, "self-mask")?;
+        let b = check(mask_key, &dropped, "mask-key")?;
+        for (owner, y) in a {
+            self.self_mask_shares
+                .entry(owner)
+                .or_default()
+                .push(Share { x: from, y });
+        }
+        for (owner, y) in b {
+            self.mask_key_shares
+                .entry(owner)
+                .or_default()
+                .push(Share { x: from, y });
+        }
+        self.u4.insert(from);
+        Ok(())
+    }
+
+    fn neighbours_in(&self, id: u64, set: &BTreeSet<u64>) -> BTreeSet<u64> {
+        self.graph[&id]
+            .iter()
+            .copied()
+            .filter(|p| set.contains(p))
+            .collect()
+    }
+
+    fn dropped_set(&self) -> BTreeSet<u64> {
+        self.u2.difference(&self.u3).copied().collect()
+    }
+
+    /// Ends the current stage (all answered, or the stage timed out) and
+    /// queues the next stage's messages. Returns the outcome after unmasking.
+    pub fn advance(&mut self) -> Result<Option<Outcome>, Abort> {
+        let t = self.threshold();
+        let result = match self.stage {
+            Stage::AdvertiseKeys => {
+                // Clients with fewer than t advertising neighbours cannot share
+                // their secrets; removing them may starve others, so repeat.
+                let mut u1: BTreeSet<u64> = self.keys.keys().copied().collect();
+                loop {
+                    let starved: Vec<u64> = u1
+                        .iter()
+                        .copied()
+                        .filter(|&i| self.neighbours_in(i, &u1).len() < t)
+                        .collect();
+                    if starved.is_empty() {
+                        break;
+                    }
+                    starved.iter().for_each(|i| {
+                        u1.remove(i);
+                    });
+                }
+                self.ensure_enough(&u1, "share-keys")?;
+                for &i in &u1 {
+                    let peers = self
+                        .neighbours_in(i, &u1)
+                        .iter()
+                        .map(|p| self.keys[p].clone())
+                        .collect();
+                    self.outbox.push_back((
+                        i,
+                        SecAgg::PeerKeys {
+                            round: self.round,
+                            peers,
+                        },
+                    ));
+                }
+                self.keys.retain(|id, _| u1.contains(id));
+                self.pending = u1;
+                self.stage = Stage::ShareKeys;
+                Ok(None)
+            }
+            Stage::ShareKeys => {
+                let u2 = self.u2.clone();
+                self.ensure_enough(&u2, "masked-input")?;
+                let mut inbox = std::mem::take(&mut self.inbox);
+                for &i in &u2 {
+                    let shares = inbox
+                        .remove(&i)
+                        .unwrap_or_default()
+                        .into_iter()
+                        .filter(|s| u2.contains(&s.peer))
+                        .collect();
+                    self.outbox.push_back((
+                        i,
+                        SecAgg::PeerShares {
+                            round: self.round,
+                            shares,
+                        },
+                    ));
+                }
+                self.pending = u2;
+                self.stage = Stage::MaskedInput;
+                Ok(None)
+            }
+            Stage::MaskedInput => {
+                let u3 = self.u3.clone();
+                self.ensure_enough(&u3, "unmask")?;
+                let dropped = self.dropped_set();
+                // Every secret we will need must have t potential holders in U3.
+                for &j in u3.iter().chain(&dropped) {
+                    let have = self.neighbours_in(j, &u3).len();
+                    if have < t {
+                        return self.abort(Abort::TooFewNeighbours {
+                            client: j,
+                            have,
+                            threshold: t,
+                        });
+                    }
+                }
+                for &i in &u3 {
+                    let survivors = self.neighbours_in(i, &u3).into_iter().collect();
+                    let dropped = self.neighbours_in(i, &dropped).into_iter().collect();
+                    self.outbox.push_back((
+                        i,
+                        SecAgg::UnmaskRequest {
+                            round: self.round,
+                            survivors,
+                            dropped,
+                        },
+                    ));
+                }
+                self.pending = u3;
+                self.stage = Stage::Unmask;
+                Ok(None)
+            }
+            Stage::Unmask => self.unmask().map(Some),
+            Stage::Finished => Ok(None),
+        };
+        if result.is_err() {
+            self.stage = Stage::Finished;
+        }
+        result
+    }
+
+    fn abort<T>(&mut self, reason: Abort) -> Result<T, Abort> {
+        self.stage = Stage::Finished;
+        Err(reason)
+    }
+
+    fn ensure_enough(&self, set: &BTreeSet<u64>, stage: &'static str) -> Result<(), Abort> {
+        let needed = self.threshold() + 1;
+        if set.len() < needed {
+            return Err(Abort::TooFewClients {
+                stage,
+                have: set.len(),
+                needed,
+            });
+        }
+        Ok(())
+    }
+
+    fn unmask(&mut self) -> Result<Outcome, Abort> {
+        let t = self.threshold();
+        let bits = self.params.bits;
+        let dropped = self.dropped_set();
+        let reconstruct = |shares: Option<&Vec<Share>>, client: u64, what: &'static str| {
+            shamir::combine(shares.map_or(&[][..], |v| v.as_slice()), t).map_err(|e| {
+                Abort::Reconstruction {
+                    client,
+                    what,
+                    reason: e.to_string(),
+                }
+            })
+        };
+        let mut sum = std::mem::take(&mut self.sum);
+        for &j in &self.u3 {
+            let seed = reconstruct(self.self_mask_shares.get(&j), j, "self-mask seed")?;
+            let own = prg::self_mask_seed(&seed.to_bytes(), self.round, j);
+            prg::apply_mask(&mut sum, &own, false, bits);
+        }
+        for &j in &dropped {
+            let secret = reconstruct(self.mask_key_shares.get(&j), j, "mask key")?;
+            let sk = x25519_secret(&secret);
+            if PublicKey::from(&sk).to_bytes() != self.keys[&j].mask_pk {
+                return Err(Abort::Reconstruction {
+                    client: j,
+                    what: "mask key",
+                    reason: "the reconstructed key does not match the advertised public key".into(),
+                });
+            }
+            for k in self.neighbours_in(j, &self.u3) {
+                let shared = sk.diffie_hellman(&PublicKey::from(self.keys[&k].mask_pk));
+                let seed = prg::pairwise_seed(shared.as_bytes(), self.round, j, k);
+                // k added +mask if k < j, -mask otherwise: undo it.
+                prg::apply_mask(&mut sum, &seed, k > j, bits);
+            }
+        }
+        let n = self.u3.len() as u64;
+        let weight = self.weights.decode_sum(sum[self.len - 1], n);
+        let mean = sum[..self.len - 1]
+            .iter()
+            .map(|&s| (self.values.decode_sum(s, n) / weight) as f32)
+            .collect();
+        self.stage = Stage::Finished;
+        Ok(Outcome {
+            mean,
+            sum,
+            survivors: self.u3.iter().copied().collect(),
+            dropped: dropped.into_iter().collect(),
+            total_weight: weight * self.params.max_weight as f64,
+        })
+    }
+}

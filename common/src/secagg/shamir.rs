@@ -1,0 +1,151 @@
+//! Shamir secret sharing over the prime field of curve25519 scalars
+//! (order 2^252 + ...), using `curve25519-dalek`'s constant-time `Scalar`.
+//!
+//! Why in-house: the whole scheme is polynomial evaluation and Lagrange
+//! interpolation, ~50 lines over a field type that is audited and constant
+//! time; it adds no dependency (x25519-dalek already sits on this field).
+//! Secrets are field elements: SecAgg+ draws its seeds and mask keys as
+//! random scalars, so nothing needs chunking. Share x-coordinates are the
+//! holders' client ids (never 0).
+
+use curve25519_dalek::scalar::Scalar;
+use rand::CryptoRng;
+
+/// One share: the polynomial evaluated at `x`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Share {
+    pub x: u64,
+    pub y: Scalar,
+}
+
+/// Why shares could not be made or combined.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ShamirError {
+    #[error("threshold {t} must be in 1..={n}")]
+    BadThreshold { t: usize, n: usize },
+    #[error("share x-coordinate 0 is reserved for the secret")]
+    ZeroX,
+    #[error("two shares have the same x-coordinate {0}")]
+    DuplicateX(u64),
+    #[error("need {needed} shares, have {have}")]
+    TooFewShares { needed: usize, have: usize },
+}
+
+/// Splits `secret` into one share per holder in `xs`, any `t` of which
+/// reconstruct it and fewer reveal nothing.
+pub fn split<R: CryptoRng + ?Sized>(
+    secret: &Scalar,
+    t: usize,
+    xs: &[u64],
+    rng: &mut R,
+) -> Result<Vec<Share>, ShamirError> {
+    if t == 0 || t > xs.len() {
+        return Err(ShamirError::BadThreshold { t, n: xs.len() });
+    }
+    check_xs(xs.iter().copied())?;
+    // f(z) = secret + c1 z + ... + c_{t-1} z^{t-1}
+    let mut coefficients = Vec::with_capacity(t);
+    coefficients.push(*secret);
+    coefficients.extend((1..t).map(|_| Scalar::random(rng)));
+    Ok(xs
+        .iter()
+        .map(|&x| {
+            let z = Scalar::from(x);
+            let y = coefficients
+                .iter()
+                .rev()
+                .fold(Scalar::ZERO, |acc, c| acc * z + c);
+            Share { x, y }
+        })
+        .collect())
+}
+
+/// Reconstructs the secret from at least `t` shares (extra shares are
+/// ignored; which ones are used does not matter for honest shares).
+pub fn combine(shares: &[Share], t: usize) -> Result<Scalar, ShamirError> {
+    if shares.len() < t || t == 0 {
+        return Err(ShamirError::TooFewShares {
+            needed: t.max(1),
+            have: shares.len(),
+        });
+    }
+    let used = &shares[..t];
+    check_xs(used.iter().map(|s| s.x))?;
+    // Lagrange interpolation at 0: sum_i y_i * prod_{j != i} x_j / (x_j - x_i)
+    let mut secret = Scalar::ZERO;
+    for (i, si) in used.iter().enumerate() {
+        let xi = Scalar::from(si.x);
+        let (mut num, mut den) = (Scalar::ONE, Scalar::ONE);
+        for (j, sj) in used.iter().enumerate() {
+            if i != j {
+                let xj = Scalar::from(sj.x);
+                num *= xj;
+                den *= xj - xi;
+            }
+        }
+        secret += si.y * num * den.invert();
+    }
+    Ok(secret)
+}
+
+fn check_xs(xs: impl Iterator<Item = u64>) -> Result<(), ShamirError> {
+    let mut seen = std::collections::BTreeSet::new();
+    for x in xs {
+        if x == 0 {
+            return Err(ShamirError::ZeroX);
+        }
+        if !seen.insert(x) {
+            return Err(ShamirError::DuplicateX(x));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha20Rng;
+
+    proptest! {
+        #[test]
+        fn any_t_shares_reconstruct(seed: u64, n in 1usize..20, t_frac in 0.0f64..1.0, pick_seed: u64) {
+            let mut rng = ChaCha20Rng::seed_from_u64(seed);
+            let t = 1 + ((n - 1) as f64 * t_frac) as usize;
+            let secret = Scalar::random(&mut rng);
+            let xs: Vec<u64> = (1..=n as u64).map(|i| i * 7 + 3).collect();
+            let mut shares = split(&secret, t, &xs, &mut rng).unwrap();
+            let mut pick = ChaCha20Rng::seed_from_u64(pick_seed);
+            rand::seq::SliceRandom::shuffle(shares.as_mut_slice(), &mut pick);
+            prop_assert_eq!(combine(&shares[..t], t).unwrap(), secret);
+            prop_assert_eq!(combine(&shares, t).unwrap(), secret);
+        }
+    }
+
+    #[test]
+    fn fewer_than_t_shares_do_not_reconstruct() {
+        let mut rng = ChaCha20Rng::seed_from_u64(1);
+        let secret = Scalar::random(&mut rng);
+        let shares = split(&secret, 3, &[1, 2, 3, 4], &mut rng).unwrap();
+        assert!(matches!(
+            combine(&shares[..2], 3),
+            Err(ShamirError::TooFewShares { .. })
+        ));
+        // Interpolating two shares as if t were 2 gives some other value.
+        assert_ne!(combine(&shares[..2], 2).unwrap(), secret);
+    }
+
+    #[test]
+    fn bad_parameters_are_refused() {
+        let mut rng = ChaCha20Rng::seed_from_u64(1);
+        let s = Scalar::ONE;
+        assert!(split(&s, 0, &[1, 2], &mut rng).is_err());
+        assert!(split(&s, 3, &[1, 2], &mut rng).is_err());
+        assert_eq!(split(&s, 1, &[0, 2], &mut rng), Err(ShamirError::ZeroX));
+        assert_eq!(
+            split(&s, 1, &[2, 2], &mut rng),
+            Err(ShamirError::DuplicateX(2))
+        );
+    }
+}

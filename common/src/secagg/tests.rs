@@ -1,0 +1,503 @@
+//! SecAgg+ end to end in memory: exactness under dropouts at every stage,
+//! privacy properties, and tampering.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use proptest::prelude::*;
+use rand::SeedableRng;
+use rand_chacha::ChaCha20Rng;
+
+use super::client::{ClientError, SecAggClient};
+use super::server::{Abort, SecAggServer, Stage};
+use super::*;
+use crate::wire::{ReasonCode, SecAgg};
+
+/// Which clients vanish before each stage.
+#[derive(Debug, Clone, Default)]
+struct Drops {
+    before_keys: BTreeSet<u64>,
+    before_shares: BTreeSet<u64>,
+    before_masked: BTreeSet<u64>,
+    before_unmask: BTreeSet<u64>,
+}
+
+struct Run {
+    result: Result<server::Outcome, Abort>,
+    /// Plaintext integer sum of the survivors' encoded inputs.
+    expected_sum: Option<Vec<u32>>,
+    inputs: BTreeMap<u64, (Vec<f32>, u64)>,
+}
+
+fn inputs(ids: &[u64], d: usize, rng: &mut ChaCha20Rng) -> BTreeMap<u64, (Vec<f32>, u64)> {
+    use rand::RngExt;
+    ids.iter()
+        .map(|&i| {
+            let v = (0..d).map(|_| rng.random_range(-1.5f32..1.5)).collect();
+            (i, (v, rng.random_range(1..20_000u64)))
+        })
+        .collect()
+}
+
+fn run(params: &SecAggParams, ids: &[u64], d: usize, drops: &Drops, seed: u64) -> Run {
+    let mut rng = ChaCha20Rng::seed_from_u64(seed);
+    let inputs = inputs(ids, d, &mut rng);
+    let (mut server, setups) = SecAggServer::new(9, params.clone(), ids, d, seed).unwrap();
+    let mut clients: BTreeMap<u64, SecAggClient> = BTreeMap::new();
+    let deliver = |server: &mut SecAggServer, id: u64, msg: SecAgg| server.handle(id, msg).unwrap();
+
+    for (id, setup) in &setups {
+        let (c, adv) = SecAggClient::new(*id, 9, setup, &mut rng).unwrap();
+        if drops.before_keys.contains(id) {
+            server.drop_client(*id);
+            continue;
+        }
+        deliver(&mut server, *id, adv);
+        clients.insert(*id, c);
+    }
+    let stage = |server: &mut SecAggServer| server.advance();
+    macro_rules! step {
+        () => {
+            match stage(&mut server) {
+                Ok(Some(o)) => break Ok(o),
+                Ok(None) => {}
+                Err(e) => break Err(e),
+            }
+        };
+    }
+    let mut masked_by: BTreeSet<u64> = BTreeSet::new();
+    // One pass through the stages; `step!` leaves early with the outcome or abort.
+    #[allow(clippy::never_loop)]
+    let result = loop {
+        step!();
+        // Peer keys -> shares.
+        let mut out = Vec::new();
+        while let Some((to, m)) = server.poll_transmit() {
+            out.push((to, m));
+        }
+        for (to, m) in out {
+            let SecAgg::PeerKeys { peers, .. } = m else {
+                panic!("expected peer keys")
+            };
+            if drops.before_shares.contains(&to) {
+                server.drop_client(to);
+                continue;
+            }
+            let shares = clients
+                .get_mut(&to)
+                .unwrap()
+                .on_peer_keys(peers, &mut rng)
+                .unwrap();
+            deliver(&mut server, to, shares);
+        }
+        step!();
+        let mut out = Vec::new();
+        while let Some((to, m)) = server.poll_transmit() {
+            out.push((to, m));
+        }
+        for (to, m) in out {
+            let SecAgg::PeerShares { shares, .. } = m else {
+                panic!("expected peer shares")
+            };
+            if drops.before_masked.contains(&to) {
+                server.drop_client(to);
+                continue;
+            }
+            let c = clients.get_mut(&to).unwrap();
+            c.on_peer_shares(shares).unwrap();
+            let (v, n) = &inputs[&to];
+            let masked = c.mask(v, *n, d).unwrap();
+            masked_by.insert(to);
+            deliver(&mut server, to, masked);
+        }
+        step!();
+        let mut out = Vec::new();
+        while let Some((to, m)) = server.poll_transmit() {
+            out.push((to, m));
+        }
+        for (to, m) in out {
+            let SecAgg::UnmaskRequest {
+                survivors, dropped, ..
+            } = m
+            else {
+                panic!("expected unmask request")
+            };
+            if drops.before_unmask.contains(&to) {
+                server.drop_client(to);
+                continue;
+            }
+            let reply = clients
+                .get_mut(&to)
+                .unwrap()
+                .on_unmask_request(&survivors, &dropped)
+                .unwrap();
+            deliver(&mut server, to, reply);
+        }
+        step!();
+        unreachable!("unmask stage returns an outcome");
+    };
+    let expected_sum = result.as_ref().ok().map(|o| {
+        let (vals, weights) = params.encoders().unwrap();
+        let modmask = prg::modulus_mask(params.bits);
+        let mut sum = vec![0u32; d + 1];
+        for id in &o.survivors {
+            let (v, n) = &inputs[id];
+            let w = params.weight(*n);
+            for (s, x) in sum.iter_mut().zip(v) {
+                *s = s.wrapping_add(vals.encode((f64::from(*x) * w) as f32)) & modmask;
+            }
+            sum[d] = sum[d].wrapping_add(weights.encode(w as f32)) & modmask;
+        }
+        assert_eq!(
+            o.survivors.iter().copied().collect::<BTreeSet<_>>(),
+            masked_by
+        );
+        sum
+    });
+    Run {
+        result,
+        expected_sum,
+        inputs,
+    }
+}
+
+fn params(n: usize, k: u32, t: u32, bits: u32) -> SecAggParams {
+    SecAggParams {
+        threshold: t,
+        degree: k,
+        bits,
+        clip: 2.0,
+        max_weight: 20_000,
+        max_cohort: n as u32,
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    /// Whatever the cohort, graph, threshold, bit width and dropout pattern:
+    /// the round either aborts cleanly or its unmasked sum equals the
+    /// plaintext sum of the survivors' encodings, bit for bit.
+    #[test]
+    fn unmasked_sum_is_exact(
+        n in 2usize..64,
+        k_frac in 0.0f64..1.0,
+        t_frac in 0.0f64..1.0,
+        bits in prop::sample::select(vec![24u32, 28, 32]),
+        drop_rate in 0.0f64..0.3,
+        seed: u64,
+    ) {
+        let max_k = (n - 1) as u32;
+        let mut k = 2 + ((max_k.saturating_sub(2)) as f64 * k_frac) as u32;
+        if k + 1 < n as u32 && k % 2 == 1 { k -= 1; }
+        let k = k.min(max_k).max(1);
+        let t = (k / 2 + 1 + ((k - k / 2 - 1) as f64 * t_frac) as u32).min(k);
+        let p = params(n, k, t, bits);
+        prop_assume!(p.validate(n).is_ok());
+        let ids: Vec<u64> = (0..n as u64).map(|i| 10 + 3 * i).collect();
+        let mut rng = ChaCha20Rng::seed_from_u64(seed ^ 0xd0d0);
+        let mut pick = |rate: f64| -> BTreeSet<u64> {
+            use rand::RngExt;
+            ids.iter().copied().filter(|_| rng.random_bool(rate)).collect()
+        };
+        let drops = Drops {
+            before_keys: pick(drop_rate / 4.0),
+            before_shares: pick(drop_rate / 4.0),
+            before_masked: pick(drop_rate / 4.0),
+            before_unmask: pick(drop_rate / 4.0),
+        };
+        let r = run(&p, &ids, 17, &drops, seed);
+        if let Ok(o) = &r.result {
+            prop_assert_eq!(&o.sum, r.expected_sum.as_ref().unwrap());
+        }
+        let no_drops = drops.before_keys.is_empty() && drops.before_shares.is_empty()
+            && drops.before_masked.is_empty() && drops.before_unmask.is_empty();
+        if no_drops {
+            prop_assert!(r.result.is_ok(), "no dropouts must succeed: {:?}", r.result.err());
+        }
+    }
+}
+
+#[test]
+fn survives_a_dropout_at_every_stage_and_decodes_the_weighted_mean() {
+    let n = 30;
+    let ids: Vec<u64> = (1..=n as u64).collect();
+    let p = params(n, 16, 9, 32);
+    let drops = Drops {
+        before_keys: [3].into(),
+        before_shares: [7].into(),
+        before_masked: [11, 12].into(),
+        before_unmask: [20].into(),
+    };
+    let r = run(&p, &ids, 50, &drops, 4);
+    let o = r.result.unwrap();
+    assert_eq!(&o.sum, r.expected_sum.as_ref().unwrap());
+    assert_eq!(o.dropped, vec![11, 12]);
+    assert_eq!(o.survivors.len(), n - 4);
+    // The decoded mean is the weighted mean, up to fixed-point resolution.
+    let total: f64 = o.survivors.iter().map(|i| p.weight(r.inputs[i].1)).sum();
+    for e in 0..50 {
+        let expected: f64 = o
+            .survivors
+            .iter()
+            .map(|i| {
+                let (v, n) = &r.inputs[i];
+                f64::from(v[e].clamp(-2.0, 2.0)) * p.weight(*n)
+            })
+            .sum::<f64>()
+            / total;
+        assert!(
+            (f64::from(o.mean[e]) - expected).abs() < 1e-4,
+            "{e}: {} vs {expected}",
+            o.mean[e]
+        );
+    }
+    assert!((o.total_weight - total * p.max_weight as f64).abs() < 1.0);
+}
+
+#[test]
+fn too_many_dropouts_abort_cleanly() {
+    let ids: Vec<u64> = (1..=8).collect();
+    let p = params(8, 4, 3, 32);
+    let drops = Drops {
+        before_masked: [1, 2, 3, 4, 5, 6].into(),
+        ..Drops::default()
+    };
+    let r = run(&p, &ids, 5, &drops, 1);
+    assert!(
+        matches!(
+            r.result,
+            Err(Abort::TooFewClients { .. }) | Err(Abort::TooFewNeighbours { .. })
+        ),
+        "{:?}",
+        r.result
+    );
+}
+
+#[test]
+fn unsafe_settings_are_refused() {
+    assert!(matches!(
+        params(10, 4, 2, 32).validate(10),
+        Err(ParamsError::ThresholdTooLow { .. })
+    ));
+    assert!(matches!(
+        params(10, 4, 5, 32).validate(10),
+        Err(ParamsError::ThresholdTooHigh { .. })
+    ));
+    assert!(matches!(
+        params(10, 3, 2, 32).validate(10),
+        Err(ParamsError::BadDegree { .. })
+    ));
+    assert!(matches!(
+        params(10, 4, 3, 12).validate(10),
+        Err(ParamsError::Encoding(_))
+    ));
+    let mut p = params(10, 4, 3, 32);
+    p.max_cohort = 5;
+    assert!(matches!(
+        p.validate(10),
+        Err(ParamsError::CohortTooLarge { .. })
+    ));
+    for n in [2usize, 3, 10, 100, 1000] {
+        for dropout in [0.0, 0.1, 0.3] {
+            SecAggParams::recommended(n, dropout).validate(n).unwrap();
+        }
+    }
+    assert_eq!(SecAggParams::recommended(100, 0.1).degree, 20);
+}
+
+/// Drives one honest client to the point where it has masked its input.
+fn masked_client(n: usize, seed: u64) -> (SecAggServer, BTreeMap<u64, SecAggClient>, ChaCha20Rng) {
+    let ids: Vec<u64> = (1..=n as u64).collect();
+    let mut rng = ChaCha20Rng::seed_from_u64(seed);
+    let (mut server, setups) = SecAggServer::new(1, params(n, 4, 3, 32), &ids, 8, seed).unwrap();
+    let mut clients = BTreeMap::new();
+    for (id, s) in &setups {
+        let (c, adv) = SecAggClient::new(*id, 1, s, &mut rng).unwrap();
+        server.handle(*id, adv).unwrap();
+        clients.insert(*id, c);
+    }
+    server.advance().unwrap();
+    (server, clients, rng)
+}
+
+#[test]
+fn a_client_never_reveals_both_share_kinds_or_answers_twice() {
+    let (mut server, mut clients, mut rng) = masked_client(6, 2);
+    let mut msgs = Vec::new();
+    while let Some(m) = server.poll_transmit() {
+        msgs.push(m);
+    }
+    for (to, m) in msgs {
+        let SecAgg::PeerKeys { peers, .. } = m else {
+            panic!()
+        };
+        let s = clients
+            .get_mut(&to)
+            .unwrap()
+            .on_peer_keys(peers, &mut rng)
+            .unwrap();
+        server.handle(to, s).unwrap();
+    }
+    server.advance().unwrap();
+    let mut msgs = Vec::new();
+    while let Some(m) = server.poll_transmit() {
+        msgs.push(m);
+    }
+    let (to, SecAgg::PeerShares { shares, .. }) = msgs.remove(0) else {
+        panic!()
+    };
+    let c = clients.get_mut(&to).unwrap();
+    let peer = shares[0].peer;
+    c.on_peer_shares(shares).unwrap();
+    c.mask(&[0.0; 8], 10, 8).unwrap();
+    // A curious server claims `peer` both survived and dropped.
+    assert_eq!(
+        c.on_unmask_request(&[peer], &[peer]),
+        Err(ClientError::BothShareKinds(peer))
+    );
+    c.on_unmask_request(&[peer], &[]).unwrap();
+    // ... or asks again with the other story.
+    assert!(matches!(
+        c.on_unmask_request(&[], &[peer]),
+        Err(ClientError::WrongStage { .. })
+    ));
+}
+
+#[test]
+fn masked_input_looks_uniform() {
+    // An all-zero update is as far from uniform as inputs get; after masking,
+    // the top byte of each value must pass a chi-square test.
+    let (mut server, mut clients, mut rng) = masked_client(5, 3);
+    let mut msgs = Vec::new();
+    while let Some(m) = server.poll_transmit() {
+        msgs.push(m);
+    }
+    for (to, m) in msgs {
+        let SecAgg::PeerKeys { peers, .. } = m else {
+            panic!()
+        };
+        let s = clients
+            .get_mut(&to)
+            .unwrap()
+            .on_peer_keys(peers, &mut rng)
+            .unwrap();
+        server.handle(to, s).unwrap();
+    }
+    server.advance().unwrap();
+    let (to, SecAgg::PeerShares { shares, .. }) = server.poll_transmit().unwrap() else {
+        panic!()
+    };
+    let c = clients.get_mut(&to).unwrap();
+    c.on_peer_shares(shares).unwrap();
+    let d = 200_000;
+    let SecAgg::MaskedInput { masked, .. } = c.mask(&vec![0.0; d], 100, d).unwrap() else {
+        panic!()
+    };
+    let mut buckets = [0f64; 256];
+    for v in &masked[..d] {
+        buckets[(v >> 24) as usize] += 1.0;
+    }
+    let expected = d as f64 / 256.0;
+    let chi2: f64 = buckets
+        .iter()
+        .map(|&o| (o - expected).powi(2) / expected)
+        .sum();
+    // 255 degrees of freedom: the 99.9th percentile is about 330.
+    assert!(chi2 < 330.0, "chi-square {chi2}");
+    // Without masks every value would be the encoding of 0.
+    let zero = params(5, 4, 3, 32).encoders().unwrap().0.encode(0.0);
+    assert!(masked[..d].iter().filter(|&&v| v == zero).count() < 5);
+}
+
+#[test]
+fn tampering_is_refused_with_specific_errors() {
+    let (mut server, mut clients, mut rng) = masked_client(6, 4);
+    // Replay: a message from an earlier round.
+    let err = server
+        .handle(
+            1,
+            SecAgg::Shares {
+                round: 0,
+                shares: vec![],
+            },
+        )
+        .unwrap_err();
+    assert_eq!(err.code, ReasonCode::StaleRound);
+    let mut msgs = Vec::new();
+    while let Some(m) = server.poll_transmit() {
+        msgs.push(m);
+    }
+    let mut shares_of = BTreeMap::new();
+    for (to, m) in msgs {
+        let SecAgg::PeerKeys { peers, .. } = m else {
+            panic!()
+        };
+        let s = clients
+            .get_mut(&to)
+            .unwrap()
+            .on_peer_keys(peers, &mut rng)
+            .unwrap();
+        shares_of.insert(to, s);
+    }
+    // A share for a peer that is not a neighbour.
+    let SecAgg::Shares { round, mut shares } = shares_of.remove(&1).unwrap() else {
+        panic!()
+    };
+    let genuine = shares.clone();
+    shares[0].peer = 999;
+    let err = server
+        .handle(1, SecAgg::Shares { round, shares })
+        .unwrap_err();
+    assert_eq!(err.code, ReasonCode::SecAggViolation);
+    assert!(err.detail.contains("unknown peer 999"), "{}", err.detail);
+    // Client 1 is out of this stage; a second try is refused too.
+    assert!(
+        server
+            .handle(
+                1,
+                SecAgg::Shares {
+                    round,
+                    shares: genuine
+                }
+            )
+            .is_err()
+    );
+    for (id, s) in shares_of {
+        server.handle(id, s).unwrap();
+    }
+    server.advance().unwrap();
+    let mut msgs = Vec::new();
+    while let Some(m) = server.poll_transmit() {
+        msgs.push(m);
+    }
+    // A bad AEAD tag: flip one ciphertext bit.
+    let (to, SecAgg::PeerShares { mut shares, .. }) = msgs.remove(0) else {
+        panic!()
+    };
+    let from = shares[0].peer;
+    shares[0].ciphertext[3] ^= 1;
+    let c = clients.get_mut(&to).unwrap();
+    assert_eq!(c.on_peer_shares(shares), Err(ClientError::BadShare(from)));
+    // A wrong-length masked input.
+    let (to, SecAgg::PeerShares { shares, .. }) = msgs.remove(0) else {
+        panic!()
+    };
+    let c = clients.get_mut(&to).unwrap();
+    c.on_peer_shares(shares).unwrap();
+    let SecAgg::MaskedInput { round, mut masked } = c.mask(&[0.5; 8], 3, 8).unwrap() else {
+        panic!()
+    };
+    masked.pop();
+    let err = server
+        .handle(to, SecAgg::MaskedInput { round, masked })
+        .unwrap_err();
+    assert_eq!(err.code, ReasonCode::WrongLength);
+    assert_eq!(server.stage(), Stage::MaskedInput);
+    // A client cannot mask a NaN update.
+    let (to, SecAgg::PeerShares { shares, .. }) = msgs.remove(0) else {
+        panic!()
+    };
+    let c = clients.get_mut(&to).unwrap();
+    c.on_peer_shares(shares).unwrap();
+    assert_eq!(c.mask(&[f32::NAN; 8], 3, 8), Err(ClientError::NonFinite(0)));
+}
