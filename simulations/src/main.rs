@@ -118,8 +118,17 @@ impl Cli {
             lr,
             seed,
             train_limit,
-            round_timeout
+            round_timeout,
+            secagg,
+            secagg_bits,
+            secagg_clip
         );
+        if self.secagg_degree.is_some() {
+            c.secagg_degree = self.secagg_degree;
+        }
+        if self.secagg_threshold.is_some() {
+            c.secagg_threshold = self.secagg_threshold;
+        }
         if self.data_dir.is_some() {
             c.data_dir = self.data_dir.clone();
         }
@@ -215,4 +224,38 @@ fn main() -> Result<()> {
     }
     println!("  results            {}", out.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_defaults_and_config_file() {
+        let dir = std::env::temp_dir().join(format!("fedveil-sim-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("run.toml");
+        std::fs::write(&file, "clients = 7\nrounds = 9\nsecagg = true\n").unwrap();
+        let cli = Cli::parse_from([
+            "fedveil-sim",
+            "--config",
+            file.to_str().unwrap(),
+            "--rounds",
+            "2",
+            "--secagg",
+            "false",
+            "--secagg-degree",
+            "4",
+            "--dataset",
+            "synthetic",
+        ]);
+        let (c, explicit) = cli.resolve().unwrap();
+        assert_eq!((c.clients, c.rounds), (7, 2));
+        assert!(!c.secagg);
+        assert_eq!(c.secagg_degree, Some(4));
+        assert!(explicit);
+        let (d, explicit) = Cli::parse_from(["fedveil-sim"]).resolve().unwrap();
+        assert_eq!(d, SimConfig::default());
+        assert!(!explicit);
+    }
 }

@@ -21,6 +21,7 @@
 pub mod client;
 pub mod encode;
 pub mod graph;
+pub mod local;
 pub mod prg;
 pub mod server;
 pub mod shamir;
@@ -36,6 +37,24 @@ pub const DEFAULT_CLIP: f32 = 1.0;
 pub const DEFAULT_MAX_WEIGHT: u64 = 10_000;
 /// Default dropout rate the threshold is chosen for.
 pub const DEFAULT_EXPECTED_DROPOUT: f64 = 0.1;
+/// Target chance that a round aborts because some client lost too many
+/// neighbours at the expected dropout rate.
+pub const DEFAULT_ABORT_PROBABILITY: f64 = 1e-3;
+
+/// P[X >= j] for X ~ Binomial(k, p).
+fn binomial_tail(k: u32, p: f64, j: u32) -> f64 {
+    let mut total = 0.0;
+    let mut coeff = 1.0f64; // C(k, i)
+    for i in 0..=k {
+        if i > 0 {
+            coeff *= f64::from(k - i + 1) / f64::from(i);
+        }
+        if i >= j {
+            total += coeff * p.powi(i as i32) * (1.0 - p).powi((k - i) as i32);
+        }
+    }
+    total
+}
 
 /// Settings that cannot protect anyone, or cannot work.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -60,17 +79,23 @@ pub enum ParamsError {
 
 impl SecAggParams {
     /// Safe defaults for a cohort of `n` with an expected dropout rate:
-    /// degree ~3 log2(n) (the complete graph for small cohorts), threshold
-    /// the larger of k/2 + 1 and k (1 - 2 dropout).
+    /// degree ~3 log2(n) (the complete graph for small cohorts), and the
+    /// largest threshold t > k/2 such that, with each client dropping out
+    /// independently at that rate, the chance that any client keeps fewer
+    /// than t neighbours stays below [`DEFAULT_ABORT_PROBABILITY`].
     pub fn recommended(n: usize, expected_dropout: f64) -> Self {
         let n = n.max(2);
         let log = (n as f64).log2();
         let mut k = ((3.0 * log).ceil() as usize).max(2);
         k += k % 2;
         let k = if k + 1 >= n { n - 1 } else { k } as u32;
-        let by_dropout =
-            (f64::from(k) * (1.0 - 2.0 * expected_dropout.clamp(0.0, 0.5))).floor() as u32;
-        let t = (k / 2 + 1).max(by_dropout).min(k);
+        let p = expected_dropout.clamp(0.0, 0.99);
+        // Smallest margin m (lost neighbours tolerated) with
+        // n * P[Binomial(k, p) > m] at most the target.
+        let margin = (0..=k)
+            .find(|&m| n as f64 * binomial_tail(k, p, m + 1) <= DEFAULT_ABORT_PROBABILITY)
+            .unwrap_or(k);
+        let t = (k / 2 + 1).max(k.saturating_sub(margin)).min(k);
         Self {
             threshold: t,
             degree: k,

@@ -8,18 +8,10 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
 use super::client::{ClientError, SecAggClient};
+use super::local::{Drops, run_round};
 use super::server::{Abort, SecAggServer, Stage};
 use super::*;
 use crate::wire::{ReasonCode, SecAgg};
-
-/// Which clients vanish before each stage.
-#[derive(Debug, Clone, Default)]
-struct Drops {
-    before_keys: BTreeSet<u64>,
-    before_shares: BTreeSet<u64>,
-    before_masked: BTreeSet<u64>,
-    before_unmask: BTreeSet<u64>,
-}
 
 struct Run {
     result: Result<server::Outcome, Abort>,
@@ -38,104 +30,16 @@ fn inputs(ids: &[u64], d: usize, rng: &mut ChaCha20Rng) -> BTreeMap<u64, (Vec<f3
         .collect()
 }
 
+/// One in-memory round, plus the plaintext sum computed independently.
 fn run(params: &SecAggParams, ids: &[u64], d: usize, drops: &Drops, seed: u64) -> Run {
     let mut rng = ChaCha20Rng::seed_from_u64(seed);
     let inputs = inputs(ids, d, &mut rng);
-    let (mut server, setups) = SecAggServer::new(9, params.clone(), ids, d, seed).unwrap();
-    let mut clients: BTreeMap<u64, SecAggClient> = BTreeMap::new();
-    let deliver = |server: &mut SecAggServer, id: u64, msg: SecAgg| server.handle(id, msg).unwrap();
-
-    for (id, setup) in &setups {
-        let (c, adv) = SecAggClient::new(*id, 9, setup, &mut rng).unwrap();
-        if drops.before_keys.contains(id) {
-            server.drop_client(*id);
-            continue;
-        }
-        deliver(&mut server, *id, adv);
-        clients.insert(*id, c);
-    }
-    let stage = |server: &mut SecAggServer| server.advance();
-    macro_rules! step {
-        () => {
-            match stage(&mut server) {
-                Ok(Some(o)) => break Ok(o),
-                Ok(None) => {}
-                Err(e) => break Err(e),
-            }
-        };
-    }
-    let mut masked_by: BTreeSet<u64> = BTreeSet::new();
-    // One pass through the stages; `step!` leaves early with the outcome or abort.
-    #[allow(clippy::never_loop)]
-    let result = loop {
-        step!();
-        // Peer keys -> shares.
-        let mut out = Vec::new();
-        while let Some((to, m)) = server.poll_transmit() {
-            out.push((to, m));
-        }
-        for (to, m) in out {
-            let SecAgg::PeerKeys { peers, .. } = m else {
-                panic!("expected peer keys")
-            };
-            if drops.before_shares.contains(&to) {
-                server.drop_client(to);
-                continue;
-            }
-            let shares = clients
-                .get_mut(&to)
-                .unwrap()
-                .on_peer_keys(peers, &mut rng)
-                .unwrap();
-            deliver(&mut server, to, shares);
-        }
-        step!();
-        let mut out = Vec::new();
-        while let Some((to, m)) = server.poll_transmit() {
-            out.push((to, m));
-        }
-        for (to, m) in out {
-            let SecAgg::PeerShares { shares, .. } = m else {
-                panic!("expected peer shares")
-            };
-            if drops.before_masked.contains(&to) {
-                server.drop_client(to);
-                continue;
-            }
-            let c = clients.get_mut(&to).unwrap();
-            c.on_peer_shares(shares).unwrap();
-            let (v, n) = &inputs[&to];
-            let masked = c.mask(v, *n, d).unwrap();
-            masked_by.insert(to);
-            deliver(&mut server, to, masked);
-        }
-        step!();
-        let mut out = Vec::new();
-        while let Some((to, m)) = server.poll_transmit() {
-            out.push((to, m));
-        }
-        for (to, m) in out {
-            let SecAgg::UnmaskRequest {
-                survivors, dropped, ..
-            } = m
-            else {
-                panic!("expected unmask request")
-            };
-            if drops.before_unmask.contains(&to) {
-                server.drop_client(to);
-                continue;
-            }
-            let reply = clients
-                .get_mut(&to)
-                .unwrap()
-                .on_unmask_request(&survivors, &dropped)
-                .unwrap();
-            deliver(&mut server, to, reply);
-        }
-        step!();
-        unreachable!("unmask stage returns an outcome");
-    };
-    let expected_sum = result.as_ref().ok().map(|o| {
+    let local = run_round(params, 9, &inputs, drops, seed);
+    let expected_sum = local.result.as_ref().ok().map(|o| {
+        assert_eq!(
+            o.survivors.iter().copied().collect::<BTreeSet<_>>(),
+            local.masked_by
+        );
         let (vals, weights) = params.encoders().unwrap();
         let modmask = prg::modulus_mask(params.bits);
         let mut sum = vec![0u32; d + 1];
@@ -147,14 +51,10 @@ fn run(params: &SecAggParams, ids: &[u64], d: usize, drops: &Drops, seed: u64) -
             }
             sum[d] = sum[d].wrapping_add(weights.encode(w as f32)) & modmask;
         }
-        assert_eq!(
-            o.survivors.iter().copied().collect::<BTreeSet<_>>(),
-            masked_by
-        );
         sum
     });
     Run {
-        result,
+        result: local.result,
         expected_sum,
         inputs,
     }
@@ -209,9 +109,7 @@ proptest! {
         if let Ok(o) = &r.result {
             prop_assert_eq!(&o.sum, r.expected_sum.as_ref().unwrap());
         }
-        let no_drops = drops.before_keys.is_empty() && drops.before_shares.is_empty()
-            && drops.before_masked.is_empty() && drops.before_unmask.is_empty();
-        if no_drops {
+        if drops.is_empty() {
             prop_assert!(r.result.is_ok(), "no dropouts must succeed: {:?}", r.result.err());
         }
     }
@@ -302,7 +200,10 @@ fn unsafe_settings_are_refused() {
             SecAggParams::recommended(n, dropout).validate(n).unwrap();
         }
     }
-    assert_eq!(SecAggParams::recommended(100, 0.1).degree, 20);
+    let p = SecAggParams::recommended(100, 0.1);
+    assert_eq!((p.degree, p.threshold), (20, 11));
+    // No dropout expected: the largest threshold.
+    assert_eq!(SecAggParams::recommended(100, 0.0).threshold, 20);
 }
 
 /// Drives one honest client to the point where it has masked its input.
@@ -320,25 +221,31 @@ fn masked_client(n: usize, seed: u64) -> (SecAggServer, BTreeMap<u64, SecAggClie
     (server, clients, rng)
 }
 
+/// Every client answers its peer keys with shares; the server moves on.
+fn share_all(
+    server: &mut SecAggServer,
+    clients: &mut BTreeMap<u64, SecAggClient>,
+    rng: &mut ChaCha20Rng,
+) {
+    let msgs: Vec<(u64, SecAgg)> = std::iter::from_fn(|| server.poll_transmit()).collect();
+    for (to, m) in msgs {
+        let SecAgg::PeerKeys { peers, .. } = m else {
+            panic!("expected peer keys")
+        };
+        let shares = clients
+            .get_mut(&to)
+            .unwrap()
+            .on_peer_keys(peers, rng)
+            .unwrap();
+        server.handle(to, shares).unwrap();
+    }
+    server.advance().unwrap();
+}
+
 #[test]
 fn a_client_never_reveals_both_share_kinds_or_answers_twice() {
     let (mut server, mut clients, mut rng) = masked_client(6, 2);
-    let mut msgs = Vec::new();
-    while let Some(m) = server.poll_transmit() {
-        msgs.push(m);
-    }
-    for (to, m) in msgs {
-        let SecAgg::PeerKeys { peers, .. } = m else {
-            panic!()
-        };
-        let s = clients
-            .get_mut(&to)
-            .unwrap()
-            .on_peer_keys(peers, &mut rng)
-            .unwrap();
-        server.handle(to, s).unwrap();
-    }
-    server.advance().unwrap();
+    share_all(&mut server, &mut clients, &mut rng);
     let mut msgs = Vec::new();
     while let Some(m) = server.poll_transmit() {
         msgs.push(m);
@@ -368,22 +275,7 @@ fn masked_input_looks_uniform() {
     // An all-zero update is as far from uniform as inputs get; after masking,
     // the top byte of each value must pass a chi-square test.
     let (mut server, mut clients, mut rng) = masked_client(5, 3);
-    let mut msgs = Vec::new();
-    while let Some(m) = server.poll_transmit() {
-        msgs.push(m);
-    }
-    for (to, m) in msgs {
-        let SecAgg::PeerKeys { peers, .. } = m else {
-            panic!()
-        };
-        let s = clients
-            .get_mut(&to)
-            .unwrap()
-            .on_peer_keys(peers, &mut rng)
-            .unwrap();
-        server.handle(to, s).unwrap();
-    }
-    server.advance().unwrap();
+    share_all(&mut server, &mut clients, &mut rng);
     let (to, SecAgg::PeerShares { shares, .. }) = server.poll_transmit().unwrap() else {
         panic!()
     };
