@@ -32,16 +32,19 @@ pub struct RoundMetrics {
     /// clients' own data (federated evaluation), when reported.
     pub client_accuracy: Option<f32>,
     pub client_loss: Option<f32>,
+    /// Privacy spent so far (epsilon at the run's delta), with DP on.
+    #[serde(default)]
+    pub epsilon: Option<f64>,
 }
 
 impl RoundMetrics {
     /// Column names of [`RoundMetrics::csv_row`].
-    pub const CSV_HEADER: &'static str = "round,accuracy,loss,bytes_up,bytes_down,round_secs,cohort,contributors,dropped,timed_out,examples,train_loss,client_accuracy,client_loss,secure";
+    pub const CSV_HEADER: &'static str = "round,accuracy,loss,bytes_up,bytes_down,round_secs,cohort,contributors,dropped,timed_out,examples,train_loss,client_accuracy,client_loss,secure,epsilon";
 
     pub fn csv_row(&self) -> String {
         let opt = |v: Option<f32>| v.map(|x| x.to_string()).unwrap_or_default();
         format!(
-            "{},{},{},{},{},{:.3},{},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{:.3},{},{},{},{},{},{},{},{},{},{}",
             self.round,
             self.accuracy,
             self.loss,
@@ -56,7 +59,8 @@ impl RoundMetrics {
             opt(self.train_loss),
             opt(self.client_accuracy),
             opt(self.client_loss),
-            self.secure
+            self.secure,
+            self.epsilon.map(|e| e.to_string()).unwrap_or_default()
         )
     }
 }
@@ -83,6 +87,7 @@ mod tests {
             secure: false,
             client_accuracy: None,
             client_loss: Some(0.9),
+            epsilon: Some(1.25),
         };
         let cols = RoundMetrics::CSV_HEADER.split(',').count();
         assert_eq!(m.csv_row().split(',').count(), cols);

@@ -60,6 +60,7 @@ impl Observer for LogObserver {
             contributors = m.contributors,
             dropped = m.dropped,
             secs = format_args!("{:.2}", m.round_secs),
+            epsilon = ?m.epsilon,
             "round complete"
         );
     }
@@ -88,6 +89,9 @@ pub fn log_event(event: &Event) {
         Event::RoundCompleted(_) => {}
         Event::RoundFailed { round, reason } => {
             tracing::warn!(round, %reason, "round failed; global model unchanged")
+        }
+        Event::BudgetExhausted(exceeded) => {
+            tracing::warn!(%exceeded, "privacy budget exhausted; the run ends")
         }
         Event::Finished { rounds_completed } => tracing::info!(rounds_completed, "run finished"),
     }
@@ -313,6 +317,7 @@ impl Driver {
             secure: s.secure,
             client_accuracy: s.client_eval.map(|e| e.accuracy),
             client_loss: s.client_eval.map(|e| e.loss),
+            epsilon: s.epsilon,
         }
     }
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use fedveil_common::data::{self, DatasetName, Download};
+use fedveil_common::dp::{DpConfig, Mechanism, NoiseLevel};
 use fedveil_common::model::{DataShape, DeviceSpec};
 use fedveil_common::net::{self, ServerIdentity};
 use fedveil_common::round::server::SecAggConfig;
@@ -101,6 +102,63 @@ struct RunArgs {
     max_failed_rounds: u64,
     #[command(flatten)]
     secagg: SecAggArgs,
+    #[command(flatten)]
+    dp: DpArgs,
+}
+
+/// Differential privacy; on when a noise multiplier or target epsilon is given.
+#[derive(Args, Debug, Clone)]
+pub struct DpArgs {
+    /// distributed (needs --secagg), central or local [default: distributed
+    /// with --secagg, else central].
+    #[arg(long)]
+    dp: Option<Mechanism>,
+    /// Noise std over clip norm.
+    #[arg(long, conflicts_with = "target_epsilon")]
+    noise_multiplier: Option<f64>,
+    /// Epsilon to reach after --rounds rounds (local DP: per round).
+    #[arg(long)]
+    target_epsilon: Option<f64>,
+    #[arg(long, default_value_t = fedveil_common::dp::DEFAULT_DELTA)]
+    delta: f64,
+    /// L2 norm every update is clipped to.
+    #[arg(long, default_value_t = fedveil_common::dp::DEFAULT_CLIP_NORM)]
+    clip_norm: f64,
+    /// Largest epsilon the run may spend [default: the target epsilon].
+    #[arg(long)]
+    dp_budget: Option<f64>,
+    /// Clients the sampling rate refers to (enrolled clients) [default: --min-clients].
+    #[arg(long)]
+    dp_population: Option<usize>,
+    /// Distributed DP: fewest contributors per round [default: 70% of the expected cohort].
+    #[arg(long)]
+    dp_min_contributors: Option<usize>,
+}
+
+impl DpArgs {
+    fn config(&self, rounds: u64, secagg: bool) -> Result<Option<DpConfig>> {
+        let noise = match (self.noise_multiplier, self.target_epsilon) {
+            (Some(z), None) => NoiseLevel::NoiseMultiplier(z),
+            (None, Some(e)) => NoiseLevel::TargetEpsilon(e),
+            (None, None) if self.dp.is_some() => {
+                anyhow::bail!("--dp needs --noise-multiplier or --target-epsilon")
+            }
+            _ => return Ok(None),
+        };
+        Ok(Some(DpConfig {
+            mechanism: self.dp.unwrap_or(if secagg {
+                Mechanism::Distributed
+            } else {
+                Mechanism::Central
+            }),
+            clip_norm: self.clip_norm,
+            noise,
+            delta: self.delta,
+            planned_rounds: rounds,
+            budget: self.dp_budget,
+            min_contributors: self.dp_min_contributors,
+        }))
+    }
 }
 
 /// Secure aggregation (SecAgg+): the server sees only the cohort's sum.
@@ -182,12 +240,37 @@ async fn run(args: RunArgs) -> Result<()> {
         num_classes: split.test.num_classes,
     };
     let (spec, initial) = initial_model(&args.model, &shape, &device, args.seed)?;
+    let population = args.dp.dp_population.unwrap_or(args.min_clients);
+    let dp = args
+        .dp
+        .config(args.rounds, args.secagg.secagg)?
+        .map(|c| {
+            c.plan(
+                args.fraction,
+                population,
+                spec.param_count as usize,
+                population.min(args.max_clients),
+                args.secagg.secagg,
+            )
+        })
+        .transpose()
+        .context("differential privacy")?;
+    if let Some(plan) = &dp {
+        plan.log();
+    }
+    // With DP the distributed encoding is sized for `population` clients:
+    // admit no more than that.
+    let max_clients = if dp.is_some() {
+        args.max_clients.min(population)
+    } else {
+        args.max_clients
+    };
     let config = CoordinatorConfig {
         rounds: args.rounds,
         min_clients: args.min_clients,
         fraction: args.fraction,
         round_timeout: Duration::from_secs(args.round_timeout),
-        max_clients: args.max_clients,
+        max_clients,
         max_examples_per_update: args.max_examples_per_update,
         seed: args.seed,
         round: RoundConfig {
@@ -196,9 +279,11 @@ async fn run(args: RunArgs) -> Result<()> {
             learning_rate: args.lr,
             seed: args.seed,
             secure_aggregation: args.secagg.secagg,
+            dp: None,
         },
         secagg: args.secagg.config(),
         max_failed_rounds: args.max_failed_rounds,
+        dp,
     };
     let limits = FrameLimits::for_model(spec.param_count);
     let coordinator = Coordinator::new(config, spec.clone(), initial, 1)?;

@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use fedveil_common::dp::{DpConfig, Mechanism, NoiseLevel};
 use serde::{Deserialize, Serialize};
 
 /// Everything a simulation run needs. TOML keys are the field names;
@@ -46,6 +47,24 @@ pub struct SimConfig {
     pub secagg_bits: u32,
     /// Clip range of weighted update values before fixed-point encoding.
     pub secagg_clip: f32,
+    /// Differential privacy mechanism: distributed, central or local
+    /// [default with DP on: distributed under secure aggregation, else central].
+    /// DP is on when a noise multiplier or a target epsilon is given.
+    pub dp: Option<String>,
+    /// DP noise multiplier z (noise std / clip norm).
+    pub noise_multiplier: Option<f64>,
+    /// DP: the epsilon to reach after `rounds` rounds (local DP: per round).
+    pub target_epsilon: Option<f64>,
+    /// DP delta.
+    pub delta: f64,
+    /// DP: L2 norm every update is clipped to.
+    pub clip_norm: f64,
+    /// DP: epsilon the run may spend [default: the target epsilon, else the
+    /// epsilon the planned rounds spend].
+    pub dp_budget: Option<f64>,
+    /// Distributed DP: fewest contributors a round accepts [default: 70% of
+    /// the expected cohort].
+    pub dp_min_contributors: Option<usize>,
 }
 
 impl Default for SimConfig {
@@ -72,6 +91,13 @@ impl Default for SimConfig {
             secagg_threshold: None,
             secagg_bits: fedveil_common::secagg::DEFAULT_BITS,
             secagg_clip: fedveil_common::secagg::DEFAULT_CLIP,
+            dp: None,
+            noise_multiplier: None,
+            target_epsilon: None,
+            delta: fedveil_common::dp::DEFAULT_DELTA,
+            clip_norm: fedveil_common::dp::DEFAULT_CLIP_NORM,
+            dp_budget: None,
+            dp_min_contributors: None,
         }
     }
 }
@@ -100,6 +126,36 @@ impl SimConfig {
                     self.round_timeout
                 )
             })
+    }
+
+    /// The DP settings, if DP is on.
+    pub fn dp_config(&self) -> anyhow::Result<Option<DpConfig>> {
+        let noise = match (self.noise_multiplier, self.target_epsilon) {
+            (None, None) if self.dp.is_some() => anyhow::bail!(
+                "DP mechanism {:?} needs --noise-multiplier or --target-epsilon",
+                self.dp.as_deref().unwrap_or_default()
+            ),
+            (None, None) => return Ok(None),
+            (Some(_), Some(_)) => {
+                anyhow::bail!("give either --noise-multiplier or --target-epsilon, not both")
+            }
+            (Some(z), None) => NoiseLevel::NoiseMultiplier(z),
+            (None, Some(e)) => NoiseLevel::TargetEpsilon(e),
+        };
+        let mechanism = match &self.dp {
+            Some(name) => name.parse::<Mechanism>().map_err(anyhow::Error::msg)?,
+            None if self.secagg => Mechanism::Distributed,
+            None => Mechanism::Central,
+        };
+        Ok(Some(DpConfig {
+            mechanism,
+            clip_norm: self.clip_norm,
+            noise,
+            delta: self.delta,
+            planned_rounds: self.rounds,
+            budget: self.dp_budget,
+            min_contributors: self.dp_min_contributors,
+        }))
     }
 
     pub fn concurrency(&self) -> usize {

@@ -104,6 +104,24 @@ pub async fn run(cfg: &SimConfig, split: &Split, observer: &mut dyn Observer) ->
         max_weight: largest_shard.max(1),
         ..SecAggConfig::default()
     });
+    // DP: Poisson sampling at rate `fraction` over the whole population,
+    // which is also the largest cohort the distributed encoding must fit.
+    let dp = cfg
+        .dp_config()?
+        .map(|c| {
+            c.plan(
+                cfg.fraction,
+                cfg.clients,
+                spec.param_count as usize,
+                cfg.clients,
+                cfg.secagg,
+            )
+        })
+        .transpose()
+        .context("differential privacy")?;
+    if let Some(plan) = &dp {
+        plan.log();
+    }
     let coordinator = Coordinator::new(
         CoordinatorConfig {
             rounds: cfg.rounds,
@@ -119,9 +137,11 @@ pub async fn run(cfg: &SimConfig, split: &Split, observer: &mut dyn Observer) ->
                 learning_rate: cfg.lr,
                 seed: cfg.seed,
                 secure_aggregation: cfg.secagg,
+                dp: None,
             },
             secagg,
             max_failed_rounds: DEFAULT_MAX_FAILED_ROUNDS,
+            dp,
         },
         spec.clone(),
         initial,

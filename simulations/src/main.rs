@@ -8,7 +8,8 @@ use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
-use clap::Parser;
+use clap::{Parser, Subcommand};
+use fedveil_common::dp::rdp;
 use fedveil_server::setup::MetricsFiles;
 use fedveil_sim::SimConfig;
 use fedveil_sim::progress::{ProgressObserver, human_bytes};
@@ -17,9 +18,12 @@ use fedveil_sim::progress::{ProgressObserver, human_bytes};
 #[command(
     name = "fedveil-sim",
     version,
-    about = "Run a federated learning simulation over loopback QUIC"
+    about = "Run a federated learning simulation over loopback QUIC",
+    args_conflicts_with_subcommands = true
 )]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// TOML file with any of the settings below (flags override it).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -86,12 +90,86 @@ struct Cli {
     /// Clip range of weighted update values before encoding [default: 1.0].
     #[arg(long)]
     secagg_clip: Option<f32>,
+    /// Differential privacy: distributed, central or local [default with DP
+    /// on: distributed under secure aggregation, else central].
+    #[arg(long)]
+    dp: Option<String>,
+    /// DP noise multiplier z (noise std / clip norm); turns DP on.
+    #[arg(long)]
+    noise_multiplier: Option<f64>,
+    /// DP: epsilon to reach after --rounds rounds (local DP: per round); turns DP on.
+    #[arg(long)]
+    target_epsilon: Option<f64>,
+    /// DP delta [default: 1e-5].
+    #[arg(long)]
+    delta: Option<f64>,
+    /// DP: L2 norm every update is clipped to [default: 1.0].
+    #[arg(long)]
+    clip_norm: Option<f64>,
+    /// DP: largest epsilon the run may spend [default: the target epsilon].
+    #[arg(long)]
+    dp_budget: Option<f64>,
+    /// Distributed DP: fewest contributors per round [default: 70% of the expected cohort].
+    #[arg(long)]
+    dp_min_contributors: Option<usize>,
     /// No progress bars (for CI and logs).
     #[arg(long, short)]
     quiet: bool,
     /// Log filter (error, warn, info, debug, trace, or a tracing directive).
     #[arg(long, default_value = "warn", env = "FEDVEIL_LOG")]
     log: String,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Privacy planning with the RDP accountant (Poisson-subsampled
+    /// Gaussian): prints epsilon, or with --target-epsilon the noise
+    /// multiplier, as a bare number on the last line.
+    Privacy(PrivacyArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct PrivacyArgs {
+    /// Probability q that a client takes part in a round.
+    #[arg(long)]
+    sampling_rate: f64,
+    /// Noise std over clip norm.
+    #[arg(
+        long,
+        required_unless_present = "target_epsilon",
+        conflicts_with = "target_epsilon"
+    )]
+    noise_multiplier: Option<f64>,
+    /// Epsilon to reach; prints the noise multiplier that does.
+    #[arg(long)]
+    target_epsilon: Option<f64>,
+    /// Rounds T.
+    #[arg(long)]
+    rounds: u64,
+    #[arg(long, default_value_t = fedveil_common::dp::DEFAULT_DELTA)]
+    delta: f64,
+}
+
+impl PrivacyArgs {
+    fn run(&self) -> Result<()> {
+        let (q, t, delta) = (self.sampling_rate, self.rounds, self.delta);
+        match (self.noise_multiplier, self.target_epsilon) {
+            (Some(z), _) => {
+                let eps = rdp::gaussian_epsilon(q, z, t, delta)?;
+                println!("epsilon after {t} rounds at q = {q}, z = {z}, delta = {delta:e}:");
+                println!("{eps}");
+            }
+            (None, Some(target)) => {
+                let z = rdp::gaussian_noise_multiplier(q, target, t, delta)?;
+                println!(
+                    "noise multiplier for epsilon {target} after {t} rounds at q = {q}, delta = {delta:e}:"
+                );
+                println!("{z}");
+            }
+            (None, None) => unreachable!("clap requires one"),
+        }
+        Ok(())
+    }
 }
 
 impl Cli {
@@ -121,7 +199,19 @@ impl Cli {
             round_timeout,
             secagg,
             secagg_bits,
-            secagg_clip
+            secagg_clip,
+            delta,
+            clip_norm
+        );
+        macro_rules! take_opt {
+            ($($field:ident),*) => { $( if self.$field.is_some() { c.$field = self.$field.clone(); } )* };
+        }
+        take_opt!(
+            dp,
+            noise_multiplier,
+            target_epsilon,
+            dp_budget,
+            dp_min_contributors
         );
         if self.secagg_degree.is_some() {
             c.secagg_degree = self.secagg_degree;
@@ -144,6 +234,9 @@ impl Cli {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    if let Some(Command::Privacy(args)) = &cli.command {
+        return args.run();
+    }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).context("--log")?)
         .with_writer(std::io::stderr)
@@ -179,6 +272,20 @@ fn main() -> Result<()> {
         if cfg.secagg { "on" } else { "off" },
         cfg.concurrency()
     );
+    if let Some(dp) = cfg.dp_config()? {
+        eprintln!(
+            "differential privacy: {:?}, clip norm {}, {}, delta {:e}, budget {}",
+            dp.mechanism,
+            dp.clip_norm,
+            match dp.noise {
+                fedveil_common::dp::NoiseLevel::NoiseMultiplier(z) =>
+                    format!("noise multiplier {z}"),
+                fedveil_common::dp::NoiseLevel::TargetEpsilon(e) => format!("target epsilon {e}"),
+            },
+            dp.delta,
+            dp.budget.map_or("= target".to_owned(), |b| b.to_string())
+        );
+    }
     let mut observer = ProgressObserver::new(cfg.rounds, files, cli.quiet);
     let runtime = tokio::runtime::Runtime::new()?;
     let report = runtime.block_on(fedveil_sim::run(&cfg, &loaded.split, &mut observer))?;
@@ -217,6 +324,12 @@ fn main() -> Result<()> {
         human_bytes(up),
         human_bytes(down)
     );
+    if let Some(eps) = m.last().and_then(|r| r.epsilon) {
+        println!(
+            "  privacy spent      epsilon {eps:.4} at delta {:e}",
+            cfg.delta
+        );
+    }
     println!("  wall time          {:.1}s", report.wall.as_secs_f64());
     println!("  clients failed     {}", failed_clients.len());
     for f in failed_clients.iter().take(5) {
@@ -257,5 +370,72 @@ mod tests {
         let (d, explicit) = Cli::parse_from(["fedveil-sim"]).resolve().unwrap();
         assert_eq!(d, SimConfig::default());
         assert!(!explicit);
+        assert_eq!(d.dp_config().unwrap(), None);
+    }
+
+    #[test]
+    fn dp_flags_turn_dp_on_with_the_right_default_mechanism() {
+        use fedveil_common::dp::{Mechanism, NoiseLevel};
+        let (c, _) = Cli::parse_from(["fedveil-sim", "--target-epsilon", "3"])
+            .resolve()
+            .unwrap();
+        let dp = c.dp_config().unwrap().unwrap();
+        assert_eq!(dp.mechanism, Mechanism::Distributed);
+        assert_eq!(dp.noise, NoiseLevel::TargetEpsilon(3.0));
+        let (c, _) = Cli::parse_from([
+            "fedveil-sim",
+            "--secagg",
+            "false",
+            "--noise-multiplier",
+            "1.1",
+        ])
+        .resolve()
+        .unwrap();
+        assert_eq!(
+            c.dp_config().unwrap().unwrap().mechanism,
+            Mechanism::Central
+        );
+        let (c, _) = Cli::parse_from(["fedveil-sim", "--dp", "local"])
+            .resolve()
+            .unwrap();
+        assert!(c.dp_config().is_err());
+        let (c, _) = Cli::parse_from(["fedveil-sim", "--dp", "laplace", "--noise-multiplier", "1"])
+            .resolve()
+            .unwrap();
+        assert!(c.dp_config().is_err());
+    }
+
+    #[test]
+    fn privacy_subcommand_parses() {
+        let cli = Cli::parse_from([
+            "fedveil-sim",
+            "privacy",
+            "--sampling-rate",
+            "0.01",
+            "--noise-multiplier",
+            "1.1",
+            "--rounds",
+            "1000",
+            "--delta",
+            "1e-5",
+        ]);
+        let Some(Command::Privacy(p)) = cli.command else {
+            panic!("no subcommand")
+        };
+        assert_eq!(
+            (p.sampling_rate, p.noise_multiplier, p.rounds),
+            (0.01, Some(1.1), 1000)
+        );
+        assert!(
+            Cli::try_parse_from([
+                "fedveil-sim",
+                "privacy",
+                "--sampling-rate",
+                "0.1",
+                "--rounds",
+                "3"
+            ])
+            .is_err()
+        );
     }
 }

@@ -80,6 +80,10 @@ impl Observer for ProgressObserver {
                 self.overall
                     .println(format!("round {round} failed: {reason}"));
             }
+            Event::BudgetExhausted(exceeded) => {
+                self.overall
+                    .println(format!("privacy budget exhausted: {exceeded}"));
+            }
             _ => {}
         }
         tracing::debug!(?event, "event");
@@ -89,7 +93,7 @@ impl Observer for ProgressObserver {
         self.overall.inc(1);
         self.overall
             .set_message(format!("acc {:.4}  loss {:.4}", m.accuracy, m.loss));
-        let line = format!(
+        let mut line = format!(
             "round {:>4}  accuracy {:.4}  loss {:.4}  clients {}/{}  up {}  down {}  {:.2}s",
             m.round,
             m.accuracy,
@@ -100,6 +104,9 @@ impl Observer for ProgressObserver {
             human_bytes(m.bytes_down),
             m.round_secs
         );
+        if let Some(eps) = m.epsilon {
+            line.push_str(&format!("  epsilon {eps:.3}"));
+        }
         if self.plain {
             eprintln!("{line}");
         } else {

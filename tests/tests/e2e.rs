@@ -36,6 +36,7 @@ fn round_config() -> RoundConfig {
         learning_rate: 0.1,
         seed: 3,
         secure_aggregation: false,
+        dp: None,
     }
 }
 
@@ -83,6 +84,7 @@ fn start_server(split: &Split, rounds: u64, min_clients: usize, timeout: Duratio
         round: round_config(),
         secagg: None,
         max_failed_rounds: 3,
+        dp: None,
     };
     let coordinator = Coordinator::new(config, spec.clone(), initial.clone(), 1).unwrap();
     let evaluator = ModelEvaluator::new("cnn", Arc::clone(&split.test), &device).unwrap();

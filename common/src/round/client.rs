@@ -10,6 +10,7 @@ use std::collections::VecDeque;
 
 use rand_chacha::ChaCha20Rng;
 
+use crate::dp::{DpRound, PrivatizeError, Privatized};
 use crate::secagg::client::{ClientError as SecAggError, SecAggClient};
 use crate::wire::{
     Evaluation, Hello, Message, ModelSpec, PROTOCOL_VERSION, ReasonCode, RoundConfig, SecAgg,
@@ -59,6 +60,12 @@ pub enum SessionError {
     NotTraining(u64),
     #[error("secure aggregation, round {round}: {source}")]
     SecAgg { round: u64, source: SecAggError },
+    #[error("differential privacy, round {round}: {source}")]
+    Privacy { round: u64, source: PrivatizeError },
+    #[error(
+        "round {0} asks for distributed DP without secure aggregation; refusing to send noised integers in the clear"
+    )]
+    DistributedDpInTheClear(u64),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,6 +101,8 @@ pub struct ClientSession {
     secure: Option<SecureRound>,
     /// Config and model of a secure round whose setup has not arrived yet.
     pending_secure: Option<(RoundConfig, Vec<f32>)>,
+    /// The DP step of the round being trained.
+    round_dp: Option<DpRound>,
 }
 
 impl std::fmt::Debug for ClientSession {
@@ -127,6 +136,7 @@ impl ClientSession {
             rng,
             secure: None,
             pending_secure: None,
+            round_dp: None,
         }
     }
 
@@ -211,6 +221,7 @@ impl ClientSession {
                 // A newer round supersedes one still in progress (we were late).
                 self.last_round = start.round;
                 self.secure = None;
+                self.round_dp = start.config.dp.clone();
                 if start.config.secure_aggregation {
                     self.state = State::KeyExchange(start.round);
                     self.pending_secure = Some((start.config, start.global_model));
@@ -292,34 +303,58 @@ impl ClientSession {
         }
     }
 
-    /// The driver's result for `round`: queues the evaluation and the update
-    /// (or, in a secure round, the masked update alone: per-client metrics
-    /// would leak what secure aggregation hides).
+    /// The driver's result for `round`: applies the round's DP step, then
+    /// queues the evaluation and the update (or, in a secure round, the
+    /// masked update alone: per-client metrics would leak what secure
+    /// aggregation hides). Under DP no evaluation, loss or example count
+    /// leaves the device either: each would be an un-noised release.
     ///
     /// A result for a round that was superseded is refused, never sent.
     pub fn submit(
         &mut self,
-        update: Update,
-        evaluation: Option<Evaluation>,
+        mut update: Update,
+        mut evaluation: Option<Evaluation>,
     ) -> Result<(), SessionError> {
         if self.state != State::Training(update.round) {
             return Err(SessionError::NotTraining(update.round));
         }
         let round = update.round;
+        let len = self.spec.param_count as usize;
+        let mut integers = None;
+        if let Some(dp) = self.round_dp.clone() {
+            let delta = std::mem::take(&mut update.delta);
+            match dp.privatize(delta, &mut self.rng) {
+                Ok((Privatized::Real(v), _)) => update.delta = v,
+                Ok((Privatized::Integers(v), _)) => integers = Some(v),
+                Err(source) => {
+                    self.abandon_round();
+                    return Err(SessionError::Privacy { round, source });
+                }
+            }
+            update.num_examples = 1;
+            update.train_loss = f32::NAN;
+            evaluation = None;
+        }
         if let Some(s) = self.secure.as_mut() {
-            let len = self.spec.param_count as usize;
-            match s.client.mask(&update.delta, update.num_examples, len) {
+            let masked = match &integers {
+                Some(v) => s.client.mask_integers(v, len),
+                None => s.client.mask(&update.delta, update.num_examples, len),
+            };
+            return match masked {
                 Ok(masked) => {
                     self.state = State::Unmasking(round);
                     self.outbox.push_back(Message::SecAgg(masked));
-                    return Ok(());
+                    Ok(())
                 }
                 Err(source) => {
-                    self.secure = None;
-                    self.state = State::Ready;
-                    return Err(self.secagg_err(round, source));
+                    self.abandon_round();
+                    Err(self.secagg_err(round, source))
                 }
-            }
+            };
+        }
+        if integers.is_some() {
+            self.abandon_round();
+            return Err(SessionError::DistributedDpInTheClear(round));
         }
         self.state = State::Ready;
         if let Some(eval) = evaluation {
@@ -327,5 +362,11 @@ impl ClientSession {
         }
         self.outbox.push_back(Message::Update(update));
         Ok(())
+    }
+
+    /// Leaves the current round without sending anything more.
+    fn abandon_round(&mut self) {
+        self.secure = None;
+        self.state = State::Ready;
     }
 }

@@ -18,11 +18,12 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rand::SeedableRng;
 use rand::seq::IndexedRandom;
+use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
 use crate::aggregate::{AggregateError, WeightedMean};
+use crate::dp::{self, DpPlan, Mechanism, PrivacyLedger};
 use crate::secagg::server::{Outcome, SecAggServer, Stage as SecAggStage};
 use crate::secagg::{DEFAULT_BITS, DEFAULT_CLIP, DEFAULT_EXPECTED_DROPOUT, DEFAULT_MAX_WEIGHT};
 use crate::wire::{
@@ -120,6 +121,10 @@ pub struct CoordinatorConfig {
     /// The run ends after this many failed rounds (no valid update, or a
     /// secure-aggregation abort), so a broken setup does not loop forever.
     pub max_failed_rounds: u64,
+    /// Differential privacy: cohorts are then Poisson-sampled (each client
+    /// independently with probability `fraction`, from OS randomness),
+    /// updates unweighted, and every round charged to the privacy ledger.
+    pub dp: Option<DpPlan>,
 }
 
 impl CoordinatorConfig {
@@ -158,6 +163,31 @@ impl CoordinatorConfig {
             return Err(ConfigError(
                 "round.secure_aggregation must match the secagg setting".into(),
             ));
+        }
+        if let Some(plan) = &self.dp {
+            if (plan.sampling_rate - self.fraction).abs() > 1e-12 {
+                return Err(ConfigError(format!(
+                    "the DP plan assumes sampling rate {}, the server samples {}",
+                    plan.sampling_rate, self.fraction
+                )));
+            }
+            if plan.config.mechanism == Mechanism::Distributed {
+                match &self.secagg {
+                    None => {
+                        return Err(ConfigError(
+                            dp::DpConfigError::DistributedWithoutSecAgg.to_string(),
+                        ));
+                    }
+                    Some(sa) if sa.bits != dp::DEFAULT_DP_BITS => {
+                        return Err(ConfigError(format!(
+                            "distributed DP is calibrated for {} secure-aggregation bits, not {}",
+                            dp::DEFAULT_DP_BITS,
+                            sa.bits
+                        )));
+                    }
+                    Some(_) => {}
+                }
+            }
         }
         if let Some(sa) = &self.secagg {
             // Check the settings for the cohort this config expects.
@@ -216,6 +246,8 @@ pub struct RoundSummary {
     /// (not known under secure aggregation).
     pub train_loss: Option<f32>,
     pub secure: bool,
+    /// Epsilon spent after this round (with DP on).
+    pub epsilon: Option<f64>,
     /// Example-weighted evaluation of the incoming global model on the
     /// clients' own data, if any client reported one.
     pub client_eval: Option<ClientEvalSummary>,
@@ -263,6 +295,8 @@ pub enum Event {
         round: u64,
         reason: String,
     },
+    /// The next round would exceed the privacy budget: the run ends.
+    BudgetExhausted(dp::BudgetExceeded),
     /// All rounds are done; goodbyes are queued.
     Finished {
         rounds_completed: u64,
@@ -331,6 +365,9 @@ pub struct Coordinator {
     clients: BTreeMap<ClientId, ClientEntry>,
     next_id: ClientId,
     rng: ChaCha20Rng,
+    /// OS-seeded: DP cohort sampling and server noise must be unpredictable.
+    secret_rng: ChaCha20Rng,
+    ledger: Option<PrivacyLedger>,
     phase: Phase,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
@@ -340,12 +377,14 @@ impl Coordinator {
     /// A coordinator that starts at round `first_round` (1 for a new run)
     /// with `global_model` as the current global model.
     pub fn new(
-        cfg: CoordinatorConfig,
+        mut cfg: CoordinatorConfig,
         spec: ModelSpec,
         global_model: Vec<f32>,
         first_round: u64,
     ) -> Result<Self, ConfigError> {
         cfg.validate()?;
+        cfg.round.dp = cfg.dp.as_ref().map(|p| p.round.clone());
+        let ledger = cfg.dp.as_ref().map(DpPlan::ledger);
         if global_model.len() as u64 != spec.param_count {
             return Err(ConfigError(format!(
                 "initial model has {} values, the model spec says {}",
@@ -364,6 +403,8 @@ impl Coordinator {
             clients: BTreeMap::new(),
             next_id: 1,
             rng,
+            secret_rng: rand::make_rng(),
+            ledger,
             phase: Phase::Waiting,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -384,6 +425,38 @@ impl Coordinator {
 
     pub fn rounds_completed(&self) -> u64 {
         self.rounds_completed
+    }
+
+    /// The privacy ledger (with DP on).
+    pub fn ledger(&self) -> Option<&PrivacyLedger> {
+        self.ledger.as_ref()
+    }
+
+    /// Continues a run with the ledger it had spent so far (after a
+    /// restart); refused if it was kept for another delta or order grid, or
+    /// if it has already spent this run's budget.
+    pub fn restore_ledger(&mut self, ledger: PrivacyLedger) -> Result<(), ConfigError> {
+        match &self.ledger {
+            Some(fresh) if fresh.compatible_with(&ledger) => {
+                let budget = fresh.budget;
+                let spent = ledger.epsilon();
+                if spent >= budget {
+                    return Err(ConfigError(
+                        dp::DpConfigError::BudgetSpent { spent, budget }.to_string(),
+                    ));
+                }
+                let mut ledger = ledger;
+                ledger.budget = budget;
+                self.ledger = Some(ledger);
+                Ok(())
+            }
+            Some(_) => Err(ConfigError(
+                "the saved privacy ledger uses another delta or order grid".into(),
+            )),
+            None => Err(ConfigError(
+                "a privacy ledger was saved but DP is off for this run".into(),
+            )),
+        }
     }
 
     /// Admitted clients.
@@ -612,7 +685,21 @@ impl Coordinator {
                 ),
             ))
         } else {
-            sum.add(&update.delta, update.num_examples as f64)
+            // Under DP updates are unweighted; a trusted (central-DP) server
+            // also enforces the clip itself.
+            let mut delta = update.delta;
+            let weight = match &self.cfg.dp {
+                None => update.num_examples as f64,
+                Some(plan) => {
+                    if plan.config.mechanism == Mechanism::Central
+                        && delta.iter().all(|v| v.is_finite())
+                    {
+                        dp::clip::clip_l2(&mut delta, plan.config.clip_norm);
+                    }
+                    1.0
+                }
+            };
+            sum.add(&delta, weight)
                 .map_err(|e| (reason_for(&e), e.to_string()))
         };
         r.pending.remove(&id);
@@ -702,14 +789,7 @@ impl Coordinator {
                 Ok(Some(outcome)) => return self.finish_secure(now, outcome, timed_out),
                 Err(abort) => {
                     let round = r.round;
-                    self.phase = Phase::BetweenRounds;
-                    self.next_round = round + 1;
-                    self.rounds_failed += 1;
-                    self.events.push_back(Event::RoundFailed {
-                        round,
-                        reason: format!("secure aggregation aborted: {abort}"),
-                    });
-                    return;
+                    return self.fail_round(round, format!("secure aggregation aborted: {abort}"));
                 }
             }
         }
@@ -719,11 +799,13 @@ impl Coordinator {
         let Phase::Collecting(r) = std::mem::replace(&mut self.phase, Phase::BetweenRounds) else {
             return;
         };
-        for (g, d) in self.global.iter_mut().zip(&outcome.mean) {
+        let update = self.dp_update(outcome.mean, Some(&outcome.sum), outcome.survivors.len());
+        for (g, d) in self.global.iter_mut().zip(&update) {
             *g += d;
         }
         self.rounds_completed += 1;
         self.next_round = r.round + 1;
+        let epsilon = self.epsilon();
         let survivors: BTreeSet<ClientId> = outcome.survivors.iter().copied().collect();
         let dropped = r
             .cohort
@@ -739,6 +821,7 @@ impl Coordinator {
             total_examples: outcome.total_weight.round() as u64,
             train_loss: None,
             secure: true,
+            epsilon,
             client_eval: None,
             timed_out: timed_out || r.timed_out,
             started_at: r.started_at,
@@ -798,13 +881,39 @@ impl Coordinator {
             .filter_map(|(&id, c)| c.node_name.as_deref().map(|n| (n, id)))
             .collect();
         candidates.sort_unstable();
-        let k = self.cfg.cohort_size(candidates.len());
-        let mut cohort: Vec<ClientId> = candidates
-            .sample(&mut self.rng, k)
-            .map(|&(_, id)| id)
-            .collect();
+        let mut cohort: Vec<ClientId> = match &self.cfg.dp {
+            // Poisson sampling, as the accountant assumes.
+            Some(plan) => {
+                let q = plan.sampling_rate;
+                candidates
+                    .iter()
+                    .filter(|_| self.secret_rng.random::<f64>() < q)
+                    .map(|&(_, id)| id)
+                    .collect()
+            }
+            None => {
+                let k = self.cfg.cohort_size(candidates.len());
+                candidates
+                    .sample(&mut self.rng, k)
+                    .map(|&(_, id)| id)
+                    .collect()
+            }
+        };
         cohort.sort_unstable();
         let round = self.next_round;
+        if let Some(plan) = &self.cfg.dp {
+            let needed = plan.min_contributors.max(1);
+            if cohort.len() < needed {
+                // Nothing is sent, so nothing is released or charged.
+                return self.fail_round(
+                    round,
+                    format!(
+                        "Poisson sampling drew {} clients, fewer than the {needed} the DP noise is calibrated to",
+                        cohort.len()
+                    ),
+                );
+            }
+        }
         let (agg, setups) = match &self.cfg.secagg {
             None => (
                 Aggregation::Plain(WeightedMean::new(self.global.len())),
@@ -818,33 +927,48 @@ impl Coordinator {
                         cohort.len()
                     ))
                 } else {
-                    SecAggServer::new(
-                        round,
-                        sa.params(cohort.len()),
-                        &cohort,
-                        self.global.len(),
-                        graph_seed,
-                    )
-                    .map_err(|e| e.to_string())
+                    let mut params = sa.params(cohort.len());
+                    if let Some(plan) = &self.cfg.dp
+                        && plan.config.mechanism == Mechanism::Distributed
+                    {
+                        params.min_survivors = plan.min_contributors as u32;
+                    }
+                    SecAggServer::new(round, params, &cohort, self.global.len(), graph_seed)
+                        .map_err(|e| e.to_string())
                 };
                 match built {
                     Ok((server, setups)) => (Aggregation::Secure(Box::new(server)), setups),
                     Err(err) => {
-                        self.next_round = round + 1;
-                        self.phase = Phase::BetweenRounds;
-                        self.rounds_failed += 1;
-                        self.events.push_back(Event::RoundFailed {
-                            round,
-                            reason: format!(
-                                "cannot run secure aggregation for a cohort of {}: {err}",
-                                cohort.len()
-                            ),
-                        });
-                        return;
+                        let reason = format!(
+                            "cannot run secure aggregation for a cohort of {}: {err}",
+                            cohort.len()
+                        );
+                        return self.fail_round(round, reason);
                     }
                 }
             }
         };
+        // Charge the round before any client sees it.
+        if let (Some(ledger), Some(plan)) = (&mut self.ledger, &self.cfg.dp) {
+            match ledger.charge(round, &plan.rdp_per_round) {
+                Ok(eps) => tracing::info!(
+                    round,
+                    epsilon = eps,
+                    delta = plan.config.delta,
+                    "privacy spent"
+                ),
+                Err(exceeded) => {
+                    tracing::warn!(%exceeded, "privacy budget reached");
+                    self.phase = Phase::Finished;
+                    self.say_goodbye(&exceeded.to_string());
+                    self.events.push_back(Event::BudgetExhausted(exceeded));
+                    self.events.push_back(Event::Finished {
+                        rounds_completed: self.rounds_completed,
+                    });
+                    return;
+                }
+            }
+        }
         let start = Arc::new(Message::RoundStart(RoundStart {
             round,
             config: self.cfg.round.clone(),
@@ -886,6 +1010,48 @@ impl Coordinator {
         }));
     }
 
+    /// The round ends without touching the global model.
+    fn fail_round(&mut self, round: u64, reason: String) {
+        self.next_round = round + 1;
+        self.phase = Phase::BetweenRounds;
+        self.rounds_failed += 1;
+        self.events.push_back(Event::RoundFailed { round, reason });
+    }
+
+    /// The update to add to the global model, from the contributors' mean
+    /// (or, for distributed DP, the unmasked integer sum): central DP adds
+    /// the server's noise to the sum; central and distributed DP divide the
+    /// noisy sum by the expected cohort size (a data-independent divisor).
+    fn dp_update(&mut self, mean: Vec<f32>, integer_sum: Option<&[u32]>, count: usize) -> Vec<f32> {
+        let Some(plan) = &self.cfg.dp else {
+            return mean;
+        };
+        let denominator = plan.denominator.unwrap_or(count as f64).max(1.0);
+        match (&plan.round, integer_sum) {
+            (dp::DpRound::Distributed { granularity, .. }, Some(sum)) => {
+                let bits = dp::DEFAULT_DP_BITS;
+                sum[..mean.len()]
+                    .iter()
+                    .map(|&s| (dp::centered(s, bits) as f64 * granularity / denominator) as f32)
+                    .collect()
+            }
+            (dp::DpRound::Central { .. }, _) => {
+                let mut sum: Vec<f64> = mean.iter().map(|&m| f64::from(m) * count as f64).collect();
+                dp::noise::add_gaussian_to_sum(
+                    &mut sum,
+                    plan.server_noise_std,
+                    &mut self.secret_rng,
+                );
+                sum.iter().map(|&s| (s / denominator) as f32).collect()
+            }
+            _ => mean,
+        }
+    }
+
+    fn epsilon(&self) -> Option<f64> {
+        self.ledger.as_ref().map(PrivacyLedger::epsilon)
+    }
+
     fn maybe_finish(&mut self, now: Instant) {
         if let Phase::Collecting(r) = &self.phase
             && r.pending.is_empty()
@@ -920,12 +1086,14 @@ impl Coordinator {
             self.next_round = r.round + 1;
             return;
         };
-        for (g, d) in self.global.iter_mut().zip(&mean) {
+        let total = sum.total_weight();
+        let update = self.dp_update(mean, None, r.contributors.len());
+        for (g, d) in self.global.iter_mut().zip(&update) {
             *g += d;
         }
         self.rounds_completed += 1;
         self.next_round = r.round + 1;
-        let total = sum.total_weight();
+        let epsilon = self.epsilon();
         let client_eval = (r.eval.2 > 0).then(|| ClientEvalSummary {
             examples: r.eval.2,
             loss: (r.eval.0 / r.eval.2 as f64) as f32,
@@ -938,8 +1106,9 @@ impl Coordinator {
             contributors: r.contributors,
             dropped: r.dropped,
             total_examples: total as u64,
-            train_loss: Some((r.loss_sum / total) as f32),
+            train_loss: self.cfg.dp.is_none().then(|| (r.loss_sum / total) as f32),
             secure: false,
+            epsilon,
             client_eval,
             timed_out,
             started_at: r.started_at,

@@ -32,9 +32,11 @@ fn cfg(rounds: u64, min_clients: usize, fraction: f64) -> CoordinatorConfig {
             learning_rate: 0.1,
             seed: 1,
             secure_aggregation: false,
+            dp: None,
         },
         secagg: None,
         max_failed_rounds: 5,
+        dp: None,
     }
 }
 
@@ -654,4 +656,306 @@ fn plain_updates_are_refused_in_secure_rounds() {
         h.errors_to,
         vec![(trains[0].0, ReasonCode::UnexpectedMessage)]
     );
+}
+
+// ---- Differential privacy -------------------------------------------------
+
+use crate::dp::{DpConfig, DpPlan, DpRound, Mechanism, NoiseLevel};
+
+fn dp_plan(
+    mechanism: Mechanism,
+    z: f64,
+    population: usize,
+    q: f64,
+    rounds: u64,
+    budget: Option<f64>,
+    min_contributors: Option<usize>,
+) -> DpPlan {
+    DpConfig {
+        mechanism,
+        clip_norm: 1.0,
+        noise: NoiseLevel::NoiseMultiplier(z),
+        delta: 1e-5,
+        planned_rounds: rounds,
+        budget,
+        min_contributors,
+    }
+    .plan(
+        q,
+        population,
+        D,
+        population,
+        mechanism == Mechanism::Distributed,
+    )
+    .unwrap()
+}
+
+#[test]
+fn central_dp_clips_unweights_noises_and_divides_by_the_expected_cohort() {
+    let mut c = cfg(1, 4, 1.0);
+    c.dp = Some(dp_plan(Mechanism::Central, 1e-4, 4, 1.0, 1, None, None));
+    let mut h = Harness::new(c, 4);
+    let reqs = h.train_requests();
+    assert_eq!(reqs.len(), 4);
+    // One client bypasses its session: the server clips it anyway.
+    let (rogue, _, _) = reqs[0];
+    h.send_raw(
+        rogue,
+        Message::Update(Update {
+            round: 1,
+            num_examples: 1000,
+            train_loss: 0.1,
+            delta: vec![3.0, 4.0, 0.0, 0.0],
+        }),
+    );
+    for (id, round, _) in &reqs[1..] {
+        h.submit(*id, *round, vec![0.1, 0.0, 0.0, 0.0], 500);
+    }
+    let s = h.completed()[0].clone();
+    assert_eq!(s.contributors.len(), 4);
+    assert_eq!(s.total_examples, 4, "unweighted under DP");
+    assert!(
+        s.train_loss.is_none() && s.client_eval.is_none(),
+        "no un-noised per-client release"
+    );
+    assert!(s.epsilon.unwrap() > 0.0);
+    let want = [(0.6 + 0.3) / 4.0, 0.8 / 4.0, 0.0, 0.0];
+    for (g, w) in h.server.global_model().iter().zip(want) {
+        assert!((f64::from(*g) - w).abs() < 1e-3, "{g} vs {w}");
+    }
+    assert_ne!(h.server.global_model()[2], 0.0, "the server added noise");
+}
+
+#[test]
+fn the_budget_stops_the_run_before_a_round_that_would_exceed_it() {
+    let probe = dp_plan(Mechanism::Central, 2.0, 3, 1.0, 10, None, None);
+    let budget = probe.epsilon_after(2) * 1.000_001;
+    let mut c = cfg(10, 3, 1.0);
+    c.dp = Some(dp_plan(
+        Mechanism::Central,
+        2.0,
+        3,
+        1.0,
+        10,
+        Some(budget),
+        None,
+    ));
+    let mut h = Harness::new(c, 3);
+    for _ in 0..10 {
+        let reqs = h.train_requests();
+        if reqs.is_empty() {
+            break;
+        }
+        for (id, round, _) in reqs {
+            h.submit(id, round, vec![0.0; D], 1);
+        }
+        h.server.start_next_round(h.now);
+        h.pump();
+    }
+    assert_eq!(h.server.rounds_completed(), 2);
+    assert!(h.server.is_finished());
+    let exhausted = h
+        .events
+        .iter()
+        .find_map(|e| match e {
+            Event::BudgetExhausted(x) => Some(x.clone()),
+            _ => None,
+        })
+        .expect("budget event");
+    assert_eq!(exhausted.round, 3);
+    assert!(exhausted.would_be > budget && exhausted.spent <= budget);
+    let ledger = h.server.ledger().unwrap();
+    assert_eq!(ledger.rounds_charged(), 2);
+    assert!(ledger.epsilon() <= budget);
+    assert!(h.clients.values().all(|c| c.is_finished()), "goodbye sent");
+}
+
+#[test]
+fn dp_cohorts_are_poisson_sampled() {
+    let mut c = cfg(40, 40, 0.5);
+    c.dp = Some(dp_plan(
+        Mechanism::Central,
+        1.0,
+        40,
+        0.5,
+        40,
+        Some(1e6),
+        None,
+    ));
+    let mut h = Harness::new(c, 40);
+    let mut sizes = Vec::new();
+    for _ in 0..40 {
+        let reqs = h.train_requests();
+        sizes.push(reqs.len());
+        for (id, round, _) in reqs {
+            h.submit(id, round, vec![0.0; D], 1);
+        }
+        h.server.start_next_round(h.now);
+        h.pump();
+    }
+    let mean = sizes.iter().sum::<usize>() as f64 / sizes.len() as f64;
+    // Binomial(40, 0.5): mean 20, sd 3.2; the mean of 40 rounds has sd 0.5.
+    assert!((mean - 20.0).abs() < 2.5, "mean cohort {mean}: {sizes:?}");
+    assert!(
+        sizes.iter().any(|&s| s != sizes[0]),
+        "cohort sizes vary: {sizes:?}"
+    );
+}
+
+#[test]
+fn local_dp_noise_is_added_on_the_client() {
+    let mut c = cfg(1, 3, 1.0);
+    c.dp = Some(dp_plan(Mechanism::Local, 1.0, 3, 1.0, 1, None, None));
+    let mut h = Harness::new(c, 3);
+    for (id, round, _) in h.train_requests() {
+        h.submit(id, round, vec![0.0; D], 50);
+    }
+    let s = h.completed()[0].clone();
+    assert_eq!(s.total_examples, 3);
+    // Each client added N(0, (2 z C)^2) = N(0, 4): the mean is far from 0.
+    assert!(h.server.global_model().iter().any(|v| v.abs() > 1e-3));
+}
+
+#[test]
+fn distributed_dp_sums_noised_integers_under_secagg() {
+    let n = 5;
+    let mut c = secure_cfg(n);
+    c.dp = Some(dp_plan(
+        Mechanism::Distributed,
+        1e-3,
+        n,
+        1.0,
+        1,
+        None,
+        Some(3),
+    ));
+    let mut h = Harness::new(c, n);
+    let trains = settle(&mut h);
+    assert_eq!(trains.len(), n);
+    let mut sum = [0.0f64; D];
+    for (i, (id, round, _)) in trains.iter().enumerate() {
+        let delta = vec![0.1 * i as f32, -0.2, 0.3, 0.0];
+        for (s, d) in sum.iter_mut().zip(&delta) {
+            *s += f64::from(*d);
+        }
+        submit_secure(&mut h, *id, *round, delta, 1000);
+    }
+    settle(&mut h);
+    let s = h.completed()[0].clone();
+    assert!(s.secure && s.epsilon.is_some());
+    for (g, want) in h
+        .server
+        .global_model()
+        .iter()
+        .zip(sum.map(|x| x / n as f64))
+    {
+        // Noise std z * C / n = 2e-4 per value; rounding is ~1e-8.
+        assert!((f64::from(*g) - want).abs() < 2e-3, "{g} vs {want}");
+    }
+}
+
+#[test]
+fn distributed_dp_aborts_before_unmasking_too_few_contributors() {
+    let n = 5;
+    let mut c = secure_cfg(n);
+    c.dp = Some(dp_plan(
+        Mechanism::Distributed,
+        1.0,
+        n,
+        1.0,
+        1,
+        None,
+        Some(5),
+    ));
+    let mut h = Harness::new(c, n);
+    let trains = settle(&mut h);
+    // One leaves before masking: 4 inputs would satisfy SecAgg's own t + 1,
+    // but not the 5 the noise is calibrated to.
+    for (id, _, _) in &trains[..1] {
+        h.server.disconnect(*id, h.now);
+        h.clients.remove(id);
+    }
+    for (id, round, _) in &trains[1..] {
+        submit_secure(&mut h, *id, *round, vec![0.5; D], 10);
+    }
+    settle(&mut h);
+    assert!(h.completed().is_empty());
+    assert!(
+        h.events.iter().any(
+            |e| matches!(e, Event::RoundFailed { reason, .. } if reason.contains("at least 5"))
+        ),
+        "{:?}",
+        h.events
+    );
+    assert_eq!(h.server.global_model(), &[0.0; D], "model unchanged");
+}
+
+#[test]
+fn client_refuses_distributed_dp_without_secure_aggregation() {
+    let mut c = ClientSession::new("n", spec(), 10, rng());
+    c.poll_transmit();
+    c.handle_message(Message::Welcome(crate::wire::Welcome {
+        version: crate::wire::PROTOCOL_VERSION,
+        client_id: 1,
+        model: spec(),
+    }))
+    .unwrap();
+    let plan = dp_plan(Mechanism::Distributed, 1.0, 5, 1.0, 1, None, None);
+    let mut config = cfg(1, 1, 1.0).round;
+    config.dp = Some(plan.round.clone());
+    assert!(matches!(plan.round, DpRound::Distributed { .. }));
+    c.handle_message(Message::RoundStart(crate::wire::RoundStart {
+        round: 1,
+        config,
+        global_model: vec![0.0; D],
+    }))
+    .unwrap();
+    let err = c
+        .submit(
+            Update {
+                round: 1,
+                num_examples: 1,
+                train_loss: 0.0,
+                delta: vec![0.1; D],
+            },
+            None,
+        )
+        .unwrap_err();
+    assert_eq!(err, SessionError::DistributedDpInTheClear(1));
+    assert!(c.poll_transmit().is_none(), "nothing sent");
+}
+
+#[test]
+fn a_restored_ledger_continues_and_a_spent_one_is_refused() {
+    let plan = dp_plan(Mechanism::Central, 1.0, 3, 1.0, 10, None, None);
+    let mut c = cfg(10, 3, 1.0);
+    c.dp = Some(plan.clone());
+    let mut spent = plan.ledger();
+    for round in 1..=3 {
+        spent.charge(round, &plan.rdp_per_round).unwrap();
+    }
+    let mut server = Coordinator::new(c.clone(), spec(), vec![0.0; D], 4).unwrap();
+    server.restore_ledger(spent.clone()).unwrap();
+    assert_eq!(server.ledger().unwrap().rounds_charged(), 3);
+    // A ledger that already reached this run's budget: refused up front.
+    let mut tight = c.clone();
+    tight.dp = Some(dp_plan(
+        Mechanism::Central,
+        1.0,
+        3,
+        1.0,
+        10,
+        Some(spent.epsilon()),
+        None,
+    ));
+    let mut server = Coordinator::new(tight, spec(), vec![0.0; D], 4).unwrap();
+    let err = server.restore_ledger(spent.clone()).unwrap_err();
+    assert!(err.to_string().contains("already spent"), "{err}");
+    // Another delta: refused.
+    let mut other = c;
+    let mut cfg_other = plan.config.clone();
+    cfg_other.delta = 1e-6;
+    other.dp = Some(cfg_other.plan(1.0, 3, D, 3, false).unwrap());
+    let mut server = Coordinator::new(other, spec(), vec![0.0; D], 4).unwrap();
+    assert!(server.restore_ledger(spent).is_err());
 }

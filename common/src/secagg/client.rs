@@ -305,25 +305,58 @@ impl SecAggClient {
             return Err(ClientError::NonFinite(i));
         }
         let w = self.params.weight(num_examples);
-        let mut masked: Vec<u32> = update
+        let mut encoded: Vec<u32> = update
             .iter()
             .map(|&v| self.values.encode((f64::from(v) * w) as f32))
             .collect();
-        masked.push(self.weights.encode(w as f32));
+        encoded.push(self.weights.encode(w as f32));
+        Ok(self.mask_encoded(encoded))
+    }
+
+    /// Masks integers that are already final (distributed DP: rounded,
+    /// noised), each taken mod 2^bits, with a count of 1 in the weight slot,
+    /// so the server unmasks their exact sum and the number of contributors.
+    pub fn mask_integers(
+        &mut self,
+        values: &[i64],
+        expected_len: usize,
+    ) -> Result<SecAgg, ClientError> {
+        self.expect(Stage::ReadyToMask, "masked-input")?;
+        if values.len() != expected_len {
+            return Err(ClientError::WrongLength {
+                got: values.len(),
+                expected: expected_len,
+            });
+        }
+        let modulus = 1i128 << self.params.bits;
+        let mut encoded: Vec<u32> = values
+            .iter()
+            .map(|&v| i128::from(v).rem_euclid(modulus) as u32)
+            .collect();
+        encoded.push(1);
+        Ok(self.mask_encoded(encoded))
+    }
+
+    /// Adds the self mask and the pairwise masks to an encoded input.
+    fn mask_encoded(&mut self, mut masked: Vec<u32>) -> SecAgg {
         let bits = self.params.bits;
         let own = prg::self_mask_seed(&self.self_seed.to_bytes(), self.round, self.id);
-        prg::apply_mask(&mut masked, &own, true, bits);
+        let mut masks = vec![(own, true)];
         let mask_sk = x25519_secret(&self.mask_secret);
         for &peer in self.received.keys() {
             let shared = mask_sk.diffie_hellman(&PublicKey::from(self.peers[&peer].mask_pk));
             let seed = prg::pairwise_seed(shared.as_bytes(), self.round, self.id, peer);
-            prg::apply_mask(&mut masked, &seed, self.id < peer, bits);
+            masks.push((seed, self.id < peer));
+        }
+        prg::apply_masks(&mut masked, &masks, bits);
+        for (seed, _) in &mut masks {
+            seed.zeroize();
         }
         self.stage = Stage::AwaitUnmask;
-        Ok(SecAgg::MaskedInput {
+        SecAgg::MaskedInput {
             round: self.round,
             masked,
-        })
+        }
     }
 
     /// Reveals self-mask shares of `survivors` and mask-key shares of

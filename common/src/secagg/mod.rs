@@ -41,19 +41,30 @@ pub const DEFAULT_EXPECTED_DROPOUT: f64 = 0.1;
 /// neighbours at the expected dropout rate.
 pub const DEFAULT_ABORT_PROBABILITY: f64 = 1e-3;
 
-/// P[X >= j] for X ~ Binomial(k, p).
+/// P[X >= j] for X ~ Binomial(k, p), summed in log space so large degrees
+/// neither overflow the binomial coefficient nor underflow the powers.
 fn binomial_tail(k: u32, p: f64, j: u32) -> f64 {
+    if j == 0 {
+        return 1.0;
+    }
+    if p <= 0.0 {
+        return 0.0;
+    }
+    if p >= 1.0 {
+        return if j <= k { 1.0 } else { 0.0 };
+    }
+    let (ln_p, ln_q) = (p.ln(), (1.0 - p).ln());
+    let mut ln_coeff = 0.0f64; // ln C(k, i)
     let mut total = 0.0;
-    let mut coeff = 1.0f64; // C(k, i)
     for i in 0..=k {
         if i > 0 {
-            coeff *= f64::from(k - i + 1) / f64::from(i);
+            ln_coeff += f64::from(k - i + 1).ln() - f64::from(i).ln();
         }
         if i >= j {
-            total += coeff * p.powi(i as i32) * (1.0 - p).powi((k - i) as i32);
+            total += (ln_coeff + f64::from(i) * ln_p + f64::from(k - i) * ln_q).exp();
         }
     }
-    total
+    total.min(1.0)
 }
 
 /// Settings that cannot protect anyone, or cannot work.
@@ -73,27 +84,36 @@ pub enum ParamsError {
     BadMaxWeight,
     #[error("cohort of {n} exceeds max_cohort {max}")]
     CohortTooLarge { n: usize, max: u32 },
+    #[error("a cohort of {n} can never reach the minimum of {min} survivors")]
+    MinSurvivorsAboveCohort { n: usize, min: u32 },
     #[error(transparent)]
     Encoding(#[from] EncodeError),
 }
 
 impl SecAggParams {
-    /// Safe defaults for a cohort of `n` with an expected dropout rate:
-    /// degree ~3 log2(n) (the complete graph for small cohorts), and the
-    /// largest threshold t > k/2 such that, with each client dropping out
-    /// independently at that rate, the chance that any client keeps fewer
-    /// than t neighbours stays below [`DEFAULT_ABORT_PROBABILITY`].
+    /// Safe defaults for a cohort of `n` with an expected dropout rate.
+    ///
+    /// Degree: at least ~3 log2(n) (Bell et al.), grown until even the
+    /// smallest safe threshold t = k/2 + 1 is met with high probability:
+    /// with each client dropping out independently at that rate, the chance
+    /// that any client keeps fewer than t neighbours stays below
+    /// [`DEFAULT_ABORT_PROBABILITY`]. Small cohorts use the complete graph.
+    /// Threshold: the largest t > k/2 that still meets that target (a
+    /// higher t takes more colluders to unmask anyone).
     pub fn recommended(n: usize, expected_dropout: f64) -> Self {
         let n = n.max(2);
-        let log = (n as f64).log2();
-        let mut k = ((3.0 * log).ceil() as usize).max(2);
-        k += k % 2;
-        let k = if k + 1 >= n { n - 1 } else { k } as u32;
         let p = expected_dropout.clamp(0.0, 0.99);
-        // Smallest margin m (lost neighbours tolerated) with
-        // n * P[Binomial(k, p) > m] at most the target.
+        let complete = (n - 1) as u32;
+        // Chance that some client loses more than `margin` of k neighbours.
+        let abort = |k: u32, margin: u32| n as f64 * binomial_tail(k, p, margin + 1);
+        let mut k = ((3.0 * (n as f64).log2()).ceil() as u32).max(2);
+        k += k % 2;
+        while k < complete && abort(k, k - (k / 2 + 1)) > DEFAULT_ABORT_PROBABILITY {
+            k += 2;
+        }
+        let k = k.min(complete);
         let margin = (0..=k)
-            .find(|&m| n as f64 * binomial_tail(k, p, m + 1) <= DEFAULT_ABORT_PROBABILITY)
+            .find(|&m| abort(k, m) <= DEFAULT_ABORT_PROBABILITY)
             .unwrap_or(k);
         let t = (k / 2 + 1).max(k.saturating_sub(margin)).min(k);
         Self {
@@ -103,6 +123,7 @@ impl SecAggParams {
             clip: DEFAULT_CLIP,
             max_weight: DEFAULT_MAX_WEIGHT,
             max_cohort: n as u32,
+            min_survivors: 0,
         }
     }
 
@@ -131,6 +152,12 @@ impl SecAggParams {
         }
         if self.max_weight == 0 {
             return Err(ParamsError::BadMaxWeight);
+        }
+        if self.min_survivors as usize > n {
+            return Err(ParamsError::MinSurvivorsAboveCohort {
+                n,
+                min: self.min_survivors,
+            });
         }
         if n > self.max_cohort as usize {
             return Err(ParamsError::CohortTooLarge {

@@ -481,7 +481,7 @@ impl SecAggServer {
     }
 
     fn ensure_enough(&self, set: &BTreeSet<u64>, stage: &'static str) -> Result<(), Abort> {
-        let needed = self.threshold() + 1;
+        let needed = (self.threshold() + 1).max(self.params.min_survivors as usize);
         if set.len() < needed {
             return Err(Abort::TooFewClients {
                 stage,
@@ -505,11 +505,12 @@ impl SecAggServer {
                 }
             })
         };
-        let mut sum = std::mem::take(&mut self.sum);
+        // Reconstruct every secret first (any failure aborts before the
+        // sum is touched), then remove all masks in one parallel pass.
+        let mut masks: Vec<prg::MaskJob> = Vec::new();
         for &j in &self.u3 {
             let seed = reconstruct(self.self_mask_shares.get(&j), j, "self-mask seed")?;
-            let own = prg::self_mask_seed(&seed.to_bytes(), self.round, j);
-            prg::apply_mask(&mut sum, &own, false, bits);
+            masks.push((prg::self_mask_seed(&seed.to_bytes(), self.round, j), false));
         }
         for &j in &dropped {
             let secret = reconstruct(self.mask_key_shares.get(&j), j, "mask key")?;
@@ -525,9 +526,11 @@ impl SecAggServer {
                 let shared = sk.diffie_hellman(&PublicKey::from(self.keys[&k].mask_pk));
                 let seed = prg::pairwise_seed(shared.as_bytes(), self.round, j, k);
                 // k added +mask if k < j, -mask otherwise: undo it.
-                prg::apply_mask(&mut sum, &seed, k > j, bits);
+                masks.push((seed, k > j));
             }
         }
+        let mut sum = std::mem::take(&mut self.sum);
+        prg::apply_masks(&mut sum, &masks, bits);
         let n = self.u3.len() as u64;
         let weight = self.weights.decode_sum(sum[self.len - 1], n);
         let mean = sum[..self.len - 1]

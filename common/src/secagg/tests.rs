@@ -68,6 +68,7 @@ fn params(n: usize, k: u32, t: u32, bits: u32) -> SecAggParams {
         clip: 2.0,
         max_weight: 20_000,
         max_cohort: n as u32,
+        min_survivors: 0,
     }
 }
 
@@ -204,6 +205,36 @@ fn unsafe_settings_are_refused() {
     assert_eq!((p.degree, p.threshold), (20, 11));
     // No dropout expected: the largest threshold.
     assert_eq!(SecAggParams::recommended(100, 0.0).threshold, 20);
+    // The degree grows with the dropout rate until even t = k/2 + 1 holds:
+    // a 500-client cohort at 30% dropout must not abort routinely.
+    for n in [10usize, 100, 500, 2000] {
+        for dropout in [0.0, 0.1, 0.3, 0.4] {
+            let p = SecAggParams::recommended(n, dropout);
+            let k = p.effective_degree(n);
+            let abort = n as f64 * super::binomial_tail(k, dropout, k - p.threshold + 1);
+            assert!(
+                abort <= super::DEFAULT_ABORT_PROBABILITY || k as usize == n - 1,
+                "n {n} dropout {dropout}: k {k} t {} abort {abort}",
+                p.threshold
+            );
+        }
+    }
+    assert!(
+        SecAggParams::recommended(500, 0.3).degree > SecAggParams::recommended(500, 0.1).degree
+    );
+}
+
+#[test]
+fn binomial_tail_is_exact_on_small_cases_and_finite_on_large_ones() {
+    use super::binomial_tail;
+    assert_eq!(binomial_tail(10, 0.3, 0), 1.0);
+    assert!((binomial_tail(4, 0.5, 4) - 1.0 / 16.0).abs() < 1e-15);
+    assert!((binomial_tail(4, 0.5, 3) - 5.0 / 16.0).abs() < 1e-15);
+    assert!((binomial_tail(3, 0.2, 1) - (1.0 - 0.8f64.powi(3))).abs() < 1e-15);
+    assert_eq!(binomial_tail(5, 0.0, 1), 0.0);
+    // C(2000, 1000) overflows f64; the log-space sum must not.
+    let half = binomial_tail(2000, 0.5, 1000);
+    assert!(half.is_finite() && (half - 0.5).abs() < 0.01, "{half}");
 }
 
 /// Drives one honest client to the point where it has masked its input.

@@ -440,6 +440,7 @@ mod tests {
                     learning_rate: 0.05,
                     seed: 42,
                     secure_aggregation: false,
+                    dp: None,
                 },
                 global_model: vec![1.0, -2.0, f32::MIN_POSITIVE],
             }),

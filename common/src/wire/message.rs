@@ -33,6 +33,8 @@ pub struct RoundConfig {
     pub seed: u64,
     /// Updates go through SecAgg+; a [`SecAgg::Setup`] follows the round start.
     pub secure_aggregation: bool,
+    /// The differential-privacy step every client applies to its update.
+    pub dp: Option<crate::dp::DpRound>,
 }
 
 /// Client → server: first message on a connection.
@@ -70,6 +72,9 @@ pub struct SecAggParams {
     pub max_weight: u64,
     /// Largest cohort the encoding leaves headroom for.
     pub max_cohort: u32,
+    /// Fewest clients whose inputs may be unmasked together (0: only the
+    /// protocol's own t + 1). Distributed DP calibrates its noise to it.
+    pub min_survivors: u32,
 }
 
 /// One client's SecAgg+ view of a round: the settings and its neighbours.

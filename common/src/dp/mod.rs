@@ -1,0 +1,467 @@
+//! Differential privacy: clipping, noise, accounting and the budget.
+//!
+//! Three mechanisms, chosen per run and written into every round config so
+//! each client of a cohort applies the same one:
+//! - **Distributed** (the default with secure aggregation): each client
+//!   clips, rounds its update to integers and adds Skellam noise; the sum
+//!   the server unmasks carries noise enough for the target guarantee even
+//!   when only the minimum accepted number of clients survive.
+//! - **Central** (trusted server, DP-FedAvg of McMahan et al. 2018): clients
+//!   clip, the server adds Gaussian noise to the sum.
+//! - **Local** (no trust in anyone): each client adds Gaussian noise for its
+//!   own per-round (epsilon, delta).
+//!
+//! Privacy is user-level: neighbouring runs differ by one client's whole
+//! data. Threat model and caveats: `docs/SECURITY.md`.
+
+pub mod clip;
+pub mod ledger;
+pub mod noise;
+pub mod rdp;
+
+use serde::{Deserialize, Serialize};
+
+pub use ledger::{BudgetExceeded, PrivacyLedger};
+use rdp::AccountingError;
+
+/// Default delta when none is given.
+pub const DEFAULT_DELTA: f64 = 1e-5;
+/// Default L2 clipping bound of a whole update.
+pub const DEFAULT_CLIP_NORM: f64 = 1.0;
+/// Default modulus bits for distributed DP (values in Z_(2^bits)).
+pub const DEFAULT_DP_BITS: u32 = 32;
+/// Fraction of the expected cohort that must contribute to a distributed-DP
+/// round when no explicit minimum is given; the noise is calibrated to it.
+pub const DEFAULT_MIN_CONTRIBUTOR_FRACTION: f64 = 0.7;
+/// Noise tail (in standard deviations) the distributed encoding leaves
+/// room for, per coordinate of the sum.
+pub const NOISE_TAIL_STDS: f64 = 12.0;
+
+/// Which mechanism protects the updates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mechanism {
+    Distributed,
+    Central,
+    Local,
+}
+
+impl std::str::FromStr for Mechanism {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "distributed" => Ok(Self::Distributed),
+            "central" => Ok(Self::Central),
+            "local" => Ok(Self::Local),
+            other => Err(format!(
+                "unknown DP mechanism {other:?} (expected distributed, central or local)"
+            )),
+        }
+    }
+}
+
+/// How much noise: a noise multiplier, or a target epsilon to reach after
+/// the planned rounds (for local DP: the per-round epsilon of each client).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NoiseLevel {
+    NoiseMultiplier(f64),
+    TargetEpsilon(f64),
+}
+
+/// The operator's DP settings for a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DpConfig {
+    pub mechanism: Mechanism,
+    pub clip_norm: f64,
+    pub noise: NoiseLevel,
+    pub delta: f64,
+    /// Rounds the noise is planned for (with a target epsilon).
+    pub planned_rounds: u64,
+    /// Largest epsilon the run may spend; defaults to the target epsilon.
+    pub budget: Option<f64>,
+    /// Distributed DP: fewest contributors a round accepts (the noise is
+    /// calibrated to them).
+    pub min_contributors: Option<usize>,
+}
+
+/// A DP configuration that cannot give the promised guarantee.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DpConfigError {
+    #[error("clip norm must be positive and finite, got {0}")]
+    ClipNorm(f64),
+    #[error("noise multiplier must be positive and finite, got {0}")]
+    NoiseMultiplier(f64),
+    #[error("budget must be positive and finite, got {0}")]
+    Budget(f64),
+    #[error("planned rounds must be at least 1")]
+    PlannedRounds,
+    #[error(
+        "distributed DP needs secure aggregation (--secagg); use central or local DP without it"
+    )]
+    DistributedWithoutSecAgg,
+    #[error("distributed DP needs at least 2 contributors per round, got a minimum of {0}")]
+    TooFewContributors(usize),
+    #[error(
+        "distributed DP cannot fit a cohort of {cohort} with this noise into {bits} bits \
+         (largest integer norm {max_norm:.1}, below the rounding floor); use fewer clients or less noise"
+    )]
+    NoHeadroom {
+        cohort: usize,
+        bits: u32,
+        max_norm: f64,
+    },
+    #[error("the privacy budget is already spent: epsilon {spent:.4} of {budget}")]
+    BudgetSpent { spent: f64, budget: f64 },
+    #[error(transparent)]
+    Accounting(#[from] AccountingError),
+}
+
+/// What a client must do to its update in one round (part of the round
+/// config; the same for the whole cohort).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum DpRound {
+    /// Clip only; the server adds the noise.
+    Central { clip_norm: f64 },
+    /// Clip, then add N(0, noise_std^2) to every value.
+    Local { clip_norm: f64, noise_std: f64 },
+    /// Clip, divide by `granularity`, round to integers with L2 norm at most
+    /// `rounded_norm`, add Sk(`skellam_mu`) per value; the integers travel
+    /// through secure aggregation.
+    Distributed {
+        clip_norm: f64,
+        granularity: f64,
+        rounded_norm: f64,
+        skellam_mu: f64,
+    },
+}
+
+/// A client's update after its DP step.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Privatized {
+    /// Clipped (and, for local DP, noised) real values.
+    Real(Vec<f32>),
+    /// Distributed DP: rounded, noised integers for secure aggregation.
+    Integers(Vec<i64>),
+}
+
+/// An update the DP step cannot process.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PrivatizeError {
+    #[error("update value {0} is NaN or infinite")]
+    NonFinite(usize),
+    #[error(transparent)]
+    Rounding(#[from] noise::RoundingFailed),
+}
+
+impl DpRound {
+    pub fn clip_norm(&self) -> f64 {
+        match *self {
+            Self::Central { clip_norm } | Self::Local { clip_norm, .. } => clip_norm,
+            Self::Distributed { clip_norm, .. } => clip_norm,
+        }
+    }
+
+    /// The client's DP step: clip on the global L2 norm, then noise as the
+    /// mechanism says. `rng` must be a CSPRNG seeded from the OS.
+    pub fn privatize<R: rand::Rng + rand::CryptoRng + ?Sized>(
+        &self,
+        mut update: Vec<f32>,
+        rng: &mut R,
+    ) -> Result<(Privatized, clip::Clipped), PrivatizeError> {
+        if let Some(i) = update.iter().position(|v| !v.is_finite()) {
+            return Err(PrivatizeError::NonFinite(i));
+        }
+        let clipped = clip::clip_l2(&mut update, self.clip_norm());
+        let out = match *self {
+            Self::Central { .. } => Privatized::Real(update),
+            Self::Local { noise_std, .. } => {
+                noise::add_gaussian(&mut update, noise_std, rng);
+                Privatized::Real(update)
+            }
+            Self::Distributed {
+                granularity,
+                rounded_norm,
+                skellam_mu,
+                ..
+            } => {
+                let scaled: Vec<f64> = update.iter().map(|&v| f64::from(v) / granularity).collect();
+                drop(update);
+                let mut ints = noise::round_conditionally(&scaled, rounded_norm, rng)?;
+                noise::add_skellam(&mut ints, skellam_mu, rng);
+                Privatized::Integers(ints)
+            }
+        };
+        Ok((out, clipped))
+    }
+}
+
+/// A value of Z_(2^bits) read as a signed integer in [-2^(bits-1), 2^(bits-1)).
+pub fn centered(v: u32, bits: u32) -> i64 {
+    let modulus = 1i64 << bits;
+    let v = i64::from(v) & (modulus - 1);
+    if v >= modulus / 2 { v - modulus } else { v }
+}
+
+/// A resolved DP plan: what clients do, what the server adds, and the
+/// privacy cost (RDP at each order) of one round.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DpPlan {
+    pub config: DpConfig,
+    pub round: DpRound,
+    /// Gaussian noise std the server adds to the sum (central DP), else 0.
+    pub server_noise_std: f64,
+    /// Noise multiplier in force (Gaussian-equivalent for distributed DP;
+    /// per-round local multiplier for local DP).
+    pub noise_multiplier: f64,
+    /// Poisson sampling rate the accounting assumes.
+    pub sampling_rate: f64,
+    /// Divisor of the noisy sum (the expected cohort size); local DP
+    /// averages over the contributors instead.
+    pub denominator: Option<f64>,
+    /// Distributed DP: rounds with fewer contributors are aborted.
+    pub min_contributors: usize,
+    pub orders: Vec<f64>,
+    pub rdp_per_round: Vec<f64>,
+    /// The budget the ledger enforces.
+    pub budget: f64,
+}
+
+impl DpConfig {
+    /// Checks the settings and computes the noise and the per-round privacy
+    /// cost for sampling rate `q` over a population of `population` clients
+    /// (so the expected cohort is q * population), a model of `dim`
+    /// parameters, and at most `max_cohort` clients per round.
+    pub fn plan(
+        &self,
+        q: f64,
+        population: usize,
+        dim: usize,
+        max_cohort: usize,
+        secure_aggregation: bool,
+    ) -> Result<DpPlan, DpConfigError> {
+        if !(self.clip_norm > 0.0 && self.clip_norm.is_finite()) {
+            return Err(DpConfigError::ClipNorm(self.clip_norm));
+        }
+        rdp::check_delta(self.delta)?;
+        rdp::check_sampling_rate(q)?;
+        if self.planned_rounds == 0 {
+            return Err(DpConfigError::PlannedRounds);
+        }
+        match self.noise {
+            NoiseLevel::NoiseMultiplier(z) if !(z > 0.0 && z.is_finite()) => {
+                return Err(DpConfigError::NoiseMultiplier(z));
+            }
+            NoiseLevel::TargetEpsilon(e) => rdp::check_epsilon(e)?,
+            _ => {}
+        }
+        if let Some(b) = self.budget
+            && !(b > 0.0 && b.is_finite())
+        {
+            return Err(DpConfigError::Budget(b));
+        }
+        let expected_cohort = (q * population as f64).max(1.0);
+        match self.mechanism {
+            Mechanism::Central => self.plan_central(q, expected_cohort),
+            Mechanism::Local => self.plan_local(q),
+            Mechanism::Distributed => {
+                if !secure_aggregation {
+                    return Err(DpConfigError::DistributedWithoutSecAgg);
+                }
+                self.plan_distributed(q, expected_cohort, dim, max_cohort)
+            }
+        }
+    }
+
+    fn budget_or(&self, fallback: f64) -> f64 {
+        self.budget.unwrap_or(match self.noise {
+            NoiseLevel::TargetEpsilon(e) if self.mechanism != Mechanism::Local => e,
+            _ => fallback,
+        })
+    }
+
+    fn plan_central(&self, q: f64, expected_cohort: f64) -> Result<DpPlan, DpConfigError> {
+        let z = match self.noise {
+            NoiseLevel::NoiseMultiplier(z) => z,
+            NoiseLevel::TargetEpsilon(e) => {
+                rdp::gaussian_noise_multiplier(q, e, self.planned_rounds, self.delta)?
+            }
+        };
+        let orders = rdp::default_orders();
+        let rdp_per_round = rdp::sampled_gaussian(q, z, &orders);
+        let planned = planned_epsilon(&orders, &rdp_per_round, self.planned_rounds, self.delta);
+        Ok(DpPlan {
+            config: self.clone(),
+            round: DpRound::Central {
+                clip_norm: self.clip_norm,
+            },
+            server_noise_std: z * self.clip_norm,
+            noise_multiplier: z,
+            sampling_rate: q,
+            denominator: Some(expected_cohort),
+            min_contributors: 1,
+            orders,
+            rdp_per_round,
+            budget: self.budget_or(planned),
+        })
+    }
+
+    /// Local DP: the update may be replaced by any other of norm <= C, so
+    /// the sensitivity is 2C; no amplification is claimed (the server knows
+    /// who was sampled). The ledger composes the per-round guarantee over
+    /// the rounds, as if a client took part in every one.
+    fn plan_local(&self, q: f64) -> Result<DpPlan, DpConfigError> {
+        let z = match self.noise {
+            NoiseLevel::NoiseMultiplier(z) => z,
+            NoiseLevel::TargetEpsilon(e) => rdp::gaussian_noise_multiplier(1.0, e, 1, self.delta)?,
+        };
+        let orders = rdp::default_orders();
+        let rdp_per_round = rdp::sampled_gaussian(1.0, z, &orders);
+        let planned = planned_epsilon(&orders, &rdp_per_round, self.planned_rounds, self.delta);
+        Ok(DpPlan {
+            config: self.clone(),
+            round: DpRound::Local {
+                clip_norm: self.clip_norm,
+                noise_std: z * 2.0 * self.clip_norm,
+            },
+            server_noise_std: 0.0,
+            noise_multiplier: z,
+            sampling_rate: q,
+            denominator: None,
+            min_contributors: 1,
+            orders,
+            rdp_per_round,
+            budget: self.budget.unwrap_or(planned),
+        })
+    }
+
+    /// Distributed DP with Skellam noise (Agarwal, Kairouz, Liu 2021).
+    ///
+    /// The integer norm bound `Delta2` is chosen as large as the modulus
+    /// allows (finer rounding, less distortion): the sum of `max_cohort`
+    /// vectors of norm `Delta2` plus a [`NOISE_TAIL_STDS`] noise tail must
+    /// stay inside half the modulus, so the centred sum never wraps.
+    /// Each client adds Sk(mu / (m - 1)), m the fewest contributors a round
+    /// accepts: even if only m survive, the m - 1 clients other than any
+    /// one of them carry Sk(mu), the noise the accounting assumes.
+    fn plan_distributed(
+        &self,
+        q: f64,
+        expected_cohort: f64,
+        dim: usize,
+        max_cohort: usize,
+    ) -> Result<DpPlan, DpConfigError> {
+        let m = self.min_contributors.unwrap_or_else(|| {
+            ((DEFAULT_MIN_CONTRIBUTOR_FRACTION * expected_cohort).ceil() as usize).max(2)
+        });
+        if m < 2 {
+            return Err(DpConfigError::TooFewContributors(m));
+        }
+        let cohort = max_cohort.max(m);
+        let orders = rdp::integer_orders();
+        let cost = |z: f64, delta2: f64| -> Vec<f64> {
+            let mu = z * z * delta2 * delta2 / 2.0;
+            let l1 = (delta2 * delta2).min((dim as f64).sqrt() * delta2);
+            rdp::poisson_subsampled(q, |a| rdp::skellam(mu, l1, delta2, &[a as f64])[0], &orders)
+        };
+        // Headroom: cohort * Delta2 + tail * sqrt(2 mu cohort / (m - 1)) < 2^(bits-1)
+        // with mu = z^2 Delta2^2 / 2, i.e. Delta2 * (cohort + tail * z * sqrt(cohort / (m - 1))).
+        let half_modulus = 2f64.powi(DEFAULT_DP_BITS as i32 - 1);
+        let max_norm_for = |z: f64| {
+            half_modulus
+                / (cohort as f64 + NOISE_TAIL_STDS * z * (cohort as f64 / (m - 1) as f64).sqrt())
+        };
+        // Scaled clip norm: half the headroom less sqrt(d), so the rounded
+        // bound stays below half the headroom; the rounding adds about
+        // sqrt(d)/2 to the norm, so insist the signal dominates it.
+        let geometry = |z: f64| {
+            let max_norm = max_norm_for(z);
+            let scaled_clip = max_norm * 0.5 - (dim as f64).sqrt();
+            (
+                max_norm,
+                scaled_clip,
+                noise::rounded_norm_bound(scaled_clip.max(0.0), dim),
+            )
+        };
+        let floor = 16.0 * (dim as f64).sqrt().max(1.0);
+        let z = match self.noise {
+            NoiseLevel::NoiseMultiplier(z) => z,
+            NoiseLevel::TargetEpsilon(target) => {
+                let eps = |z: f64| {
+                    let (_, scaled_clip, delta2) = geometry(z);
+                    if scaled_clip <= 0.0 {
+                        return f64::INFINITY;
+                    }
+                    planned_epsilon(&orders, &cost(z, delta2), self.planned_rounds, self.delta)
+                };
+                rdp::smallest_noise(target, eps).ok_or(AccountingError::Unreachable {
+                    epsilon: target,
+                    delta: self.delta,
+                    rounds: self.planned_rounds,
+                    max: rdp::MAX_NOISE_MULTIPLIER,
+                })?
+            }
+        };
+        let (max_norm, scaled_clip, delta2) = geometry(z);
+        if scaled_clip < floor {
+            return Err(DpConfigError::NoHeadroom {
+                cohort,
+                bits: DEFAULT_DP_BITS,
+                max_norm,
+            });
+        }
+        let granularity = self.clip_norm / scaled_clip;
+        let mu = z * z * delta2 * delta2 / 2.0;
+        let rdp_per_round = cost(z, delta2);
+        let planned = planned_epsilon(&orders, &rdp_per_round, self.planned_rounds, self.delta);
+        Ok(DpPlan {
+            config: self.clone(),
+            round: DpRound::Distributed {
+                clip_norm: self.clip_norm,
+                granularity,
+                rounded_norm: delta2,
+                skellam_mu: mu / (m - 1) as f64,
+            },
+            server_noise_std: 0.0,
+            noise_multiplier: z,
+            sampling_rate: q,
+            denominator: Some(expected_cohort),
+            min_contributors: m,
+            orders,
+            rdp_per_round,
+            budget: self.budget_or(planned),
+        })
+    }
+}
+
+impl DpPlan {
+    /// Epsilon after `rounds` rounds of this plan.
+    pub fn epsilon_after(&self, rounds: u64) -> f64 {
+        planned_epsilon(&self.orders, &self.rdp_per_round, rounds, self.config.delta)
+    }
+
+    /// Logs the plan once at the start of a run.
+    pub fn log(&self) {
+        tracing::info!(
+            mechanism = ?self.config.mechanism,
+            noise_multiplier = self.noise_multiplier,
+            planned_epsilon = self.epsilon_after(self.config.planned_rounds),
+            budget = self.budget,
+            delta = self.config.delta,
+            "differential privacy on"
+        );
+    }
+
+    /// A fresh ledger for this plan.
+    pub fn ledger(&self) -> PrivacyLedger {
+        PrivacyLedger::new(self.orders.clone(), self.config.delta, self.budget)
+    }
+}
+
+fn planned_epsilon(orders: &[f64], per_round: &[f64], rounds: u64, delta: f64) -> f64 {
+    let total: Vec<f64> = per_round.iter().map(|r| r * rounds as f64).collect();
+    rdp::epsilon(orders, &total, delta).0
+}
+
+#[cfg(test)]
+mod tests;

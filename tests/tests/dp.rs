@@ -1,0 +1,159 @@
+//! Differential privacy end to end over real QUIC: distributed DP under
+//! SecAgg+, and the budget stopping a run.
+
+use fedveil_common::data::synthetic::SyntheticConfig;
+use fedveil_common::dp::rdp;
+use fedveil_sim::{QuietObserver, SimConfig};
+
+fn split() -> fedveil_common::data::Split {
+    SyntheticConfig {
+        train_examples: 1000,
+        test_examples: 300,
+        ..Default::default()
+    }
+    .generate(8)
+}
+
+fn base() -> SimConfig {
+    SimConfig {
+        dataset: "synthetic".into(),
+        clients: 5,
+        fraction: 1.0,
+        rounds: 2,
+        local_epochs: 2,
+        batch_size: 20,
+        lr: 0.1,
+        seed: 4,
+        max_concurrent_training: Some(1),
+        round_timeout: 60.0,
+        ..SimConfig::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distributed_dp_under_secagg_spends_epsilon_and_tiny_noise_keeps_the_model() {
+    let split = split();
+    let plain = fedveil_sim::run(&base(), &split, &mut QuietObserver)
+        .await
+        .unwrap();
+    // Same run with distributed DP: a clip too large to bind and almost no
+    // noise, so the model must match the plain one up to rounding and noise.
+    let dp_cfg = SimConfig {
+        dp: Some("distributed".into()),
+        noise_multiplier: Some(1e-4),
+        clip_norm: 100.0,
+        dp_min_contributors: Some(4),
+        ..base()
+    };
+    let dp = fedveil_sim::run(&dp_cfg, &split, &mut QuietObserver)
+        .await
+        .unwrap();
+    assert_eq!(dp.server.rounds_completed, 2);
+    assert!(dp.clients.iter().all(|c| c.is_ok()), "{:?}", dp.clients);
+    let eps: Vec<f64> = dp
+        .server
+        .metrics
+        .iter()
+        .map(|m| m.epsilon.unwrap())
+        .collect();
+    assert!(eps[0] > 0.0 && eps[1] > eps[0], "{eps:?}");
+    assert!(
+        dp.server
+            .metrics
+            .iter()
+            .all(|m| m.secure && m.train_loss.is_none())
+    );
+    let max_diff = plain
+        .server
+        .final_model
+        .iter()
+        .zip(&dp.server.final_model)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    // Noise std per value: z * C / n = 1e-4 * 100 / 5 = 2e-3 per round.
+    assert!(max_diff < 0.05, "DP and plain models differ by {max_diff}");
+    assert!(max_diff > 0.0, "noise was added");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_budget_ends_a_run_early_with_every_client_told() {
+    let budget = rdp::gaussian_epsilon(1.0, 1.0, 2, 1e-5).unwrap() * 1.0001;
+    let cfg = SimConfig {
+        secagg: false,
+        rounds: 5,
+        dp: Some("central".into()),
+        noise_multiplier: Some(1.0),
+        dp_budget: Some(budget),
+        ..base()
+    };
+    let report = fedveil_sim::run(&cfg, &split(), &mut QuietObserver)
+        .await
+        .unwrap();
+    assert_eq!(report.server.rounds_completed, 2, "stopped before round 3");
+    assert!(
+        report.clients.iter().all(|c| c.is_ok()),
+        "{:?}",
+        report.clients
+    );
+    let last = report.server.metrics.last().unwrap().epsilon.unwrap();
+    assert!(last <= budget, "{last} > {budget}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_dp_configs_fail_before_any_round() {
+    for (cfg, needle) in [
+        (
+            SimConfig {
+                noise_multiplier: Some(-1.0),
+                ..base()
+            },
+            "noise multiplier",
+        ),
+        (
+            SimConfig {
+                target_epsilon: Some(0.0),
+                ..base()
+            },
+            "epsilon",
+        ),
+        (
+            SimConfig {
+                target_epsilon: Some(3.0),
+                delta: 1.0,
+                ..base()
+            },
+            "delta",
+        ),
+        (
+            SimConfig {
+                noise_multiplier: Some(1.0),
+                clip_norm: 0.0,
+                ..base()
+            },
+            "clip norm",
+        ),
+        (
+            SimConfig {
+                noise_multiplier: Some(1.0),
+                dp_budget: Some(-1.0),
+                ..base()
+            },
+            "budget",
+        ),
+        (
+            SimConfig {
+                secagg: false,
+                dp: Some("distributed".into()),
+                noise_multiplier: Some(1.0),
+                ..base()
+            },
+            "secure aggregation",
+        ),
+    ] {
+        let err = fedveil_sim::run(&cfg, &split(), &mut QuietObserver)
+            .await
+            .unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains(needle), "{needle:?} not in {msg:?}");
+    }
+}
