@@ -495,6 +495,13 @@ impl Coordinator {
         if entry.node_name.is_some() {
             self.events.push_back(Event::Left { id });
         }
+        self.withdraw(id, now);
+    }
+
+    /// `id` will not contribute to the current round (it left, or said it
+    /// cannot): the round goes on without it instead of waiting for the
+    /// timeout.
+    fn withdraw(&mut self, id: ClientId, now: Instant) {
         if let Phase::Collecting(r) = &mut self.phase {
             match &mut r.agg {
                 Aggregation::Secure(sa) => {
@@ -530,6 +537,9 @@ impl Coordinator {
             Message::SecAgg(msg) if admitted => self.on_secagg(id, msg, now),
             Message::Error(err) => {
                 tracing::warn!(client = id, code = ?err.code, detail = %err.detail, "client reported an error");
+                if admitted {
+                    self.withdraw(id, now);
+                }
             }
             other => {
                 let detail = format!(

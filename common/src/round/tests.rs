@@ -959,3 +959,40 @@ fn a_restored_ledger_continues_and_a_spent_one_is_refused() {
     let mut server = Coordinator::new(other, spec(), vec![0.0; D], 4).unwrap();
     assert!(server.restore_ledger(spent).is_err());
 }
+
+#[test]
+fn a_client_that_reports_an_error_leaves_the_round_without_a_timeout() {
+    let mut h = Harness::new(cfg(1, 3, 1.0), 3);
+    let reqs = h.train_requests();
+    let (failing, _, _) = reqs[0];
+    h.send_raw(
+        failing,
+        Message::error(ReasonCode::Internal, "round 1: training diverged"),
+    );
+    for (id, round, _) in &reqs[1..] {
+        h.submit(*id, *round, vec![1.0; D], 10);
+    }
+    // Completed at once, not at the round timeout.
+    let s = h.completed()[0].clone();
+    assert_eq!(
+        (s.contributors.len(), s.dropped.clone()),
+        (2, vec![failing])
+    );
+    assert!(!s.timed_out);
+    // The same in a secure round: the failing client is dropped from its stage.
+    let mut h = Harness::new(secure_cfg(4), 4);
+    let trains = settle(&mut h);
+    let (failing, _, _) = trains[0];
+    h.clients.remove(&failing);
+    h.send_raw(
+        failing,
+        Message::error(ReasonCode::Internal, "round 1: training diverged"),
+    );
+    for (id, round, _) in &trains[1..] {
+        submit_secure(&mut h, *id, *round, vec![1.0; D], 10);
+    }
+    settle(&mut h);
+    let s = h.completed()[0].clone();
+    assert_eq!(s.contributors.len(), 3);
+    assert!(!s.timed_out);
+}
