@@ -106,6 +106,8 @@ pub struct RunReport {
     pub metrics: Vec<RoundMetrics>,
     /// True if the run ended because of a shutdown request.
     pub interrupted: bool,
+    /// Privacy spent by the whole run, failed rounds included (with DP on).
+    pub epsilon: Option<f64>,
 }
 
 enum Inbound {
@@ -153,6 +155,7 @@ pub async fn serve(
             final_model: Vec::new(),
             metrics: Vec::new(),
             interrupted: false,
+            epsilon: None,
         },
         last_traffic: (0, 0),
     };
@@ -329,6 +332,7 @@ impl Driver {
         }
         endpoint.close(CLOSE_OK.into(), b"run finished");
         self.report.final_model = self.coordinator.global_model().to_vec();
+        self.report.epsilon = self.coordinator.ledger().map(|l| l.epsilon());
         self.report
     }
 }

@@ -316,6 +316,12 @@ async fn run(args: RunArgs) -> Result<()> {
         ),
         None => println!("no round completed"),
     }
+    if let Some(eps) = report.epsilon {
+        println!(
+            "privacy spent: epsilon {eps:.4} at delta {:e} (every started round counts)",
+            args.dp.delta
+        );
+    }
     Ok(())
 }
 

@@ -324,9 +324,9 @@ fn main() -> Result<()> {
         human_bytes(up),
         human_bytes(down)
     );
-    if let Some(eps) = m.last().and_then(|r| r.epsilon) {
+    if let Some(eps) = report.server.epsilon {
         println!(
-            "  privacy spent      epsilon {eps:.4} at delta {:e}",
+            "  privacy spent      epsilon {eps:.4} at delta {:e} (every started round counts)",
             cfg.delta
         );
     }
