@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use fedveil_common::model::ModelError;
 use fedveil_common::net::{self, CLOSE_OK, MessageReader, NetError};
@@ -11,6 +12,15 @@ use fedveil_common::wire::{FrameLimits, Message, ReasonCode};
 use tokio::sync::Semaphore;
 
 use crate::trainer::LocalTrainer;
+
+/// How many times to try connecting before giving up.
+pub const DEFAULT_CONNECT_ATTEMPTS: u32 = 8;
+/// How long one connection attempt (QUIC + TLS handshake) may take.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
+/// The wait before the second attempt; it doubles after each failure.
+pub const DEFAULT_CONNECT_BACKOFF: Duration = Duration::from_millis(500);
+/// The longest wait between two attempts.
+pub const MAX_CONNECT_BACKOFF: Duration = Duration::from_secs(30);
 
 /// Where and how to connect.
 #[derive(Debug, Clone)]
@@ -21,6 +31,61 @@ pub struct ClientOptions {
     pub node_name: String,
     /// Bounds concurrent local training (simulations share one pool).
     pub training_slots: Option<Arc<Semaphore>>,
+    /// Bounds concurrent handshakes (simulations: no connection storm).
+    pub connect_slots: Option<Arc<Semaphore>>,
+    pub retry: RetryPolicy,
+}
+
+impl ClientOptions {
+    /// Options with the default retry policy and no shared slots.
+    pub fn new(
+        server: SocketAddr,
+        server_name: impl Into<String>,
+        node_name: impl Into<String>,
+    ) -> Self {
+        Self {
+            server,
+            server_name: server_name.into(),
+            node_name: node_name.into(),
+            training_slots: None,
+            connect_slots: None,
+            retry: RetryPolicy::default(),
+        }
+    }
+}
+
+/// Connection retries: a fleet that restarts together, or a server that is
+/// briefly down or overloaded, must not turn into failed nodes. Waits grow
+/// exponentially with full jitter, so retries spread out instead of
+/// arriving as a second storm.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    pub attempts: u32,
+    pub timeout: Duration,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            attempts: DEFAULT_CONNECT_ATTEMPTS,
+            timeout: DEFAULT_CONNECT_TIMEOUT,
+            initial_backoff: DEFAULT_CONNECT_BACKOFF,
+            max_backoff: MAX_CONNECT_BACKOFF,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The longest wait before attempt `attempt + 1` (the first retry is
+    /// attempt 1); the actual wait is uniform below it.
+    pub fn backoff_cap(&self, attempt: u32) -> Duration {
+        let factor = 1u32 << attempt.saturating_sub(1).min(16);
+        self.initial_backoff
+            .saturating_mul(factor)
+            .min(self.max_backoff)
+    }
 }
 
 /// What a client did in a run.
@@ -44,6 +109,8 @@ pub enum ClientError {
     Model(#[from] ModelError),
     #[error("the server closed the connection before the run ended")]
     ServerClosed,
+    #[error("could not connect after {attempts} attempts: {last}")]
+    Unreachable { attempts: u32, last: String },
 }
 
 impl From<quinn::ConnectionError> for ClientError {
@@ -58,10 +125,7 @@ pub async fn run(
     opts: &ClientOptions,
     trainer: Arc<dyn LocalTrainer>,
 ) -> Result<ClientReport, ClientError> {
-    let connection = endpoint
-        .connect(opts.server, &opts.server_name)
-        .map_err(NetError::from)?
-        .await?;
+    let connection = connect(endpoint, opts).await?;
     let (mut send, recv) = connection.open_bi().await?;
     let mut reader = MessageReader::new(recv, FrameLimits::for_model(trainer.spec().param_count));
     let mut session = ClientSession::new(
@@ -82,8 +146,16 @@ pub async fn run(
             while let Some(msg) = session.poll_transmit() {
                 report.bytes_sent += net::write_message(&mut send, &msg).await?;
             }
-            let Some(msg) = reader.next().await? else {
-                return Err(ClientError::ServerClosed);
+            let msg = match reader.next().await {
+                Ok(Some(msg)) => msg,
+                Ok(None) => return Err(ClientError::ServerClosed),
+                // The server closes with CLOSE_OK only when the run is
+                // over; its goodbye can be lost in that close.
+                Err(err) if err.is_normal_close() => {
+                    tracing::info!(node = %opts.node_name, "the server ended the run");
+                    return Ok(());
+                }
+                Err(err) => return Err(err.into()),
             };
             report.bytes_received = reader.bytes_read();
             session.handle_message(msg)?;
@@ -132,4 +204,52 @@ pub async fn run(
     let _ = send.finish();
     connection.close(CLOSE_OK.into(), b"bye");
     result.map(|()| report)
+}
+
+/// Connects with retries (see [`RetryPolicy`]). Only failures that another
+/// try can fix are retried: timeouts, resets and refusals; a certificate or
+/// protocol failure fails at once.
+async fn connect(
+    endpoint: &quinn::Endpoint,
+    opts: &ClientOptions,
+) -> Result<quinn::Connection, ClientError> {
+    let policy = opts.retry;
+    let mut last = String::new();
+    for attempt in 0..policy.attempts.max(1) {
+        if attempt > 0 {
+            let cap = policy.backoff_cap(attempt);
+            let wait = cap.mul_f64(rand::random::<f64>());
+            tracing::info!(node = %opts.node_name, attempt, wait_ms = wait.as_millis() as u64, %last, "retrying connection");
+            tokio::time::sleep(wait).await;
+        }
+        let _permit = match &opts.connect_slots {
+            Some(slots) => Some(slots.clone().acquire_owned().await.expect("semaphore open")),
+            None => None,
+        };
+        let connecting = endpoint
+            .connect(opts.server, &opts.server_name)
+            .map_err(NetError::from)?;
+        match tokio::time::timeout(policy.timeout, connecting).await {
+            Ok(Ok(connection)) => return Ok(connection),
+            Ok(Err(err)) if is_transient(&err) => last = err.to_string(),
+            Ok(Err(err)) => return Err(err.into()),
+            Err(_) => last = format!("no handshake within {:?}", policy.timeout),
+        }
+    }
+    Err(ClientError::Unreachable {
+        attempts: policy.attempts.max(1),
+        last,
+    })
+}
+
+fn is_transient(err: &quinn::ConnectionError) -> bool {
+    use quinn::ConnectionError as E;
+    match err {
+        E::TimedOut | E::Reset => true,
+        // A server that is full or restarting refuses politely.
+        E::ApplicationClosed(close) => {
+            close.error_code == quinn::VarInt::from_u32(net::CLOSE_REFUSED)
+        }
+        _ => false,
+    }
 }

@@ -57,6 +57,10 @@ struct RunArgs {
     /// Seed for the split (must match across the nodes of a demo).
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Connection attempts before giving up (waits grow exponentially, up
+    /// to 30 s, with jitter).
+    #[arg(long, default_value_t = fedveil_client::driver::DEFAULT_CONNECT_ATTEMPTS)]
+    connect_attempts: u32,
 }
 
 fn main() -> Result<()> {
@@ -127,12 +131,8 @@ async fn run(args: RunArgs) -> Result<()> {
         .parse()?,
     )?;
     endpoint.set_default_client_config(net::client_config(&ca)?);
-    let opts = ClientOptions {
-        server,
-        server_name: net::server_name(host).to_owned(),
-        node_name: args.name.clone(),
-        training_slots: None,
-    };
+    let mut opts = ClientOptions::new(server, net::server_name(host), args.name.clone());
+    opts.retry.attempts = args.connect_attempts;
     tracing::info!(server = %server, examples = trainer.num_examples(), "connecting");
     match fedveil_client::run(&endpoint, &opts, trainer).await {
         Ok(report) => {

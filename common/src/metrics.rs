@@ -35,16 +35,20 @@ pub struct RoundMetrics {
     /// Privacy spent so far (epsilon at the run's delta), with DP on.
     #[serde(default)]
     pub epsilon: Option<f64>,
+    /// The clip bound the round used, with DP on (it moves under adaptive
+    /// clipping).
+    #[serde(default)]
+    pub clip_norm: Option<f64>,
 }
 
 impl RoundMetrics {
     /// Column names of [`RoundMetrics::csv_row`].
-    pub const CSV_HEADER: &'static str = "round,accuracy,loss,bytes_up,bytes_down,round_secs,cohort,contributors,dropped,timed_out,examples,train_loss,client_accuracy,client_loss,secure,epsilon";
+    pub const CSV_HEADER: &'static str = "round,accuracy,loss,bytes_up,bytes_down,round_secs,cohort,contributors,dropped,timed_out,examples,train_loss,client_accuracy,client_loss,secure,epsilon,clip_norm";
 
     pub fn csv_row(&self) -> String {
         let opt = |v: Option<f32>| v.map(|x| x.to_string()).unwrap_or_default();
         format!(
-            "{},{},{},{},{},{:.3},{},{},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{:.3},{},{},{},{},{},{},{},{},{},{},{}",
             self.round,
             self.accuracy,
             self.loss,
@@ -60,7 +64,8 @@ impl RoundMetrics {
             opt(self.client_accuracy),
             opt(self.client_loss),
             self.secure,
-            self.epsilon.map(|e| e.to_string()).unwrap_or_default()
+            self.epsilon.map(|e| e.to_string()).unwrap_or_default(),
+            self.clip_norm.map(|c| c.to_string()).unwrap_or_default()
         )
     }
 }
@@ -88,6 +93,7 @@ mod tests {
             client_accuracy: None,
             client_loss: Some(0.9),
             epsilon: Some(1.25),
+            clip_norm: Some(0.5),
         };
         let cols = RoundMetrics::CSV_HEADER.split(',').count();
         assert_eq!(m.csv_row().split(',').count(), cols);

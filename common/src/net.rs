@@ -56,6 +56,20 @@ pub enum NetError {
     },
 }
 
+impl NetError {
+    /// True when the peer closed the whole connection with [`CLOSE_OK`]:
+    /// the normal end of a run, not a failure.
+    pub fn is_normal_close(&self) -> bool {
+        let conn = match self {
+            NetError::Connection(e) => e,
+            NetError::Read(quinn::ReadError::ConnectionLost(e)) => e,
+            NetError::Write(quinn::WriteError::ConnectionLost(e)) => e,
+            _ => return false,
+        };
+        matches!(conn, quinn::ConnectionError::ApplicationClosed(c) if c.error_code == quinn::VarInt::from_u32(CLOSE_OK))
+    }
+}
+
 fn file_err(path: &Path) -> impl FnOnce(std::io::Error) -> NetError + '_ {
     move |source| NetError::File {
         path: path.to_owned(),

@@ -61,6 +61,7 @@ impl Observer for LogObserver {
             dropped = m.dropped,
             secs = format_args!("{:.2}", m.round_secs),
             epsilon = ?m.epsilon,
+            clip_norm = ?m.clip_norm,
             "round complete"
         );
     }
@@ -321,6 +322,7 @@ impl Driver {
             client_accuracy: s.client_eval.map(|e| e.accuracy),
             client_loss: s.client_eval.map(|e| e.loss),
             epsilon: s.epsilon,
+            clip_norm: s.clip_norm,
         }
     }
 

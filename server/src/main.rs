@@ -133,6 +133,20 @@ pub struct DpArgs {
     /// Distributed DP: fewest contributors per round [default: 70% of the expected cohort].
     #[arg(long)]
     dp_min_contributors: Option<usize>,
+    /// Adapt the clip bound to a quantile of the update norms (Andrew et
+    /// al. 2021); --clip-norm is then the initial bound.
+    #[arg(long)]
+    adaptive_clip: bool,
+    /// Adaptive clipping: the norm quantile the bound tracks.
+    #[arg(long, default_value_t = fedveil_common::dp::adaptive::DEFAULT_TARGET_QUANTILE)]
+    clip_quantile: f64,
+    /// Adaptive clipping: step size of the geometric update.
+    #[arg(long, default_value_t = fedveil_common::dp::adaptive::DEFAULT_CLIP_LEARNING_RATE)]
+    clip_lr: f64,
+    /// Adaptive clipping: std of the noise on the clipped count [default:
+    /// expected cohort / 20].
+    #[arg(long)]
+    clip_count_noise: Option<f64>,
 }
 
 impl DpArgs {
@@ -157,6 +171,13 @@ impl DpArgs {
             planned_rounds: rounds,
             budget: self.dp_budget,
             min_contributors: self.dp_min_contributors,
+            adaptive: self
+                .adaptive_clip
+                .then_some(fedveil_common::dp::AdaptiveClipping {
+                    target_quantile: self.clip_quantile,
+                    learning_rate: self.clip_lr,
+                    count_noise_std: self.clip_count_noise,
+                }),
         }))
     }
 }

@@ -3,7 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use fedveil_common::dp::{DpConfig, Mechanism, NoiseLevel};
+use fedveil_common::dp::adaptive::{DEFAULT_CLIP_LEARNING_RATE, DEFAULT_TARGET_QUANTILE};
+use fedveil_common::dp::{AdaptiveClipping, DpConfig, Mechanism, NoiseLevel};
 use serde::{Deserialize, Serialize};
 
 /// Everything a simulation run needs. TOML keys are the field names;
@@ -65,6 +66,16 @@ pub struct SimConfig {
     /// Distributed DP: fewest contributors a round accepts [default: 70% of
     /// the expected cohort].
     pub dp_min_contributors: Option<usize>,
+    /// DP: adapt the clip bound to a quantile of the update norms (Andrew et
+    /// al. 2021); `clip_norm` is then the initial bound.
+    pub adaptive_clip: bool,
+    /// Adaptive clipping: the norm quantile the bound tracks.
+    pub clip_quantile: f64,
+    /// Adaptive clipping: step size of the geometric update.
+    pub clip_lr: f64,
+    /// Adaptive clipping: std of the noise on the clipped count [default:
+    /// expected cohort / 20].
+    pub clip_count_noise: Option<f64>,
 }
 
 impl Default for SimConfig {
@@ -98,6 +109,10 @@ impl Default for SimConfig {
             clip_norm: fedveil_common::dp::DEFAULT_CLIP_NORM,
             dp_budget: None,
             dp_min_contributors: None,
+            adaptive_clip: false,
+            clip_quantile: DEFAULT_TARGET_QUANTILE,
+            clip_lr: DEFAULT_CLIP_LEARNING_RATE,
+            clip_count_noise: None,
         }
     }
 }
@@ -155,6 +170,11 @@ impl SimConfig {
             planned_rounds: self.rounds,
             budget: self.dp_budget,
             min_contributors: self.dp_min_contributors,
+            adaptive: self.adaptive_clip.then_some(AdaptiveClipping {
+                target_quantile: self.clip_quantile,
+                learning_rate: self.clip_lr,
+                count_noise_std: self.clip_count_noise,
+            }),
         }))
     }
 

@@ -25,6 +25,11 @@ use tokio::sync::Semaphore;
 
 pub use config::SimConfig;
 
+/// Handshakes in flight at once: a thousand simulated clients dialling one
+/// server over one socket at the same instant would overflow its receive
+/// buffer and stall on retransmission timers.
+pub const SIM_CONCURRENT_HANDSHAKES: usize = 64;
+
 /// What a simulation produced.
 #[derive(Debug)]
 pub struct SimReport {
@@ -157,7 +162,10 @@ pub async fn run(cfg: &SimConfig, split: &Split, observer: &mut dyn Observer) ->
     client_endpoint.set_default_client_config(net::client_config(&identity.ca_cert_pem)?);
 
     let slots = Arc::new(Semaphore::new(cfg.concurrency()));
-    let mut clients = tokio::task::JoinSet::new();
+    let connect_slots = Arc::new(Semaphore::new(SIM_CONCURRENT_HANDSHAKES));
+    // Every trainer is built before any client dials, so no handshake waits
+    // on model construction.
+    let mut trainers = Vec::with_capacity(shards.len());
     for (i, indices) in shards.into_iter().enumerate() {
         let shard = Shard {
             data: Arc::clone(&split.train),
@@ -169,12 +177,13 @@ pub async fn run(cfg: &SimConfig, split: &Split, observer: &mut dyn Observer) ->
             device.clone(),
             mix_seed(&[cfg.seed, i as u64]),
         )?);
-        let opts = ClientOptions {
-            server: server_addr,
-            server_name: "localhost".into(),
-            node_name: format!("client-{i:05}"),
-            training_slots: Some(Arc::clone(&slots)),
-        };
+        trainers.push(trainer);
+    }
+    let mut clients = tokio::task::JoinSet::new();
+    for (i, trainer) in trainers.into_iter().enumerate() {
+        let mut opts = ClientOptions::new(server_addr, "localhost", format!("client-{i:05}"));
+        opts.training_slots = Some(Arc::clone(&slots));
+        opts.connect_slots = Some(Arc::clone(&connect_slots));
         let endpoint = client_endpoint.clone();
         clients.spawn(async move {
             fedveil_client::run(&endpoint, &opts, trainer)
@@ -182,20 +191,26 @@ pub async fn run(cfg: &SimConfig, split: &Split, observer: &mut dyn Observer) ->
                 .map_err(|e| format!("{}: {e}", opts.node_name))
         });
     }
+    // If every client has ended (all refused or failed), nobody is left to
+    // run a round: the server stops instead of waiting forever.
+    let (all_gone, gone) = tokio::sync::oneshot::channel::<()>();
+    let collector = tokio::spawn(async move {
+        let mut reports = Vec::new();
+        while let Some(joined) = clients.join_next().await {
+            reports.push(joined.unwrap_or_else(|e| Err(format!("client task failed: {e}"))));
+        }
+        let _ = all_gone.send(());
+        reports
+    });
     let limits = FrameLimits::for_model(spec.param_count);
-    let server_report = fedveil_server::serve(
-        server,
-        coordinator,
-        evaluator,
-        limits,
-        observer,
-        std::future::pending(),
-    )
-    .await;
-    let mut client_reports = Vec::new();
-    while let Some(joined) = clients.join_next().await {
-        client_reports.push(joined.unwrap_or_else(|e| Err(format!("client task failed: {e}"))));
-    }
+    let server_report =
+        fedveil_server::serve(server, coordinator, evaluator, limits, observer, async {
+            if gone.await.is_ok() {
+                tracing::warn!("every client has ended; stopping the server");
+            }
+        })
+        .await;
+    let client_reports = collector.await.context("collecting client reports")?;
     client_endpoint.close(net::CLOSE_OK.into(), b"done");
     Ok(SimReport {
         server: server_report,

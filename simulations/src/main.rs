@@ -112,6 +112,20 @@ struct Cli {
     /// Distributed DP: fewest contributors per round [default: 70% of the expected cohort].
     #[arg(long)]
     dp_min_contributors: Option<usize>,
+    /// DP: adapt the clip bound to a quantile of the update norms (Andrew
+    /// et al. 2021); --clip-norm is then the initial bound.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    adaptive_clip: Option<bool>,
+    /// Adaptive clipping: the norm quantile the bound tracks [default: 0.5].
+    #[arg(long)]
+    clip_quantile: Option<f64>,
+    /// Adaptive clipping: step size of the geometric update [default: 0.2].
+    #[arg(long)]
+    clip_lr: Option<f64>,
+    /// Adaptive clipping: std of the noise on the clipped count [default:
+    /// expected cohort / 20].
+    #[arg(long)]
+    clip_count_noise: Option<f64>,
     /// No progress bars (for CI and logs).
     #[arg(long, short)]
     quiet: bool,
@@ -201,7 +215,10 @@ impl Cli {
             secagg_bits,
             secagg_clip,
             delta,
-            clip_norm
+            clip_norm,
+            adaptive_clip,
+            clip_quantile,
+            clip_lr
         );
         macro_rules! take_opt {
             ($($field:ident),*) => { $( if self.$field.is_some() { c.$field = self.$field.clone(); } )* };
@@ -211,7 +228,8 @@ impl Cli {
             noise_multiplier,
             target_epsilon,
             dp_budget,
-            dp_min_contributors
+            dp_min_contributors,
+            clip_count_noise
         );
         if self.secagg_degree.is_some() {
             c.secagg_degree = self.secagg_degree;

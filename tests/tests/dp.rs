@@ -180,3 +180,51 @@ async fn bad_dp_configs_fail_before_any_round() {
         assert!(msg.contains(needle), "{needle:?} not in {msg:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adaptive_clipping_under_secagg_moves_the_bound_towards_the_median() {
+    let _turn = SERIAL.lock().await;
+    // A bound far below every update norm: all clients are clipped, the
+    // noisy unclipped fraction is near 0, and each round multiplies the
+    // bound by about exp(0.2 * 0.5) = 1.105, never by more.
+    let cfg = SimConfig {
+        rounds: 3,
+        dp: Some("distributed".into()),
+        noise_multiplier: Some(0.5),
+        clip_norm: 1e-3,
+        dp_min_contributors: Some(4),
+        adaptive_clip: true,
+        clip_count_noise: Some(0.05),
+        ..base()
+    };
+    let report = fedveil_sim::run(&cfg, &split(), &mut QuietObserver)
+        .await
+        .unwrap();
+    assert_eq!(report.server.rounds_completed, 3);
+    assert!(
+        report.clients.iter().all(|c| c.is_ok()),
+        "{:?}",
+        report.clients
+    );
+    let bounds: Vec<f64> = report
+        .server
+        .metrics
+        .iter()
+        .map(|m| m.clip_norm.unwrap())
+        .collect();
+    assert_eq!(bounds[0], 1e-3);
+    for w in bounds.windows(2) {
+        let step = w[1] / w[0];
+        assert!(step > 1.08 && step <= 0.1f64.exp() + 1e-12, "{bounds:?}");
+    }
+    // Local DP has no aggregate to read the indicators from.
+    let local = SimConfig {
+        secagg: false,
+        dp: Some("local".into()),
+        ..cfg
+    };
+    let err = fedveil_sim::run(&local, &split(), &mut QuietObserver)
+        .await
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("adaptive clipping"), "{err:#}");
+}

@@ -67,6 +67,19 @@ struct Server {
 }
 
 fn start_server(split: &Split, rounds: u64, min_clients: usize, timeout: Duration) -> Server {
+    let identity = ServerIdentity::generate(&["localhost".into()]).unwrap();
+    let bind = "127.0.0.1:0".parse().unwrap();
+    start_server_on(split, rounds, min_clients, timeout, identity, bind)
+}
+
+fn start_server_on(
+    split: &Split,
+    rounds: u64,
+    min_clients: usize,
+    timeout: Duration,
+    identity: ServerIdentity,
+    bind: SocketAddr,
+) -> Server {
     let device = Device::flex();
     let shape = DataShape {
         example_shape: split.train.example_shape.clone(),
@@ -88,12 +101,7 @@ fn start_server(split: &Split, rounds: u64, min_clients: usize, timeout: Duratio
     };
     let coordinator = Coordinator::new(config, spec.clone(), initial.clone(), 1).unwrap();
     let evaluator = ModelEvaluator::new("cnn", Arc::clone(&split.test), &device).unwrap();
-    let identity = ServerIdentity::generate(&["localhost".into()]).unwrap();
-    let endpoint = quinn::Endpoint::server(
-        net::server_config(&identity).unwrap(),
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .unwrap();
+    let endpoint = quinn::Endpoint::server(net::server_config(&identity).unwrap(), bind).unwrap();
     let addr = endpoint.local_addr().unwrap();
     let limits = FrameLimits::for_model(spec.param_count);
     let run = tokio::spawn(async move {
@@ -169,12 +177,7 @@ async fn fedavg_over_quic_is_the_weighted_mean_and_accuracy_rises() {
         });
         trainers.push(Arc::clone(&t));
         let endpoint = client_endpoint(&server.ca_pem);
-        let opts = ClientOptions {
-            server: server.addr,
-            server_name: "localhost".into(),
-            node_name: format!("node-{i}"),
-            training_slots: None,
-        };
+        let opts = ClientOptions::new(server.addr, "localhost", format!("node-{i}"));
         tasks.push(tokio::spawn(async move {
             fedveil_client::run(&endpoint, &opts, t).await
         }));
@@ -307,12 +310,7 @@ async fn bad_updates_are_rejected_and_the_round_completes_with_the_others() {
     let honest: Arc<dyn LocalTrainer> =
         Arc::new(Trainer::new("cnn", shard, Device::flex(), 9).unwrap());
     let endpoint = client_endpoint(&server.ca_pem);
-    let opts = ClientOptions {
-        server: server.addr,
-        server_name: "localhost".into(),
-        node_name: "honest".into(),
-        training_slots: None,
-    };
+    let opts = ClientOptions::new(server.addr, "localhost", "honest");
     let honest_task =
         tokio::spawn(async move { fedveil_client::run(&endpoint, &opts, honest).await });
 
@@ -383,13 +381,82 @@ async fn a_frame_over_the_limit_is_refused_before_it_is_read() {
     let mut head = Vec::from(wire::codec::FRAME_MAGIC);
     head.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
     head.extend_from_slice(&1u32.to_le_bytes());
-    head.extend_from_slice(&((server.spec.param_count + 2) * 4).to_le_bytes());
+    let largest = server.spec.param_count + wire::codec::MAX_APPENDED_VALUES;
+    head.extend_from_slice(&((largest + 1) * 4).to_le_bytes());
     send.write_all(&head).await.unwrap();
     assert_eq!(next_error(&mut reader).await, ReasonCode::FrameTooLarge);
     assert!(
         tokio::time::timeout(Duration::from_secs(10), conn.closed())
             .await
             .is_ok()
+    );
+    server.run.abort();
+}
+
+fn impatient() -> fedveil_client::driver::RetryPolicy {
+    fedveil_client::driver::RetryPolicy {
+        attempts: 30,
+        timeout: Duration::from_millis(500),
+        initial_backoff: Duration::from_millis(100),
+        max_backoff: Duration::from_millis(300),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_started_before_the_server_retries_until_it_is_up() {
+    let split = synthetic();
+    let identity = ServerIdentity::generate(&["localhost".into()]).unwrap();
+    // A free port with nobody listening yet.
+    let addr = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let shard = Shard {
+        data: Arc::clone(&split.train),
+        indices: (0..300).collect(),
+    };
+    let trainer: Arc<dyn LocalTrainer> =
+        Arc::new(Trainer::new("cnn", shard, Device::flex(), 1).unwrap());
+    let endpoint = client_endpoint(&identity.ca_cert_pem);
+    let mut opts = ClientOptions::new(addr, "localhost", "early");
+    opts.retry = impatient();
+    let client = tokio::spawn(async move { fedveil_client::run(&endpoint, &opts, trainer).await });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !client.is_finished(),
+        "the client gave up while the server was down"
+    );
+    let server = start_server_on(&split, 1, 1, Duration::from_secs(120), identity, addr);
+    let (report, _) = server.run.await.unwrap();
+    assert_eq!(report.rounds_completed, 1);
+    let r = client
+        .await
+        .unwrap()
+        .expect("the client joined once the server was up");
+    assert_eq!(r.rounds_trained, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_failure_is_not_retried() {
+    let split = synthetic();
+    let server = start_server(&split, 1, 1, Duration::from_secs(30));
+    let stranger = ServerIdentity::generate(&["localhost".into()]).unwrap();
+    let shard = Shard {
+        data: Arc::clone(&split.train),
+        indices: (0..100).collect(),
+    };
+    let trainer: Arc<dyn LocalTrainer> =
+        Arc::new(Trainer::new("cnn", shard, Device::flex(), 1).unwrap());
+    let endpoint = client_endpoint(&stranger.ca_cert_pem);
+    let mut opts = ClientOptions::new(server.addr, "localhost", "wrong-ca");
+    opts.retry = impatient();
+    let err = fedveil_client::run(&endpoint, &opts, trainer)
+        .await
+        .unwrap_err();
+    // A retried failure would end as `Unreachable` after 30 attempts.
+    assert!(
+        matches!(err, fedveil_client::ClientError::Net(_)),
+        "expected an immediate TLS failure, got {err}"
     );
     server.run.abort();
 }

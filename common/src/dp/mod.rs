@@ -14,6 +14,7 @@
 //! Privacy is user-level: neighbouring runs differ by one client's whole
 //! data. Threat model and caveats: `docs/SECURITY.md`.
 
+pub mod adaptive;
 pub mod clip;
 pub mod ledger;
 pub mod noise;
@@ -21,6 +22,7 @@ pub mod rdp;
 
 use serde::{Deserialize, Serialize};
 
+pub use adaptive::AdaptiveClipping;
 pub use ledger::{BudgetExceeded, PrivacyLedger};
 use rdp::AccountingError;
 
@@ -83,6 +85,10 @@ pub struct DpConfig {
     /// Distributed DP: fewest contributors a round accepts (the noise is
     /// calibrated to them).
     pub min_contributors: Option<usize>,
+    /// Let the clip bound track a quantile of the update norms (central and
+    /// distributed DP); `clip_norm` is then the initial bound.
+    #[serde(default)]
+    pub adaptive: Option<AdaptiveClipping>,
 }
 
 /// A DP configuration that cannot give the promised guarantee.
@@ -111,6 +117,12 @@ pub enum DpConfigError {
         bits: u32,
         max_norm: f64,
     },
+    #[error("adaptive clipping: {0}")]
+    Adaptive(String),
+    #[error(
+        "adaptive clipping needs a noised aggregate of the clipping indicators; local DP has none (use central or distributed DP)"
+    )]
+    AdaptiveWithLocal,
     #[error("the privacy budget is already spent: epsilon {spent:.4} of {budget}")]
     BudgetSpent { spent: f64, budget: f64 },
     #[error(transparent)]
@@ -121,18 +133,24 @@ pub enum DpConfigError {
 /// config; the same for the whole cohort).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum DpRound {
-    /// Clip only; the server adds the noise.
-    Central { clip_norm: f64 },
+    /// Clip only; the server adds the noise. With `clip_indicator`, append
+    /// +-1/2 (see [`adaptive`]).
+    Central {
+        clip_norm: f64,
+        clip_indicator: bool,
+    },
     /// Clip, then add N(0, noise_std^2) to every value.
     Local { clip_norm: f64, noise_std: f64 },
     /// Clip, divide by `granularity`, round to integers with L2 norm at most
     /// `rounded_norm`, add Sk(`skellam_mu`) per value; the integers travel
-    /// through secure aggregation.
+    /// through secure aggregation. With `indicator_mu`, append the clipping
+    /// indicator as +-1 plus Sk(`indicator_mu`).
     Distributed {
         clip_norm: f64,
         granularity: f64,
         rounded_norm: f64,
         skellam_mu: f64,
+        indicator_mu: Option<f64>,
     },
 }
 
@@ -157,9 +175,37 @@ pub enum PrivatizeError {
 impl DpRound {
     pub fn clip_norm(&self) -> f64 {
         match *self {
-            Self::Central { clip_norm } | Self::Local { clip_norm, .. } => clip_norm,
+            Self::Central { clip_norm, .. } | Self::Local { clip_norm, .. } => clip_norm,
             Self::Distributed { clip_norm, .. } => clip_norm,
         }
+    }
+
+    /// Values appended after the model's (the clipping indicator).
+    pub fn extra_values(&self) -> usize {
+        match *self {
+            Self::Central { clip_indicator, .. } => usize::from(clip_indicator),
+            Self::Distributed { indicator_mu, .. } => usize::from(indicator_mu.is_some()),
+            Self::Local { .. } => 0,
+        }
+    }
+
+    /// The same round with clip bound `c`. Distributed DP scales its
+    /// granularity with it, so the integers, their norm bound and the noise
+    /// (hence the accounting) stay the same.
+    pub fn with_clip_norm(&self, c: f64) -> Self {
+        let mut out = self.clone();
+        match &mut out {
+            Self::Central { clip_norm, .. } | Self::Local { clip_norm, .. } => *clip_norm = c,
+            Self::Distributed {
+                clip_norm,
+                granularity,
+                ..
+            } => {
+                *granularity *= c / *clip_norm;
+                *clip_norm = c;
+            }
+        }
+        out
     }
 
     /// The client's DP step: clip on the global L2 norm, then noise as the
@@ -173,8 +219,14 @@ impl DpRound {
             return Err(PrivatizeError::NonFinite(i));
         }
         let clipped = clip::clip_l2(&mut update, self.clip_norm());
+        let indicator = adaptive::indicator(&clipped);
         let out = match *self {
-            Self::Central { .. } => Privatized::Real(update),
+            Self::Central { clip_indicator, .. } => {
+                if clip_indicator {
+                    update.push(indicator as f32);
+                }
+                Privatized::Real(update)
+            }
             Self::Local { noise_std, .. } => {
                 noise::add_gaussian(&mut update, noise_std, rng);
                 Privatized::Real(update)
@@ -183,12 +235,18 @@ impl DpRound {
                 granularity,
                 rounded_norm,
                 skellam_mu,
+                indicator_mu,
                 ..
             } => {
                 let scaled: Vec<f64> = update.iter().map(|&v| f64::from(v) / granularity).collect();
                 drop(update);
                 let mut ints = noise::round_conditionally(&scaled, rounded_norm, rng)?;
                 noise::add_skellam(&mut ints, skellam_mu, rng);
+                if let Some(mu) = indicator_mu {
+                    let mut bit = [(2.0 * indicator) as i64];
+                    noise::add_skellam(&mut bit, mu, rng);
+                    ints.push(bit[0]);
+                }
                 Privatized::Integers(ints)
             }
         };
@@ -221,6 +279,10 @@ pub struct DpPlan {
     pub denominator: Option<f64>,
     /// Distributed DP: rounds with fewer contributors are aborted.
     pub min_contributors: usize,
+    /// Adaptive clipping, with the std of the noise on the indicator sum
+    /// (in clients; the server adds it under central DP, the clients'
+    /// Skellam shares carry it under distributed DP).
+    pub adaptive: Option<(AdaptiveClipping, f64)>,
     pub orders: Vec<f64>,
     pub rdp_per_round: Vec<f64>,
     /// The budget the ledger enforces.
@@ -260,6 +322,12 @@ impl DpConfig {
         {
             return Err(DpConfigError::Budget(b));
         }
+        if let Some(a) = &self.adaptive {
+            a.check()?;
+            if self.mechanism == Mechanism::Local {
+                return Err(DpConfigError::AdaptiveWithLocal);
+            }
+        }
         let expected_cohort = (q * population as f64).max(1.0);
         match self.mechanism {
             Mechanism::Central => self.plan_central(q, expected_cohort),
@@ -280,26 +348,39 @@ impl DpConfig {
         })
     }
 
+    /// Central DP. With adaptive clipping the update and the indicator sum
+    /// form one Gaussian mechanism of joint multiplier
+    /// (z^-2 + (2 sigma_b)^-2)^-1/2, which is what is accounted.
     fn plan_central(&self, q: f64, expected_cohort: f64) -> Result<DpPlan, DpConfigError> {
-        let z = match self.noise {
-            NoiseLevel::NoiseMultiplier(z) => z,
-            NoiseLevel::TargetEpsilon(e) => {
-                rdp::gaussian_noise_multiplier(q, e, self.planned_rounds, self.delta)?
+        let count_std = self.adaptive.map(|a| a.count_noise_std(expected_cohort));
+        let (z, z_joint) = match (self.noise, count_std) {
+            (NoiseLevel::NoiseMultiplier(z), None) => (z, z),
+            (NoiseLevel::NoiseMultiplier(z), Some(s)) => {
+                (z, adaptive::joint_noise_multiplier(z, s))
+            }
+            (NoiseLevel::TargetEpsilon(e), count_std) => {
+                let joint = rdp::gaussian_noise_multiplier(q, e, self.planned_rounds, self.delta)?;
+                match count_std {
+                    None => (joint, joint),
+                    Some(s) => (adaptive::update_noise_multiplier(joint, s)?, joint),
+                }
             }
         };
         let orders = rdp::default_orders();
-        let rdp_per_round = rdp::sampled_gaussian(q, z, &orders);
+        let rdp_per_round = rdp::sampled_gaussian(q, z_joint, &orders);
         let planned = planned_epsilon(&orders, &rdp_per_round, self.planned_rounds, self.delta);
         Ok(DpPlan {
             config: self.clone(),
             round: DpRound::Central {
                 clip_norm: self.clip_norm,
+                clip_indicator: self.adaptive.is_some(),
             },
             server_noise_std: z * self.clip_norm,
             noise_multiplier: z,
             sampling_rate: q,
             denominator: Some(expected_cohort),
             min_contributors: 1,
+            adaptive: self.adaptive.zip(count_std),
             orders,
             rdp_per_round,
             budget: self.budget_or(planned),
@@ -329,6 +410,7 @@ impl DpConfig {
             sampling_rate: q,
             denominator: None,
             min_contributors: 1,
+            adaptive: None,
             orders,
             rdp_per_round,
             budget: self.budget.unwrap_or(planned),
@@ -359,10 +441,18 @@ impl DpConfig {
         }
         let cohort = max_cohort.max(m);
         let orders = rdp::integer_orders();
+        // The indicator travels as +-1 (sensitivity 1) with Sk(2 sigma_b^2)
+        // in all: std 2 sigma_b in integer units, sigma_b in clients.
+        let count_std = self.adaptive.map(|a| a.count_noise_std(expected_cohort));
+        let indicator_mu = count_std.map(|s| 2.0 * s * s);
         let cost = |z: f64, delta2: f64| -> Vec<f64> {
             let mu = z * z * delta2 * delta2 / 2.0;
             let l1 = (delta2 * delta2).min((dim as f64).sqrt() * delta2);
-            rdp::poisson_subsampled(q, |a| rdp::skellam(mu, l1, delta2, &[a as f64])[0], &orders)
+            let joint = |a: f64| {
+                let update = rdp::skellam(mu, l1, delta2, &[a])[0];
+                update + indicator_mu.map_or(0.0, |mu_b| rdp::skellam(mu_b, 1.0, 1.0, &[a])[0])
+            };
+            rdp::poisson_subsampled(q, |a| joint(a as f64), &orders)
         };
         // Headroom: cohort * Delta2 + tail * sqrt(2 mu cohort / (m - 1)) < 2^(bits-1)
         // with mu = z^2 Delta2^2 / 2, i.e. Delta2 * (cohort + tail * z * sqrt(cohort / (m - 1))).
@@ -421,12 +511,14 @@ impl DpConfig {
                 granularity,
                 rounded_norm: delta2,
                 skellam_mu: mu / (m - 1) as f64,
+                indicator_mu: indicator_mu.map(|mu_b| mu_b / (m - 1) as f64),
             },
             server_noise_std: 0.0,
             noise_multiplier: z,
             sampling_rate: q,
             denominator: Some(expected_cohort),
             min_contributors: m,
+            adaptive: self.adaptive.zip(count_std),
             orders,
             rdp_per_round,
             budget: self.budget_or(planned),

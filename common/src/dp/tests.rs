@@ -1,4 +1,5 @@
 use super::*;
+use rand::SeedableRng;
 
 fn config(mechanism: Mechanism, noise: NoiseLevel) -> DpConfig {
     DpConfig {
@@ -9,6 +10,7 @@ fn config(mechanism: Mechanism, noise: NoiseLevel) -> DpConfig {
         planned_rounds: 100,
         budget: None,
         min_contributors: None,
+        adaptive: None,
     }
 }
 
@@ -21,7 +23,13 @@ fn central_plan_hits_the_target_and_noises_the_sum() {
     assert_eq!(plan.budget, 3.0);
     assert_eq!(plan.server_noise_std, plan.noise_multiplier);
     assert_eq!(plan.denominator, Some(100.0));
-    assert_eq!(plan.round, DpRound::Central { clip_norm: 1.0 });
+    assert_eq!(
+        plan.round,
+        DpRound::Central {
+            clip_norm: 1.0,
+            clip_indicator: false
+        }
+    );
 }
 
 #[test]
@@ -137,4 +145,202 @@ fn bad_configs_are_refused_before_any_round() {
             .plan(1.0, 100_000, 1_000_000, 100_000, true),
         Err(DpConfigError::NoHeadroom { .. })
     ));
+    assert_eq!(
+        config(Mechanism::Local, NoiseLevel::NoiseMultiplier(1.0))
+            .adaptive_on()
+            .plan(0.1, 100, 10, 20, false),
+        Err(DpConfigError::AdaptiveWithLocal)
+    );
+    for bad in [
+        AdaptiveClipping {
+            target_quantile: 1.0,
+            ..Default::default()
+        },
+        AdaptiveClipping {
+            learning_rate: 0.0,
+            ..Default::default()
+        },
+        AdaptiveClipping {
+            count_noise_std: Some(f64::NAN),
+            ..Default::default()
+        },
+    ] {
+        assert!(matches!(
+            plan(DpConfig {
+                adaptive: Some(bad),
+                ..base.clone()
+            }),
+            Err(DpConfigError::Adaptive(_))
+        ));
+    }
+}
+
+impl DpConfig {
+    fn adaptive_on(self) -> Self {
+        Self {
+            adaptive: Some(AdaptiveClipping::default()),
+            ..self
+        }
+    }
+}
+
+#[test]
+fn the_clip_bound_moves_geometrically_towards_the_quantile() {
+    let a = AdaptiveClipping::default();
+    // Hand-computed: C * exp(-0.2 * (b - 0.5)).
+    assert!((a.next_clip_norm(1.0, 0.2) - 0.06f64.exp()).abs() < 1e-15);
+    assert!((a.next_clip_norm(2.0, 0.9) - 2.0 * (-0.08f64).exp()).abs() < 1e-15);
+    assert_eq!(a.next_clip_norm(1.5, 0.5), 1.5);
+    // A noisy estimate outside [0, 1] moves the bound no further than 0 or 1.
+    assert_eq!(a.next_clip_norm(1.0, -3.0), a.next_clip_norm(1.0, 0.0));
+    assert_eq!(a.next_clip_norm(1.0, 7.0), a.next_clip_norm(1.0, 1.0));
+    assert_eq!(a.next_clip_norm(1.0, f64::NAN), 1.0);
+}
+
+#[test]
+fn adaptive_central_plan_accounts_the_count_noise() {
+    let plain = config(Mechanism::Central, NoiseLevel::TargetEpsilon(3.0))
+        .plan(0.1, 1000, 10, 200, false)
+        .unwrap();
+    let plan = config(Mechanism::Central, NoiseLevel::TargetEpsilon(3.0))
+        .adaptive_on()
+        .plan(0.1, 1000, 10, 200, false)
+        .unwrap();
+    let (a, count_std) = plan.adaptive.unwrap();
+    assert_eq!(a, AdaptiveClipping::default());
+    assert_eq!(count_std, 5.0, "expected cohort 100 / 20");
+    // The joint mechanism is the one of the plain plan: same epsilon,
+    // slightly more noise on the update to pay for the count.
+    let joint = adaptive::joint_noise_multiplier(plan.noise_multiplier, count_std);
+    assert!((joint - plain.noise_multiplier).abs() < 1e-9 * joint);
+    assert!(plan.noise_multiplier > plain.noise_multiplier);
+    let eps = plan.epsilon_after(100);
+    assert!(eps <= 3.0 && eps > 2.9, "{eps}");
+    assert_eq!(plan.round.extra_values(), 1);
+    // A fixed noise multiplier is the update's; the accounted one is lower.
+    let fixed = config(Mechanism::Central, NoiseLevel::NoiseMultiplier(1.0))
+        .adaptive_on()
+        .plan(0.1, 1000, 10, 200, false)
+        .unwrap();
+    let unadapted = config(Mechanism::Central, NoiseLevel::NoiseMultiplier(1.0))
+        .plan(0.1, 1000, 10, 200, false)
+        .unwrap();
+    assert!(fixed.epsilon_after(100) > unadapted.epsilon_after(100));
+    // Count noise too small for the target: said so, not ignored.
+    assert!(matches!(
+        config(Mechanism::Central, NoiseLevel::TargetEpsilon(0.05))
+            .adaptive_on()
+            .plan(0.1, 1000, 10, 200, false),
+        Err(DpConfigError::Adaptive(_))
+    ));
+    let z = adaptive::update_noise_multiplier(1.3, 5.0).unwrap();
+    assert!((adaptive::joint_noise_multiplier(z, 5.0) - 1.3).abs() < 1e-12);
+}
+
+#[test]
+fn adaptive_distributed_plan_charges_the_indicator_and_still_hits_the_target() {
+    let dim = 1000;
+    let base = config(Mechanism::Distributed, NoiseLevel::NoiseMultiplier(1.0));
+    let plain = base.clone().plan(0.1, 1000, dim, 200, true).unwrap();
+    let adapted = base.adaptive_on().plan(0.1, 1000, dim, 200, true).unwrap();
+    for (with, without) in adapted.rdp_per_round.iter().zip(&plain.rdp_per_round) {
+        assert!(with > without, "the indicator costs privacy");
+    }
+    let DpRound::Distributed {
+        indicator_mu: Some(mu),
+        ..
+    } = adapted.round
+    else {
+        panic!("{:?}", adapted.round)
+    };
+    // Sk(2 sigma_b^2) over the 70 minimum contributors, less one.
+    assert!((mu - 2.0 * 25.0 / 69.0).abs() < 1e-12);
+    let target = config(Mechanism::Distributed, NoiseLevel::TargetEpsilon(3.0))
+        .adaptive_on()
+        .plan(0.1, 1000, dim, 200, true)
+        .unwrap();
+    let eps = target.epsilon_after(100);
+    assert!(eps <= 3.0 && eps > 2.85, "{eps}");
+}
+
+#[test]
+fn clients_append_their_clipping_indicator() {
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(7);
+    let central = DpRound::Central {
+        clip_norm: 1.0,
+        clip_indicator: true,
+    };
+    let (Privatized::Real(v), _) = central.privatize(vec![3.0, 4.0], &mut rng).unwrap() else {
+        panic!()
+    };
+    assert_eq!(v.len(), 3);
+    assert_eq!(v[2], -0.5, "clipped");
+    let (Privatized::Real(v), _) = central.privatize(vec![0.3, 0.4], &mut rng).unwrap() else {
+        panic!()
+    };
+    assert_eq!(v, vec![0.3, 0.4, 0.5]);
+    // Distributed: +-1 plus Skellam noise of variance 2 mu.
+    let plan = config(Mechanism::Distributed, NoiseLevel::NoiseMultiplier(1.0))
+        .adaptive_on()
+        .plan(0.1, 1000, 4, 200, true)
+        .unwrap();
+    let DpRound::Distributed {
+        indicator_mu: Some(mu),
+        ..
+    } = plan.round
+    else {
+        panic!()
+    };
+    let draws = 4000;
+    let mut sum = 0.0;
+    let mut sq = 0.0;
+    for _ in 0..draws {
+        let (Privatized::Integers(v), _) = plan.round.privatize(vec![0.0; 4], &mut rng).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(v.len(), 5);
+        let x = v[4] as f64;
+        sum += x;
+        sq += (x - 1.0) * (x - 1.0);
+    }
+    let mean = sum / draws as f64;
+    let var = sq / draws as f64;
+    let sd_of_mean = (2.0 * mu / draws as f64).sqrt();
+    assert!((mean - 1.0).abs() < 5.0 * sd_of_mean, "{mean}");
+    assert!(
+        (var / (2.0 * mu) - 1.0).abs() < 0.15,
+        "{var} vs {}",
+        2.0 * mu
+    );
+}
+
+#[test]
+fn a_new_clip_bound_keeps_the_distributed_integers_the_same() {
+    let plan = config(Mechanism::Distributed, NoiseLevel::NoiseMultiplier(1.0))
+        .plan(0.1, 1000, 100, 200, true)
+        .unwrap();
+    let moved = plan.round.with_clip_norm(2.5);
+    let (
+        DpRound::Distributed {
+            clip_norm: c0,
+            granularity: g0,
+            rounded_norm: r0,
+            skellam_mu: m0,
+            ..
+        },
+        DpRound::Distributed {
+            clip_norm: c1,
+            granularity: g1,
+            rounded_norm: r1,
+            skellam_mu: m1,
+            ..
+        },
+    ) = (&plan.round, &moved)
+    else {
+        panic!()
+    };
+    assert_eq!((*c0, *c1), (1.0, 2.5));
+    assert!((c1 / g1 - c0 / g0).abs() < 1e-9 * c0 / g0);
+    assert_eq!((r0, m0), (r1, m1));
 }

@@ -319,7 +319,8 @@ impl ClientSession {
             return Err(SessionError::NotTraining(update.round));
         }
         let round = update.round;
-        let len = self.spec.param_count as usize;
+        let len = self.spec.param_count as usize
+            + self.round_dp.as_ref().map_or(0, DpRound::extra_values);
         let mut integers = None;
         if let Some(dp) = self.round_dp.clone() {
             let delta = std::mem::take(&mut update.delta);

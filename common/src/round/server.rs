@@ -248,6 +248,8 @@ pub struct RoundSummary {
     pub secure: bool,
     /// Epsilon spent after this round (with DP on).
     pub epsilon: Option<f64>,
+    /// The clip bound this round used (with DP on).
+    pub clip_norm: Option<f64>,
     /// Example-weighted evaluation of the incoming global model on the
     /// clients' own data, if any client reported one.
     pub client_eval: Option<ClientEvalSummary>,
@@ -368,6 +370,8 @@ pub struct Coordinator {
     /// OS-seeded: DP cohort sampling and server noise must be unpredictable.
     secret_rng: ChaCha20Rng,
     ledger: Option<PrivacyLedger>,
+    /// The clip bound in force (with DP on; it moves under adaptive clipping).
+    clip_norm: Option<f64>,
     phase: Phase,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
@@ -385,6 +389,7 @@ impl Coordinator {
         cfg.validate()?;
         cfg.round.dp = cfg.dp.as_ref().map(|p| p.round.clone());
         let ledger = cfg.dp.as_ref().map(DpPlan::ledger);
+        let clip_norm = cfg.dp.as_ref().map(|p| p.config.clip_norm);
         if global_model.len() as u64 != spec.param_count {
             return Err(ConfigError(format!(
                 "initial model has {} values, the model spec says {}",
@@ -405,6 +410,7 @@ impl Coordinator {
             rng,
             secret_rng: rand::make_rng(),
             ledger,
+            clip_norm,
             phase: Phase::Waiting,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -430,6 +436,32 @@ impl Coordinator {
     /// The privacy ledger (with DP on).
     pub fn ledger(&self) -> Option<&PrivacyLedger> {
         self.ledger.as_ref()
+    }
+
+    /// The clip bound the next round uses (with DP on).
+    pub fn clip_norm(&self) -> Option<f64> {
+        self.clip_norm
+    }
+
+    /// The config sent to this round's cohort: the run's, with the clip
+    /// bound in force.
+    fn round_config(&self) -> RoundConfig {
+        let mut config = self.cfg.round.clone();
+        if let (Some(dp), Some(c)) = (&mut config.dp, self.clip_norm) {
+            *dp = dp.with_clip_norm(c);
+        }
+        config
+    }
+
+    /// Length of the vectors aggregated: the model, then what DP appends.
+    fn aggregate_len(&self) -> usize {
+        self.global.len()
+            + self
+                .cfg
+                .round
+                .dp
+                .as_ref()
+                .map_or(0, dp::DpRound::extra_values)
     }
 
     /// Continues a run with the ledger it had spent so far (after a
@@ -704,7 +736,14 @@ impl Coordinator {
                     if plan.config.mechanism == Mechanism::Central
                         && delta.iter().all(|v| v.is_finite())
                     {
-                        dp::clip::clip_l2(&mut delta, plan.config.clip_norm);
+                        let model_len = self.global.len().min(delta.len());
+                        let (model, indicator) = delta.split_at_mut(model_len);
+                        dp::clip::clip_l2(model, self.clip_norm.unwrap_or(plan.config.clip_norm));
+                        // An indicator is +-1/2; a larger one would buy one
+                        // client extra sway over the bound.
+                        for v in indicator {
+                            *v = v.clamp(-0.5, 0.5);
+                        }
                     }
                     1.0
                 }
@@ -809,6 +848,7 @@ impl Coordinator {
         let Phase::Collecting(r) = std::mem::replace(&mut self.phase, Phase::BetweenRounds) else {
             return;
         };
+        let clip_norm = self.clip_norm;
         let update = self.dp_update(outcome.mean, Some(&outcome.sum), outcome.survivors.len());
         for (g, d) in self.global.iter_mut().zip(&update) {
             *g += d;
@@ -832,6 +872,7 @@ impl Coordinator {
             train_loss: None,
             secure: true,
             epsilon,
+            clip_norm,
             client_eval: None,
             timed_out: timed_out || r.timed_out,
             started_at: r.started_at,
@@ -926,7 +967,7 @@ impl Coordinator {
         }
         let (agg, setups) = match &self.cfg.secagg {
             None => (
-                Aggregation::Plain(WeightedMean::new(self.global.len())),
+                Aggregation::Plain(WeightedMean::new(self.aggregate_len())),
                 Vec::new(),
             ),
             Some(sa) => {
@@ -943,7 +984,7 @@ impl Coordinator {
                     {
                         params.min_survivors = plan.min_contributors as u32;
                     }
-                    SecAggServer::new(round, params, &cohort, self.global.len(), graph_seed)
+                    SecAggServer::new(round, params, &cohort, self.aggregate_len(), graph_seed)
                         .map_err(|e| e.to_string())
                 };
                 match built {
@@ -981,7 +1022,7 @@ impl Coordinator {
         }
         let start = Arc::new(Message::RoundStart(RoundStart {
             round,
-            config: self.cfg.round.clone(),
+            config: self.round_config(),
             global_model: self.global.clone(),
         }));
         for &id in &cohort {
@@ -1032,30 +1073,50 @@ impl Coordinator {
     /// (or, for distributed DP, the unmasked integer sum): central DP adds
     /// the server's noise to the sum; central and distributed DP divide the
     /// noisy sum by the expected cohort size (a data-independent divisor).
+    /// Under adaptive clipping the appended indicator sum, noised the same
+    /// way, moves the clip bound for the next round.
     fn dp_update(&mut self, mean: Vec<f32>, integer_sum: Option<&[u32]>, count: usize) -> Vec<f32> {
         let Some(plan) = &self.cfg.dp else {
             return mean;
         };
+        let dim = self.global.len();
+        let clip_norm = self.clip_norm.unwrap_or(plan.config.clip_norm);
         let denominator = plan.denominator.unwrap_or(count as f64).max(1.0);
-        match (&plan.round, integer_sum) {
+        // Noisy sums: the model's, then the indicators' (in clients).
+        let (sum, indicator_sum): (Vec<f64>, Option<f64>) = match (&plan.round, integer_sum) {
             (dp::DpRound::Distributed { granularity, .. }, Some(sum)) => {
                 let bits = dp::DEFAULT_DP_BITS;
-                sum[..mean.len()]
+                let granularity = granularity * clip_norm / plan.config.clip_norm;
+                let model = sum[..dim]
                     .iter()
-                    .map(|&s| (dp::centered(s, bits) as f64 * granularity / denominator) as f32)
-                    .collect()
+                    .map(|&s| dp::centered(s, bits) as f64 * granularity)
+                    .collect();
+                let indicator = plan
+                    .adaptive
+                    .map(|_| dp::centered(sum[dim], bits) as f64 / 2.0);
+                (model, indicator)
             }
             (dp::DpRound::Central { .. }, _) => {
                 let mut sum: Vec<f64> = mean.iter().map(|&m| f64::from(m) * count as f64).collect();
-                dp::noise::add_gaussian_to_sum(
-                    &mut sum,
-                    plan.server_noise_std,
-                    &mut self.secret_rng,
-                );
-                sum.iter().map(|&s| (s / denominator) as f32).collect()
+                let noise_std = plan.server_noise_std * clip_norm / plan.config.clip_norm;
+                dp::noise::add_gaussian_to_sum(&mut sum[..dim], noise_std, &mut self.secret_rng);
+                let indicator = plan.adaptive.map(|(_, count_std)| {
+                    let mut s = [sum[dim]];
+                    dp::noise::add_gaussian_to_sum(&mut s, count_std, &mut self.secret_rng);
+                    s[0]
+                });
+                sum.truncate(dim);
+                (sum, indicator)
             }
-            _ => mean,
+            _ => return mean,
+        };
+        if let (Some((adaptive, _)), Some(indicators)) = (plan.adaptive, indicator_sum) {
+            let unclipped = indicators / denominator + 0.5;
+            let next = adaptive.next_clip_norm(clip_norm, unclipped);
+            tracing::debug!(clip_norm, unclipped, next, "adaptive clipping");
+            self.clip_norm = Some(next);
         }
+        sum.iter().map(|&s| (s / denominator) as f32).collect()
     }
 
     fn epsilon(&self) -> Option<f64> {
@@ -1097,6 +1158,7 @@ impl Coordinator {
             return;
         };
         let total = sum.total_weight();
+        let clip_norm = self.clip_norm;
         let update = self.dp_update(mean, None, r.contributors.len());
         for (g, d) in self.global.iter_mut().zip(&update) {
             *g += d;
@@ -1119,6 +1181,7 @@ impl Coordinator {
             train_loss: self.cfg.dp.is_none().then(|| (r.loss_sum / total) as f32),
             secure: false,
             epsilon,
+            clip_norm,
             client_eval,
             timed_out,
             started_at: r.started_at,

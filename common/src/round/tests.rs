@@ -679,6 +679,7 @@ fn dp_plan(
         planned_rounds: rounds,
         budget,
         min_contributors,
+        adaptive: None,
     }
     .plan(
         q,
@@ -995,4 +996,98 @@ fn a_client_that_reports_an_error_leaves_the_round_without_a_timeout() {
     let s = h.completed()[0].clone();
     assert_eq!(s.contributors.len(), 3);
     assert!(!s.timed_out);
+}
+
+fn adaptive_plan(
+    mechanism: Mechanism,
+    n: usize,
+    rounds: u64,
+    min_contributors: Option<usize>,
+) -> DpPlan {
+    DpConfig {
+        mechanism,
+        clip_norm: 1.0,
+        noise: NoiseLevel::NoiseMultiplier(1e-3),
+        delta: 1e-5,
+        planned_rounds: rounds,
+        budget: Some(1e12),
+        min_contributors,
+        adaptive: Some(crate::dp::AdaptiveClipping {
+            count_noise_std: Some(1e-3),
+            ..Default::default()
+        }),
+    }
+    .plan(1.0, n, D, n, mechanism == Mechanism::Distributed)
+    .unwrap()
+}
+
+/// Runs one round in which clients `0..clipped` send norm-5 updates (clipped
+/// at a bound of 1) and the rest norm-0.5 ones.
+fn adaptive_round(h: &mut Harness, clipped: usize, secure: bool) {
+    let trains = if secure {
+        settle(h)
+    } else {
+        h.train_requests()
+    };
+    for (i, (id, round, _)) in trains.iter().enumerate() {
+        let delta = if i < clipped {
+            vec![3.0, 4.0, 0.0, 0.0]
+        } else {
+            vec![0.3, 0.4, 0.0, 0.0]
+        };
+        if secure {
+            submit_secure(h, *id, *round, delta, 1);
+        } else {
+            h.submit(*id, *round, delta, 1);
+        }
+    }
+    if secure {
+        settle(h);
+    }
+}
+
+#[test]
+fn adaptive_clipping_moves_the_bound_by_the_noised_indicator_sum() {
+    // Central DP, plain aggregation: 3 of 4 clipped, so b = 0.25 and the
+    // bound grows by exp(-0.2 * (0.25 - 0.5)) = exp(0.05).
+    let mut c = cfg(3, 4, 1.0);
+    c.dp = Some(adaptive_plan(Mechanism::Central, 4, 3, None));
+    let mut h = Harness::new(c, 4);
+    adaptive_round(&mut h, 3, false);
+    let after_one = h.server.clip_norm().unwrap();
+    assert!((after_one - 0.05f64.exp()).abs() < 1e-3, "{after_one}");
+    h.server.start_next_round(h.now);
+    h.pump();
+    // All within the bound: b = 1, the bound shrinks by exp(-0.1).
+    adaptive_round(&mut h, 0, false);
+    let after_two = h.server.clip_norm().unwrap();
+    assert!(
+        (after_two - after_one * (-0.1f64).exp()).abs() < 1e-3,
+        "{after_two}"
+    );
+    let bounds: Vec<f64> = h.completed().iter().map(|s| s.clip_norm.unwrap()).collect();
+    assert_eq!(bounds[0], 1.0);
+    assert_eq!(bounds[1], after_one, "round 2 used the moved bound");
+    // The global model holds the clipped updates' mean: round 1 has three
+    // (0.6, 0.8) and one (0.3, 0.4), over 4.
+    let g = h.server.global_model();
+    let first = (3.0 * 0.6 + 0.3) / 4.0;
+    let second = 0.3;
+    assert!((f64::from(g[0]) - first - second).abs() < 1e-2, "{g:?}");
+}
+
+#[test]
+fn adaptive_clipping_under_distributed_dp_reads_the_indicator_from_the_masked_sum() {
+    let n = 5;
+    let mut c = secure_cfg(n);
+    c.dp = Some(adaptive_plan(Mechanism::Distributed, n, 1, Some(3)));
+    let mut h = Harness::new(c, n);
+    // 4 of 5 clipped: b = 0.2, the bound grows by exp(0.06).
+    adaptive_round(&mut h, 4, true);
+    let s = h.completed()[0].clone();
+    assert!(s.secure && s.contributors.len() == n);
+    let next = h.server.clip_norm().unwrap();
+    assert!((next - 0.06f64.exp()).abs() < 1e-2, "{next}");
+    let mean0 = (4.0 * 0.6 + 0.3) / 5.0;
+    assert!((f64::from(h.server.global_model()[0]) - mean0).abs() < 1e-2);
 }

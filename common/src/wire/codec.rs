@@ -46,12 +46,17 @@ impl Default for FrameLimits {
     }
 }
 
+/// Values an update may carry beyond the model's: the secure-aggregation
+/// weight and the adaptive-clipping indicator.
+pub const MAX_APPENDED_VALUES: u64 = 2;
+
 impl FrameLimits {
     /// Limits for a peer exchanging models of `param_count` parameters: the
-    /// largest payload is a masked update (the model plus its weight).
+    /// largest payload is a masked update (the model plus what
+    /// [`MAX_APPENDED_VALUES`] allows).
     pub fn for_model(param_count: u64) -> Self {
         Self {
-            max_payload_bytes: (param_count + 1) * 4,
+            max_payload_bytes: (param_count + MAX_APPENDED_VALUES) * 4,
             ..Self::default()
         }
     }
@@ -526,7 +531,7 @@ mod tests {
     #[test]
     fn rejects_oversized_payload_before_reading_it() {
         let bytes = encode(&update(100)).unwrap().to_vec();
-        let limits = FrameLimits::for_model(98);
+        let limits = FrameLimits::for_model(97);
         let mut dec = FrameDecoder::new(limits);
         // The prefix alone is enough to refuse.
         let err = dec.push(&bytes[..FRAME_PREFIX_LEN]).unwrap_err();
