@@ -81,6 +81,7 @@ impl LocalTrainer for Trainer {
             batch_size: config.batch_size as usize,
             learning_rate: f64::from(config.learning_rate),
             shuffle_seed: mix_seed(&[config.seed, round, self.node_seed]),
+            prox_mu: f64::from(config.prox_mu),
         };
         let stats = model.train(&self.shard, &plan)?;
         let mut delta = model.params();

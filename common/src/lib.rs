@@ -12,4 +12,5 @@ pub mod model;
 pub mod net;
 pub mod round;
 pub mod secagg;
+pub mod server_opt;
 pub mod wire;

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use fedveil_common::metrics::RoundMetrics;
 use fedveil_common::model::EvalStats;
 use fedveil_common::net::{self, CLOSE_OK, CLOSE_REFUSED, MessageReader, NetError};
+use fedveil_common::round::server::Durable;
 use fedveil_common::round::{ClientId, Coordinator, Event, RoundSummary};
 use fedveil_common::wire::{FrameLimits, Message};
 use tokio::sync::mpsc;
@@ -42,6 +43,27 @@ impl<F: FnMut(&[f32]) -> EvalStats + Send + 'static> Evaluator for F {
 pub trait Observer: Send {
     fn on_event(&mut self, _event: &Event) {}
     fn on_round(&mut self, _metrics: &RoundMetrics, _global_model: &[f32]) {}
+}
+
+/// Where the run's durable state goes (the server's [`crate::store::Store`];
+/// simulations keep none).
+pub trait StateSink: Send {
+    /// Returns once `d` is on disk; an error stops the run.
+    fn persist(&mut self, d: &Durable) -> Result<(), String>;
+    /// Round history (best effort).
+    fn record_round(&mut self, _metrics: &RoundMetrics) {}
+}
+
+impl StateSink for crate::store::Store {
+    fn persist(&mut self, d: &Durable) -> Result<(), String> {
+        crate::store::Store::persist(self, d).map_err(|e| e.to_string())
+    }
+
+    fn record_round(&mut self, metrics: &RoundMetrics) {
+        if let Err(err) = crate::store::Store::record_round(self, metrics) {
+            tracing::warn!(%err, round = metrics.round, "cannot record the round's metrics");
+        }
+    }
 }
 
 /// Logs events through `tracing`.
@@ -134,16 +156,19 @@ struct Traffic {
 }
 
 /// Runs `coordinator` on `endpoint` until all rounds are done or `shutdown`
-/// resolves.
+/// resolves. With `state`, everything the coordinator marks durable is
+/// saved before the messages that depend on it are sent.
 pub async fn serve(
     endpoint: quinn::Endpoint,
     coordinator: Coordinator,
     evaluator: impl Evaluator,
     limits: FrameLimits,
     observer: &mut dyn Observer,
+    state: Option<&mut dyn StateSink>,
     shutdown: impl Future<Output = ()>,
 ) -> RunReport {
     let mut driver = Driver {
+        state,
         coordinator,
         evaluator: Some(Box::new(evaluator)),
         limits,
@@ -192,7 +217,8 @@ pub async fn serve(
     driver.finish(&endpoint).await
 }
 
-struct Driver {
+struct Driver<'s> {
+    state: Option<&'s mut dyn StateSink>,
     coordinator: Coordinator,
     evaluator: Option<Box<dyn Evaluator>>,
     limits: FrameLimits,
@@ -203,7 +229,7 @@ struct Driver {
     last_traffic: (u64, u64),
 }
 
-impl Driver {
+impl Driver<'_> {
     fn on_inbound(&mut self, inbound: Inbound, tx: &mpsc::UnboundedSender<Inbound>) {
         let now = Instant::now();
         match inbound {
@@ -250,6 +276,22 @@ impl Driver {
         let mut finished = false;
         loop {
             let mut progressed = false;
+            // Durable first: a transmit may depend on it (a charged round).
+            while let Some(d) = self.coordinator.poll_durable() {
+                progressed = true;
+                if let Some(state) = self.state.as_deref_mut()
+                    && let Err(err) = state.persist(&d)
+                {
+                    tracing::error!(%err, "cannot save the run's state; stopping");
+                    // Nothing queued after this point may go out.
+                    while self.coordinator.poll_transmit().is_some() {}
+                    while self.coordinator.poll_durable().is_some() {}
+                    self.coordinator
+                        .shutdown("the server cannot save its state");
+                    self.report.interrupted = true;
+                    break;
+                }
+            }
             while let Some(t) = self.coordinator.poll_transmit() {
                 progressed = true;
                 if let Some(peer) = self.peers.get(&t.to) {
@@ -268,6 +310,9 @@ impl Driver {
                 match event {
                     Event::RoundCompleted(summary) => {
                         let metrics = self.round_metrics(&summary).await;
+                        if let Some(state) = self.state.as_deref_mut() {
+                            state.record_round(&metrics);
+                        }
                         observer.on_round(&metrics, self.coordinator.global_model());
                         self.report.rounds_completed += 1;
                         self.report.metrics.push(metrics);

@@ -4,5 +4,6 @@
 
 pub mod driver;
 pub mod setup;
+pub mod store;
 
-pub use driver::{Evaluator, LogObserver, Observer, RunReport, serve};
+pub use driver::{Evaluator, LogObserver, Observer, RunReport, StateSink, serve};

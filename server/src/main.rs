@@ -16,8 +16,10 @@ use fedveil_common::round::server::{
     DEFAULT_MAX_CLIENTS, DEFAULT_MAX_EXAMPLES_PER_UPDATE, DEFAULT_MAX_FAILED_ROUNDS,
 };
 use fedveil_common::round::{Coordinator, CoordinatorConfig};
+use fedveil_common::server_opt::ServerOptimizerConfig;
 use fedveil_common::wire::{FrameLimits, RoundConfig};
 use fedveil_server::setup::{MetricsFiles, ModelEvaluator, ServerObserver, initial_model};
+use fedveil_server::store::Store;
 
 #[derive(Parser)]
 #[command(name = "fedveil-server", version, about = "fedveil aggregation server")]
@@ -34,7 +36,81 @@ enum Command {
     /// Create the server's CA and TLS certificate in DIR.
     Init(InitArgs),
     /// Run federated training (creates the identity first if DIR has none).
+    /// Resumes the run from its last committed round after a restart.
     Run(Box<RunArgs>),
+    /// Write the run's committed global model to a file.
+    Export(ExportArgs),
+}
+
+#[derive(Args)]
+struct StateArgs {
+    /// The state database [default: DIR/state.db].
+    #[arg(long)]
+    state: Option<PathBuf>,
+    /// Name of the run in the state database.
+    #[arg(long, default_value = "default")]
+    run: String,
+}
+
+impl StateArgs {
+    fn path(&self, dir: &std::path::Path) -> PathBuf {
+        self.state
+            .clone()
+            .unwrap_or_else(|| dir.join(fedveil_server::store::STATE_DB_FILE))
+    }
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    /// The server directory (holds state.db unless --state says otherwise).
+    #[arg(long)]
+    dir: PathBuf,
+    #[command(flatten)]
+    state: StateArgs,
+    /// Output format.
+    #[arg(long, default_value = "safetensors")]
+    format: String,
+    /// Output file.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// The server optimizer (Reddi et al. 2021) and client-side FedProx.
+#[derive(Args, Debug, Clone, serde::Serialize)]
+struct OptimArgs {
+    /// fedavg, fedavgm, fedadagrad, fedyogi or fedadam.
+    #[arg(long, default_value = "fedavg")]
+    server_optimizer: String,
+    /// Server learning rate [default: 1 for fedavg/fedavgm, 0.01 for the adaptive ones].
+    #[arg(long)]
+    server_lr: Option<f64>,
+    /// FedAvgM momentum.
+    #[arg(long, default_value_t = fedveil_common::server_opt::DEFAULT_SERVER_MOMENTUM)]
+    server_momentum: f64,
+    #[arg(long, default_value_t = fedveil_common::server_opt::DEFAULT_BETA1)]
+    beta1: f64,
+    #[arg(long, default_value_t = fedveil_common::server_opt::DEFAULT_BETA2)]
+    beta2: f64,
+    /// Adaptivity tau of FedAdagrad/FedYogi/FedAdam.
+    #[arg(long, default_value_t = fedveil_common::server_opt::DEFAULT_TAU)]
+    tau: f64,
+    /// FedProx proximal weight mu sent to clients (0: off).
+    #[arg(long, default_value_t = 0.0)]
+    prox_mu: f32,
+}
+
+impl OptimArgs {
+    fn config(&self) -> Result<ServerOptimizerConfig> {
+        ServerOptimizerConfig::from_settings(
+            &self.server_optimizer,
+            self.server_lr,
+            self.server_momentum,
+            self.beta1,
+            self.beta2,
+            self.tau,
+        )
+        .map_err(anyhow::Error::msg)
+    }
 }
 
 #[derive(Args)]
@@ -104,10 +180,14 @@ struct RunArgs {
     secagg: SecAggArgs,
     #[command(flatten)]
     dp: DpArgs,
+    #[command(flatten)]
+    optim: OptimArgs,
+    #[command(flatten)]
+    state: StateArgs,
 }
 
 /// Differential privacy; on when a noise multiplier or target epsilon is given.
-#[derive(Args, Debug, Clone)]
+#[derive(Args, Debug, Clone, serde::Serialize)]
 pub struct DpArgs {
     /// distributed (needs --secagg), central or local [default: distributed
     /// with --secagg, else central].
@@ -183,7 +263,7 @@ impl DpArgs {
 }
 
 /// Secure aggregation (SecAgg+): the server sees only the cohort's sum.
-#[derive(Args, Debug, Clone)]
+#[derive(Args, Debug, Clone, serde::Serialize)]
 pub struct SecAggArgs {
     /// Aggregate through SecAgg+.
     #[arg(long)]
@@ -243,6 +323,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Run(args) => tokio::runtime::Runtime::new()?.block_on(run(*args)),
+        Command::Export(args) => export(&args),
     }
 }
 
@@ -301,13 +382,64 @@ async fn run(args: RunArgs) -> Result<()> {
             seed: args.seed,
             secure_aggregation: args.secagg.secagg,
             dp: None,
+            prox_mu: args.optim.prox_mu,
         },
         secagg: args.secagg.config(),
         max_failed_rounds: args.max_failed_rounds,
+        server_optimizer: args.optim.config()?,
         dp,
     };
     let limits = FrameLimits::for_model(spec.param_count);
-    let coordinator = Coordinator::new(config, spec.clone(), initial, 1)?;
+    // The run's identity: what must not change between restarts.
+    let record = serde_json::json!({
+        "model": args.model,
+        "dataset": args.dataset,
+        "example_shape": shape.example_shape,
+        "num_classes": shape.num_classes,
+        "param_count": spec.param_count,
+        "rounds": args.rounds,
+        "min_clients": args.min_clients,
+        "fraction": args.fraction,
+        "local_epochs": args.local_epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "seed": args.seed,
+        "secagg": args.secagg,
+        "dp": args.dp,
+        "optim": args.optim,
+    })
+    .to_string();
+    let state_path = args.state.path(&args.identity.dir);
+    let mut store = Store::open(&state_path, &args.state.run, &record)?;
+    let saved = store.load()?;
+    let coordinator = match saved.checkpoint {
+        None if saved.ledger.is_none() => Coordinator::new(config, spec.clone(), initial, 1)?,
+        checkpoint => {
+            // Nothing committed yet but a round was charged: continue from
+            // the initial state, after that round.
+            let checkpoint = match checkpoint {
+                Some(c) => c,
+                None => Coordinator::new(config.clone(), spec.clone(), initial, 1)?.checkpoint(),
+            };
+            let c = Coordinator::resume(config, spec.clone(), checkpoint, saved.ledger)?;
+            let resumed = c.checkpoint();
+            println!(
+                "resumed run '{}' at round {} ({} completed, {} failed); model sha256 {}; moments sha256 {}; epsilon {}",
+                args.state.run,
+                c.next_round(),
+                resumed.rounds_completed,
+                resumed.rounds_failed,
+                fingerprint(&resumed.global_model),
+                fingerprint(&[resumed.optimizer.m.as_slice(), &resumed.optimizer.v].concat()),
+                resumed
+                    .ledger
+                    .as_ref()
+                    .map_or("-".to_owned(), |l| format!("{:.6}", l.epsilon())),
+            );
+            c
+        }
+    };
+    tracing::info!(state = %state_path.display(), run = %args.state.run, "state database");
     let evaluator = ModelEvaluator::new(&args.model, split.test, &device)?;
     let endpoint = quinn::Endpoint::server(net::server_config(&identity)?, args.listen)
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -327,6 +459,7 @@ async fn run(args: RunArgs) -> Result<()> {
         evaluator,
         limits,
         &mut observer,
+        Some(&mut store),
         shutdown_signal(),
     )
     .await;
@@ -343,6 +476,51 @@ async fn run(args: RunArgs) -> Result<()> {
             args.dp.delta
         );
     }
+    Ok(())
+}
+
+/// SHA-256 of values' little-endian bytes, in hex (to compare states).
+fn fingerprint(values: &[f32]) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for v in values {
+        h.update(v.to_le_bytes());
+    }
+    hex::encode(h.finalize())
+}
+
+fn export(args: &ExportArgs) -> Result<()> {
+    if args.format != "safetensors" {
+        anyhow::bail!(
+            "unknown export format {:?} (supported: safetensors)",
+            args.format
+        );
+    }
+    let path = args.state.path(&args.dir);
+    let store = Store::open_existing(&path, &args.state.run)?;
+    let record: serde_json::Value =
+        serde_json::from_str(&store.config()?).context("the run's saved config")?;
+    let shape = DataShape {
+        example_shape: serde_json::from_value(record["example_shape"].clone())
+            .context("saved example shape")?,
+        num_classes: serde_json::from_value(record["num_classes"].clone())
+            .context("saved class count")?,
+    };
+    let name = record["model"].as_str().context("saved model name")?;
+    let mut model = fedveil_common::model::build(name, &shape, &burn::prelude::Device::flex())?;
+    let saved = store.load()?;
+    let checkpoint = saved
+        .checkpoint
+        .with_context(|| format!("run '{}' has no committed round yet", args.state.run))?;
+    model.set_params(&checkpoint.global_model)?;
+    model.save_safetensors(&args.out)?;
+    println!(
+        "wrote the global model after round {} ({} parameters, sha256 {}) to {}",
+        checkpoint.next_round - 1,
+        checkpoint.global_model.len(),
+        fingerprint(&checkpoint.global_model),
+        args.out.display()
+    );
     Ok(())
 }
 

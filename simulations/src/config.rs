@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use fedveil_common::dp::adaptive::{DEFAULT_CLIP_LEARNING_RATE, DEFAULT_TARGET_QUANTILE};
 use fedveil_common::dp::{AdaptiveClipping, DpConfig, Mechanism, NoiseLevel};
+use fedveil_common::server_opt;
 use serde::{Deserialize, Serialize};
 
 /// Everything a simulation run needs. TOML keys are the field names;
@@ -76,6 +77,16 @@ pub struct SimConfig {
     /// Adaptive clipping: std of the noise on the clipped count [default:
     /// expected cohort / 20].
     pub clip_count_noise: Option<f64>,
+    /// Server optimizer: fedavg, fedavgm, fedadagrad, fedyogi or fedadam.
+    pub server_optimizer: String,
+    /// Server learning rate [default: 1 for fedavg/fedavgm, 0.01 adaptive].
+    pub server_lr: Option<f64>,
+    pub server_momentum: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub tau: f64,
+    /// FedProx proximal weight mu (0: off).
+    pub prox_mu: f32,
 }
 
 impl Default for SimConfig {
@@ -113,6 +124,13 @@ impl Default for SimConfig {
             clip_quantile: DEFAULT_TARGET_QUANTILE,
             clip_lr: DEFAULT_CLIP_LEARNING_RATE,
             clip_count_noise: None,
+            server_optimizer: "fedavg".into(),
+            server_lr: None,
+            server_momentum: server_opt::DEFAULT_SERVER_MOMENTUM,
+            beta1: server_opt::DEFAULT_BETA1,
+            beta2: server_opt::DEFAULT_BETA2,
+            tau: server_opt::DEFAULT_TAU,
+            prox_mu: 0.0,
         }
     }
 }
@@ -176,6 +194,19 @@ impl SimConfig {
                 count_noise_std: self.clip_count_noise,
             }),
         }))
+    }
+
+    /// The server optimizer settings, validated.
+    pub fn server_optimizer(&self) -> anyhow::Result<server_opt::ServerOptimizerConfig> {
+        server_opt::ServerOptimizerConfig::from_settings(
+            &self.server_optimizer,
+            self.server_lr,
+            self.server_momentum,
+            self.beta1,
+            self.beta2,
+            self.tau,
+        )
+        .map_err(anyhow::Error::msg)
     }
 
     pub fn concurrency(&self) -> usize {

@@ -143,9 +143,11 @@ pub async fn run(cfg: &SimConfig, split: &Split, observer: &mut dyn Observer) ->
                 seed: cfg.seed,
                 secure_aggregation: cfg.secagg,
                 dp: None,
+                prox_mu: cfg.prox_mu,
             },
             secagg,
             max_failed_rounds: DEFAULT_MAX_FAILED_ROUNDS,
+            server_optimizer: cfg.server_optimizer()?,
             dp,
         },
         spec.clone(),
@@ -203,13 +205,20 @@ pub async fn run(cfg: &SimConfig, split: &Split, observer: &mut dyn Observer) ->
         reports
     });
     let limits = FrameLimits::for_model(spec.param_count);
-    let server_report =
-        fedveil_server::serve(server, coordinator, evaluator, limits, observer, async {
+    let server_report = fedveil_server::serve(
+        server,
+        coordinator,
+        evaluator,
+        limits,
+        observer,
+        None,
+        async {
             if gone.await.is_ok() {
                 tracing::warn!("every client has ended; stopping the server");
             }
-        })
-        .await;
+        },
+    )
+    .await;
     let client_reports = collector.await.context("collecting client reports")?;
     client_endpoint.close(net::CLOSE_OK.into(), b"done");
     Ok(SimReport {

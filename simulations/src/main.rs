@@ -126,6 +126,27 @@ struct Cli {
     /// expected cohort / 20].
     #[arg(long)]
     clip_count_noise: Option<f64>,
+    /// Server optimizer: fedavg, fedavgm, fedadagrad, fedyogi or fedadam [default: fedavg].
+    #[arg(long)]
+    server_optimizer: Option<String>,
+    /// Server learning rate [default: 1 for fedavg/fedavgm, 0.01 for the adaptive ones].
+    #[arg(long)]
+    server_lr: Option<f64>,
+    /// FedAvgM momentum [default: 0.9].
+    #[arg(long)]
+    server_momentum: Option<f64>,
+    /// FedAdam/FedYogi/FedAdagrad beta1 [default: 0.9].
+    #[arg(long)]
+    beta1: Option<f64>,
+    /// FedAdam/FedYogi beta2 [default: 0.99].
+    #[arg(long)]
+    beta2: Option<f64>,
+    /// Adaptivity tau [default: 1e-3].
+    #[arg(long)]
+    tau: Option<f64>,
+    /// FedProx proximal weight mu [default: 0, off].
+    #[arg(long)]
+    prox_mu: Option<f32>,
     /// No progress bars (for CI and logs).
     #[arg(long, short)]
     quiet: bool,
@@ -218,7 +239,13 @@ impl Cli {
             clip_norm,
             adaptive_clip,
             clip_quantile,
-            clip_lr
+            clip_lr,
+            server_optimizer,
+            server_momentum,
+            beta1,
+            beta2,
+            tau,
+            prox_mu
         );
         macro_rules! take_opt {
             ($($field:ident),*) => { $( if self.$field.is_some() { c.$field = self.$field.clone(); } )* };
@@ -229,7 +256,8 @@ impl Cli {
             target_epsilon,
             dp_budget,
             dp_min_contributors,
-            clip_count_noise
+            clip_count_noise,
+            server_lr
         );
         if self.secagg_degree.is_some() {
             c.secagg_degree = self.secagg_degree;

@@ -37,6 +37,7 @@ fn round_config() -> RoundConfig {
         seed: 3,
         secure_aggregation: false,
         dp: None,
+        prox_mu: 0.0,
     }
 }
 
@@ -97,6 +98,7 @@ fn start_server_on(
         round: round_config(),
         secagg: None,
         max_failed_rounds: 3,
+        server_optimizer: Default::default(),
         dp: None,
     };
     let coordinator = Coordinator::new(config, spec.clone(), initial.clone(), 1).unwrap();
@@ -112,6 +114,7 @@ fn start_server_on(
             evaluator,
             limits,
             &mut rec,
+            None,
             std::future::pending(),
         )
         .await;

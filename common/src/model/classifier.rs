@@ -34,6 +34,8 @@ pub struct TrainPlan {
     pub learning_rate: f64,
     /// Seeds minibatch shuffling; callers mix in round and client.
     pub shuffle_seed: u64,
+    /// FedProx weight mu (0: plain SGD).
+    pub prox_mu: f64,
 }
 
 /// Outcome of local training.
@@ -63,6 +65,11 @@ pub trait FlModel: Send {
     fn set_params(&mut self, values: &[f32]) -> Result<(), ModelError>;
     fn train(&mut self, shard: &Shard, plan: &TrainPlan) -> Result<TrainStats, ModelError>;
     fn evaluate(&self, shard: &Shard) -> EvalStats;
+    /// Writes the parameters as safetensors (named by module path), for
+    /// PyTorch and other tools.
+    fn save_safetensors(&self, path: &std::path::Path) -> Result<(), ModelError>;
+    /// Reads parameters written by [`FlModel::save_safetensors`].
+    fn load_safetensors(&mut self, path: &std::path::Path) -> Result<(), ModelError>;
 }
 
 /// [`FlModel`] for any [`Classifier`].
@@ -153,11 +160,22 @@ impl<M: Classifier> FlModel for BurnClassifier<M> {
                 plan.learning_rate
             )));
         }
+        if !(plan.prox_mu >= 0.0 && plan.prox_mu.is_finite()) {
+            return Err(ModelError::InvalidPlan(format!(
+                "proximal weight mu {} must be non-negative",
+                plan.prox_mu
+            )));
+        }
         let loss_fn = CrossEntropyLoss::new(None, &self.device);
         let mut optim = SgdConfig::new().init();
         let mut rng = ChaCha20Rng::seed_from_u64(plan.shuffle_seed);
         let mut order = shard.indices.clone();
         let mut model = self.model.clone();
+        // FedProx by proximal gradient steps: after each SGD step, the exact
+        // proximal map of (mu / 2) ||w - anchor||^2 with step size lr,
+        // w <- anchor + (w - anchor) / (1 + lr mu).
+        let anchor = (plan.prox_mu > 0.0).then(|| to_flat(&model));
+        let shrink = (1.0 / (1.0 + plan.learning_rate * plan.prox_mu)) as f32;
         let (mut steps, mut last_epoch_loss) = (0, f32::NAN);
         for _ in 0..plan.epochs {
             order.shuffle(&mut rng);
@@ -168,6 +186,13 @@ impl<M: Classifier> FlModel for BurnClassifier<M> {
                 loss_sum += f64::from(loss.clone().into_scalar::<f32>()) * batch.len() as f64;
                 let grads = GradientsParams::from_grads(loss.backward(), &model);
                 model = optim.step(plan.learning_rate, model, grads);
+                if let Some(anchor) = &anchor {
+                    let mut w = to_flat(&model);
+                    for (w, a) in w.iter_mut().zip(anchor) {
+                        *w = a + (*w - a) * shrink;
+                    }
+                    model = load_flat(model, &w);
+                }
                 steps += 1;
             }
             last_epoch_loss = (loss_sum / order.len().max(1) as f64) as f32;
@@ -181,6 +206,27 @@ impl<M: Classifier> FlModel for BurnClassifier<M> {
             steps,
             last_epoch_loss,
         })
+    }
+
+    fn save_safetensors(&self, path: &std::path::Path) -> Result<(), ModelError> {
+        use burn::store::{ModuleSnapshot, SafetensorsStore};
+        let mut store = SafetensorsStore::from_file(path)
+            .overwrite(true)
+            .metadata("fedveil_model", self.spec.name.clone());
+        self.model
+            .save_into(&mut store)
+            .map_err(|e| ModelError::Store(format!("{}: {e}", path.display())))
+    }
+
+    fn load_safetensors(&mut self, path: &std::path::Path) -> Result<(), ModelError> {
+        use burn::store::{ModuleSnapshot, SafetensorsStore};
+        let mut store = SafetensorsStore::from_file(path);
+        let mut model = self.model.clone();
+        model
+            .load_from(&mut store)
+            .map_err(|e| ModelError::Store(format!("{}: {e}", path.display())))?;
+        self.model = model;
+        Ok(())
     }
 
     fn evaluate(&self, shard: &Shard) -> EvalStats {

@@ -36,6 +36,8 @@ pub enum ModelError {
     InvalidPlan(String),
     #[error("training diverged (loss {0}); lower the learning rate")]
     Diverged(f32),
+    #[error("model file {0}")]
+    Store(String),
     #[error("device '{0}' is not available: {1}")]
     Device(String, String),
 }

@@ -114,6 +114,7 @@ fn training_learns_the_synthetic_task() {
                 batch_size: 20,
                 learning_rate: 0.1,
                 shuffle_seed: 1,
+                prox_mu: 0.0,
             },
         )
         .unwrap();
@@ -139,6 +140,7 @@ fn invalid_plans_are_refused() {
         batch_size: 0,
         learning_rate: 0.1,
         shuffle_seed: 0,
+        prox_mu: 0.0,
     };
     assert!(matches!(
         m.train(&Shard::whole(split.train), &plan),
@@ -161,4 +163,66 @@ fn device_specs_parse() {
             .to_string()
             .contains("--features cuda")
     );
+}
+
+#[test]
+fn the_proximal_term_pulls_the_local_model_towards_the_global_one() {
+    let split = SyntheticConfig {
+        train_examples: 200,
+        test_examples: 1,
+        ..Default::default()
+    }
+    .generate(3);
+    let drift = |mu: f64| {
+        let device = Device::flex();
+        device.seed(5);
+        let mut m = build("cnn", &mnist_shape(), &device).unwrap();
+        let start = m.params();
+        m.train(
+            &Shard::whole(Arc::clone(&split.train)),
+            &TrainPlan {
+                epochs: 1,
+                batch_size: 20,
+                learning_rate: 0.1,
+                shuffle_seed: 2,
+                prox_mu: mu,
+            },
+        )
+        .unwrap();
+        let end = m.params();
+        end.iter()
+            .zip(&start)
+            .map(|(a, b)| f64::from(a - b).powi(2))
+            .sum::<f64>()
+            .sqrt()
+    };
+    let (free, some, strong) = (drift(0.0), drift(1.0), drift(1000.0));
+    assert!(free > some && some > strong, "{free} {some} {strong}");
+    // lr * mu = 100: each step keeps 1/101 of the move.
+    assert!(strong < free / 20.0, "{strong} vs {free}");
+}
+
+#[test]
+fn safetensors_export_loads_back_bit_for_bit() {
+    let device = Device::flex();
+    device.seed(9);
+    let m = build("cnn", &mnist_shape(), &device).unwrap();
+    let path =
+        std::env::temp_dir().join(format!("fedveil-export-{}.safetensors", std::process::id()));
+    m.save_safetensors(&path).unwrap();
+    device.seed(10);
+    let mut other = build("cnn", &mnist_shape(), &device).unwrap();
+    assert_ne!(other.params(), m.params());
+    other.load_safetensors(&path).unwrap();
+    let (a, b) = (m.params(), other.params());
+    assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
+    // The file is plain safetensors: named f32 tensors a PyTorch user loads.
+    let bytes = std::fs::read(&path).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = std::str::from_utf8(&bytes[8..8 + header_len]).unwrap();
+    assert!(
+        header.contains("\"F32\"") && header.contains("fedveil_model"),
+        "{header}"
+    );
+    std::fs::remove_file(&path).unwrap();
 }

@@ -26,6 +26,7 @@ use crate::aggregate::{AggregateError, WeightedMean};
 use crate::dp::{self, DpPlan, Mechanism, PrivacyLedger};
 use crate::secagg::server::{Outcome, SecAggServer, Stage as SecAggStage};
 use crate::secagg::{DEFAULT_BITS, DEFAULT_CLIP, DEFAULT_EXPECTED_DROPOUT, DEFAULT_MAX_WEIGHT};
+use crate::server_opt::{ServerOptimizer, ServerOptimizerConfig, ServerOptimizerState};
 use crate::wire::{
     CodecError, Evaluation, Goodbye, Hello, Message, ModelSpec, PROTOCOL_VERSION, ReasonCode,
     RoundConfig, RoundStart, SecAgg, SecAggParams, Update, Welcome,
@@ -125,10 +126,13 @@ pub struct CoordinatorConfig {
     /// independently with probability `fraction`, from OS randomness),
     /// updates unweighted, and every round charged to the privacy ledger.
     pub dp: Option<DpPlan>,
+    /// How the round's mean update moves the global model.
+    pub server_optimizer: ServerOptimizerConfig,
 }
 
 impl CoordinatorConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.server_optimizer.validate().map_err(ConfigError)?;
         if self.min_clients == 0 {
             return Err(ConfigError("min_clients must be at least 1".into()));
         }
@@ -157,6 +161,12 @@ impl CoordinatorConfig {
             return Err(ConfigError(format!(
                 "learning rate {} must be positive",
                 r.learning_rate
+            )));
+        }
+        if !(r.prox_mu >= 0.0 && r.prox_mu.is_finite()) {
+            return Err(ConfigError(format!(
+                "proximal weight mu {} must be non-negative",
+                r.prox_mu
             )));
         }
         if r.secure_aggregation != self.secagg.is_some() {
@@ -355,6 +365,60 @@ enum Phase {
     Finished,
 }
 
+/// What the driver must make durable *before* it sends the transmits queued
+/// with it: drain [`Coordinator::poll_durable`] first, then
+/// [`Coordinator::poll_transmit`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Durable {
+    /// A round was charged to the privacy ledger and is about to start
+    /// (write-ahead: a crash after its cohort saw it must not un-spend it).
+    Charged { round: u64, ledger: PrivacyLedger },
+    /// A round ended (completed or failed): the state to continue from.
+    Checkpoint(Box<Checkpoint>),
+}
+
+/// Everything a run needs to continue after a restart exactly as it would
+/// have: a crash between two checkpoints loses only the round in flight.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Checkpoint {
+    /// The round the run continues with.
+    pub next_round: u64,
+    pub rounds_completed: u64,
+    pub rounds_failed: u64,
+    pub global_model: Vec<f32>,
+    pub optimizer: ServerOptimizerState,
+    pub ledger: Option<PrivacyLedger>,
+    /// The clip bound in force (with DP; it moves under adaptive clipping).
+    pub clip_norm: Option<f64>,
+    /// The cohort-sampling generator, so cohorts continue the same sequence.
+    pub sampling_rng: RngState,
+}
+
+/// A ChaCha20 generator's position.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RngState {
+    pub seed: [u8; 32],
+    pub stream: u64,
+    pub word_pos: u128,
+}
+
+impl RngState {
+    fn of(rng: &ChaCha20Rng) -> Self {
+        Self {
+            seed: rng.get_seed(),
+            stream: rng.get_stream(),
+            word_pos: rng.get_word_pos(),
+        }
+    }
+
+    fn rng(&self) -> ChaCha20Rng {
+        let mut rng = ChaCha20Rng::from_seed(self.seed);
+        rng.set_stream(self.stream);
+        rng.set_word_pos(self.word_pos);
+        rng
+    }
+}
+
 /// The server's round protocol.
 #[derive(Debug)]
 pub struct Coordinator {
@@ -372,6 +436,8 @@ pub struct Coordinator {
     ledger: Option<PrivacyLedger>,
     /// The clip bound in force (with DP on; it moves under adaptive clipping).
     clip_norm: Option<f64>,
+    optimizer: ServerOptimizer,
+    durable: VecDeque<Durable>,
     phase: Phase,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
@@ -398,6 +464,7 @@ impl Coordinator {
             )));
         }
         let rng = ChaCha20Rng::seed_from_u64(cfg.seed);
+        let optimizer = ServerOptimizer::new(cfg.server_optimizer, global_model.len());
         Ok(Self {
             cfg,
             spec,
@@ -411,6 +478,8 @@ impl Coordinator {
             secret_rng: rand::make_rng(),
             ledger,
             clip_norm,
+            optimizer,
+            durable: VecDeque::new(),
             phase: Phase::Waiting,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -462,6 +531,81 @@ impl Coordinator {
                 .dp
                 .as_ref()
                 .map_or(0, dp::DpRound::extra_values)
+    }
+
+    /// Continues a run from `checkpoint` (after a restart). `ledger` is the
+    /// latest one made durable, which may hold rounds charged after the
+    /// checkpoint (started, then lost in a crash): the run continues after
+    /// them, so no round number is charged twice.
+    pub fn resume(
+        cfg: CoordinatorConfig,
+        spec: ModelSpec,
+        checkpoint: Checkpoint,
+        ledger: Option<PrivacyLedger>,
+    ) -> Result<Self, ConfigError> {
+        let Checkpoint {
+            next_round,
+            rounds_completed,
+            rounds_failed,
+            global_model,
+            optimizer,
+            ledger: checkpoint_ledger,
+            clip_norm,
+            sampling_rng,
+        } = checkpoint;
+        let mut c = Self::new(cfg, spec, global_model, next_round)?;
+        c.rounds_completed = rounds_completed;
+        c.rounds_failed = rounds_failed;
+        c.optimizer = ServerOptimizer::resume(c.cfg.server_optimizer, c.global.len(), optimizer)
+            .map_err(ConfigError)?;
+        c.rng = sampling_rng.rng();
+        if c.cfg.dp.is_some() {
+            c.clip_norm = clip_norm.or(c.clip_norm);
+        }
+        let newest = match (ledger, checkpoint_ledger) {
+            (Some(a), Some(b)) => Some(if a.rounds_charged() >= b.rounds_charged() {
+                a
+            } else {
+                b
+            }),
+            (a, b) => a.or(b),
+        };
+        if let Some(ledger) = newest {
+            let last = ledger.entries.last().map_or(0, |e| e.round);
+            c.restore_ledger(ledger)?;
+            c.next_round = c.next_round.max(last + 1);
+        }
+        Ok(c)
+    }
+
+    /// The state a restart continues from.
+    pub fn checkpoint(&self) -> Checkpoint {
+        Checkpoint {
+            next_round: self.next_round,
+            rounds_completed: self.rounds_completed,
+            rounds_failed: self.rounds_failed,
+            global_model: self.global.clone(),
+            optimizer: self.optimizer.state().clone(),
+            ledger: self.ledger.clone(),
+            clip_norm: self.clip_norm,
+            sampling_rng: RngState::of(&self.rng),
+        }
+    }
+
+    /// The next thing to make durable (before sending any transmit).
+    pub fn poll_durable(&mut self) -> Option<Durable> {
+        self.durable.pop_front()
+    }
+
+    /// The round that would start next.
+    pub fn next_round(&self) -> u64 {
+        self.next_round
+    }
+
+    /// Queues a checkpoint after a round ends.
+    fn commit(&mut self) {
+        self.durable
+            .push_back(Durable::Checkpoint(Box::new(self.checkpoint())));
     }
 
     /// Continues a run with the ledger it had spent so far (after a
@@ -850,9 +994,7 @@ impl Coordinator {
         };
         let clip_norm = self.clip_norm;
         let update = self.dp_update(outcome.mean, Some(&outcome.sum), outcome.survivors.len());
-        for (g, d) in self.global.iter_mut().zip(&update) {
-            *g += d;
-        }
+        self.optimizer.step(&mut self.global, &update);
         self.rounds_completed += 1;
         self.next_round = r.round + 1;
         let epsilon = self.epsilon();
@@ -863,6 +1005,7 @@ impl Coordinator {
             .copied()
             .filter(|c| !survivors.contains(c))
             .collect();
+        self.commit();
         self.events.push_back(Event::RoundCompleted(RoundSummary {
             round: r.round,
             cohort: r.cohort,
@@ -1002,12 +1145,18 @@ impl Coordinator {
         // Charge the round before any client sees it.
         if let (Some(ledger), Some(plan)) = (&mut self.ledger, &self.cfg.dp) {
             match ledger.charge(round, &plan.rdp_per_round) {
-                Ok(eps) => tracing::info!(
-                    round,
-                    epsilon = eps,
-                    delta = plan.config.delta,
-                    "privacy spent"
-                ),
+                Ok(eps) => {
+                    tracing::info!(
+                        round,
+                        epsilon = eps,
+                        delta = plan.config.delta,
+                        "privacy spent"
+                    );
+                    self.durable.push_back(Durable::Charged {
+                        round,
+                        ledger: ledger.clone(),
+                    });
+                }
                 Err(exceeded) => {
                     tracing::warn!(%exceeded, "privacy budget reached");
                     self.phase = Phase::Finished;
@@ -1066,6 +1215,7 @@ impl Coordinator {
         self.next_round = round + 1;
         self.phase = Phase::BetweenRounds;
         self.rounds_failed += 1;
+        self.commit();
         self.events.push_back(Event::RoundFailed { round, reason });
     }
 
@@ -1141,28 +1291,21 @@ impl Coordinator {
             unreachable!("secure rounds finish through finish_secure")
         };
         let Some(mean) = sum.mean() else {
-            self.rounds_failed += 1;
-            self.events.push_back(Event::RoundFailed {
-                round: r.round,
-                reason: format!(
-                    "no valid update from a cohort of {}{}",
-                    r.cohort.len(),
-                    if timed_out {
-                        " before the round timeout"
-                    } else {
-                        ""
-                    }
-                ),
-            });
-            self.next_round = r.round + 1;
-            return;
+            let reason = format!(
+                "no valid update from a cohort of {}{}",
+                r.cohort.len(),
+                if timed_out {
+                    " before the round timeout"
+                } else {
+                    ""
+                }
+            );
+            return self.fail_round(r.round, reason);
         };
         let total = sum.total_weight();
         let clip_norm = self.clip_norm;
         let update = self.dp_update(mean, None, r.contributors.len());
-        for (g, d) in self.global.iter_mut().zip(&update) {
-            *g += d;
-        }
+        self.optimizer.step(&mut self.global, &update);
         self.rounds_completed += 1;
         self.next_round = r.round + 1;
         let epsilon = self.epsilon();
@@ -1172,6 +1315,7 @@ impl Coordinator {
             accuracy: (r.eval.1 / r.eval.2 as f64) as f32,
         });
         r.dropped.sort_unstable();
+        self.commit();
         self.events.push_back(Event::RoundCompleted(RoundSummary {
             round: r.round,
             cohort: r.cohort,

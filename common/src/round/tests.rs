@@ -33,9 +33,11 @@ fn cfg(rounds: u64, min_clients: usize, fraction: f64) -> CoordinatorConfig {
             seed: 1,
             secure_aggregation: false,
             dp: None,
+            prox_mu: 0.0,
         },
         secagg: None,
         max_failed_rounds: 5,
+        server_optimizer: Default::default(),
         dp: None,
     }
 }
@@ -56,7 +58,10 @@ struct Harness {
 
 impl Harness {
     fn new(cfg: CoordinatorConfig, n: usize) -> Self {
-        let server = Coordinator::new(cfg, spec(), vec![0.0; D], 1).unwrap();
+        Self::with_server(Coordinator::new(cfg, spec(), vec![0.0; D], 1).unwrap(), n)
+    }
+
+    fn with_server(server: Coordinator, n: usize) -> Self {
         let mut h = Harness {
             server,
             clients: BTreeMap::new(),
@@ -1090,4 +1095,112 @@ fn adaptive_clipping_under_distributed_dp_reads_the_indicator_from_the_masked_su
     assert!((next - 0.06f64.exp()).abs() < 1e-2, "{next}");
     let mean0 = (4.0 * 0.6 + 0.3) / 5.0;
     assert!((f64::from(h.server.global_model()[0]) - mean0).abs() < 1e-2);
+}
+
+// ---- Durable state ----------------------------------------------------------
+
+use crate::round::server::{Checkpoint, Durable};
+use crate::server_opt::{ServerOptimizerConfig, ServerOptimizerKind};
+
+fn checkpoints(h: &mut Harness) -> Vec<Checkpoint> {
+    std::iter::from_fn(|| h.server.poll_durable())
+        .filter_map(|d| match d {
+            Durable::Checkpoint(c) => Some(*c),
+            Durable::Charged { .. } => None,
+        })
+        .collect()
+}
+
+fn play_round(h: &mut Harness, r: u64) {
+    for (i, (id, round, _)) in h.train_requests().into_iter().enumerate() {
+        let v = 0.1 * (i as f32 + 1.0) * r as f32;
+        h.submit(id, round, vec![v, -v, 0.5 * v, 0.0], 10 + i as u64);
+    }
+    h.server.start_next_round(h.now);
+    h.pump();
+}
+
+#[test]
+fn a_resumed_coordinator_continues_bit_for_bit() {
+    let mut c = cfg(4, 3, 0.67);
+    c.server_optimizer = ServerOptimizerConfig::new(ServerOptimizerKind::FedAdam);
+    // Uninterrupted: four rounds.
+    let mut whole = Harness::new(c.clone(), 3);
+    for r in 1..=4 {
+        play_round(&mut whole, r);
+    }
+    // Interrupted after round 2, resumed from its checkpoint.
+    let mut first = Harness::new(c.clone(), 3);
+    for r in 1..=2 {
+        play_round(&mut first, r);
+    }
+    let saved = checkpoints(&mut first).pop().unwrap();
+    assert_eq!((saved.next_round, saved.rounds_completed), (3, 2));
+    assert_eq!(saved.optimizer.step, 2);
+    assert_eq!(saved.global_model, first.server.global_model());
+    let resumed = Coordinator::resume(c, spec(), saved, None).unwrap();
+    let mut second = Harness::with_server(resumed, 3);
+    for r in 3..=4 {
+        play_round(&mut second, r);
+    }
+    // Same cohorts (the sampling generator was restored), same model and moments.
+    let cohorts =
+        |h: &Harness| -> Vec<usize> { h.completed().iter().map(|s| s.cohort.len()).collect() };
+    assert_eq!(cohorts(&whole)[2..], cohorts(&second)[..]);
+    assert_eq!(whole.server.global_model(), second.server.global_model());
+    assert_eq!(
+        whole.server.checkpoint().optimizer,
+        second.server.checkpoint().optimizer
+    );
+    assert_eq!(second.server.rounds_completed(), 4);
+}
+
+#[test]
+fn a_round_is_charged_durably_before_its_cohort_hears_of_it() {
+    let mut c = cfg(3, 3, 1.0);
+    c.dp = Some(dp_plan(Mechanism::Central, 1.0, 3, 1.0, 3, None, None));
+    let mut server = Coordinator::new(c.clone(), spec(), vec![0.0; D], 1).unwrap();
+    // Three clients say hello; the third starts round 1. Nothing is pumped.
+    for i in 0..3 {
+        let id = server.connect();
+        let mut session = ClientSession::new(&format!("node-{i}"), spec(), 10, rng());
+        while let Some(m) = session.poll_transmit() {
+            server.handle_message(id, m, Instant::now());
+        }
+    }
+    let durable: Vec<Durable> = std::iter::from_fn(|| server.poll_durable()).collect();
+    assert!(
+        matches!(&durable[..], [Durable::Charged { round: 1, .. }]),
+        "{durable:?}"
+    );
+    // Queued together with the round starts: the driver saves the charge
+    // before it sends them.
+    let starts = std::iter::from_fn(|| server.poll_transmit())
+        .filter(|t| matches!(&*t.message, Message::RoundStart(_)))
+        .count();
+    assert_eq!(starts, 3);
+    let Durable::Charged { ledger, .. } = &durable[0] else {
+        unreachable!()
+    };
+    // A crash now: the checkpoint says round 1, the durable ledger has
+    // round 1 charged. The restart continues at round 2, charging it once.
+    let before = Coordinator::new(c.clone(), spec(), vec![0.0; D], 1)
+        .unwrap()
+        .checkpoint();
+    let mut resumed = Coordinator::resume(c, spec(), before, Some(ledger.clone())).unwrap();
+    assert_eq!(resumed.next_round(), 2);
+    assert_eq!(resumed.ledger().unwrap().rounds_charged(), 1);
+    let mut h = Harness::with_server(resumed, 3);
+    play_round(&mut h, 2);
+    let rounds: Vec<u64> = h
+        .server
+        .ledger()
+        .unwrap()
+        .entries
+        .iter()
+        .map(|e| e.round)
+        .collect();
+    assert_eq!(rounds[..2], [1, 2]);
+    resumed = h.server;
+    assert!(resumed.ledger().unwrap().epsilon() > ledger.epsilon());
 }

@@ -446,6 +446,7 @@ mod tests {
                     seed: 42,
                     secure_aggregation: false,
                     dp: None,
+                    prox_mu: 0.0,
                 },
                 global_model: vec![1.0, -2.0, f32::MIN_POSITIVE],
             }),

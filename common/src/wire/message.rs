@@ -9,7 +9,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change to the messages or the frame layout.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Identifies a model architecture and its exact parameter layout.
 ///
@@ -35,6 +35,9 @@ pub struct RoundConfig {
     pub secure_aggregation: bool,
     /// The differential-privacy step every client applies to its update.
     pub dp: Option<crate::dp::DpRound>,
+    /// FedProx (Li et al. 2020): weight mu of the proximal term
+    /// (mu / 2) ||w - w_global||^2 in the local objective; 0 is plain SGD.
+    pub prox_mu: f32,
 }
 
 /// Client → server: first message on a connection.

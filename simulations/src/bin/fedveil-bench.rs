@@ -59,6 +59,14 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+    /// The server's per-round commit: a checkpoint of the CNN with FedAdam
+    /// moments and a DP ledger, written to a state database in DIR.
+    Checkpoint {
+        #[arg(long, default_value_t = 50)]
+        commits: usize,
+        #[arg(long, default_value = "results/bench-checkpoint")]
+        dir: std::path::PathBuf,
+    },
 }
 
 fn main() -> Result<()> {
@@ -88,6 +96,7 @@ fn main() -> Result<()> {
                 batch_size: batch,
                 learning_rate: 0.01,
                 shuffle_seed: n as u64,
+                prox_mu: 0.0,
             };
             let shard = |n: usize| Shard {
                 data: Arc::clone(&data),
@@ -108,6 +117,7 @@ fn main() -> Result<()> {
                 secs * 1000.0 / stats.steps as f64
             );
         }
+        Command::Checkpoint { commits, dir } => checkpoint(commits, &dir)?,
         Command::MaskThroughput { values, repeats } => {
             let mut acc = vec![0u32; values];
             let start = Instant::now();
@@ -162,5 +172,97 @@ fn main() -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// Times `commits` checkpoint commits of a CNN-sized state (FedAdam moments,
+/// a DP ledger) plus the write-ahead ledger row each round makes.
+fn checkpoint(commits: usize, dir: &std::path::Path) -> Result<()> {
+    use fedveil_common::dp::{DpConfig, Mechanism, NoiseLevel};
+    use fedveil_common::round::server::Durable;
+    use fedveil_common::round::{Coordinator, CoordinatorConfig};
+    use fedveil_common::server_opt::{ServerOptimizerConfig, ServerOptimizerKind};
+    use fedveil_common::wire::RoundConfig;
+    use fedveil_server::store::{STATE_DB_FILE, Store};
+    let device = burn::prelude::Device::flex();
+    let shape = DataShape {
+        example_shape: vec![1, 28, 28],
+        num_classes: 10,
+    };
+    let (spec, initial) = fedveil_server::setup::initial_model("cnn", &shape, &device, 1)?;
+    let dim = initial.len();
+    let plan = DpConfig {
+        mechanism: Mechanism::Central,
+        clip_norm: 1.0,
+        noise: NoiseLevel::NoiseMultiplier(1.0),
+        delta: 1e-5,
+        planned_rounds: commits as u64,
+        budget: Some(1e9),
+        min_contributors: None,
+        adaptive: None,
+    }
+    .plan(0.1, 100, dim, 100, false)?;
+    let config = CoordinatorConfig {
+        rounds: commits as u64,
+        min_clients: 1,
+        fraction: 0.1,
+        round_timeout: std::time::Duration::from_secs(60),
+        max_clients: 100,
+        max_examples_per_update: 1000,
+        seed: 1,
+        round: RoundConfig {
+            local_epochs: 1,
+            batch_size: 10,
+            learning_rate: 0.1,
+            seed: 1,
+            secure_aggregation: false,
+            dp: None,
+            prox_mu: 0.0,
+        },
+        secagg: None,
+        max_failed_rounds: 1,
+        dp: Some(plan.clone()),
+        server_optimizer: ServerOptimizerConfig::new(ServerOptimizerKind::FedAdam),
+    };
+    let coordinator = Coordinator::new(config, spec, initial, 1)?;
+    let _ = std::fs::remove_dir_all(dir);
+    let path = dir.join(STATE_DB_FILE);
+    let mut store = Store::open(&path, "bench", "{}")?;
+    let mut ledger = plan.ledger();
+    let mut checkpoint = coordinator.checkpoint();
+    let start = Instant::now();
+    for round in 1..=commits as u64 {
+        ledger.charge(round, &plan.rdp_per_round)?;
+        store.persist(&Durable::Charged {
+            round,
+            ledger: ledger.clone(),
+        })?;
+        checkpoint.next_round = round + 1;
+        checkpoint.rounds_completed = round;
+        checkpoint.global_model[0] += 1e-3;
+        checkpoint.ledger = Some(ledger.clone());
+        store.persist(&Durable::Checkpoint(Box::new(checkpoint.clone())))?;
+    }
+    let secs = start.elapsed().as_secs_f64() / commits as f64;
+    let blob_bytes = 4
+        * (checkpoint.global_model.len()
+            + checkpoint.optimizer.m.len()
+            + checkpoint.optimizer.v.len());
+    let db_bytes: u64 = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok()?.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "checkpoint",
+            "params": dim,
+            "commits": commits,
+            "ms_per_round": secs * 1e3,
+            "blob_bytes_per_commit": blob_bytes,
+            "ledger_json_bytes": serde_json::to_string(&ledger)?.len(),
+            "state_dir_bytes": db_bytes,
+        })
+    );
     Ok(())
 }

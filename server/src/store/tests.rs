@@ -1,0 +1,113 @@
+use super::*;
+use fedveil_common::dp::PrivacyLedger;
+
+fn temp_db(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("fedveil-store-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir.join(STATE_DB_FILE)
+}
+
+fn checkpoint(next_round: u64, ledger: Option<PrivacyLedger>) -> Checkpoint {
+    Checkpoint {
+        next_round,
+        rounds_completed: next_round - 1,
+        rounds_failed: 0,
+        global_model: vec![1.5, -2.25, f32::MIN_POSITIVE, next_round as f32],
+        optimizer: ServerOptimizerState {
+            step: next_round - 1,
+            m: vec![0.1, 0.2, 0.3, 0.4],
+            v: vec![1e-6, 2e-6, 3e-6, 4e-6],
+        },
+        ledger,
+        clip_norm: Some(0.75),
+        sampling_rng: RngState {
+            seed: [7; 32],
+            stream: 0,
+            word_pos: 12345,
+        },
+    }
+}
+
+fn ledger(rounds: u64) -> PrivacyLedger {
+    let orders = vec![2.0, 4.0, 8.0];
+    let mut l = PrivacyLedger::new(orders, 1e-5, 100.0);
+    for r in 1..=rounds {
+        l.charge(r, &[0.01, 0.02, 0.04]).unwrap();
+    }
+    l
+}
+
+#[test]
+fn a_checkpoint_comes_back_exactly() {
+    let path = temp_db("roundtrip");
+    let mut store = Store::open(&path, "default", "{\"a\":1}").unwrap();
+    assert_eq!(
+        store.load().unwrap(),
+        Saved {
+            checkpoint: None,
+            ledger: None
+        }
+    );
+    store
+        .persist(&Durable::Charged {
+            round: 1,
+            ledger: ledger(1),
+        })
+        .unwrap();
+    let c = checkpoint(2, Some(ledger(1)));
+    store
+        .persist(&Durable::Checkpoint(Box::new(c.clone())))
+        .unwrap();
+    drop(store);
+    let store = Store::open(&path, "default", "{\"a\":1}").unwrap();
+    let saved = store.load().unwrap();
+    assert_eq!(saved.checkpoint, Some(c));
+    assert_eq!(saved.ledger, Some(ledger(1)));
+    assert_eq!(store.charged_rounds().unwrap().len(), 1);
+}
+
+#[test]
+fn a_round_charged_after_the_checkpoint_is_not_lost() {
+    let path = temp_db("ahead");
+    let mut store = Store::open(&path, "r", "{}").unwrap();
+    store
+        .persist(&Durable::Checkpoint(Box::new(checkpoint(
+            3,
+            Some(ledger(2)),
+        ))))
+        .unwrap();
+    store
+        .persist(&Durable::Charged {
+            round: 3,
+            ledger: ledger(3),
+        })
+        .unwrap();
+    let saved = store.load().unwrap();
+    assert_eq!(saved.checkpoint.unwrap().next_round, 3);
+    assert_eq!(saved.ledger.unwrap().rounds_charged(), 3);
+    // One round is charged once: a second charge of round 3 is refused.
+    assert!(
+        store
+            .persist(&Durable::Charged {
+                round: 3,
+                ledger: ledger(3),
+            })
+            .is_err()
+    );
+}
+
+#[test]
+fn a_run_restarted_with_another_config_is_refused() {
+    let path = temp_db("config");
+    Store::open(&path, "default", "{\"rounds\":10}").unwrap();
+    let err = Store::open(&path, "default", "{\"rounds\":20}")
+        .err()
+        .unwrap();
+    assert!(matches!(err, StoreError::ConfigChanged { .. }), "{err}");
+    // Another run name in the same database is a new run.
+    Store::open(&path, "second", "{\"rounds\":20}").unwrap();
+    assert!(matches!(
+        Store::open_existing(&path, "third").err().unwrap(),
+        StoreError::NoSuchRun(_)
+    ));
+}
