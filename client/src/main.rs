@@ -107,9 +107,7 @@ async fn run(args: RunArgs) -> Result<()> {
                 .with_context(|| {
                     format!("--shard {spec}: expected INDEX/COUNT with INDEX < COUNT")
                 })?;
-            let parts =
-                args.partition
-                    .split(&split.train.labels, split.train.num_classes, n, args.seed)?;
+            let parts = args.partition.split_dataset(&split.train, n, args.seed)?;
             Shard {
                 data: split.train,
                 indices: parts[i].clone(),

@@ -87,12 +87,7 @@ pub async fn run(cfg: &SimConfig, split: &Split, observer: &mut dyn Observer) ->
     let partition: Partition = cfg.partition.parse()?;
     let device = cfg.device.parse::<DeviceSpec>()?.device()?;
     let shards = partition
-        .split(
-            &split.train.labels,
-            split.train.num_classes,
-            cfg.clients,
-            cfg.seed,
-        )
+        .split_dataset(&split.train, cfg.clients, cfg.seed)
         .context("partitioning the training set")?;
     let shape = DataShape {
         example_shape: split.train.example_shape.clone(),

@@ -6,6 +6,7 @@
 
 pub mod fetch;
 pub mod idx;
+pub mod leaf;
 pub mod partition;
 pub mod synthetic;
 
@@ -28,6 +29,9 @@ pub struct Dataset {
     pub example_shape: Vec<usize>,
     pub labels: Vec<u32>,
     pub num_classes: usize,
+    /// The natural owner of each example (a LEAF writer), or empty when the
+    /// dataset has none.
+    pub owners: Vec<u32>,
 }
 
 impl Dataset {
@@ -62,6 +66,7 @@ impl Dataset {
         let n = n.min(self.len());
         self.features.truncate(n * self.example_len());
         self.labels.truncate(n);
+        self.owners.truncate(n);
         self
     }
 }
@@ -125,7 +130,7 @@ pub enum DataError {
     },
     #[error("download of {url} failed: {reason}")]
     Download { url: String, reason: String },
-    #[error("unknown dataset '{0}' (known: mnist, fashion-mnist, synthetic)")]
+    #[error("unknown dataset '{0}' (known: mnist, fashion-mnist, femnist, synthetic)")]
     Unknown(String),
     #[error("{0}")]
     Invalid(String),
@@ -160,6 +165,8 @@ pub fn resolve_data_dir(explicit: Option<&Path>) -> PathBuf {
 pub enum DatasetName {
     Mnist,
     FashionMnist,
+    /// LEAF FEMNIST, split by writer.
+    Femnist,
     Synthetic,
 }
 
@@ -168,6 +175,7 @@ impl DatasetName {
         match name {
             "mnist" => Ok(Self::Mnist),
             "fashion-mnist" => Ok(Self::FashionMnist),
+            "femnist" => Ok(Self::Femnist),
             "synthetic" => Ok(Self::Synthetic),
             other => Err(DataError::Unknown(other.to_owned())),
         }
@@ -177,6 +185,7 @@ impl DatasetName {
         match self {
             Self::Mnist => "mnist",
             Self::FashionMnist => "fashion-mnist",
+            Self::Femnist => "femnist",
             Self::Synthetic => "synthetic",
         }
     }
@@ -206,6 +215,7 @@ pub fn load(
     match name {
         DatasetName::Mnist => idx::load_idx_dataset(&idx::MNIST, data_dir, download),
         DatasetName::FashionMnist => idx::load_idx_dataset(&idx::FASHION_MNIST, data_dir, download),
+        DatasetName::Femnist => leaf::load_femnist(data_dir),
         DatasetName::Synthetic => Ok(synthetic::SyntheticConfig::default().generate(seed)),
     }
 }

@@ -28,6 +28,10 @@ pub enum Partition {
     /// Sort by label, cut into `clients * per_client` shards, deal each client
     /// `per_client` random shards (McMahan et al. 2017 use 2).
     Shards { per_client: usize },
+    /// The dataset's own owners (LEAF writers): each client gets one
+    /// owner's examples; with fewer clients than owners, a seeded random
+    /// choice of owners takes part.
+    Natural,
 }
 
 impl FromStr for Partition {
@@ -37,11 +41,12 @@ impl FromStr for Partition {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = || {
             DataError::Invalid(format!(
-                "partition '{s}': expected iid, dirichlet:ALPHA (ALPHA > 0) or shards:K (K >= 1)"
+                "partition '{s}': expected iid, natural, dirichlet:ALPHA (ALPHA > 0) or shards:K (K >= 1)"
             ))
         };
         match s.split_once(':') {
             None if s == "iid" => Ok(Partition::Iid),
+            None if s == "natural" => Ok(Partition::Natural),
             Some(("dirichlet", a)) => match a.parse::<f64>() {
                 Ok(alpha) if alpha > 0.0 && alpha.is_finite() => Ok(Partition::Dirichlet { alpha }),
                 _ => Err(bad()),
@@ -61,12 +66,48 @@ impl fmt::Display for Partition {
             Partition::Iid => write!(f, "iid"),
             Partition::Dirichlet { alpha } => write!(f, "dirichlet:{alpha}"),
             Partition::Shards { per_client } => write!(f, "shards:{per_client}"),
+            Partition::Natural => write!(f, "natural"),
         }
     }
 }
 
 impl Partition {
-    /// Example indices for each of `clients` clients.
+    /// Example indices of `data` for each of `clients` clients; the natural
+    /// partition reads the dataset's owners, the others only its labels.
+    pub fn split_dataset(
+        &self,
+        data: &super::Dataset,
+        clients: usize,
+        seed: u64,
+    ) -> Result<Vec<Vec<usize>>, DataError> {
+        if *self != Partition::Natural {
+            return self.split(&data.labels, data.num_classes, clients, seed);
+        }
+        if data.owners.len() != data.len() {
+            return Err(DataError::Invalid(
+                "the natural partition needs a dataset split by owner (e.g. femnist)".into(),
+            ));
+        }
+        let mut by_owner: std::collections::BTreeMap<u32, Vec<usize>> = Default::default();
+        for (i, &o) in data.owners.iter().enumerate() {
+            by_owner.entry(o).or_default().push(i);
+        }
+        let mut groups: Vec<Vec<usize>> = by_owner.into_values().collect();
+        if clients == 0 || clients > groups.len() {
+            return Err(DataError::Invalid(format!(
+                "the natural partition has {} owners; cannot give {clients} clients one each",
+                groups.len()
+            )));
+        }
+        if clients < groups.len() {
+            groups.shuffle(&mut ChaCha20Rng::seed_from_u64(seed));
+            groups.truncate(clients);
+        }
+        Ok(groups)
+    }
+
+    /// Example indices for each of `clients` clients, from the labels
+    /// (every partition but [`Partition::Natural`]).
     pub fn split(
         &self,
         labels: &[u32],
@@ -87,6 +128,11 @@ impl Partition {
         }
         let mut rng = ChaCha20Rng::seed_from_u64(seed);
         let parts = match *self {
+            Partition::Natural => {
+                return Err(DataError::Invalid(
+                    "the natural partition needs the dataset's owners (use split_dataset)".into(),
+                ));
+            }
             Partition::Iid => {
                 let mut idx: Vec<usize> = (0..labels.len()).collect();
                 idx.shuffle(&mut rng);
