@@ -65,8 +65,8 @@ pub trait FlModel: Send {
     fn set_params(&mut self, values: &[f32]) -> Result<(), ModelError>;
     fn train(&mut self, shard: &Shard, plan: &TrainPlan) -> Result<TrainStats, ModelError>;
     fn evaluate(&self, shard: &Shard) -> EvalStats;
-    /// Writes the parameters as safetensors (named by module path), for
-    /// PyTorch and other tools.
+    /// Writes the parameters as safetensors in PyTorch's layout (named by
+    /// module path, linear weights `[out, in]`).
     fn save_safetensors(&self, path: &std::path::Path) -> Result<(), ModelError>;
     /// Reads parameters written by [`FlModel::save_safetensors`].
     fn load_safetensors(&mut self, path: &std::path::Path) -> Result<(), ModelError>;
@@ -209,9 +209,12 @@ impl<M: Classifier> FlModel for BurnClassifier<M> {
     }
 
     fn save_safetensors(&self, path: &std::path::Path) -> Result<(), ModelError> {
-        use burn::store::{ModuleSnapshot, SafetensorsStore};
+        use burn::store::{BurnToPyTorchAdapter, ModuleSnapshot, SafetensorsStore};
+        // PyTorch's layout (linear weights [out, in]), so the file loads
+        // into the equivalent torch module as it is.
         let mut store = SafetensorsStore::from_file(path)
             .overwrite(true)
+            .with_to_adapter(BurnToPyTorchAdapter)
             .metadata("fedveil_model", self.spec.name.clone());
         self.model
             .save_into(&mut store)
@@ -219,8 +222,8 @@ impl<M: Classifier> FlModel for BurnClassifier<M> {
     }
 
     fn load_safetensors(&mut self, path: &std::path::Path) -> Result<(), ModelError> {
-        use burn::store::{ModuleSnapshot, SafetensorsStore};
-        let mut store = SafetensorsStore::from_file(path);
+        use burn::store::{ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore};
+        let mut store = SafetensorsStore::from_file(path).with_from_adapter(PyTorchToBurnAdapter);
         let mut model = self.model.clone();
         model
             .load_from(&mut store)
