@@ -109,7 +109,17 @@ async fn the_budget_ends_a_run_early_with_every_client_told() {
     let report = fedveil_sim::run(&cfg, &split(), &mut QuietObserver)
         .await
         .unwrap();
-    assert_eq!(report.server.rounds_completed, 2, "stopped before round 3");
+    // Two rounds fit the budget and are started (with z = 1 and 5 clients
+    // the noisy model can make every client diverge in round 2, failing it:
+    // it is charged all the same); round 3 never starts.
+    assert_eq!(
+        report.server.rounds_completed + report.server.rounds_failed,
+        2,
+        "stopped before round 3: {} completed, {} failed",
+        report.server.rounds_completed,
+        report.server.rounds_failed
+    );
+    assert!(report.server.rounds_completed >= 1);
     assert!(
         report.clients.iter().all(|c| c.is_ok()),
         "{:?}",
