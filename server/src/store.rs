@@ -8,9 +8,10 @@
 //!   privacy ledger, clip bound and the cohort-sampling generator. SQLite's
 //!   transaction makes a crash at any instant leave the old row or the new
 //!   one, never a mix.
-//! - `ledger`: one row per charged round, written *before* the round's
-//!   cohort is told to start, with the whole ledger after it; the newest row
-//!   is the privacy spent, even if the round was then lost to a crash.
+//! - `ledger`: one row per charged round (round, epsilon after it) and, in
+//!   the same transaction, `ledger_state`: the whole ledger after it. Both
+//!   are written *before* the round's cohort is told to start, so the
+//!   privacy spent survives a crash that loses the round.
 //! - `rounds`: each round's metrics, for history (written after
 //!   evaluation; a crash in between loses only that row).
 
@@ -89,8 +90,11 @@ CREATE TABLE IF NOT EXISTS ledger (
     run_id INTEGER NOT NULL REFERENCES runs(id),
     round INTEGER NOT NULL,
     epsilon REAL NOT NULL,
-    ledger TEXT NOT NULL,
     PRIMARY KEY (run_id, round)
+);
+CREATE TABLE IF NOT EXISTS ledger_state (
+    run_id INTEGER PRIMARY KEY REFERENCES runs(id),
+    ledger TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS rounds (
     run_id INTEGER NOT NULL REFERENCES runs(id),
@@ -203,12 +207,19 @@ impl Store {
         match d {
             Durable::Charged { round, ledger } => {
                 let json = serde_json::to_string(ledger).expect("ledger serializes");
-                self.conn
-                    .execute(
-                        "INSERT INTO ledger (run_id, round, epsilon, ledger) VALUES (?1, ?2, ?3, ?4)",
-                        params![self.run_id, *round as i64, ledger.epsilon(), json],
-                    )
-                    .map_err(&err)?;
+                let tx = self.conn.transaction().map_err(&err)?;
+                // The primary key refuses a round charged twice.
+                tx.execute(
+                    "INSERT INTO ledger (run_id, round, epsilon) VALUES (?1, ?2, ?3)",
+                    params![self.run_id, *round as i64, ledger.epsilon()],
+                )
+                .map_err(&err)?;
+                tx.execute(
+                    "INSERT OR REPLACE INTO ledger_state (run_id, ledger) VALUES (?1, ?2)",
+                    params![self.run_id, json],
+                )
+                .map_err(&err)?;
+                tx.commit().map_err(&err)?;
             }
             Durable::Checkpoint(c) => {
                 let ledger = c
@@ -326,7 +337,7 @@ impl Store {
         let ledger = self
             .conn
             .query_row(
-                "SELECT ledger FROM ledger WHERE run_id = ?1 ORDER BY round DESC LIMIT 1",
+                "SELECT ledger FROM ledger_state WHERE run_id = ?1",
                 [self.run_id],
                 |r| r.get::<_, String>(0),
             )
@@ -334,7 +345,7 @@ impl Store {
             .map_err(&err)?
             .map(|j| serde_json::from_str::<PrivacyLedger>(&j))
             .transpose()
-            .map_err(|e| corrupt(format!("ledger row: {e}")))?;
+            .map_err(|e| corrupt(format!("ledger state: {e}")))?;
         Ok(Saved { checkpoint, ledger })
     }
 
