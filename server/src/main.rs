@@ -423,6 +423,15 @@ async fn run(args: RunArgs) -> Result<()> {
             };
             let c = Coordinator::resume(config, spec.clone(), checkpoint, saved.ledger)?;
             let resumed = c.checkpoint();
+            if resumed.rounds_completed >= args.rounds {
+                println!(
+                    "run '{}' already completed its {} rounds (state in {}); export its model with `fedveil-server export`, or start a new run with --run NAME",
+                    args.state.run,
+                    resumed.rounds_completed,
+                    state_path.display()
+                );
+                return Ok(());
+            }
             println!(
                 "resumed run '{}' at round {} ({} completed, {} failed); model sha256 {}; moments sha256 {}; epsilon {}",
                 args.state.run,

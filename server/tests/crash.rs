@@ -263,6 +263,19 @@ async fn kill_9_at_random_moments_resumes_the_committed_state_and_never_double_c
         "{} vs {want}",
         ledger.epsilon()
     );
+    // Started again, the finished run says so and exits without a round.
+    let (mut again, lines) = start_server(&dir, port);
+    let exit = tokio::task::spawn_blocking(move || again.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(exit.success());
+    // Ends when the reader thread sees end of output.
+    let said: Vec<String> = lines.iter().collect();
+    assert!(
+        said.iter()
+            .any(|l| l.contains(&format!("already completed its {ROUNDS} rounds"))),
+        "{said:?}"
+    );
     eprintln!(
         "{resumes} resumes; {} rounds charged for {ROUNDS} completed; epsilon {:.4}",
         charged.len(),
