@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fedveil_common::model::ModelError;
-use fedveil_common::net::{self, CLOSE_OK, MessageReader, NetError};
+use fedveil_common::net::{self, CLOSE_OK, MessageReader, NetError, Rejection};
 use fedveil_common::round::{ClientEvent, ClientSession, SessionError};
 use fedveil_common::wire::{FrameLimits, Message, ReasonCode};
 use tokio::sync::Semaphore;
@@ -34,6 +34,12 @@ pub struct ClientOptions {
     /// Bounds concurrent handshakes (simulations: no connection storm).
     pub connect_slots: Option<Arc<Semaphore>>,
     pub retry: RetryPolicy,
+    /// TLS config for this client (its own client certificate); `None`
+    /// uses the endpoint's default.
+    pub tls: Option<quinn::ClientConfig>,
+    /// Signs this node's SecAgg keys and checks its neighbours' (set for
+    /// enrolled nodes).
+    pub attestor: Option<Arc<dyn fedveil_common::secagg::KeyAttestor>>,
 }
 
 impl ClientOptions {
@@ -50,7 +56,24 @@ impl ClientOptions {
             training_slots: None,
             connect_slots: None,
             retry: RetryPolicy::default(),
+            tls: None,
+            attestor: None,
         }
+    }
+
+    /// Options for an enrolled node: mutual TLS with its certificate, and
+    /// SecAgg keys bound to it. The node name comes from the certificate.
+    pub fn enrolled(
+        server: SocketAddr,
+        server_name: impl Into<String>,
+        identity: &fedveil_common::pki::NodeIdentity,
+    ) -> Result<Self, NetError> {
+        let mut opts = Self::new(server, server_name, identity.name());
+        opts.tls = Some(net::client_config(&identity.ca_pem(), Some(identity))?);
+        opts.attestor = Some(Arc::new(fedveil_common::pki::NodeAttestor::new(
+            identity.clone(),
+        )));
+        Ok(opts)
     }
 }
 
@@ -111,6 +134,21 @@ pub enum ClientError {
     ServerClosed,
     #[error("could not connect after {attempts} attempts: {last}")]
     Unreachable { attempts: u32, last: String },
+    #[error("{0}")]
+    Rejected(Rejection),
+}
+
+impl ClientError {
+    /// Promotes a transport failure that is really a refusal of this node
+    /// (a TLS alert about its certificate, an unauthorized close) to
+    /// [`ClientError::Rejected`], so the user reads what to do about it.
+    fn explain(self) -> Self {
+        let rejection = match &self {
+            ClientError::Net(e) => e.rejection(),
+            _ => None,
+        };
+        rejection.map_or(self, ClientError::Rejected)
+    }
 }
 
 impl From<quinn::ConnectionError> for ClientError {
@@ -125,8 +163,13 @@ pub async fn run(
     opts: &ClientOptions,
     trainer: Arc<dyn LocalTrainer>,
 ) -> Result<ClientReport, ClientError> {
-    let connection = connect(endpoint, opts).await?;
-    let (mut send, recv) = connection.open_bi().await?;
+    let connection = connect(endpoint, opts)
+        .await
+        .map_err(ClientError::explain)?;
+    let (mut send, recv) = connection
+        .open_bi()
+        .await
+        .map_err(|e| ClientError::from(e).explain())?;
     let mut reader = MessageReader::new(recv, FrameLimits::for_model(trainer.spec().param_count));
     let mut session = ClientSession::new(
         &opts.node_name,
@@ -134,6 +177,9 @@ pub async fn run(
         trainer.num_examples() as u64,
         ClientSession::os_rng(),
     );
+    if let Some(attestor) = &opts.attestor {
+        session = session.with_attestor(Arc::clone(attestor));
+    }
     let mut report = ClientReport {
         client_id: None,
         rounds_trained: 0,
@@ -203,13 +249,13 @@ pub async fn run(
     report.client_id = session.client_id();
     let _ = send.finish();
     connection.close(CLOSE_OK.into(), b"bye");
-    result.map(|()| report)
+    result.map(|()| report).map_err(ClientError::explain)
 }
 
 /// Connects with retries (see [`RetryPolicy`]). Only failures that another
 /// try can fix are retried: timeouts, resets and refusals; a certificate or
 /// protocol failure fails at once.
-async fn connect(
+pub(crate) async fn connect(
     endpoint: &quinn::Endpoint,
     opts: &ClientOptions,
 ) -> Result<quinn::Connection, ClientError> {
@@ -226,9 +272,11 @@ async fn connect(
             Some(slots) => Some(slots.clone().acquire_owned().await.expect("semaphore open")),
             None => None,
         };
-        let connecting = endpoint
-            .connect(opts.server, &opts.server_name)
-            .map_err(NetError::from)?;
+        let connecting = match &opts.tls {
+            Some(tls) => endpoint.connect_with(tls.clone(), opts.server, &opts.server_name),
+            None => endpoint.connect(opts.server, &opts.server_name),
+        }
+        .map_err(NetError::from)?;
         match tokio::time::timeout(policy.timeout, connecting).await {
             Ok(Ok(connection)) => return Ok(connection),
             Ok(Err(err)) if is_transient(&err) => last = err.to_string(),

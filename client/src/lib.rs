@@ -3,6 +3,7 @@
 //! QUIC.
 
 pub mod driver;
+pub mod enrol;
 pub mod trainer;
 
 pub use driver::{ClientError, ClientOptions, ClientReport, run};

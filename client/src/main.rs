@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
@@ -9,6 +10,7 @@ use fedveil_client::{ClientOptions, LocalTrainer, Trainer};
 use fedveil_common::data::{self, DatasetName, Download, Partition, Shard};
 use fedveil_common::model::DeviceSpec;
 use fedveil_common::net;
+use fedveil_common::pki::{self, NodeIdentity};
 
 #[derive(Parser)]
 #[command(name = "fedveil-client", version, about = "fedveil client node")]
@@ -22,21 +24,53 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Connect to a server and take part in training until the run ends.
+    /// Enrol this node with a server: make a key here, get it certified.
+    Enroll(EnrollArgs),
+    /// Connect to a server and take part in training until the run ends
+    /// (renews the certificate first when it is due).
     Run(RunArgs),
+    /// Replace this node's key and certificate now.
+    Renew(NodeArgs),
+}
+
+#[derive(Args)]
+struct EnrollArgs {
+    /// Server address, HOST:PORT (HOST must be a name in its certificate).
+    #[arg(long)]
+    server: String,
+    /// SHA-256 fingerprint of the server's CA (`fedveil-server fingerprint`).
+    #[arg(long)]
+    ca_fingerprint: String,
+    /// The one-time token from `fedveil-server enroll`.
+    #[arg(long, env = "FEDVEIL_TOKEN")]
+    token: String,
+    /// Directory for this node's key, certificate and settings.
+    #[arg(long)]
+    dir: PathBuf,
+    /// Node name [default: the name the token was issued for].
+    #[arg(long)]
+    name: Option<String>,
+}
+
+/// An enrolled node's directory and, optionally, where its server is.
+#[derive(Args)]
+struct NodeArgs {
+    /// The node directory (from `fedveil-client enroll`).
+    #[arg(long)]
+    dir: PathBuf,
+    /// Server address, HOST:PORT [default: the one enrolled with].
+    #[arg(long)]
+    server: Option<String>,
 }
 
 #[derive(Args)]
 struct RunArgs {
-    /// Server address, HOST:PORT.
-    #[arg(long, default_value = "127.0.0.1:4433")]
-    server: String,
-    /// The server's CA certificate (ca.pem from `fedveil-server init`).
-    #[arg(long)]
-    ca_cert: PathBuf,
-    /// This node's name, as the server logs it.
-    #[arg(long)]
-    name: String,
+    #[command(flatten)]
+    node: NodeArgs,
+    /// Renew when less than this is left, e.g. 7d [default: a third of the
+    /// certificate's lifetime].
+    #[arg(long, value_parser = pki::parse_duration)]
+    renew_before: Option<Duration>,
     #[arg(long, default_value = "mnist")]
     dataset: String,
     /// Data directory (default: $FEDVEIL_DATA, then the user cache).
@@ -69,27 +103,153 @@ fn main() -> Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).context("--log")?)
         .with_writer(std::io::stderr)
         .init();
+    let runtime = tokio::runtime::Runtime::new()?;
     match cli.command {
-        Command::Run(args) => tokio::runtime::Runtime::new()?.block_on(run(args)),
+        Command::Enroll(args) => runtime.block_on(enroll(args)),
+        Command::Run(args) => runtime.block_on(run(args)),
+        Command::Renew(args) => runtime.block_on(async {
+            let (server, identity) = load_node(&args).await?;
+            renew(&server, &args.dir, &identity).await.map(|_| ())
+        }),
     }
 }
 
-async fn run(args: RunArgs) -> Result<()> {
-    let ca = std::fs::read_to_string(&args.ca_cert).with_context(|| {
+/// Settings saved at enrolment next to the identity.
+const NODE_SETTINGS_FILE: &str = "client.toml";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct NodeSettings {
+    /// HOST:PORT of the server this node enrolled with.
+    server: String,
+}
+
+/// A resolved server address and the name its certificate must carry.
+struct Server {
+    addr: std::net::SocketAddr,
+    name: String,
+}
+
+async fn resolve(server: &str) -> Result<Server> {
+    let addr = tokio::net::lookup_host(server)
+        .await
+        .with_context(|| format!("cannot resolve {server}"))?
+        .next()
+        .with_context(|| format!("{server} has no address"))?;
+    let host = server.rsplit_once(':').map_or(server, |(h, _)| h);
+    Ok(Server {
+        addr,
+        name: net::server_name(host).to_owned(),
+    })
+}
+
+fn endpoint_for(server: &Server) -> Result<quinn::Endpoint> {
+    let local = if server.addr.is_ipv6() {
+        "[::]:0"
+    } else {
+        "0.0.0.0:0"
+    };
+    Ok(quinn::Endpoint::client(local.parse()?)?)
+}
+
+async fn enroll(args: EnrollArgs) -> Result<()> {
+    let pin = pki::parse_fingerprint(&args.ca_fingerprint)?;
+    if let Some(name) = &args.name {
+        pki::validate_node_name(name)?;
+    }
+    if args.dir.join(pki::NODE_IDENTITY_FILE).exists() {
+        bail!(
+            "{} already holds a node identity; use another directory, or `fedveil-client renew` to refresh it",
+            args.dir.display()
+        );
+    }
+    let server = resolve(&args.server).await?;
+    let endpoint = endpoint_for(&server)?;
+    let identity = fedveil_client::enrol::enrol(
+        &endpoint,
+        server.addr,
+        &server.name,
+        pin,
+        &args.token,
+        args.name.as_deref(),
+    )
+    .await
+    .context("enrolment failed")?;
+    identity.save(&args.dir)?;
+    let settings = toml::to_string(&NodeSettings {
+        server: args.server.clone(),
+    })?;
+    std::fs::write(args.dir.join(NODE_SETTINGS_FILE), settings)?;
+    endpoint.wait_idle().await;
+    println!(
+        "enrolled as '{}' with {} (certificate {}, valid until {}); identity in {}\n\
+         next: `fedveil-client run --dir {}`",
+        identity.name(),
+        args.server,
+        identity.info().serial,
+        pki::format_time(identity.info().not_after),
+        args.dir.display(),
+        args.dir.display(),
+    );
+    Ok(())
+}
+
+/// The node's identity and its server (from --server or client.toml).
+async fn load_node(args: &NodeArgs) -> Result<(Server, NodeIdentity)> {
+    let identity = NodeIdentity::load(&args.dir).with_context(|| {
         format!(
-            "cannot read the server's CA certificate {}",
-            args.ca_cert.display()
+            "no node identity in {}: enrol first (`fedveil-client enroll`)",
+            args.dir.display()
         )
     })?;
-    let server = tokio::net::lookup_host(&args.server)
+    let server = match &args.server {
+        Some(s) => s.clone(),
+        None => {
+            let path = args.dir.join(NODE_SETTINGS_FILE);
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("{}: pass --server HOST:PORT", path.display()))?;
+            toml::from_str::<NodeSettings>(&text)
+                .with_context(|| format!("{}", path.display()))?
+                .server
+        }
+    };
+    Ok((resolve(&server).await?, identity))
+}
+
+/// Renews `current` and saves the new identity over it.
+async fn renew(
+    server: &Server,
+    dir: &std::path::Path,
+    current: &NodeIdentity,
+) -> Result<NodeIdentity> {
+    let endpoint = endpoint_for(server)?;
+    let renewed = fedveil_client::enrol::renew(&endpoint, server.addr, &server.name, current)
         .await
-        .with_context(|| format!("cannot resolve {}", args.server))?
-        .next()
-        .with_context(|| format!("{} has no address", args.server))?;
-    let host = args
-        .server
-        .rsplit_once(':')
-        .map_or(args.server.as_str(), |(h, _)| h);
+        .context("certificate renewal failed")?;
+    renewed.save(dir)?;
+    endpoint.wait_idle().await;
+    println!(
+        "renewed the certificate of '{}': {} valid until {}",
+        renewed.name(),
+        renewed.info().serial,
+        pki::format_time(renewed.info().not_after)
+    );
+    Ok(renewed)
+}
+
+async fn run(args: RunArgs) -> Result<()> {
+    let (server, mut identity) = load_node(&args.node).await?;
+    let now = pki::unix_now();
+    if identity.remaining(now) <= 0 {
+        bail!(
+            "this node's certificate expired at {}; it cannot be renewed any more: ask the operator for a new token (`fedveil-server enroll --name {}`), then enrol again into a new directory",
+            pki::format_time(identity.info().not_after),
+            identity.name()
+        );
+    }
+    if identity.renewal_due(now, args.renew_before) {
+        identity = renew(&server, &args.node.dir, &identity).await?;
+    }
+    let name = identity.name().to_owned();
     let device = args.device.device()?;
     let split = data::load(
         DatasetName::parse(&args.dataset)?,
@@ -118,30 +278,55 @@ async fn run(args: RunArgs) -> Result<()> {
         &args.model,
         shard,
         device,
-        fedveil_client::trainer::mix_seed(&[args.seed, hash_name(&args.name)]),
+        fedveil_client::trainer::mix_seed(&[args.seed, hash_name(&name)]),
     )?);
-    let mut endpoint = quinn::Endpoint::client(
-        (if server.is_ipv6() {
-            "[::]:0"
-        } else {
-            "0.0.0.0:0"
-        })
-        .parse()?,
-    )?;
-    endpoint.set_default_client_config(net::client_config(&ca)?);
-    let mut opts = ClientOptions::new(server, net::server_name(host), args.name.clone());
+    let endpoint = endpoint_for(&server)?;
+    let mut opts = ClientOptions::enrolled(server.addr, &server.name, &identity)?;
     opts.retry.attempts = args.connect_attempts;
-    tracing::info!(server = %server, examples = trainer.num_examples(), "connecting");
-    match fedveil_client::run(&endpoint, &opts, trainer).await {
+    tracing::info!(server = %server.addr, node = %name, examples = trainer.num_examples(), "connecting");
+    // A run can outlast the certificate's renewal point: renew in the
+    // background (the live connection stays authenticated; the next one
+    // uses the new certificate).
+    let renewer = tokio::spawn(renew_when_due(
+        server.addr,
+        server.name.clone(),
+        args.node.dir.clone(),
+        identity,
+        args.renew_before,
+    ));
+    let result = fedveil_client::run(&endpoint, &opts, trainer).await;
+    renewer.abort();
+    match result {
         Ok(report) => {
             println!(
-                "{}: trained {} rounds; server completed {}",
-                args.name, report.rounds_trained, report.server_rounds_completed
+                "{name}: trained {} rounds; server completed {}",
+                report.rounds_trained, report.server_rounds_completed
             );
             endpoint.wait_idle().await;
             Ok(())
         }
-        Err(err) => bail!("{}: {err}", args.name),
+        Err(err) => bail!("{name}: {err}"),
+    }
+}
+
+/// Sleeps until renewal is due, renews, and repeats.
+async fn renew_when_due(
+    addr: std::net::SocketAddr,
+    name: String,
+    dir: PathBuf,
+    mut identity: NodeIdentity,
+    renew_before: Option<Duration>,
+) {
+    let server = Server { addr, name };
+    loop {
+        let lifetime = identity.info().not_after - identity.info().not_before;
+        let lead = renew_before.map_or(lifetime / 3, |d| d.as_secs() as i64);
+        let wait = (identity.remaining(pki::unix_now()) - lead).max(60);
+        tokio::time::sleep(Duration::from_secs(wait as u64)).await;
+        match renew(&server, &dir, &identity).await {
+            Ok(renewed) => identity = renewed,
+            Err(err) => tracing::warn!(%err, "certificate renewal failed; will retry"),
+        }
     }
 }
 

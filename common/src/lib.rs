@@ -10,6 +10,8 @@ pub mod metrics;
 pub mod model;
 #[cfg(feature = "net")]
 pub mod net;
+#[cfg(feature = "net")]
+pub mod pki;
 pub mod round;
 pub mod secagg;
 pub mod server_opt;

@@ -13,16 +13,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, pem::PemObject};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerifier};
+use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime, pem::PemObject};
 
+use crate::pki::{self, CertInfo, CertificateAuthority, NodeIdentity};
 use crate::wire::{CodecError, FrameDecoder, FrameLimits, Message, encode};
 
-/// ALPN protocol id; a peer speaking anything else fails the handshake.
+/// ALPN protocol id of training connections (mutual TLS).
 pub const ALPN: &[u8] = b"fedveil/1";
+/// ALPN protocol id of enrolment and renewal connections.
+pub const ENROL_ALPN: &[u8] = b"fedveil-enrol/1";
 /// Keep-alive interval, so a connection survives long local training.
 pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(5);
 /// A silent peer is considered gone after this long.
@@ -31,8 +34,12 @@ pub const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const READ_CHUNK_BYTES: usize = 1 << 20;
 /// Application close code: normal end of a run.
 pub const CLOSE_OK: u32 = 0;
-/// Application close code: the peer was refused (see the error message).
+/// Application close code: the peer was refused (see the error message);
+/// trying again later may work (the server was full or restarting).
 pub const CLOSE_REFUSED: u32 = 1;
+/// Application close code: the node is not (or no longer) allowed in;
+/// the close reason says why. Retrying cannot help.
+pub const CLOSE_UNAUTHORIZED: u32 = 2;
 
 /// What can go wrong at the transport level.
 #[derive(Debug, thiserror::Error)]
@@ -88,11 +95,13 @@ pub const SERVER_CERT_FILE: &str = "server.pem";
 pub const SERVER_KEY_FILE: &str = "server.key";
 
 /// The server's TLS identity: its own CA and a server certificate it signed.
-/// Clients pin the CA certificate.
+/// Nodes pin the CA certificate (by fingerprint when they enrol).
 pub struct ServerIdentity {
     pub ca_cert_pem: String,
-    /// The CA's signing key; `None` when loaded (it stays on disk).
-    pub ca_key_pem: Option<String>,
+    /// The CA with its signing key; `None` when `ca.key` is not on this
+    /// machine (then the server cannot enrol nodes).
+    pub ca: Option<CertificateAuthority>,
+    /// Server certificate, then the CA certificate.
     pub cert_chain: Vec<CertificateDer<'static>>,
     pub key: PrivateKeyDer<'static>,
 }
@@ -119,92 +128,74 @@ impl ServerIdentity {
     /// A fresh CA and a server certificate for `names` (DNS names or IP
     /// addresses), in memory.
     pub fn generate(names: &[String]) -> Result<Self, NetError> {
-        if names.is_empty() {
-            return Err(NetError::Tls(
-                "the server certificate needs at least one name".into(),
-            ));
-        }
-        let ca_key = KeyPair::generate().map_err(tls_err)?;
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(tls_err)?;
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, "fedveil CA");
-        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let ca_cert = ca_params.self_signed(&ca_key).map_err(tls_err)?;
-        let issuer = Issuer::new(ca_params, ca_key);
-
-        let server_key = KeyPair::generate().map_err(tls_err)?;
-        let mut params = CertificateParams::new(names.to_vec()).map_err(tls_err)?;
-        params
-            .distinguished_name
-            .push(DnType::CommonName, names[0].as_str());
-        params.use_authority_key_identifier_extension = true;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let server_cert = params.signed_by(&server_key, &issuer).map_err(tls_err)?;
+        let ca = CertificateAuthority::generate().map_err(tls_err)?;
+        let (cert_chain, key) = ca.issue_server(names).map_err(tls_err)?;
         Ok(Self {
-            ca_cert_pem: ca_cert.pem(),
-            ca_key_pem: Some(issuer.key().serialize_pem()),
-            cert_chain: vec![server_cert.der().clone()],
-            key: PrivatePkcs8KeyDer::from(server_key.serialize_der()).into(),
+            ca_cert_pem: ca.cert_pem(),
+            ca: Some(ca),
+            cert_chain,
+            key,
         })
+    }
+
+    /// SHA-256 fingerprint of the CA certificate, which nodes pin.
+    pub fn ca_fingerprint(&self) -> String {
+        let der = CertificateDer::from_pem_slice(self.ca_cert_pem.as_bytes())
+            .expect("the CA certificate was parsed when loaded");
+        pki::fingerprint(&der)
     }
 
     /// Writes the identity's files into `dir` (keys with mode 0600).
     pub fn save(&self, dir: &Path) -> Result<(), NetError> {
         std::fs::create_dir_all(dir).map_err(file_err(dir))?;
-        write_file(&dir.join(CA_CERT_FILE), self.ca_cert_pem.as_bytes(), false)?;
-        if let Some(ca_key) = &self.ca_key_pem {
-            write_file(&dir.join(CA_KEY_FILE), ca_key.as_bytes(), true)?;
+        let write = |name: &str, bytes: &[u8], secret: bool| {
+            pki::write_atomic(&dir.join(name), bytes, secret).map_err(tls_err)
+        };
+        write(CA_CERT_FILE, self.ca_cert_pem.as_bytes(), false)?;
+        if let Some(ca) = &self.ca {
+            write(CA_KEY_FILE, ca.key_pem().as_bytes(), true)?;
         }
         let certs: String = self
             .cert_chain
             .iter()
-            .map(|c| pem_block("CERTIFICATE", c.as_ref()))
+            .map(|c| pki::pem_block("CERTIFICATE", c.as_ref()))
             .collect();
-        write_file(&dir.join(SERVER_CERT_FILE), certs.as_bytes(), false)?;
-        let key = pem_block("PRIVATE KEY", self.key.secret_der());
-        write_file(&dir.join(SERVER_KEY_FILE), key.as_bytes(), true)
+        write(SERVER_CERT_FILE, certs.as_bytes(), false)?;
+        let key = pki::pem_block("PRIVATE KEY", self.key.secret_der());
+        write(SERVER_KEY_FILE, key.as_bytes(), true)
     }
 
+    /// Loads the identity in `dir`; the CA key is optional (an operator may
+    /// keep it offline and enrol nodes elsewhere).
     pub fn load(dir: &Path) -> Result<Self, NetError> {
         let read = |name: &str| {
             let path = dir.join(name);
             std::fs::read(&path).map_err(file_err(&path))
         };
-        let cert_chain = CertificateDer::pem_slice_iter(&read(SERVER_CERT_FILE)?)
+        let mut cert_chain = CertificateDer::pem_slice_iter(&read(SERVER_CERT_FILE)?)
             .collect::<Result<Vec<_>, _>>()
             .map_err(tls_err)?;
         let key = PrivateKeyDer::from_pem_slice(&read(SERVER_KEY_FILE)?).map_err(tls_err)?;
         let ca_cert_pem = String::from_utf8(read(CA_CERT_FILE)?).map_err(tls_err)?;
+        let ca_der = CertificateDer::from_pem_slice(ca_cert_pem.as_bytes()).map_err(tls_err)?;
+        // Directories from before enrolment hold the server certificate alone.
+        if cert_chain.len() == 1 {
+            cert_chain.push(ca_der);
+        }
+        let ca = match std::fs::read_to_string(dir.join(CA_KEY_FILE)) {
+            Ok(key_pem) => {
+                Some(CertificateAuthority::from_pem(&ca_cert_pem, &key_pem).map_err(tls_err)?)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(file_err(&dir.join(CA_KEY_FILE))(e)),
+        };
         Ok(Self {
             ca_cert_pem,
-            ca_key_pem: None,
+            ca,
             cert_chain,
             key,
         })
     }
-}
-
-fn write_file(path: &Path, bytes: &[u8], secret: bool) -> Result<(), NetError> {
-    use std::io::Write;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    if secret {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let _ = secret;
-    let mut f = options.open(path).map_err(file_err(path))?;
-    f.write_all(bytes).map_err(file_err(path))?;
-    f.sync_all().map_err(file_err(path))
-}
-
-/// PEM armour for DER bytes.
-fn pem_block(label: &str, der: &[u8]) -> String {
-    pem::encode(&pem::Pem::new(label, der.to_vec()))
 }
 
 fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -223,23 +214,109 @@ fn transport() -> Arc<quinn::TransportConfig> {
     Arc::new(t)
 }
 
-/// A quinn server config for `identity` (TLS 1.3 only).
-pub fn server_config(identity: &ServerIdentity) -> Result<quinn::ServerConfig, NetError> {
-    let mut tls = rustls::ServerConfig::builder_with_provider(crypto_provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(tls_err)?
-        .with_no_client_auth()
-        .with_single_cert(identity.cert_chain.clone(), identity.key.clone_key())
-        .map_err(tls_err)?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
-    let quic = QuicServerConfig::try_from(tls).map_err(tls_err)?;
-    let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    config.transport_config(transport());
-    Ok(config)
+/// Why the node registry refuses a certificate our CA signed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegistryRejection {
+    #[error("certificate {serial} of node '{name}' is not in the node registry")]
+    Unknown { name: String, serial: String },
+    #[error("certificate {serial} of node '{name}' was revoked")]
+    Revoked { name: String, serial: String },
+    #[error("the node registry cannot be read: {0}")]
+    Unavailable(String),
 }
 
-/// A quinn client config that trusts only the CA in `ca_cert_pem`.
-pub fn client_config(ca_cert_pem: &str) -> Result<quinn::ClientConfig, NetError> {
+/// The server's list of enrolled nodes, consulted on every handshake so a
+/// revocation takes effect for the next connection.
+pub trait NodeRegistry: Send + Sync {
+    fn check(&self, cert: &CertInfo) -> Result<(), RegistryRejection>;
+}
+
+/// Client-certificate policy: a certificate, when presented, must chain to
+/// our CA, be within its validity, be for client auth, and be live in the
+/// registry. A connection without one is let through the handshake only so
+/// it can enrol; the driver closes any other such connection.
+struct NodeCertVerifier {
+    chain: Arc<dyn ClientCertVerifier>,
+    registry: Arc<dyn NodeRegistry>,
+}
+
+impl std::fmt::Debug for NodeCertVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NodeCertVerifier")
+    }
+}
+
+impl ClientCertVerifier for NodeCertVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.chain.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let info = CertInfo::parse(end_entity).ok();
+        let (name, serial) = info
+            .as_ref()
+            .map_or(("?", "?"), |i| (i.name.as_str(), i.serial.as_str()));
+        if let Err(err) = self
+            .chain
+            .verify_client_cert(end_entity, intermediates, now)
+        {
+            tracing::warn!(node = name, serial, %err, "client certificate rejected");
+            return Err(err);
+        }
+        let Some(info) = &info else {
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::BadEncoding,
+            ));
+        };
+        match self.registry.check(info) {
+            Ok(()) => Ok(ClientCertVerified::assertion()),
+            Err(rejection) => {
+                tracing::warn!(node = name, serial, %rejection, "client certificate rejected");
+                Err(rustls::Error::InvalidCertificate(match rejection {
+                    RegistryRejection::Revoked { .. } => rustls::CertificateError::Revoked,
+                    _ => rustls::CertificateError::ApplicationVerificationFailure,
+                }))
+            }
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.chain.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.chain.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.chain.supported_verify_schemes()
+    }
+}
+
+fn roots(ca_cert_pem: &str) -> Result<rustls::RootCertStore, NetError> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca_cert_pem.as_bytes()) {
         roots.add(cert.map_err(tls_err)?).map_err(tls_err)?;
@@ -247,16 +324,275 @@ pub fn client_config(ca_cert_pem: &str) -> Result<quinn::ClientConfig, NetError>
     if roots.is_empty() {
         return Err(NetError::Tls("the CA file holds no certificate".into()));
     }
-    let mut tls = rustls::ClientConfig::builder_with_provider(crypto_provider())
+    Ok(roots)
+}
+
+/// A quinn server config for `identity` (TLS 1.3 only). With a `registry`,
+/// client certificates are checked against it and nodes may enrol (ALPN
+/// [`ENROL_ALPN`]); without one, clients are not authenticated.
+pub fn server_config(
+    identity: &ServerIdentity,
+    registry: Option<Arc<dyn NodeRegistry>>,
+) -> Result<quinn::ServerConfig, NetError> {
+    let builder = rustls::ServerConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(tls_err)?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+        .map_err(tls_err)?;
+    let builder = match registry {
+        Some(registry) => {
+            let chain = WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots(&identity.ca_cert_pem)?),
+                crypto_provider(),
+            )
+            .allow_unauthenticated()
+            .build()
+            .map_err(tls_err)?;
+            builder.with_client_cert_verifier(Arc::new(NodeCertVerifier { chain, registry }))
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut tls = builder
+        .with_single_cert(identity.cert_chain.clone(), identity.key.clone_key())
+        .map_err(tls_err)?;
+    tls.alpn_protocols = vec![ALPN.to_vec(), ENROL_ALPN.to_vec()];
+    let quic = QuicServerConfig::try_from(tls).map_err(tls_err)?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    config.transport_config(transport());
+    Ok(config)
+}
+
+fn finish_client_config(
+    builder: rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert>,
+    identity: Option<&NodeIdentity>,
+    alpn: &[u8],
+) -> Result<quinn::ClientConfig, NetError> {
+    let mut tls = match identity {
+        Some(id) => builder
+            .with_client_auth_cert(vec![id.cert_der().clone()], id.private_key())
+            .map_err(tls_err)?,
+        None => builder.with_no_client_auth(),
+    };
+    tls.alpn_protocols = vec![alpn.to_vec()];
     let quic = QuicClientConfig::try_from(tls).map_err(tls_err)?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
     config.transport_config(transport());
     Ok(config)
+}
+
+/// A quinn client config that trusts only the CA in `ca_cert_pem` and, with
+/// an `identity`, authenticates as that enrolled node (mutual TLS).
+pub fn client_config(
+    ca_cert_pem: &str,
+    identity: Option<&NodeIdentity>,
+) -> Result<quinn::ClientConfig, NetError> {
+    let builder = rustls::ClientConfig::builder_with_provider(crypto_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_err)?
+        .with_root_certificates(roots(ca_cert_pem)?);
+    finish_client_config(builder, identity, ALPN)
+}
+
+/// The client config of an enrolment connection: the server must present
+/// a chain ending in the CA whose SHA-256 is `ca_fingerprint` (the node has
+/// no CA file yet). With an `identity`, the node authenticates with its
+/// current certificate (renewal).
+pub fn enrol_client_config(
+    ca_fingerprint: [u8; 32],
+    identity: Option<&NodeIdentity>,
+) -> Result<quinn::ClientConfig, NetError> {
+    let builder = rustls::ClientConfig::builder_with_provider(crypto_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_err)?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedCaVerifier {
+            fingerprint: ca_fingerprint,
+        }));
+    finish_client_config(builder, identity, ENROL_ALPN)
+}
+
+/// Server-certificate check for enrolment: find the pinned CA in the chain
+/// the server sent, then verify the chain and name against it as usual.
+#[derive(Debug)]
+struct PinnedCaVerifier {
+    fingerprint: [u8; 32],
+}
+
+impl ServerCertVerifier for PinnedCaVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        use sha2::Digest;
+        let ca = intermediates
+            .iter()
+            .find(|c| sha2::Sha256::digest(c.as_ref()).as_slice() == self.fingerprint)
+            .ok_or_else(|| {
+                rustls::Error::General(format!(
+                    "the server's CA does not match the pinned fingerprint {}",
+                    hex::encode(self.fingerprint)
+                ))
+            })?;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.clone().into_owned())?;
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            crypto_provider(),
+        )
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+        inner.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &crypto_provider().signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &crypto_provider().signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        crypto_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// The ALPN protocol a connection negotiated.
+pub fn negotiated_alpn(connection: &quinn::Connection) -> Option<Vec<u8>> {
+    connection
+        .handshake_data()?
+        .downcast::<quinn::crypto::rustls::HandshakeData>()
+        .ok()?
+        .protocol
+}
+
+/// The client certificate a connection authenticated with, if any (the
+/// verifier already checked it).
+pub fn peer_certificate(connection: &quinn::Connection) -> Option<(Vec<u8>, CertInfo)> {
+    let chain = connection
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?;
+    let der = chain.first()?.to_vec();
+    let info = CertInfo::parse(&der).ok()?;
+    Some((der, info))
+}
+
+/// Why the server refused this node, from what a failed connection says:
+/// a TLS alert (the handshake rejected the certificate), an application
+/// close with [`CLOSE_UNAUTHORIZED`], or a local verification failure.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    #[error(
+        "the server requires a client certificate: enrol this node first (`fedveil-client enroll`)"
+    )]
+    NoCertificate,
+    #[error(
+        "the server does not trust this node's certificate (issued by another CA): enrol with this server (`fedveil-client enroll`)"
+    )]
+    UnknownCa,
+    #[error(
+        "the server says this node's certificate has expired or is not yet valid (check both clocks); an expired certificate cannot be renewed: ask the operator for a new token and enrol again"
+    )]
+    Expired,
+    #[error(
+        "this node's certificate was revoked by the server's operator: ask them to enrol it again (`fedveil-server enroll`)"
+    )]
+    Revoked,
+    #[error(
+        "the server does not know this node's certificate (not in its node registry): ask the operator for a token and enrol again"
+    )]
+    NotInRegistry,
+    #[error("the server refused this node's certificate (TLS alert {0})")]
+    OtherAlert(u8),
+    #[error("the server refused this node: {0}")]
+    Refused(String),
+    #[error("this node does not trust the server: {0}")]
+    ServerUntrusted(String),
+}
+
+/// TLS alert numbers (RFC 8446 section 6).
+mod alert {
+    pub const BAD_CERTIFICATE: u8 = 42;
+    /// A chain whose signature does not verify (e.g. another CA with the
+    /// same name).
+    pub const DECRYPT_ERROR: u8 = 51;
+    pub const CERTIFICATE_REVOKED: u8 = 44;
+    pub const CERTIFICATE_EXPIRED: u8 = 45;
+    pub const UNKNOWN_CA: u8 = 48;
+    pub const ACCESS_DENIED: u8 = 49;
+    pub const CERTIFICATE_REQUIRED: u8 = 116;
+}
+
+/// QUIC carries a TLS alert as transport error 0x100 + alert.
+fn crypto_alert(code: quinn::TransportErrorCode) -> Option<u8> {
+    let code = u64::from(code);
+    (0x100..0x200).contains(&code).then(|| (code - 0x100) as u8)
+}
+
+/// Classifies a connection failure as a refusal of this node, if it is one.
+pub fn rejection(err: &quinn::ConnectionError) -> Option<Rejection> {
+    use quinn::ConnectionError as E;
+    let from_alert = |a: u8| match a {
+        alert::CERTIFICATE_REQUIRED => Rejection::NoCertificate,
+        alert::UNKNOWN_CA | alert::BAD_CERTIFICATE | alert::DECRYPT_ERROR => Rejection::UnknownCa,
+        alert::CERTIFICATE_EXPIRED => Rejection::Expired,
+        alert::CERTIFICATE_REVOKED => Rejection::Revoked,
+        alert::ACCESS_DENIED => Rejection::NotInRegistry,
+        other => Rejection::OtherAlert(other),
+    };
+    match err {
+        // The server sent the alert.
+        E::ConnectionClosed(close) => crypto_alert(close.error_code).map(from_alert),
+        // We failed the handshake ourselves: we do not trust the server.
+        E::TransportError(e) => {
+            crypto_alert(e.code).map(|_| Rejection::ServerUntrusted(e.reason.clone()))
+        }
+        E::ApplicationClosed(close)
+            if close.error_code == quinn::VarInt::from_u32(CLOSE_UNAUTHORIZED) =>
+        {
+            Some(Rejection::Refused(
+                String::from_utf8_lossy(&close.reason).into_owned(),
+            ))
+        }
+        _ => None,
+    }
+}
+
+impl NetError {
+    /// The refusal behind this error, if the server refused this node.
+    pub fn rejection(&self) -> Option<Rejection> {
+        match self {
+            NetError::Connection(e) => rejection(e),
+            NetError::Read(quinn::ReadError::ConnectionLost(e)) => rejection(e),
+            NetError::Write(quinn::WriteError::ConnectionLost(e)) => rejection(e),
+            _ => None,
+        }
+    }
 }
 
 /// The name a client checks the server certificate against: the host part

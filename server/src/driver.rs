@@ -14,9 +14,12 @@ use std::time::{Duration, Instant};
 
 use fedveil_common::metrics::RoundMetrics;
 use fedveil_common::model::EvalStats;
-use fedveil_common::net::{self, CLOSE_OK, CLOSE_REFUSED, MessageReader, NetError};
+use fedveil_common::net::{
+    self, CLOSE_OK, CLOSE_REFUSED, CLOSE_UNAUTHORIZED, MessageReader, NetError,
+};
+use fedveil_common::pki::{self, CertInfo};
 use fedveil_common::round::server::Durable;
-use fedveil_common::round::{ClientId, Coordinator, Event, RoundSummary};
+use fedveil_common::round::{ClientId, Coordinator, Event, PeerIdentity, RoundSummary};
 use fedveil_common::wire::{FrameLimits, Message};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -27,6 +30,12 @@ pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a new connection may take to open its stream and say hello.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the registry is checked for revocations made by another
+/// process (`fedveil-server revoke`); live connections of a revoked node
+/// are dropped within this interval.
+pub const REVOCATION_POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+use crate::enrol::NodeService;
 
 /// Evaluates a global model on the server's held-out data.
 pub trait Evaluator: Send + 'static {
@@ -133,8 +142,17 @@ pub struct RunReport {
     pub epsilon: Option<f64>,
 }
 
+/// A training connection whose handshake and stream are ready.
+struct NewConnection {
+    connection: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    /// The client certificate (DER) and what it says, under mutual TLS.
+    identity: Option<(Vec<u8>, CertInfo)>,
+}
+
 enum Inbound {
-    Connected(quinn::Connection, quinn::SendStream, quinn::RecvStream),
+    Connected(Box<NewConnection>),
     Message(ClientId, Message),
     Failed(ClientId, NetError),
     Closed(ClientId),
@@ -147,12 +165,27 @@ struct Outbound {
 
 struct Peer {
     out: mpsc::UnboundedSender<Outbound>,
+    connection: quinn::Connection,
+    identity: Option<CertInfo>,
 }
 
 #[derive(Default)]
 struct Traffic {
     up: AtomicU64,
     down: AtomicU64,
+}
+
+/// What a run is served with besides the coordinator.
+pub struct ServeOptions<'a> {
+    pub limits: FrameLimits,
+    pub observer: &'a mut dyn Observer,
+    /// Where durable state goes (none in simulations).
+    pub state: Option<&'a mut dyn StateSink>,
+    /// Enrolment and the node registry. With it, training connections must
+    /// present an enrolled client certificate (the endpoint's TLS config
+    /// must check them against the same registry: see
+    /// [`net::server_config`]); without it, clients are anonymous.
+    pub nodes: Option<Arc<NodeService>>,
 }
 
 /// Runs `coordinator` on `endpoint` until all rounds are done or `shutdown`
@@ -162,13 +195,19 @@ pub async fn serve(
     endpoint: quinn::Endpoint,
     coordinator: Coordinator,
     evaluator: impl Evaluator,
-    limits: FrameLimits,
-    observer: &mut dyn Observer,
-    state: Option<&mut dyn StateSink>,
+    options: ServeOptions<'_>,
     shutdown: impl Future<Output = ()>,
 ) -> RunReport {
+    let ServeOptions {
+        limits,
+        observer,
+        state,
+        nodes,
+    } = options;
     let mut driver = Driver {
         state,
+        nodes: nodes.clone(),
+        registry_version: None,
         coordinator,
         evaluator: Some(Box::new(evaluator)),
         limits,
@@ -187,6 +226,8 @@ pub async fn serve(
     };
     let (tx, mut rx) = mpsc::unbounded_channel();
     tokio::pin!(shutdown);
+    let mut revocation_poll = tokio::time::interval(REVOCATION_POLL_INTERVAL);
+    revocation_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         if driver.process(observer).await {
             break;
@@ -200,9 +241,10 @@ pub async fn serve(
         };
         tokio::select! {
             incoming = endpoint.accept() => match incoming {
-                Some(incoming) => { tokio::spawn(handshake(incoming, tx.clone())); }
+                Some(incoming) => { tokio::spawn(handshake(incoming, tx.clone(), nodes.clone())); }
                 None => break,
             },
+            _ = revocation_poll.tick(), if nodes.is_some() => driver.drop_revoked(Instant::now()),
             Some(inbound) = rx.recv() => driver.on_inbound(inbound, &tx),
             () = timer => driver.coordinator.handle_timeout(Instant::now()),
             () = &mut shutdown => {
@@ -219,6 +261,9 @@ pub async fn serve(
 
 struct Driver<'s> {
     state: Option<&'s mut dyn StateSink>,
+    nodes: Option<Arc<NodeService>>,
+    /// The registry's `data_version` when last checked for revocations.
+    registry_version: Option<i64>,
     coordinator: Coordinator,
     evaluator: Option<Box<dyn Evaluator>>,
     limits: FrameLimits,
@@ -233,8 +278,24 @@ impl Driver<'_> {
     fn on_inbound(&mut self, inbound: Inbound, tx: &mpsc::UnboundedSender<Inbound>) {
         let now = Instant::now();
         match inbound {
-            Inbound::Connected(connection, send, recv) => {
-                let id = self.coordinator.connect();
+            Inbound::Connected(new) => {
+                let NewConnection {
+                    connection,
+                    send,
+                    recv,
+                    identity,
+                } = *new;
+                let id = self
+                    .coordinator
+                    .connect_as(identity.as_ref().map(|(der, info)| PeerIdentity {
+                        name: info.name.clone(),
+                        certificate: der.clone(),
+                    }));
+                if let (Some(nodes), Some((_, info))) = (&self.nodes, &identity)
+                    && let Err(err) = nodes.registry.touch(&info.name, pki::unix_now())
+                {
+                    tracing::warn!(%err, node = %info.name, "cannot record last-seen time");
+                }
                 let (out_tx, out_rx) = mpsc::unbounded_channel();
                 tokio::spawn(read_loop(
                     id,
@@ -250,7 +311,14 @@ impl Driver<'_> {
                     Arc::clone(&self.traffic),
                 )));
                 tracing::debug!(client = id, remote = %connection.remote_address(), "connection accepted");
-                self.peers.insert(id, Peer { out: out_tx });
+                self.peers.insert(
+                    id,
+                    Peer {
+                        out: out_tx,
+                        connection,
+                        identity: identity.map(|(_, info)| info),
+                    },
+                );
             }
             Inbound::Message(id, message) => self.coordinator.handle_message(id, message, now),
             Inbound::Failed(id, NetError::Codec(err)) => {
@@ -268,6 +336,41 @@ impl Driver<'_> {
     fn drop_peer(&mut self, id: ClientId, now: Instant) {
         self.coordinator.disconnect(id, now);
         self.peers.remove(&id);
+    }
+
+    /// Closes the connections of nodes revoked since the last check (by
+    /// `fedveil-server revoke`, from another process). Their rounds go on
+    /// without them, as after any dropout.
+    fn drop_revoked(&mut self, now: Instant) {
+        let Some(nodes) = &self.nodes else { return };
+        let registry = &nodes.registry;
+        let version = match registry.data_version() {
+            Ok(v) => v,
+            Err(err) => return tracing::warn!(%err, "cannot poll the node registry"),
+        };
+        if self.registry_version.replace(version) == Some(version) {
+            return;
+        }
+        let revoked: Vec<(ClientId, String)> = self
+            .peers
+            .iter()
+            .filter_map(|(&id, peer)| {
+                let info = peer.identity.as_ref()?;
+                // Fail closed: an unreadable registry keeps nobody in.
+                let live = registry.is_live(&info.serial, &info.name).unwrap_or(false);
+                (!live).then(|| (id, info.name.clone()))
+            })
+            .collect();
+        for (id, name) in revoked {
+            tracing::warn!(client = id, node = %name, "node revoked; closing its connection");
+            if let Some(peer) = self.peers.get(&id) {
+                peer.connection.close(
+                    CLOSE_UNAUTHORIZED.into(),
+                    b"this node's certificate was revoked by the server's operator",
+                );
+            }
+            self.drop_peer(id, now);
+        }
     }
 
     /// Sends what the coordinator queued and handles its events; returns
@@ -384,16 +487,42 @@ impl Driver<'_> {
     }
 }
 
-async fn handshake(incoming: quinn::Incoming, tx: mpsc::UnboundedSender<Inbound>) {
+async fn handshake(
+    incoming: quinn::Incoming,
+    tx: mpsc::UnboundedSender<Inbound>,
+    nodes: Option<Arc<NodeService>>,
+) {
     let remote = incoming.remote_address();
     let connection = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
         Ok(Ok(c)) => c,
         Ok(Err(err)) => return tracing::warn!(%remote, %err, "handshake failed"),
         Err(_) => return tracing::warn!(%remote, "handshake timed out"),
     };
+    let identity = net::peer_certificate(&connection);
+    if net::negotiated_alpn(&connection).as_deref() == Some(net::ENROL_ALPN) {
+        return match nodes {
+            Some(service) => crate::enrol::serve_enrolment(connection, service).await,
+            None => connection.close(
+                CLOSE_UNAUTHORIZED.into(),
+                b"this server does not enrol nodes",
+            ),
+        };
+    }
+    if nodes.is_some() && identity.is_none() {
+        tracing::warn!(%remote, "training connection without a client certificate; closing");
+        return connection.close(
+            CLOSE_UNAUTHORIZED.into(),
+            b"no client certificate: this node is not enrolled (run `fedveil-client enroll`)",
+        );
+    }
     match tokio::time::timeout(HELLO_TIMEOUT, connection.accept_bi()).await {
         Ok(Ok((send, recv))) => {
-            let _ = tx.send(Inbound::Connected(connection, send, recv));
+            let _ = tx.send(Inbound::Connected(Box::new(NewConnection {
+                connection,
+                send,
+                recv,
+                identity,
+            })));
         }
         Ok(Err(err)) => {
             tracing::info!(%remote, %err, "connection closed before opening its stream")

@@ -2,8 +2,13 @@
 //! round coordinator from `fedveil-common` over QUIC; [`setup`] builds the
 //! pieces a run needs.
 
+pub mod config_file;
 pub mod driver;
+pub mod enrol;
+pub mod registry;
 pub mod setup;
 pub mod store;
 
-pub use driver::{Evaluator, LogObserver, Observer, RunReport, StateSink, serve};
+pub use driver::{Evaluator, LogObserver, Observer, RunReport, ServeOptions, StateSink, serve};
+pub use enrol::NodeService;
+pub use registry::Registry;

@@ -5,12 +5,15 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use fedveil_common::data::{self, DatasetName, Download};
 use fedveil_common::dp::{DpConfig, Mechanism, NoiseLevel};
 use fedveil_common::model::{DataShape, DeviceSpec};
-use fedveil_common::net::{self, ServerIdentity};
+use fedveil_common::net::{self, NodeRegistry, ServerIdentity};
+use fedveil_common::pki;
 use fedveil_common::round::server::SecAggConfig;
 use fedveil_common::round::server::{
     DEFAULT_MAX_CLIENTS, DEFAULT_MAX_EXAMPLES_PER_UPDATE, DEFAULT_MAX_FAILED_ROUNDS,
@@ -18,8 +21,10 @@ use fedveil_common::round::server::{
 use fedveil_common::round::{Coordinator, CoordinatorConfig};
 use fedveil_common::server_opt::ServerOptimizerConfig;
 use fedveil_common::wire::{FrameLimits, RoundConfig};
+use fedveil_server::config_file::{SERVER_CONFIG_FILE, ServerFile};
 use fedveil_server::setup::{MetricsFiles, ModelEvaluator, ServerObserver, initial_model};
 use fedveil_server::store::Store;
+use fedveil_server::{NodeService, Registry, ServeOptions};
 
 #[derive(Parser)]
 #[command(name = "fedveil-server", version, about = "fedveil aggregation server")]
@@ -33,8 +38,17 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Create the server's CA and TLS certificate in DIR.
+    /// Create the server's CA, TLS certificate and server.toml in DIR.
     Init(InitArgs),
+    /// Issue a one-time enrolment token for a node (printed on stdout).
+    Enroll(EnrollArgs),
+    /// List enrolled nodes.
+    Nodes(RegistryArgs),
+    /// Revoke a node: refused from its next connection on, and dropped now
+    /// by a running server.
+    Revoke(RevokeArgs),
+    /// Print the CA fingerprint nodes pin when they enrol.
+    Fingerprint(DirArgs),
     /// Run federated training (creates the identity first if DIR has none).
     /// Resumes the run from its last committed round after a restart.
     Run(Box<RunArgs>),
@@ -58,6 +72,55 @@ impl StateArgs {
             .clone()
             .unwrap_or_else(|| dir.join(fedveil_server::store::STATE_DB_FILE))
     }
+}
+
+#[derive(Args)]
+struct DirArgs {
+    /// The server directory (from `fedveil-server init`).
+    #[arg(long)]
+    dir: PathBuf,
+}
+
+/// Where the node registry lives: the state database.
+#[derive(Args)]
+struct RegistryArgs {
+    /// The server directory (from `fedveil-server init`).
+    #[arg(long)]
+    dir: PathBuf,
+    /// The state database [default: DIR/state.db].
+    #[arg(long)]
+    state: Option<PathBuf>,
+}
+
+impl RegistryArgs {
+    fn open(&self) -> Result<Registry> {
+        let path = self
+            .state
+            .clone()
+            .unwrap_or_else(|| self.dir.join(fedveil_server::store::STATE_DB_FILE));
+        Ok(Registry::open(&path)?)
+    }
+}
+
+#[derive(Args)]
+struct EnrollArgs {
+    #[command(flatten)]
+    registry: RegistryArgs,
+    /// The node's name (letters, digits, '.', '-', '_').
+    #[arg(long)]
+    name: String,
+    /// How long the token stays valid, e.g. 30m, 24h, 7d [default: token_ttl
+    /// from server.toml, else 24h].
+    #[arg(long, value_parser = pki::parse_duration)]
+    ttl: Option<Duration>,
+}
+
+#[derive(Args)]
+struct RevokeArgs {
+    #[command(flatten)]
+    registry: RegistryArgs,
+    /// The node to revoke.
+    name: String,
 }
 
 #[derive(Args)]
@@ -127,9 +190,14 @@ struct InitArgs {
 struct RunArgs {
     #[command(flatten)]
     identity: InitArgs,
-    /// UDP address to listen on.
-    #[arg(long, default_value = "127.0.0.1:4433")]
-    listen: SocketAddr,
+    /// UDP address to listen on [default: listen from server.toml, else
+    /// 127.0.0.1:4433].
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Lifetime of client certificates issued at enrolment, e.g. 30d
+    /// [default: client_cert_ttl from server.toml, else 30d].
+    #[arg(long, value_parser = pki::parse_duration)]
+    client_cert_ttl: Option<Duration>,
     /// Dataset whose test split evaluates each new global model.
     #[arg(long, default_value = "mnist")]
     dataset: String,
@@ -312,14 +380,12 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
-        Command::Init(args) => {
-            ServerIdentity::create(&args.dir, &args.name)?;
-            println!(
-                "created CA and server certificate for {} in {}\nclients trust {}",
-                args.name.join(", "),
-                args.dir.display(),
-                args.dir.join(net::CA_CERT_FILE).display()
-            );
+        Command::Init(args) => init(&args),
+        Command::Enroll(args) => enroll(&args),
+        Command::Nodes(args) => nodes(&args),
+        Command::Revoke(args) => revoke(&args),
+        Command::Fingerprint(args) => {
+            println!("{}", ServerIdentity::load(&args.dir)?.ca_fingerprint());
             Ok(())
         }
         Command::Run(args) => tokio::runtime::Runtime::new()?.block_on(run(*args)),
@@ -327,8 +393,110 @@ fn main() -> Result<()> {
     }
 }
 
+fn init(args: &InitArgs) -> Result<()> {
+    if args.dir.join(net::SERVER_CERT_FILE).exists() {
+        bail!(
+            "{} already holds a server identity; nodes enrolled with it would lose their CA. Use another directory for a new CA",
+            args.dir.display()
+        );
+    }
+    let identity = ServerIdentity::create(&args.dir, &args.name)?;
+    let file = ServerFile::new(&args.name);
+    file.save(&args.dir)?;
+    println!(
+        "created the CA and a server certificate for {} in {}\n\
+         CA key: {} (mode 0600; never leaves this machine)\n\
+         settings: {} (listen {})\n\
+         CA fingerprint (nodes pin it when they enrol):\n  {}\n\
+         next: issue a token per node with `fedveil-server enroll --dir {} --name NODE`",
+        args.name.join(", "),
+        args.dir.display(),
+        args.dir.join(net::CA_KEY_FILE).display(),
+        args.dir.join(SERVER_CONFIG_FILE).display(),
+        file.listen,
+        identity.ca_fingerprint(),
+        args.dir.display(),
+    );
+    Ok(())
+}
+
+fn enroll(args: &EnrollArgs) -> Result<()> {
+    let identity = ServerIdentity::load(&args.registry.dir)?;
+    let file = ServerFile::load(&args.registry.dir)?;
+    let ttl = args
+        .ttl
+        .or(file.as_ref().map(ServerFile::token_ttl))
+        .unwrap_or(pki::DEFAULT_TOKEN_TTL);
+    let registry = args.registry.open()?;
+    let issued = registry.issue_token(&args.name, ttl, pki::unix_now())?;
+    let server = file.map_or_else(
+        || format!("localhost:{}", fedveil_server::config_file::DEFAULT_PORT),
+        |f| format!("{}:{}", f.names[0], f.listen.port()),
+    );
+    // The token alone on stdout, so scripts can capture it; the how-to on
+    // stderr.
+    println!("{}", issued.token);
+    eprintln!(
+        "token for node '{}', single use, valid until {}; on the node run:\n  \
+         fedveil-client enroll --server {server} --ca-fingerprint {} --token {} --dir NODE_DIR",
+        issued.node,
+        pki::format_time(issued.expires_at),
+        identity.ca_fingerprint(),
+        issued.token,
+    );
+    Ok(())
+}
+
+fn nodes(args: &RegistryArgs) -> Result<()> {
+    let now = pki::unix_now();
+    let nodes = args.open()?.nodes()?;
+    if nodes.is_empty() {
+        println!("no enrolled nodes");
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:<8} {:<34} {:<21} LAST SEEN",
+        "NAME", "STATUS", "SERIAL", "EXPIRES"
+    );
+    for n in nodes {
+        let status = match (n.revoked_at, n.not_after) {
+            (Some(_), _) => "revoked",
+            (None, Some(t)) if t <= now => "expired",
+            (None, _) => "active",
+        };
+        println!(
+            "{:<24} {:<8} {:<34} {:<21} {}",
+            n.name,
+            status,
+            n.serial.as_deref().unwrap_or("-"),
+            n.not_after.map_or("-".into(), pki::format_time),
+            n.last_seen.map_or("never".into(), pki::format_time),
+        );
+    }
+    Ok(())
+}
+
+fn revoke(args: &RevokeArgs) -> Result<()> {
+    let certs = args.registry.open()?.revoke(&args.name, pki::unix_now())?;
+    println!(
+        "revoked node '{}' ({certs} certificate(s)); a running server refuses it from now on and drops its connection within {:?}",
+        args.name,
+        fedveil_server::driver::REVOCATION_POLL_INTERVAL
+    );
+    Ok(())
+}
+
 async fn run(args: RunArgs) -> Result<()> {
     let identity = ServerIdentity::load_or_create(&args.identity.dir, &args.identity.name)?;
+    let file = match ServerFile::load(&args.identity.dir)? {
+        Some(f) => f,
+        None => {
+            let f = ServerFile::new(&args.identity.name);
+            f.save(&args.identity.dir)?;
+            f
+        }
+    };
+    let listen = args.listen.unwrap_or(file.listen);
     let device = args.device.device()?;
     let data_dir = data::resolve_data_dir(args.data_dir.as_deref());
     let split = data::load(
@@ -450,14 +618,28 @@ async fn run(args: RunArgs) -> Result<()> {
     };
     tracing::info!(state = %state_path.display(), run = %args.state.run, "state database");
     let evaluator = ModelEvaluator::new(&args.model, split.test, &device)?;
-    let endpoint = quinn::Endpoint::server(net::server_config(&identity)?, args.listen)
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let registry = Arc::new(Registry::open(&state_path)?);
+    if identity.ca.is_none() {
+        tracing::warn!("no CA key in the server directory: nodes cannot enrol or renew here");
+    }
+    let tls = net::server_config(
+        &identity,
+        Some(Arc::clone(&registry) as Arc<dyn NodeRegistry>),
+    )?;
+    let ca_fingerprint = identity.ca_fingerprint();
+    let nodes = Arc::new(NodeService {
+        registry,
+        ca: identity.ca,
+        cert_ttl: args.client_cert_ttl.unwrap_or(file.client_cert_ttl()),
+    });
+    let endpoint = quinn::Endpoint::server(tls, listen)
+        .with_context(|| format!("cannot listen on {listen}"))?;
     tracing::info!(
         listen = %endpoint.local_addr()?,
         model = %spec.name,
         params = spec.param_count,
-        ca = %args.identity.dir.join(net::CA_CERT_FILE).display(),
-        "server ready; waiting for {} clients", args.min_clients
+        %ca_fingerprint,
+        "server ready; waiting for {} enrolled clients", args.min_clients
     );
     let mut observer = ServerObserver {
         files: args.out.as_deref().map(MetricsFiles::create).transpose()?,
@@ -466,9 +648,12 @@ async fn run(args: RunArgs) -> Result<()> {
         endpoint,
         coordinator,
         evaluator,
-        limits,
-        &mut observer,
-        Some(&mut store),
+        ServeOptions {
+            limits,
+            observer: &mut observer,
+            state: Some(&mut store),
+            nodes: Some(nodes),
+        },
         shutdown_signal(),
     )
     .await;

@@ -178,22 +178,8 @@ impl Store {
     }
 
     fn connect(path: &Path) -> Result<Connection, StoreError> {
-        let err = sqlite_err(path);
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| StoreError::Corrupt {
-                path: path.to_owned(),
-                detail: format!("cannot create {}: {e}", dir.display()),
-            })?;
-        }
-        let conn = Connection::open(path).map_err(&err)?;
-        // WAL + synchronous=FULL: a commit is on disk when it returns.
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(&err)?;
-        conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(&err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(&err)?;
-        conn.execute_batch(SCHEMA).map_err(&err)?;
+        let conn = open_database(path)?;
+        conn.execute_batch(SCHEMA).map_err(sqlite_err(path))?;
         Ok(conn)
     }
 
@@ -392,7 +378,28 @@ impl Store {
     }
 }
 
-fn sqlite_err(path: &Path) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
+/// Opens (creating) the state database with the settings every user of it
+/// needs: WAL, a commit on disk when it returns, and patience when another
+/// process (an operator command) holds the write lock.
+pub(crate) fn open_database(path: &Path) -> Result<Connection, StoreError> {
+    let err = sqlite_err(path);
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::Corrupt {
+            path: path.to_owned(),
+            detail: format!("cannot create {}: {e}", dir.display()),
+        })?;
+    }
+    let conn = Connection::open(path).map_err(&err)?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(&err)?;
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(&err)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(&err)?;
+    Ok(conn)
+}
+
+pub(crate) fn sqlite_err(path: &Path) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
     move |source| StoreError::Sqlite {
         path: path.to_owned(),
         source,

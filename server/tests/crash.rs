@@ -14,7 +14,9 @@ use fedveil_client::driver::RetryPolicy;
 use fedveil_client::{ClientOptions, LocalTrainer, Trainer};
 use fedveil_common::data::{self, DatasetName, Download, Partition, Shard};
 use fedveil_common::dp::rdp;
-use fedveil_common::net;
+use fedveil_common::net::ServerIdentity;
+use fedveil_common::pki::{self, NodeIdentity};
+use fedveil_server::Registry;
 use fedveil_server::store::{STATE_DB_FILE, Store};
 use rand::{RngExt, SeedableRng};
 use sha2::Digest;
@@ -87,12 +89,41 @@ fn start_server(dir: &Path, port: u16) -> (Child, std::sync::mpsc::Receiver<Stri
     (child, rx)
 }
 
-fn start_clients(dir: &Path, port: u16) -> Vec<tokio::task::JoinHandle<()>> {
+/// Creates the server's identity in `dir` (as `fedveil-server init` does)
+/// and enrols the nodes in its registry in process: token, CSR, signed
+/// certificate, through the same registry calls the enrolment service uses.
+fn enrol_nodes(dir: &Path) -> Vec<NodeIdentity> {
+    let identity = ServerIdentity::load_or_create(dir, &["localhost".into()]).unwrap();
+    let ca = identity.ca.expect("a fresh identity holds its CA key");
+    let registry = Registry::open(&dir.join(STATE_DB_FILE)).unwrap();
+    let now = pki::unix_now();
+    (0..CLIENTS)
+        .map(|i| {
+            let name = format!("node-{i}");
+            let token = registry
+                .issue_token(&name, pki::DEFAULT_TOKEN_TTL, now)
+                .unwrap()
+                .token;
+            let (key, csr) = pki::new_key_and_csr(&name).unwrap();
+            let issued = registry
+                .enrol(&token, None, now, |n| {
+                    ca.issue_client(&csr, n, now - 60, now + 86_400)
+                })
+                .unwrap();
+            NodeIdentity::new(key, issued.der, ca.cert_der().to_vec()).unwrap()
+        })
+        .collect()
+}
+
+fn start_clients(
+    dir: &Path,
+    port: u16,
+    nodes: &[NodeIdentity],
+) -> Vec<tokio::task::JoinHandle<()>> {
     let split = data::load(DatasetName::Synthetic, dir, Download::Never, 0).unwrap();
     let parts = Partition::Iid
         .split(&split.train.labels, split.train.num_classes, CLIENTS, 0)
         .unwrap();
-    let ca = std::fs::read_to_string(dir.join(net::CA_CERT_FILE));
     (0..CLIENTS)
         .map(|i| {
             let shard = Shard {
@@ -102,23 +133,11 @@ fn start_clients(dir: &Path, port: u16) -> Vec<tokio::task::JoinHandle<()>> {
             let trainer: Arc<dyn LocalTrainer> = Arc::new(
                 Trainer::new("cnn", shard, burn::prelude::Device::flex(), i as u64).unwrap(),
             );
-            let dir = dir.to_owned();
-            let ca = ca.as_ref().ok().cloned();
+            let identity = nodes[i].clone();
             tokio::spawn(async move {
-                // The server creates its CA on first start: wait for it.
-                let ca = match ca {
-                    Some(ca) => ca,
-                    None => loop {
-                        if let Ok(ca) = std::fs::read_to_string(dir.join(net::CA_CERT_FILE)) {
-                            break ca;
-                        }
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    },
-                };
-                let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-                endpoint.set_default_client_config(net::client_config(&ca).unwrap());
+                let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
                 let addr = format!("127.0.0.1:{port}").parse().unwrap();
-                let mut opts = ClientOptions::new(addr, "localhost", format!("node-{i}"));
+                let mut opts = ClientOptions::enrolled(addr, "localhost", &identity).unwrap();
                 opts.retry = RetryPolicy {
                     attempts: 200,
                     timeout: Duration::from_millis(500),
@@ -188,6 +207,7 @@ async fn kill_9_at_random_moments_resumes_the_committed_state_and_never_double_c
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2024);
     let mut resumes = 0;
     let mut charged_so_far: Vec<u64> = Vec::new();
+    let nodes = enrol_nodes(&dir);
     for kill in 0..=KILLS {
         let before = committed(&db);
         let (mut server, lines) = start_server(&dir, port);
@@ -202,7 +222,7 @@ async fn kill_9_at_random_moments_resumes_the_committed_state_and_never_double_c
             assert!(line.ends_with(&format!("epsilon {eps:.6}")), "{line}");
             resumes += 1;
         }
-        let clients = start_clients(&dir, port);
+        let clients = start_clients(&dir, port, &nodes);
         if kill < KILLS {
             // Let this incarnation commit a round, then kill it somewhere in
             // the next one: waiting for clients, training, unmasking, or
@@ -291,8 +311,9 @@ async fn sigterm_abandons_the_round_exits_cleanly_and_the_run_resumes() {
     std::fs::create_dir_all(&dir).unwrap();
     let db = dir.join(STATE_DB_FILE);
     let port = free_port();
+    let nodes = enrol_nodes(&dir);
     let (mut server, _lines) = start_server(&dir, port);
-    let clients = start_clients(&dir, port);
+    let clients = start_clients(&dir, port, &nodes);
     while committed(&db).is_none() {
         assert!(
             server.try_wait().unwrap().is_none(),

@@ -14,13 +14,14 @@ use fedveil_client::trainer::mix_seed;
 use fedveil_client::{ClientOptions, ClientReport, LocalTrainer, Trainer};
 use fedveil_common::data::{self, DatasetName, Download, Partition, Shard, Split};
 use fedveil_common::model::{DataShape, DeviceSpec};
-use fedveil_common::net::{self, ServerIdentity};
+use fedveil_common::net::{self, NodeRegistry, ServerIdentity};
+use fedveil_common::pki;
 use fedveil_common::round::server::SecAggConfig;
 use fedveil_common::round::server::{DEFAULT_MAX_EXAMPLES_PER_UPDATE, DEFAULT_MAX_FAILED_ROUNDS};
 use fedveil_common::round::{Coordinator, CoordinatorConfig};
 use fedveil_common::wire::{FrameLimits, RoundConfig};
 use fedveil_server::setup::{ModelEvaluator, initial_model};
-use fedveil_server::{Observer, RunReport};
+use fedveil_server::{NodeService, Observer, Registry, RunReport, ServeOptions};
 use tokio::sync::Semaphore;
 
 pub use config::SimConfig;
@@ -151,12 +152,34 @@ pub async fn run(cfg: &SimConfig, split: &Split, observer: &mut dyn Observer) ->
     )?;
     let evaluator = ModelEvaluator::new(&cfg.model, Arc::clone(&split.test), &device)?;
 
+    // The deployment's PKI, in process: a CA, a node registry in memory,
+    // and one token per client. Clients enrol over QUIC like real nodes,
+    // then train over mutual TLS with SecAgg keys bound to their identity.
     let identity = ServerIdentity::generate(&["localhost".to_owned()])?;
-    let server = quinn::Endpoint::server(net::server_config(&identity)?, "127.0.0.1:0".parse()?)?;
+    let ca_fingerprint = pki::parse_fingerprint(&identity.ca_fingerprint())?;
+    let registry = Arc::new(Registry::in_memory()?);
+    let tls = net::server_config(
+        &identity,
+        Some(Arc::clone(&registry) as Arc<dyn NodeRegistry>),
+    )?;
+    let server = quinn::Endpoint::server(tls, "127.0.0.1:0".parse()?)?;
     let server_addr = server.local_addr()?;
+    let now = pki::unix_now();
+    let mut tokens = Vec::with_capacity(shards.len());
+    for i in 0..shards.len() {
+        tokens.push(
+            registry
+                .issue_token(&client_name(i), pki::DEFAULT_TOKEN_TTL, now)?
+                .token,
+        );
+    }
+    let nodes = Arc::new(NodeService {
+        registry,
+        ca: identity.ca,
+        cert_ttl: pki::DEFAULT_CLIENT_CERT_TTL,
+    });
     // One client endpoint (one UDP socket) carries every simulated client.
-    let mut client_endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
-    client_endpoint.set_default_client_config(net::client_config(&identity.ca_cert_pem)?);
+    let client_endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
 
     let slots = Arc::new(Semaphore::new(cfg.concurrency()));
     let connect_slots = Arc::new(Semaphore::new(SIM_CONCURRENT_HANDSHAKES));
@@ -177,15 +200,32 @@ pub async fn run(cfg: &SimConfig, split: &Split, observer: &mut dyn Observer) ->
         trainers.push(trainer);
     }
     let mut clients = tokio::task::JoinSet::new();
-    for (i, trainer) in trainers.into_iter().enumerate() {
-        let mut opts = ClientOptions::new(server_addr, "localhost", format!("client-{i:05}"));
-        opts.training_slots = Some(Arc::clone(&slots));
-        opts.connect_slots = Some(Arc::clone(&connect_slots));
+    for ((i, trainer), token) in trainers.into_iter().enumerate().zip(tokens) {
         let endpoint = client_endpoint.clone();
+        let slots = Arc::clone(&slots);
+        let connect_slots = Arc::clone(&connect_slots);
         clients.spawn(async move {
+            let name = client_name(i);
+            let identity = {
+                let _permit = connect_slots.acquire().await.expect("semaphore open");
+                fedveil_client::enrol::enrol(
+                    &endpoint,
+                    server_addr,
+                    "localhost",
+                    ca_fingerprint,
+                    &token,
+                    None,
+                )
+                .await
+                .map_err(|e| format!("{name}: enrolment: {e}"))?
+            };
+            let mut opts = ClientOptions::enrolled(server_addr, "localhost", &identity)
+                .map_err(|e| format!("{name}: {e}"))?;
+            opts.training_slots = Some(slots);
+            opts.connect_slots = Some(connect_slots);
             fedveil_client::run(&endpoint, &opts, trainer)
                 .await
-                .map_err(|e| format!("{}: {e}", opts.node_name))
+                .map_err(|e| format!("{name}: {e}"))
         });
     }
     // If every client has ended (all refused or failed), nobody is left to
@@ -204,9 +244,12 @@ pub async fn run(cfg: &SimConfig, split: &Split, observer: &mut dyn Observer) ->
         server,
         coordinator,
         evaluator,
-        limits,
-        observer,
-        None,
+        ServeOptions {
+            limits,
+            observer,
+            state: None,
+            nodes: Some(nodes),
+        },
         async {
             if gone.await.is_ok() {
                 tracing::warn!("every client has ended; stopping the server");
@@ -221,6 +264,11 @@ pub async fn run(cfg: &SimConfig, split: &Split, observer: &mut dyn Observer) ->
         clients: client_reports,
         wall: started.elapsed(),
     })
+}
+
+/// The name simulated client `i` enrols as.
+pub fn client_name(i: usize) -> String {
+    format!("client-{i:05}")
 }
 
 /// Quiet observer that only logs at debug level (tests, `--quiet`).

@@ -1,5 +1,7 @@
 //! End to end over real QUIC + TLS 1.3 on loopback: a real server driver,
-//! real client drivers, real Burn training.
+//! real client drivers, real Burn training. These tests exercise the round
+//! protocol with anonymous clients (server-authenticated TLS only);
+//! `enrolment.rs` covers mutual TLS, and every simulation uses it.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -103,7 +105,8 @@ fn start_server_on(
     };
     let coordinator = Coordinator::new(config, spec.clone(), initial.clone(), 1).unwrap();
     let evaluator = ModelEvaluator::new("cnn", Arc::clone(&split.test), &device).unwrap();
-    let endpoint = quinn::Endpoint::server(net::server_config(&identity).unwrap(), bind).unwrap();
+    let endpoint =
+        quinn::Endpoint::server(net::server_config(&identity, None).unwrap(), bind).unwrap();
     let addr = endpoint.local_addr().unwrap();
     let limits = FrameLimits::for_model(spec.param_count);
     let run = tokio::spawn(async move {
@@ -112,9 +115,12 @@ fn start_server_on(
             endpoint,
             coordinator,
             evaluator,
-            limits,
-            &mut rec,
-            None,
+            fedveil_server::ServeOptions {
+                limits,
+                observer: &mut rec,
+                state: None,
+                nodes: None,
+            },
             std::future::pending(),
         )
         .await;
@@ -131,7 +137,7 @@ fn start_server_on(
 
 fn client_endpoint(ca_pem: &str) -> quinn::Endpoint {
     let mut e = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    e.set_default_client_config(net::client_config(ca_pem).unwrap());
+    e.set_default_client_config(net::client_config(ca_pem, None).unwrap());
     e
 }
 
@@ -458,7 +464,10 @@ async fn a_certificate_failure_is_not_retried() {
         .unwrap_err();
     // A retried failure would end as `Unreachable` after 30 attempts.
     assert!(
-        matches!(err, fedveil_client::ClientError::Net(_)),
+        matches!(
+            err,
+            fedveil_client::ClientError::Rejected(net::Rejection::ServerUntrusted(_))
+        ),
         "expected an immediate TLS failure, got {err}"
     );
     server.run.abort();

@@ -103,6 +103,8 @@ pub struct ClientSession {
     pending_secure: Option<(RoundConfig, Vec<f32>)>,
     /// The DP step of the round being trained.
     round_dp: Option<DpRound>,
+    /// Signs our SecAgg keys and checks our neighbours' (enrolled nodes).
+    attestor: Option<std::sync::Arc<dyn crate::secagg::KeyAttestor>>,
 }
 
 impl std::fmt::Debug for ClientSession {
@@ -137,7 +139,19 @@ impl ClientSession {
             secure: None,
             pending_secure: None,
             round_dp: None,
+            attestor: None,
         }
+    }
+
+    /// Binds this session's SecAgg keys to an enrolled identity: ours are
+    /// signed, and neighbours' keys without a valid signature from a
+    /// distinct enrolled node are refused.
+    pub fn with_attestor(
+        mut self,
+        attestor: std::sync::Arc<dyn crate::secagg::KeyAttestor>,
+    ) -> Self {
+        self.attestor = Some(attestor);
+        self
     }
 
     /// A ChaCha20 generator seeded from the operating system.
@@ -249,17 +263,23 @@ impl ClientSession {
         let result = match msg {
             SecAgg::Setup { setup, .. } if self.secure.is_none() => {
                 let pending_train = self.pending_secure.take();
-                SecAggClient::new(id, round, &setup, &mut self.rng).map(|(client, adv)| {
-                    self.secure = Some(SecureRound {
-                        client,
-                        pending_train,
-                    });
-                    Some(adv)
-                })
+                let attestor = self.attestor.as_deref();
+                SecAggClient::new(id, round, &setup, &mut self.rng, attestor).map(
+                    |(client, adv)| {
+                        self.secure = Some(SecureRound {
+                            client,
+                            pending_train,
+                        });
+                        Some(adv)
+                    },
+                )
             }
             SecAgg::PeerKeys { peers, .. } if self.secure.is_some() => {
                 let s = self.secure.as_mut().expect("checked");
-                s.client.on_peer_keys(peers, &mut self.rng).map(Some)
+                let attestor = self.attestor.as_deref();
+                s.client
+                    .on_peer_keys(peers, &mut self.rng, attestor)
+                    .map(Some)
             }
             SecAgg::PeerShares { shares, .. } if self.secure.is_some() => {
                 let s = self.secure.as_mut().expect("checked");

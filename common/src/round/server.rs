@@ -319,6 +319,16 @@ pub enum Event {
 struct ClientEntry {
     /// `None` until the client's hello is accepted.
     node_name: Option<String>,
+    /// The enrolled identity the transport authenticated, if any.
+    identity: Option<PeerIdentity>,
+}
+
+/// Who a connection is, as mutual TLS proved it: the node name from its
+/// client certificate and the certificate itself (DER).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerIdentity {
+    pub name: String,
+    pub certificate: Vec<u8>,
 }
 
 /// How a round's updates are combined.
@@ -657,9 +667,22 @@ impl Coordinator {
 
     /// A new connection; it must say hello before anything else.
     pub fn connect(&mut self) -> ClientId {
+        self.connect_as(None)
+    }
+
+    /// A new connection authenticated as `identity`: its hello must use
+    /// the same node name, only one connection per node is admitted, and
+    /// its SecAgg keys must be signed with that certificate.
+    pub fn connect_as(&mut self, identity: Option<PeerIdentity>) -> ClientId {
         let id = self.next_id;
         self.next_id += 1;
-        self.clients.insert(id, ClientEntry { node_name: None });
+        self.clients.insert(
+            id,
+            ClientEntry {
+                node_name: None,
+                identity,
+            },
+        );
         id
     }
 
@@ -779,7 +802,28 @@ impl Coordinator {
     }
 
     fn on_hello(&mut self, id: ClientId, hello: Hello, now: Instant) {
-        let refusal = if hello.version != PROTOCOL_VERSION {
+        let identity = self.clients.get(&id).and_then(|c| c.identity.as_ref());
+        let already = identity.is_some_and(|me| {
+            self.clients.iter().any(|(&other, c)| {
+                other != id
+                    && c.node_name.is_some()
+                    && c.identity.as_ref().is_some_and(|i| i.name == me.name)
+            })
+        });
+        let refusal = if let Some(me) = identity.filter(|i| i.name != hello.node_name) {
+            Some((
+                ReasonCode::IdentityMismatch,
+                format!(
+                    "hello names node '{}' but the client certificate is for '{}'",
+                    hello.node_name, me.name
+                ),
+            ))
+        } else if already {
+            Some((
+                ReasonCode::AlreadyConnected,
+                format!("node '{}' is already connected", hello.node_name),
+            ))
+        } else if hello.version != PROTOCOL_VERSION {
             Some((
                 ReasonCode::VersionMismatch,
                 format!(
@@ -928,7 +972,22 @@ impl Coordinator {
             let detail = format!("round {} does not use secure aggregation", r.round);
             return self.refuse(id, ReasonCode::UnexpectedMessage, detail, false);
         };
-        if let Err(rej) = sa.handle(id, msg) {
+        let certificate = self
+            .clients
+            .get(&id)
+            .and_then(|c| c.identity.as_ref())
+            .map(|i| &i.certificate);
+        if let (Some(cert), SecAgg::AdvertiseKeys { keys, .. }) = (certificate, &msg)
+            && keys.attestation.as_ref().map(|a| &a.certificate) != Some(cert)
+        {
+            // Peers would refuse these keys anyway; refusing here names the
+            // culprit and keeps the round going without it.
+            sa.drop_client(id);
+            let detail = format!(
+                "client {id} advertised SecAgg keys not signed with its own client certificate"
+            );
+            self.refuse(id, ReasonCode::SecAggViolation, detail, false);
+        } else if let Err(rej) = sa.handle(id, msg) {
             self.refuse(id, rej.code, rej.detail, false);
         }
         self.maybe_advance_secagg(now);

@@ -385,6 +385,42 @@ fn hello_is_checked_and_required_first() {
 }
 
 #[test]
+fn an_authenticated_connection_must_say_its_own_name_and_only_once() {
+    let mut h = Harness::new(cfg(1, 5, 1.0), 0);
+    let who = |name: &str| {
+        Some(super::PeerIdentity {
+            name: name.into(),
+            certificate: name.as_bytes().to_vec(),
+        })
+    };
+    let hello = |name: &str| {
+        ClientSession::new(name, spec(), 1, rng())
+            .poll_transmit()
+            .unwrap()
+    };
+    let liar = h.server.connect_as(who("alice"));
+    h.send_raw(liar, hello("bob"));
+    let first = h.server.connect_as(who("alice"));
+    h.send_raw(first, hello("alice"));
+    let second = h.server.connect_as(who("alice"));
+    h.send_raw(second, hello("alice"));
+    assert_eq!(
+        h.errors_to,
+        vec![
+            (liar, ReasonCode::IdentityMismatch),
+            (second, ReasonCode::AlreadyConnected)
+        ]
+    );
+    assert_eq!(h.server.admitted(), 1);
+    // Once the first connection is gone, the node may come back.
+    h.server.disconnect(first, h.now);
+    let again = h.server.connect_as(who("alice"));
+    h.send_raw(again, hello("alice"));
+    assert_eq!(h.server.admitted(), 1);
+    assert_eq!(h.errors_to.len(), 2);
+}
+
+#[test]
 fn server_full_is_refused() {
     let mut c = cfg(1, 1, 1.0);
     c.max_clients = 1;

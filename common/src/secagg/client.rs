@@ -10,7 +10,7 @@ use x25519_dalek::{PublicKey, StaticSecret};
 use zeroize::Zeroize;
 
 use super::encode::FixedPoint;
-use super::{prg, shamir};
+use super::{KeyAttestor, prg, shamir};
 use crate::wire::{EncryptedShare, PeerKeys, RevealedShare, SecAgg, SecAggParams, SecAggSetup};
 
 /// Bytes of a share-pair plaintext: self-mask share then mask-key share.
@@ -40,6 +40,10 @@ pub enum ClientError {
     NonFinite(usize),
     #[error("invalid parameters: {0}")]
     Params(String),
+    #[error("keys of peer {peer} are not from an enrolled node: {reason}")]
+    BadAttestation { peer: u64, reason: String },
+    #[error("node {name} appears as more than one peer (or as myself)")]
+    DuplicateIdentity { name: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,6 +135,7 @@ impl SecAggClient {
         round: u64,
         setup: &SecAggSetup,
         rng: &mut R,
+        attestor: Option<&dyn KeyAttestor>,
     ) -> Result<(Self, SecAgg), ClientError> {
         let (values, weights) = setup
             .params
@@ -139,11 +144,13 @@ impl SecAggClient {
         let enc_sk = StaticSecret::random_from_rng(rng);
         let mask_secret = Scalar::random(rng);
         let self_seed = Scalar::random(rng);
-        let keys = PeerKeys {
+        let mut keys = PeerKeys {
             id,
             enc_pk: PublicKey::from(&enc_sk).to_bytes(),
             mask_pk: PublicKey::from(&x25519_secret(&mask_secret)).to_bytes(),
+            attestation: None,
         };
+        keys.attestation = attestor.map(|a| a.attest(round, &keys));
         let client = Self {
             id,
             round,
@@ -181,16 +188,31 @@ impl SecAggClient {
         }
     }
 
-    /// Neighbours' keys arrived: share our secrets among them.
+    /// Neighbours' keys arrived: share our secrets among them. With an
+    /// `attestor`, every peer's keys must be signed by a distinct enrolled
+    /// node other than this one.
     pub fn on_peer_keys<R: CryptoRng + ?Sized>(
         &mut self,
         peers: Vec<PeerKeys>,
         rng: &mut R,
+        attestor: Option<&dyn KeyAttestor>,
     ) -> Result<SecAgg, ClientError> {
         self.expect(Stage::AwaitPeerKeys, "peer-keys")?;
+        let mut names = std::collections::BTreeSet::new();
+        if let Some(a) = attestor {
+            names.insert(a.identity().to_owned());
+        }
         for p in peers {
             if !self.neighbours.contains(&p.id) {
                 return Err(ClientError::UnknownPeer(p.id));
+            }
+            if let Some(a) = attestor {
+                let name = a
+                    .verify(self.round, &p)
+                    .map_err(|reason| ClientError::BadAttestation { peer: p.id, reason })?;
+                if !names.insert(name.clone()) {
+                    return Err(ClientError::DuplicateIdentity { name });
+                }
             }
             if self.peers.insert(p.id, p.clone()).is_some() {
                 return Err(ClientError::DuplicatePeer(p.id));

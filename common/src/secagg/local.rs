@@ -76,7 +76,7 @@ pub fn run_round(
         };
     for (id, setup) in &setups {
         let t = Instant::now();
-        let (c, adv) = SecAggClient::new(*id, round, setup, &mut rng).expect("valid setup");
+        let (c, adv) = SecAggClient::new(*id, round, setup, &mut rng, None).expect("valid setup");
         client_time += t.elapsed();
         if drops.before_keys.contains(id) {
             server.drop_client(*id);
@@ -118,7 +118,7 @@ pub fn run_round(
                 .expect("server writes to known clients");
             let t = Instant::now();
             let reply = match msg {
-                SecAgg::PeerKeys { peers, .. } => c.on_peer_keys(peers, &mut rng),
+                SecAgg::PeerKeys { peers, .. } => c.on_peer_keys(peers, &mut rng, None),
                 SecAgg::PeerShares { shares, .. } => {
                     c.on_peer_shares(shares).expect("honest shares");
                     let (v, n) = &inputs[&to];

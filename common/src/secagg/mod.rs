@@ -27,7 +27,33 @@ pub mod server;
 pub mod shamir;
 
 pub use crate::wire::SecAggParams;
+use crate::wire::{KeyAttestation, PeerKeys};
 use encode::{EncodeError, FixedPoint};
+
+/// Binds a client's round keys to its enrolled identity. The client signs
+/// its own keys; before using a neighbour's keys it checks their signature
+/// and that the signing certificate chains to the deployment's CA, so a
+/// server cannot slip in keys of nodes that were never enrolled.
+pub trait KeyAttestor: Send + Sync + std::fmt::Debug {
+    /// Signs `keys` (with `attestation` still unset) for `round`.
+    fn attest(&self, round: u64, keys: &PeerKeys) -> KeyAttestation;
+    /// Checks `keys.attestation` for `round`; returns the signer's node name.
+    fn verify(&self, round: u64, keys: &PeerKeys) -> Result<String, String>;
+    /// This node's own name.
+    fn identity(&self) -> &str;
+}
+
+/// The bytes a node signs for its round keys: a domain-separation
+/// context, the round, the client id the server assigned, and both keys.
+pub fn keys_message(context: &[u8], round: u64, keys: &PeerKeys) -> Vec<u8> {
+    let mut m = Vec::with_capacity(context.len() + 16 + 64);
+    m.extend_from_slice(context);
+    m.extend_from_slice(&round.to_le_bytes());
+    m.extend_from_slice(&keys.id.to_le_bytes());
+    m.extend_from_slice(&keys.enc_pk);
+    m.extend_from_slice(&keys.mask_pk);
+    m
+}
 
 /// Default modulus: values live in Z_(2^32).
 pub const DEFAULT_BITS: u32 = 32;

@@ -244,7 +244,7 @@ fn masked_client(n: usize, seed: u64) -> (SecAggServer, BTreeMap<u64, SecAggClie
     let (mut server, setups) = SecAggServer::new(1, params(n, 4, 3, 32), &ids, 8, seed).unwrap();
     let mut clients = BTreeMap::new();
     for (id, s) in &setups {
-        let (c, adv) = SecAggClient::new(*id, 1, s, &mut rng).unwrap();
+        let (c, adv) = SecAggClient::new(*id, 1, s, &mut rng, None).unwrap();
         server.handle(*id, adv).unwrap();
         clients.insert(*id, c);
     }
@@ -266,7 +266,7 @@ fn share_all(
         let shares = clients
             .get_mut(&to)
             .unwrap()
-            .on_peer_keys(peers, rng)
+            .on_peer_keys(peers, rng, None)
             .unwrap();
         server.handle(to, shares).unwrap();
     }
@@ -358,7 +358,7 @@ fn tampering_is_refused_with_specific_errors() {
         let s = clients
             .get_mut(&to)
             .unwrap()
-            .on_peer_keys(peers, &mut rng)
+            .on_peer_keys(peers, &mut rng, None)
             .unwrap();
         shares_of.insert(to, s);
     }

@@ -24,8 +24,9 @@ use super::message::{Message, PROTOCOL_VERSION, Payload, ReasonCode};
 pub const FRAME_MAGIC: [u8; 4] = *b"FVL\0";
 /// Bytes before the header: magic, version, header length, payload length.
 pub const FRAME_PREFIX_LEN: usize = 4 + 2 + 4 + 8;
-/// Default cap on a header (configs, metrics, errors are all tiny).
-pub const DEFAULT_MAX_HEADER_BYTES: u32 = 64 * 1024;
+/// Default cap on a header. Most are tiny; the largest is a SecAgg+ peer
+/// list, about 0.6 KiB per neighbour with its certificate and signature.
+pub const DEFAULT_MAX_HEADER_BYTES: u32 = 256 * 1024;
 /// Default cap on a payload: 1 GiB, i.e. a 268M-parameter f32 model.
 pub const DEFAULT_MAX_PAYLOAD_BYTES: u64 = 1 << 30;
 

@@ -9,7 +9,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change to the messages or the frame layout.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Identifies a model architecture and its exact parameter layout.
 ///
@@ -126,6 +126,19 @@ pub struct PeerKeys {
     pub id: u64,
     pub enc_pk: [u8; 32],
     pub mask_pk: [u8; 32],
+    /// The node's enrolled certificate and its signature over these keys
+    /// and the round: peers check both before using the keys, so the
+    /// server cannot substitute keys of its own.
+    pub attestation: Option<KeyAttestation>,
+}
+
+/// A node's signature over its round keys (see [`crate::secagg::keys_message`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyAttestation {
+    /// The node's client certificate (DER), issued by the server's CA.
+    pub certificate: Vec<u8>,
+    /// ECDSA P-256 / SHA-256 signature (ASN.1 DER).
+    pub signature: Vec<u8>,
 }
 
 /// An AEAD-encrypted pair of Shamir shares between two clients, routed
@@ -245,6 +258,28 @@ pub enum ReasonCode {
     /// A secure-aggregation message that breaks the protocol (unknown peer,
     /// bad share, wrong stage).
     SecAggViolation = 14,
+    /// Enrolment: the token is unknown (mistyped, or from another server).
+    TokenUnknown = 15,
+    /// Enrolment: the token was already used.
+    TokenUsed = 16,
+    /// Enrolment: the token has expired.
+    TokenExpired = 17,
+    /// Enrolment: the token was issued for another node name.
+    TokenNameMismatch = 18,
+    /// Enrolment: another enrolled node already has this name.
+    NameTaken = 19,
+    /// Enrolment: the certificate signing request is invalid.
+    BadCsr = 20,
+    /// The connection has no (or no acceptable) client certificate.
+    NotEnrolled = 21,
+    /// The node's certificate was revoked.
+    Revoked = 22,
+    /// The hello names another node than the client certificate.
+    IdentityMismatch = 23,
+    /// The same node is already connected.
+    AlreadyConnected = 24,
+    /// The server cannot enrol nodes (its CA key is not on this machine).
+    EnrolmentDisabled = 25,
     /// Anything else; see the detail text.
     Internal = 100,
 }
@@ -263,6 +298,35 @@ pub struct Goodbye {
     pub reason: String,
 }
 
+/// Enrolling node → server, on an enrolment connection: a one-time token
+/// and a CSR for the node's locally generated key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EnrolRequest {
+    pub version: u16,
+    pub token: String,
+    /// The name to enrol as; `None` takes the name the token was issued for.
+    pub node_name: Option<String>,
+    /// PKCS#10 certificate signing request (DER).
+    pub csr: Vec<u8>,
+}
+
+/// Enrolled node → server, over its current mutual-TLS identity: a CSR
+/// for a fresh key, to replace a certificate before it expires.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RenewRequest {
+    pub version: u16,
+    pub csr: Vec<u8>,
+}
+
+/// Server → node: the issued client certificate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Enrolled {
+    /// The client certificate (DER).
+    pub certificate: Vec<u8>,
+    /// The CA certificate (DER) the node trusts from now on.
+    pub ca_certificate: Vec<u8>,
+}
+
 /// One protocol message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Message {
@@ -274,6 +338,9 @@ pub enum Message {
     Error(ErrorMessage),
     Goodbye(Goodbye),
     SecAgg(SecAgg),
+    EnrolRequest(EnrolRequest),
+    RenewRequest(RenewRequest),
+    Enrolled(Enrolled),
 }
 
 /// A message's bulk vector, borrowed for encoding.
@@ -295,6 +362,9 @@ impl Message {
             Message::Error(_) => "error",
             Message::Goodbye(_) => "goodbye",
             Message::SecAgg(m) => m.kind(),
+            Message::EnrolRequest(_) => "enrol-request",
+            Message::RenewRequest(_) => "renew-request",
+            Message::Enrolled(_) => "enrolled",
         }
     }
 

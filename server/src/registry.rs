@@ -1,0 +1,430 @@
+//! The node registry, in the server's state database next to the run
+//! state: enrolled nodes, every certificate issued to them, and pending
+//! enrolment tokens (stored as SHA-256 hashes).
+//!
+//! Operator commands (`fedveil-server enroll`, `revoke`) write to the same
+//! file from another process; the running server reads it on every
+//! handshake, so a revocation holds for the next connection at once, and
+//! notices the change (SQLite's `data_version`) to drop live connections.
+//!
+//! - `nodes`: one row per name; `revoked_at` set by `revoke`, cleared when
+//!   the name is enrolled again with a new token.
+//! - `certificates`: serial, node, validity; `revoked_at` set by `revoke`
+//!   and never cleared, so a re-enrolled node's old certificates stay dead.
+//! - `tokens`: hash, node name, expiry, and `used_at` once redeemed.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use fedveil_common::net::{NodeRegistry, RegistryRejection};
+use fedveil_common::pki::{self, CertInfo, IssuedCert, PkiError};
+use fedveil_common::wire::ReasonCode;
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+
+use crate::store::{StoreError, open_database, sqlite_err};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS nodes (
+    name TEXT PRIMARY KEY,
+    enrolled_at INTEGER NOT NULL,
+    revoked_at INTEGER,
+    last_seen INTEGER
+);
+CREATE TABLE IF NOT EXISTS certificates (
+    serial TEXT PRIMARY KEY,
+    node TEXT NOT NULL REFERENCES nodes(name),
+    issued_at INTEGER NOT NULL,
+    not_after INTEGER NOT NULL,
+    revoked_at INTEGER
+);
+CREATE INDEX IF NOT EXISTS certificates_by_node ON certificates(node);
+CREATE TABLE IF NOT EXISTS tokens (
+    hash TEXT PRIMARY KEY,
+    node TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    used_at INTEGER
+);
+";
+
+/// Why an enrolment or renewal was refused. Each maps to a wire
+/// [`ReasonCode`], so the node can say what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum EnrolError {
+    #[error("unknown enrolment token (mistyped, or issued by another server)")]
+    TokenUnknown,
+    #[error("this enrolment token was already used; ask the operator for a new one")]
+    TokenUsed,
+    #[error("this enrolment token has expired; ask the operator for a new one")]
+    TokenExpired,
+    #[error("this token was issued for node '{expected}', not '{requested}'")]
+    TokenNameMismatch { expected: String, requested: String },
+    #[error(
+        "node name '{0}' is already enrolled; revoke it first (`fedveil-server revoke {0}`) or choose another name"
+    )]
+    NameTaken(String),
+    #[error("{0}")]
+    Pki(#[from] PkiError),
+    #[error("renewal needs the node's current client certificate")]
+    NotEnrolled,
+    #[error("node '{0}' is revoked")]
+    Revoked(String),
+    #[error("certificate {0} is not in the node registry")]
+    UnknownCertificate(String),
+    #[error("this server cannot enrol nodes: its CA key is not on this machine")]
+    Disabled,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl EnrolError {
+    pub fn code(&self) -> ReasonCode {
+        match self {
+            EnrolError::TokenUnknown => ReasonCode::TokenUnknown,
+            EnrolError::TokenUsed => ReasonCode::TokenUsed,
+            EnrolError::TokenExpired => ReasonCode::TokenExpired,
+            EnrolError::TokenNameMismatch { .. } => ReasonCode::TokenNameMismatch,
+            EnrolError::NameTaken(_) => ReasonCode::NameTaken,
+            EnrolError::Pki(PkiError::BadName(_)) | EnrolError::Pki(PkiError::BadCsr(_)) => {
+                ReasonCode::BadCsr
+            }
+            EnrolError::NotEnrolled | EnrolError::UnknownCertificate(_) => ReasonCode::NotEnrolled,
+            EnrolError::Revoked(_) => ReasonCode::Revoked,
+            EnrolError::Disabled => ReasonCode::EnrolmentDisabled,
+            EnrolError::Pki(_) | EnrolError::Store(_) => ReasonCode::Internal,
+        }
+    }
+}
+
+/// A node as `fedveil-server nodes` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRecord {
+    pub name: String,
+    /// The newest certificate's serial and expiry.
+    pub serial: Option<String>,
+    pub not_after: Option<i64>,
+    pub enrolled_at: i64,
+    pub revoked_at: Option<i64>,
+    pub last_seen: Option<i64>,
+}
+
+/// A pending enrolment token as the operator sees it (never the token).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedToken {
+    pub token: String,
+    pub node: String,
+    pub expires_at: i64,
+}
+
+/// The registry over one SQLite connection. Shared by the TLS verifier
+/// (every handshake) and the driver, hence the mutex; each call is one
+/// short statement or transaction.
+pub struct Registry {
+    conn: Mutex<Connection>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl Registry {
+    /// Opens the registry in the state database at `path` (creating it).
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = open_database(path)?;
+        conn.execute_batch(SCHEMA).map_err(sqlite_err(path))?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+            path: path.to_owned(),
+        })
+    }
+
+    /// A registry that lives only as long as the process (simulations).
+    pub fn in_memory() -> Result<Self, StoreError> {
+        let path = PathBuf::from(":memory:");
+        let conn = Connection::open_in_memory().map_err(sqlite_err(&path))?;
+        conn.execute_batch(SCHEMA).map_err(sqlite_err(&path))?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+            path,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite inconsistent
+        // (statements are atomic); keep serving.
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn err(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
+        sqlite_err(&self.path)
+    }
+
+    fn is_active(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
+        conn.query_row(
+            "SELECT 1 FROM nodes WHERE name = ?1 AND revoked_at IS NULL",
+            [name],
+            |_| Ok(()),
+        )
+        .optional()
+        .map(|r| r.is_some())
+    }
+
+    /// Issues a one-time token for `name`, valid for `ttl`. Refused when a
+    /// live node already has the name.
+    pub fn issue_token(
+        &self,
+        name: &str,
+        ttl: Duration,
+        now: i64,
+    ) -> Result<IssuedToken, EnrolError> {
+        pki::validate_node_name(name)?;
+        let conn = self.conn();
+        if Self::is_active(&conn, name).map_err(self.err())? {
+            return Err(EnrolError::NameTaken(name.to_owned()));
+        }
+        let (token, hash) = pki::new_token();
+        let expires_at = now + ttl.as_secs() as i64;
+        conn.execute(
+            "INSERT INTO tokens (hash, node, created_at, expires_at) VALUES (?1, ?2, ?3, ?4)",
+            params![hash, name, now, expires_at],
+        )
+        .map_err(self.err())?;
+        Ok(IssuedToken {
+            token,
+            node: name.to_owned(),
+            expires_at,
+        })
+    }
+
+    /// Redeems `token` for `name` (default: the token's name): checks the
+    /// token, has `sign` issue the certificate for the name, and records
+    /// token use, node and certificate in one transaction. Nothing changes
+    /// if any step fails (a bad CSR does not burn the token).
+    pub fn enrol(
+        &self,
+        token: &str,
+        name: Option<&str>,
+        now: i64,
+        sign: impl FnOnce(&str) -> Result<IssuedCert, PkiError>,
+    ) -> Result<IssuedCert, EnrolError> {
+        let mut conn = self.conn();
+        let err = sqlite_err(&self.path);
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(&err)?;
+        let hash = pki::token_hash(token);
+        let row: Option<(String, i64, Option<i64>)> = tx
+            .query_row(
+                "SELECT node, expires_at, used_at FROM tokens WHERE hash = ?1",
+                [&hash],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()
+            .map_err(&err)?;
+        let Some((expected, expires_at, used_at)) = row else {
+            return Err(EnrolError::TokenUnknown);
+        };
+        if used_at.is_some() {
+            return Err(EnrolError::TokenUsed);
+        }
+        if now >= expires_at {
+            return Err(EnrolError::TokenExpired);
+        }
+        let name = name.unwrap_or(&expected);
+        if expected != name {
+            return Err(EnrolError::TokenNameMismatch {
+                expected: expected.clone(),
+                requested: name.to_owned(),
+            });
+        }
+        if Self::is_active(&tx, name).map_err(&err)? {
+            return Err(EnrolError::NameTaken(name.to_owned()));
+        }
+        let issued = sign(name)?;
+        tx.execute(
+            "UPDATE tokens SET used_at = ?1 WHERE hash = ?2",
+            params![now, hash],
+        )
+        .map_err(&err)?;
+        tx.execute(
+            "INSERT INTO nodes (name, enrolled_at) VALUES (?1, ?2)
+             ON CONFLICT(name) DO UPDATE SET enrolled_at = excluded.enrolled_at, revoked_at = NULL",
+            params![name, now],
+        )
+        .map_err(&err)?;
+        Self::insert_cert(&tx, &issued.info, now).map_err(&err)?;
+        tx.commit().map_err(&err)?;
+        Ok(issued)
+    }
+
+    fn insert_cert(conn: &Connection, info: &CertInfo, now: i64) -> rusqlite::Result<()> {
+        conn.execute(
+            "INSERT INTO certificates (serial, node, issued_at, not_after) VALUES (?1, ?2, ?3, ?4)",
+            params![info.serial, info.name, now, info.not_after],
+        )
+        .map(|_| ())
+    }
+
+    /// Issues a successor to the live certificate `current` (already
+    /// verified by TLS). The old certificate stays valid until it expires,
+    /// so a renewal whose answer is lost does not lock the node out.
+    pub fn renew(
+        &self,
+        current: &CertInfo,
+        now: i64,
+        sign: impl FnOnce(&str) -> Result<IssuedCert, PkiError>,
+    ) -> Result<IssuedCert, EnrolError> {
+        let mut conn = self.conn();
+        let err = sqlite_err(&self.path);
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(&err)?;
+        match Self::status(&tx, &current.serial, &current.name).map_err(&err)? {
+            None => return Err(EnrolError::UnknownCertificate(current.serial.clone())),
+            Some(true) => return Err(EnrolError::Revoked(current.name.clone())),
+            Some(false) => {}
+        }
+        let issued = sign(&current.name)?;
+        Self::insert_cert(&tx, &issued.info, now).map_err(&err)?;
+        tx.commit().map_err(&err)?;
+        Ok(issued)
+    }
+
+    /// `None`: unknown certificate; `Some(true)`: it or its node is revoked.
+    fn status(conn: &Connection, serial: &str, name: &str) -> rusqlite::Result<Option<bool>> {
+        conn.query_row(
+            "SELECT c.revoked_at IS NOT NULL OR n.revoked_at IS NOT NULL
+             FROM certificates c JOIN nodes n ON n.name = c.node
+             WHERE c.serial = ?1 AND c.node = ?2",
+            params![serial, name],
+            |r| r.get(0),
+        )
+        .optional()
+    }
+
+    /// Revokes node `name` and all its certificates. Returns how many
+    /// certificates were live.
+    pub fn revoke(&self, name: &str, now: i64) -> Result<usize, EnrolError> {
+        let mut conn = self.conn();
+        let err = sqlite_err(&self.path);
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(&err)?;
+        let changed = tx
+            .execute(
+                "UPDATE nodes SET revoked_at = ?1 WHERE name = ?2 AND revoked_at IS NULL",
+                params![now, name],
+            )
+            .map_err(&err)?;
+        if changed == 0 {
+            let known = tx
+                .query_row("SELECT 1 FROM nodes WHERE name = ?1", [name], |_| Ok(()))
+                .optional()
+                .map_err(&err)?
+                .is_some();
+            return Err(if known {
+                EnrolError::Revoked(name.to_owned())
+            } else {
+                EnrolError::UnknownCertificate(format!("of node '{name}' (no such node)"))
+            });
+        }
+        let certs = tx
+            .execute(
+                "UPDATE certificates SET revoked_at = ?1 WHERE node = ?2 AND revoked_at IS NULL",
+                params![now, name],
+            )
+            .map_err(&err)?;
+        // Tokens still pending for the name would re-enrol it behind the
+        // operator's back.
+        tx.execute(
+            "UPDATE tokens SET used_at = ?1 WHERE node = ?2 AND used_at IS NULL",
+            params![now, name],
+        )
+        .map_err(&err)?;
+        tx.commit().map_err(&err)?;
+        Ok(certs)
+    }
+
+    /// Whether `serial` of `name` may still be used (for live connections).
+    pub fn is_live(&self, serial: &str, name: &str) -> Result<bool, StoreError> {
+        Self::status(&self.conn(), serial, name)
+            .map(|s| s == Some(false))
+            .map_err(self.err())
+    }
+
+    /// Records that `name` connected at `now`.
+    pub fn touch(&self, name: &str, now: i64) -> Result<(), StoreError> {
+        self.conn()
+            .execute(
+                "UPDATE nodes SET last_seen = ?1 WHERE name = ?2",
+                params![now, name],
+            )
+            .map(|_| ())
+            .map_err(self.err())
+    }
+
+    /// Changes whenever another connection (an operator command) commits
+    /// to the database: a cheap way to notice revocations.
+    pub fn data_version(&self) -> Result<i64, StoreError> {
+        self.conn()
+            .query_row("PRAGMA data_version", [], |r| r.get(0))
+            .map_err(self.err())
+    }
+
+    /// Every node, newest certificate first per node, sorted by name.
+    pub fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT n.name, n.enrolled_at, n.revoked_at, n.last_seen,
+                        (SELECT serial FROM certificates c WHERE c.node = n.name ORDER BY issued_at DESC, not_after DESC LIMIT 1),
+                        (SELECT MAX(not_after) FROM certificates c WHERE c.node = n.name AND c.revoked_at IS NULL)
+                 FROM nodes n ORDER BY n.name",
+            )
+            .map_err(self.err())?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(NodeRecord {
+                    name: r.get(0)?,
+                    enrolled_at: r.get(1)?,
+                    revoked_at: r.get(2)?,
+                    last_seen: r.get(3)?,
+                    serial: r.get(4)?,
+                    not_after: r.get(5)?,
+                })
+            })
+            .map_err(self.err())?;
+        rows.collect::<Result<_, _>>().map_err(self.err())
+    }
+}
+
+impl NodeRegistry for Registry {
+    fn check(&self, cert: &CertInfo) -> Result<(), RegistryRejection> {
+        let status = Self::status(&self.conn(), &cert.serial, &cert.name)
+            .map_err(|e| RegistryRejection::Unavailable(e.to_string()))?;
+        match status {
+            Some(false) => Ok(()),
+            Some(true) => Err(RegistryRejection::Revoked {
+                name: cert.name.clone(),
+                serial: cert.serial.clone(),
+            }),
+            None => Err(RegistryRejection::Unknown {
+                name: cert.name.clone(),
+                serial: cert.serial.clone(),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,409 @@
+//! Enrolment and mutual TLS over real QUIC on loopback: the full flow
+//! (token, CSR, signed certificate, mTLS training with signed SecAgg keys),
+//! renewal, revocation of a live node, and every rejection the server
+//! makes, each seen by the node as its own actionable error.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use burn::prelude::Device;
+use fedveil_client::driver::RetryPolicy;
+use fedveil_client::enrol::{self, EnrolmentError};
+use fedveil_client::{ClientError, ClientOptions, ClientReport, LocalTrainer, Trainer};
+use fedveil_common::data::synthetic::SyntheticConfig;
+use fedveil_common::data::{Shard, Split};
+use fedveil_common::model::DataShape;
+use fedveil_common::net::{self, NodeRegistry, Rejection, ServerIdentity};
+use fedveil_common::pki::{self, CertificateAuthority, NodeIdentity};
+use fedveil_common::round::server::SecAggConfig;
+use fedveil_common::round::{Coordinator, CoordinatorConfig};
+use fedveil_common::wire::{FrameLimits, ReasonCode, RoundConfig};
+use fedveil_server::setup::{ModelEvaluator, initial_model};
+use fedveil_server::{LogObserver, NodeService, Registry, RunReport, ServeOptions};
+
+fn synthetic() -> Split {
+    SyntheticConfig {
+        train_examples: 600,
+        test_examples: 100,
+        ..Default::default()
+    }
+    .generate(5)
+}
+
+/// A running server with its own CA and a node registry in a file.
+struct Deployment {
+    addr: SocketAddr,
+    fingerprint: [u8; 32],
+    /// The state database, for opening the registry as another process would.
+    db: PathBuf,
+    registry: Arc<Registry>,
+    /// A second handle on the CA, to forge what the registry never issued.
+    ca: CertificateAuthority,
+    run: tokio::task::JoinHandle<RunReport>,
+    split: Split,
+}
+
+impl Drop for Deployment {
+    fn drop(&mut self) {
+        self.run.abort();
+        let _ = std::fs::remove_dir_all(self.db.parent().unwrap());
+    }
+}
+
+fn deploy(tag: &str, rounds: u64, min_clients: usize, secagg: bool) -> Deployment {
+    let dir = std::env::temp_dir().join(format!("fedveil-enrol-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let db = dir.join("state.db");
+    let split = synthetic();
+    let device = Device::flex();
+    let shape = DataShape {
+        example_shape: split.train.example_shape.clone(),
+        num_classes: split.train.num_classes,
+    };
+    let (spec, initial) = initial_model("cnn", &shape, &device, 1).unwrap();
+    let config = CoordinatorConfig {
+        rounds,
+        min_clients,
+        fraction: 1.0,
+        round_timeout: Duration::from_secs(120),
+        max_clients: 100,
+        max_examples_per_update: 100_000,
+        seed: 1,
+        round: RoundConfig {
+            local_epochs: 1,
+            batch_size: 20,
+            learning_rate: 0.1,
+            seed: 3,
+            secure_aggregation: secagg,
+            dp: None,
+            prox_mu: 0.0,
+        },
+        secagg: secagg.then(SecAggConfig::default),
+        max_failed_rounds: 3,
+        server_optimizer: Default::default(),
+        dp: None,
+    };
+    let coordinator = Coordinator::new(config, spec.clone(), initial, 1).unwrap();
+    let evaluator = ModelEvaluator::new("cnn", Arc::clone(&split.test), &device).unwrap();
+    let identity = ServerIdentity::generate(&["localhost".into()]).unwrap();
+    let ca_copy = {
+        let ca = identity.ca.as_ref().unwrap();
+        CertificateAuthority::from_pem(&ca.cert_pem(), &ca.key_pem()).unwrap()
+    };
+    let fingerprint = pki::parse_fingerprint(&identity.ca_fingerprint()).unwrap();
+    let registry = Arc::new(Registry::open(&db).unwrap());
+    let tls = net::server_config(
+        &identity,
+        Some(Arc::clone(&registry) as Arc<dyn NodeRegistry>),
+    )
+    .unwrap();
+    let endpoint = quinn::Endpoint::server(tls, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    let nodes = Arc::new(NodeService {
+        registry: Arc::clone(&registry),
+        ca: identity.ca,
+        cert_ttl: pki::DEFAULT_CLIENT_CERT_TTL,
+    });
+    let limits = FrameLimits::for_model(spec.param_count);
+    let run = tokio::spawn(async move {
+        let mut observer = LogObserver;
+        fedveil_server::serve(
+            endpoint,
+            coordinator,
+            evaluator,
+            ServeOptions {
+                limits,
+                observer: &mut observer,
+                state: None,
+                nodes: Some(nodes),
+            },
+            std::future::pending(),
+        )
+        .await
+    });
+    Deployment {
+        addr,
+        fingerprint,
+        db,
+        registry,
+        ca: ca_copy,
+        run,
+        split,
+    }
+}
+
+fn endpoint() -> quinn::Endpoint {
+    quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap()
+}
+
+impl Deployment {
+    fn token(&self, name: &str) -> String {
+        self.registry
+            .issue_token(name, pki::DEFAULT_TOKEN_TTL, pki::unix_now())
+            .unwrap()
+            .token
+    }
+
+    async fn enrol(&self, token: &str) -> Result<NodeIdentity, EnrolmentError> {
+        enrol::enrol(
+            &endpoint(),
+            self.addr,
+            "localhost",
+            self.fingerprint,
+            token,
+            None,
+        )
+        .await
+    }
+
+    fn trainer(&self, seed: u64) -> Arc<dyn LocalTrainer> {
+        let shard = Shard {
+            data: Arc::clone(&self.split.train),
+            indices: (seed as usize * 150..(seed as usize + 1) * 150).collect(),
+        };
+        Arc::new(Trainer::new("cnn", shard, Device::flex(), seed).unwrap())
+    }
+
+    /// Runs a client with `opts` (no retries: a refusal must not be one).
+    async fn train(&self, mut opts: ClientOptions, seed: u64) -> Result<ClientReport, ClientError> {
+        opts.retry = RetryPolicy {
+            attempts: 1,
+            ..RetryPolicy::default()
+        };
+        fedveil_client::run(&endpoint(), &opts, self.trainer(seed)).await
+    }
+
+    async fn train_as(&self, identity: &NodeIdentity) -> Result<ClientReport, ClientError> {
+        let opts = ClientOptions::enrolled(self.addr, "localhost", identity).unwrap();
+        self.train(opts, 0).await
+    }
+}
+
+fn refused(result: Result<NodeIdentity, EnrolmentError>) -> ReasonCode {
+    match result {
+        Err(EnrolmentError::Refused { code, .. }) => code,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+fn rejected(result: Result<ClientReport, ClientError>) -> Rejection {
+    match result {
+        Err(ClientError::Rejected(r)) => r,
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrolled_nodes_train_over_mutual_tls_with_signed_secagg_keys() {
+    let d = deploy("flow", 2, 3, true);
+    let mut nodes = Vec::new();
+    for name in ["alpha", "beta", "gamma"] {
+        let id = d.enrol(&d.token(name)).await.unwrap();
+        assert_eq!(id.name(), name);
+        assert_eq!(pki::fingerprint(id.ca_der()), hex(&d.fingerprint));
+        let ttl = id.info().not_after - id.info().not_before;
+        let want = (pki::DEFAULT_CLIENT_CERT_TTL + pki::CERT_BACKDATE).as_secs() as i64;
+        assert!((ttl - want).abs() <= 2, "lifetime {ttl} s");
+        nodes.push(id);
+    }
+    let mut tasks = Vec::new();
+    for (i, id) in nodes.iter().enumerate() {
+        let opts = ClientOptions::enrolled(d.addr, "localhost", id).unwrap();
+        assert!(opts.attestor.is_some());
+        let trainer = d.trainer(i as u64);
+        tasks.push(tokio::spawn(async move {
+            fedveil_client::run(&endpoint(), &opts, trainer).await
+        }));
+    }
+    for t in tasks {
+        let report = t.await.unwrap().expect("an enrolled node trains");
+        assert_eq!(report.server_rounds_completed, 2);
+    }
+    let listed = d.registry.nodes().unwrap();
+    assert_eq!(listed.len(), 3);
+    assert!(
+        listed
+            .iter()
+            .all(|n| n.last_seen.is_some() && n.revoked_at.is_none())
+    );
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_enrolment_refusal_names_its_reason() {
+    let d = deploy("tokens", 1, 50, false);
+    // Unknown token.
+    assert_eq!(
+        refused(d.enrol(&"ab".repeat(32)).await),
+        ReasonCode::TokenUnknown
+    );
+    // A token works once.
+    let token = d.token("alpha");
+    d.enrol(&token).await.unwrap();
+    assert_eq!(refused(d.enrol(&token).await), ReasonCode::TokenUsed);
+    // An expired token.
+    let stale = d
+        .registry
+        .issue_token("late", Duration::from_secs(60), pki::unix_now() - 3600)
+        .unwrap();
+    assert_eq!(
+        refused(d.enrol(&stale.token).await),
+        ReasonCode::TokenExpired
+    );
+    // A name already taken (two tokens were issued for it).
+    let first = d.token("beta");
+    let second = d.token("beta");
+    d.enrol(&first).await.unwrap();
+    assert_eq!(refused(d.enrol(&second).await), ReasonCode::NameTaken);
+    // A token for another name.
+    let t = d.token("delta");
+    let other_name = enrol::enrol(
+        &endpoint(),
+        d.addr,
+        "localhost",
+        d.fingerprint,
+        &t,
+        Some("epsilon"),
+    )
+    .await;
+    assert_eq!(refused(other_name), ReasonCode::TokenNameMismatch);
+    // The wrong CA fingerprint: the node refuses the server.
+    let mut wrong = d.fingerprint;
+    wrong[0] ^= 1;
+    let err = enrol::enrol(&endpoint(), d.addr, "localhost", wrong, &t, None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, EnrolmentError::Rejected(Rejection::ServerUntrusted(why)) if why.contains("pinned fingerprint")),
+        "{err}"
+    );
+    // The token survived both failures.
+    d.enrol(&t).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_refuses_anonymous_foreign_expired_revoked_and_unknown_certificates() {
+    let d = deploy("mtls", 1, 50, false);
+    // No client certificate at all.
+    let mut anonymous = ClientOptions::new(d.addr, "localhost", "anon");
+    anonymous.tls = Some(net::client_config(&d.ca.cert_pem(), None).unwrap());
+    let r = rejected(d.train(anonymous, 0).await);
+    assert!(
+        matches!(&r, Rejection::Refused(why) if why.contains("no client certificate")),
+        "{r}"
+    );
+    // A certificate from another CA (the node trusts our server, though).
+    let stranger = CertificateAuthority::generate().unwrap();
+    let (key, csr) = pki::new_key_and_csr("mallory").unwrap();
+    let now = pki::unix_now();
+    let foreign = stranger
+        .issue_client(&csr, "mallory", now - 60, now + 3600)
+        .unwrap();
+    let foreign = NodeIdentity::new(key, foreign.der, stranger.cert_der().to_vec()).unwrap();
+    let mut opts = ClientOptions::new(d.addr, "localhost", "mallory");
+    opts.tls = Some(net::client_config(&d.ca.cert_pem(), Some(&foreign)).unwrap());
+    assert_eq!(rejected(d.train(opts, 0).await), Rejection::UnknownCa);
+    // An expired certificate, properly enrolled.
+    let token = d.token("old");
+    let (key, csr) = pki::new_key_and_csr("old").unwrap();
+    let issued = d
+        .registry
+        .enrol(&token, None, now, |n| {
+            d.ca.issue_client(&csr, n, now - 7200, now - 3600)
+        })
+        .unwrap();
+    let expired = NodeIdentity::new(key, issued.der, d.ca.cert_der().to_vec()).unwrap();
+    assert_eq!(rejected(d.train_as(&expired).await), Rejection::Expired);
+    // A revoked node.
+    let revoked = d.enrol(&d.token("gone")).await.unwrap();
+    d.registry.revoke("gone", pki::unix_now()).unwrap();
+    assert_eq!(rejected(d.train_as(&revoked).await), Rejection::Revoked);
+    // Signed by our CA but never enrolled (e.g. a CA key used elsewhere).
+    let (key, csr) = pki::new_key_and_csr("ghost").unwrap();
+    let ghost =
+        d.ca.issue_client(&csr, "ghost", now - 60, now + 3600)
+            .unwrap();
+    let ghost = NodeIdentity::new(key, ghost.der, d.ca.cert_der().to_vec()).unwrap();
+    assert_eq!(rejected(d.train_as(&ghost).await), Rejection::NotInRegistry);
+    // The hello must name the certificate's node.
+    let honest = d.enrol(&d.token("honest")).await.unwrap();
+    let mut liar = ClientOptions::enrolled(d.addr, "localhost", &honest).unwrap();
+    liar.node_name = "someone-else".into();
+    let err = d.train(liar, 0).await.unwrap_err();
+    assert!(
+        err.to_string().contains("certificate is for 'honest'"),
+        "{err}"
+    );
+    // The server kept running through all of it.
+    assert!(!d.run.is_finished());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_connected_node_drops_it_at_once_and_the_run_goes_on() {
+    let d = deploy("live", 1, 2, false);
+    let a = d.enrol(&d.token("a")).await.unwrap();
+    let b = d.enrol(&d.token("b")).await.unwrap();
+    let c = d.enrol(&d.token("c")).await.unwrap();
+    // `a` connects and waits for a second client.
+    let opts = ClientOptions::enrolled(d.addr, "localhost", &a).unwrap();
+    let trainer = d.trainer(0);
+    let live = tokio::spawn(async move { fedveil_client::run(&endpoint(), &opts, trainer).await });
+    while d.registry.nodes().unwrap()[0].last_seen.is_none() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Another process (the operator's `fedveil-server revoke`) revokes it.
+    let started = std::time::Instant::now();
+    Registry::open(&d.db)
+        .unwrap()
+        .revoke("a", pki::unix_now())
+        .unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(10), live)
+        .await
+        .expect("the revoked node's connection is dropped while it is live");
+    let r = rejected(outcome.unwrap());
+    assert!(
+        matches!(&r, Rejection::Refused(why) if why.contains("revoked")),
+        "{r}"
+    );
+    let waited = started.elapsed();
+    // Reconnecting fails in the handshake.
+    assert_eq!(rejected(d.train_as(&a).await), Rejection::Revoked);
+    // Two other nodes still complete the round.
+    let (rb, rc) = tokio::join!(d.train_as(&b), d.train_as(&c));
+    assert_eq!(rb.unwrap().server_rounds_completed, 1);
+    assert_eq!(rc.unwrap().server_rounds_completed, 1);
+    eprintln!("the revoked node was dropped after {waited:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewal_replaces_key_and_certificate_but_not_for_a_revoked_node() {
+    let d = deploy("renew", 1, 50, false);
+    let first = d.enrol(&d.token("node")).await.unwrap();
+    let renewed = enrol::renew(&endpoint(), d.addr, "localhost", &first)
+        .await
+        .unwrap();
+    assert_eq!(renewed.name(), "node");
+    assert_ne!(renewed.info().serial, first.info().serial);
+    assert_ne!(
+        renewed.private_key().secret_der(),
+        first.private_key().secret_der(),
+        "renewal makes a fresh key"
+    );
+    assert!(renewed.info().not_after >= first.info().not_after);
+    assert_eq!(d.registry.check(renewed.info()), Ok(()));
+    // Renewal needs a certificate: a bare renewal request is refused.
+    d.registry.revoke("node", pki::unix_now()).unwrap();
+    let err = enrol::renew(&endpoint(), d.addr, "localhost", &renewed)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, EnrolmentError::Rejected(Rejection::Revoked)),
+        "{err}"
+    );
+}
