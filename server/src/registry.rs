@@ -169,6 +169,22 @@ impl Registry {
         sqlite_err(&self.path)
     }
 
+    /// Runs `f` in one write transaction, taken at once (`IMMEDIATE`) so a
+    /// read-check-write cannot race another process; commits only if `f`
+    /// succeeds.
+    fn write<T>(
+        &self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T, EnrolError>,
+    ) -> Result<T, EnrolError> {
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(self.err())?;
+        let out = f(&tx)?;
+        tx.commit().map_err(self.err())?;
+        Ok(out)
+    }
+
     fn is_active(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
         conn.query_row(
             "SELECT 1 FROM nodes WHERE name = ?1 AND revoked_at IS NULL",
@@ -217,54 +233,51 @@ impl Registry {
         now: i64,
         sign: impl FnOnce(&str) -> Result<IssuedCert, PkiError>,
     ) -> Result<IssuedCert, EnrolError> {
-        let mut conn = self.conn();
-        let err = sqlite_err(&self.path);
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(&err)?;
-        let hash = pki::token_hash(token);
-        let row: Option<(String, i64, Option<i64>)> = tx
-            .query_row(
-                "SELECT node, expires_at, used_at FROM tokens WHERE hash = ?1",
-                [&hash],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        let err = self.err();
+        self.write(|tx| {
+            let hash = pki::token_hash(token);
+            let row: Option<(String, i64, Option<i64>)> = tx
+                .query_row(
+                    "SELECT node, expires_at, used_at FROM tokens WHERE hash = ?1",
+                    [&hash],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()
+                .map_err(&err)?;
+            let Some((expected, expires_at, used_at)) = row else {
+                return Err(EnrolError::TokenUnknown);
+            };
+            if used_at.is_some() {
+                return Err(EnrolError::TokenUsed);
+            }
+            if now >= expires_at {
+                return Err(EnrolError::TokenExpired);
+            }
+            let name = name.unwrap_or(&expected);
+            if expected != name {
+                return Err(EnrolError::TokenNameMismatch {
+                    expected: expected.clone(),
+                    requested: name.to_owned(),
+                });
+            }
+            if Self::is_active(tx, name).map_err(&err)? {
+                return Err(EnrolError::NameTaken(name.to_owned()));
+            }
+            let issued = sign(name)?;
+            tx.execute(
+                "UPDATE tokens SET used_at = ?1 WHERE hash = ?2",
+                params![now, hash],
             )
-            .optional()
             .map_err(&err)?;
-        let Some((expected, expires_at, used_at)) = row else {
-            return Err(EnrolError::TokenUnknown);
-        };
-        if used_at.is_some() {
-            return Err(EnrolError::TokenUsed);
-        }
-        if now >= expires_at {
-            return Err(EnrolError::TokenExpired);
-        }
-        let name = name.unwrap_or(&expected);
-        if expected != name {
-            return Err(EnrolError::TokenNameMismatch {
-                expected: expected.clone(),
-                requested: name.to_owned(),
-            });
-        }
-        if Self::is_active(&tx, name).map_err(&err)? {
-            return Err(EnrolError::NameTaken(name.to_owned()));
-        }
-        let issued = sign(name)?;
-        tx.execute(
-            "UPDATE tokens SET used_at = ?1 WHERE hash = ?2",
-            params![now, hash],
-        )
-        .map_err(&err)?;
-        tx.execute(
-            "INSERT INTO nodes (name, enrolled_at) VALUES (?1, ?2)
+            tx.execute(
+                "INSERT INTO nodes (name, enrolled_at) VALUES (?1, ?2)
              ON CONFLICT(name) DO UPDATE SET enrolled_at = excluded.enrolled_at, revoked_at = NULL",
-            params![name, now],
-        )
-        .map_err(&err)?;
-        Self::insert_cert(&tx, &issued.info, now).map_err(&err)?;
-        tx.commit().map_err(&err)?;
-        Ok(issued)
+                params![name, now],
+            )
+            .map_err(&err)?;
+            Self::insert_cert(tx, &issued.info, now).map_err(&err)?;
+            Ok(issued)
+        })
     }
 
     fn insert_cert(conn: &Connection, info: &CertInfo, now: i64) -> rusqlite::Result<()> {
@@ -284,20 +297,16 @@ impl Registry {
         now: i64,
         sign: impl FnOnce(&str) -> Result<IssuedCert, PkiError>,
     ) -> Result<IssuedCert, EnrolError> {
-        let mut conn = self.conn();
-        let err = sqlite_err(&self.path);
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(&err)?;
-        match Self::status(&tx, &current.serial, &current.name).map_err(&err)? {
-            None => return Err(EnrolError::UnknownCertificate(current.serial.clone())),
-            Some(true) => return Err(EnrolError::Revoked(current.name.clone())),
-            Some(false) => {}
-        }
-        let issued = sign(&current.name)?;
-        Self::insert_cert(&tx, &issued.info, now).map_err(&err)?;
-        tx.commit().map_err(&err)?;
-        Ok(issued)
+        self.write(|tx| {
+            match Self::status(tx, &current.serial, &current.name).map_err(self.err())? {
+                None => return Err(EnrolError::UnknownCertificate(current.serial.clone())),
+                Some(true) => return Err(EnrolError::Revoked(current.name.clone())),
+                Some(false) => {}
+            }
+            let issued = sign(&current.name)?;
+            Self::insert_cert(tx, &issued.info, now).map_err(self.err())?;
+            Ok(issued)
+        })
     }
 
     /// `None`: unknown certificate; `Some(true)`: it or its node is revoked.
@@ -315,44 +324,41 @@ impl Registry {
     /// Revokes node `name` and all its certificates. Returns how many
     /// certificates were live.
     pub fn revoke(&self, name: &str, now: i64) -> Result<usize, EnrolError> {
-        let mut conn = self.conn();
-        let err = sqlite_err(&self.path);
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(&err)?;
-        let changed = tx
-            .execute(
-                "UPDATE nodes SET revoked_at = ?1 WHERE name = ?2 AND revoked_at IS NULL",
-                params![now, name],
-            )
-            .map_err(&err)?;
-        if changed == 0 {
-            let known = tx
-                .query_row("SELECT 1 FROM nodes WHERE name = ?1", [name], |_| Ok(()))
-                .optional()
-                .map_err(&err)?
-                .is_some();
-            return Err(if known {
-                EnrolError::Revoked(name.to_owned())
-            } else {
-                EnrolError::UnknownCertificate(format!("of node '{name}' (no such node)"))
-            });
-        }
-        let certs = tx
+        let err = self.err();
+        self.write(|tx| {
+            let changed = tx
+                .execute(
+                    "UPDATE nodes SET revoked_at = ?1 WHERE name = ?2 AND revoked_at IS NULL",
+                    params![now, name],
+                )
+                .map_err(&err)?;
+            if changed == 0 {
+                let known = tx
+                    .query_row("SELECT 1 FROM nodes WHERE name = ?1", [name], |_| Ok(()))
+                    .optional()
+                    .map_err(&err)?
+                    .is_some();
+                return Err(if known {
+                    EnrolError::Revoked(name.to_owned())
+                } else {
+                    EnrolError::UnknownCertificate(format!("of node '{name}' (no such node)"))
+                });
+            }
+            let certs = tx
             .execute(
                 "UPDATE certificates SET revoked_at = ?1 WHERE node = ?2 AND revoked_at IS NULL",
                 params![now, name],
             )
             .map_err(&err)?;
-        // Tokens still pending for the name would re-enrol it behind the
-        // operator's back.
-        tx.execute(
-            "UPDATE tokens SET used_at = ?1 WHERE node = ?2 AND used_at IS NULL",
-            params![now, name],
-        )
-        .map_err(&err)?;
-        tx.commit().map_err(&err)?;
-        Ok(certs)
+            // Tokens still pending for the name would re-enrol it behind the
+            // operator's back.
+            tx.execute(
+                "UPDATE tokens SET used_at = ?1 WHERE node = ?2 AND used_at IS NULL",
+                params![now, name],
+            )
+            .map_err(&err)?;
+            Ok(certs)
+        })
     }
 
     /// Whether `serial` of `name` may still be used (for live connections).

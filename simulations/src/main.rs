@@ -304,7 +304,7 @@ fn main() -> Result<()> {
         MetricsFiles::create(&out).with_context(|| format!("cannot create {}", out.display()))?;
     std::fs::write(out.join("config.toml"), toml::to_string(&cfg)?)?;
     eprintln!(
-        "fedveil-sim: {} clients on {} ({} train / {} test, {} split), {} rounds, C={}, E={}, B={}, lr={}, secure aggregation {}, {} trainings at once",
+        "fedveil-sim: {} enrolled clients (mutual TLS) on {} ({} train / {} test, {} split), {} rounds, C={}, E={}, B={}, lr={}, secure aggregation {}, {} trainings at once",
         cfg.clients,
         cfg.dataset,
         loaded.split.train.len(),

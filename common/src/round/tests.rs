@@ -680,6 +680,74 @@ fn secure_stage_timeout_drops_the_silent() {
     assert!(s.timed_out);
 }
 
+/// Stands in for an enrolled identity: "signs" by attaching its
+/// certificate bytes, and reads a peer's name from them.
+#[derive(Debug)]
+struct TagAttestor {
+    name: String,
+    certificate: Vec<u8>,
+}
+
+impl crate::secagg::KeyAttestor for TagAttestor {
+    fn attest(&self, _round: u64, _keys: &crate::wire::PeerKeys) -> crate::wire::KeyAttestation {
+        crate::wire::KeyAttestation {
+            certificate: self.certificate.clone(),
+            signature: Vec::new(),
+        }
+    }
+    fn verify(&self, _round: u64, keys: &crate::wire::PeerKeys) -> Result<String, String> {
+        let att = keys.attestation.as_ref().ok_or("unsigned")?;
+        String::from_utf8(att.certificate.clone()).map_err(|e| e.to_string())
+    }
+    fn identity(&self) -> &str {
+        &self.name
+    }
+}
+
+#[test]
+fn secagg_keys_signed_with_another_nodes_certificate_are_refused() {
+    let n = 6;
+    let mut h = Harness::new(secure_cfg(n), 0);
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let name = format!("node-{i}");
+        let id = h.server.connect_as(Some(super::PeerIdentity {
+            name: name.clone(),
+            certificate: name.as_bytes().to_vec(),
+        }));
+        // The last node signs its keys with node-0's certificate.
+        let certificate = if i == n - 1 {
+            b"node-0".to_vec()
+        } else {
+            name.as_bytes().to_vec()
+        };
+        let attestor = std::sync::Arc::new(TagAttestor {
+            name: name.clone(),
+            certificate,
+        });
+        let mut session = ClientSession::new(&name, spec(), 10, rng()).with_attestor(attestor);
+        while let Some(m) = session.poll_transmit() {
+            h.server.handle_message(id, m, h.now);
+        }
+        h.clients.insert(id, session);
+        h.pump();
+        ids.push(id);
+    }
+    let trains = settle(&mut h);
+    assert!(
+        h.errors_to
+            .contains(&(ids[n - 1], ReasonCode::SecAggViolation))
+    );
+    assert_eq!(trains.len(), n - 1, "the others go on");
+    for (id, round, _) in &trains {
+        submit_secure(&mut h, *id, *round, vec![1.0; D], 10);
+    }
+    settle(&mut h);
+    let s = h.completed()[0];
+    assert_eq!(s.contributors.len(), n - 1);
+    assert!(!s.contributors.contains(&ids[n - 1]));
+}
+
 #[test]
 fn plain_updates_are_refused_in_secure_rounds() {
     let mut h = Harness::new(secure_cfg(3), 3);
