@@ -569,9 +569,16 @@ pub fn rejection(err: &quinn::ConnectionError) -> Option<Rejection> {
         // The server sent the alert.
         E::ConnectionClosed(close) => crypto_alert(close.error_code).map(from_alert),
         // We failed the handshake ourselves: we do not trust the server.
-        E::TransportError(e) => {
-            crypto_alert(e.code).map(|_| Rejection::ServerUntrusted(e.reason.clone()))
-        }
+        E::TransportError(e) => crypto_alert(e.code).map(|_| {
+            // The classic "enrols but never connects": a host that is not
+            // in the server certificate.
+            let hint = if e.reason.contains("not valid for name") {
+                " (the host you dialled is not a name in the server's certificate: use one of the names given to `fedveil-server init --name`)"
+            } else {
+                ""
+            };
+            Rejection::ServerUntrusted(format!("{}{hint}", e.reason))
+        }),
         E::ApplicationClosed(close)
             if close.error_code == quinn::VarInt::from_u32(CLOSE_UNAUTHORIZED) =>
         {
@@ -654,5 +661,78 @@ impl MessageReader {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_created_identity_keeps_its_keys_private_and_loads_back_with_its_ca() {
+        let dir = std::env::temp_dir().join(format!("fedveil-identity-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let created = ServerIdentity::create(&dir, &["localhost".into()]).unwrap();
+        #[cfg(unix)]
+        for (file, mode) in [
+            (CA_KEY_FILE, 0o600),
+            (SERVER_KEY_FILE, 0o600),
+            (CA_CERT_FILE, 0o644),
+        ] {
+            use std::os::unix::fs::PermissionsExt;
+            let m = std::fs::metadata(dir.join(file))
+                .unwrap()
+                .permissions()
+                .mode();
+            if mode == 0o600 {
+                assert_eq!(m & 0o077, 0, "{file} is private");
+            } else {
+                assert_ne!(m & 0o044, 0, "{file} is readable");
+            }
+        }
+        let loaded = ServerIdentity::load(&dir).unwrap();
+        assert_eq!(loaded.ca_fingerprint(), created.ca_fingerprint());
+        assert_eq!(loaded.cert_chain, created.cert_chain);
+        assert!(loaded.ca.is_some(), "the CA key is loaded for enrolment");
+        // Without the key file the server can still serve, not enrol.
+        std::fs::remove_file(dir.join(CA_KEY_FILE)).unwrap();
+        assert!(ServerIdentity::load(&dir).unwrap().ca.is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn tls_alerts_become_rejections_a_user_can_act_on() {
+        use quinn::{ConnectionError, TransportErrorCode};
+        let closed = |alert: u8| {
+            ConnectionError::ConnectionClosed(quinn::ConnectionClose {
+                error_code: TransportErrorCode::crypto(alert),
+                frame_type: None,
+                reason: Default::default(),
+            })
+        };
+        assert_eq!(rejection(&closed(44)), Some(Rejection::Revoked));
+        assert_eq!(rejection(&closed(45)), Some(Rejection::Expired));
+        assert_eq!(rejection(&closed(48)), Some(Rejection::UnknownCa));
+        assert_eq!(rejection(&closed(49)), Some(Rejection::NotInRegistry));
+        assert_eq!(rejection(&closed(116)), Some(Rejection::NoCertificate));
+        assert_eq!(rejection(&closed(80)), Some(Rejection::OtherAlert(80)));
+        let unauthorized = ConnectionError::ApplicationClosed(quinn::ApplicationClose {
+            error_code: CLOSE_UNAUTHORIZED.into(),
+            reason: "revoked".into(),
+        });
+        assert_eq!(
+            rejection(&unauthorized),
+            Some(Rejection::Refused("revoked".into()))
+        );
+        let busy = ConnectionError::ApplicationClosed(quinn::ApplicationClose {
+            error_code: CLOSE_REFUSED.into(),
+            reason: Default::default(),
+        });
+        assert_eq!(
+            rejection(&busy),
+            None,
+            "a full server is not a refusal of the node"
+        );
+        assert_eq!(rejection(&ConnectionError::TimedOut), None);
     }
 }

@@ -283,7 +283,17 @@ async fn every_enrolment_refusal_names_its_reason() {
         matches!(&err, EnrolmentError::Rejected(Rejection::ServerUntrusted(why)) if why.contains("pinned fingerprint")),
         "{err}"
     );
-    // The token survived both failures.
+    // A host that is not in the server certificate (it names only
+    // localhost): said plainly, before anything is enrolled.
+    let err = enrol::enrol(&endpoint(), d.addr, "127.0.0.1", d.fingerprint, &t, None)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("not a name in the server's certificate"),
+        "{err}"
+    );
+    // The token survived all three failures.
     d.enrol(&t).await.unwrap();
 }
 

@@ -320,3 +320,38 @@ mod secagg_binding {
         );
     }
 }
+
+#[test]
+fn the_server_certificate_has_a_san_of_the_right_type_per_name_and_ends_with_the_ca() {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let ca = CertificateAuthority::generate().unwrap();
+    let names: Vec<String> = ["fl.example.org", "localhost", "203.0.113.7", "::1"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let (chain, _) = ca.issue_server(&names).unwrap();
+    assert_eq!(chain.len(), 2);
+    assert_eq!(
+        chain[1],
+        *ca.cert_der(),
+        "the chain ends with the CA for pinning"
+    );
+    let (_, cert) = X509Certificate::from_der(&chain[0]).unwrap();
+    let san = cert.subject_alternative_name().unwrap().unwrap().value;
+    let got: Vec<String> = san
+        .general_names
+        .iter()
+        .map(|n| match n {
+            GeneralName::DNSName(d) => format!("dns:{d}"),
+            GeneralName::IPAddress(ip) => format!("ip:{}", ip.len()),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        got,
+        ["dns:fl.example.org", "dns:localhost", "ip:4", "ip:16"]
+    );
+    let eku = cert.extended_key_usage().unwrap().unwrap().value;
+    assert!(eku.server_auth && !eku.client_auth);
+    assert!(ca.issue_server(&[]).is_err());
+}
