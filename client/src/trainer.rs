@@ -42,10 +42,7 @@ impl Trainer {
         device: Device,
         node_seed: u64,
     ) -> Result<Self, ModelError> {
-        let shape = DataShape {
-            example_shape: shard.data.example_shape.clone(),
-            num_classes: shard.data.num_classes,
-        };
+        let shape = DataShape::of(&shard.data);
         let spec = model::build(model_name, &shape, &device)?.spec().clone();
         Ok(Self {
             model_name: model_name.to_owned(),

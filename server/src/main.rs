@@ -505,10 +505,7 @@ async fn run(args: RunArgs) -> Result<()> {
         Download::IfMissing,
         args.seed,
     )?;
-    let shape = DataShape {
-        example_shape: split.test.example_shape.clone(),
-        num_classes: split.test.num_classes,
-    };
+    let shape = DataShape::of(&split.test);
     let (spec, initial) = initial_model(&args.model, &shape, &device, args.seed)?;
     let population = args.dp.dp_population.unwrap_or(args.min_clients);
     let dp = args
@@ -564,6 +561,7 @@ async fn run(args: RunArgs) -> Result<()> {
         "dataset": args.dataset,
         "example_shape": shape.example_shape,
         "num_classes": shape.num_classes,
+        "vocab_size": shape.vocab_size,
         "param_count": spec.param_count,
         "rounds": args.rounds,
         "min_clients": args.min_clients,
@@ -699,6 +697,8 @@ fn export(args: &ExportArgs) -> Result<()> {
             .context("saved example shape")?,
         num_classes: serde_json::from_value(record["num_classes"].clone())
             .context("saved class count")?,
+        // Runs from before text models have no vocabulary.
+        vocab_size: record["vocab_size"].as_u64().unwrap_or(0) as usize,
     };
     let name = record["model"].as_str().context("saved model name")?;
     let mut model = fedveil_common::model::build(name, &shape, &burn::prelude::Device::flex())?;

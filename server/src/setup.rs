@@ -36,10 +36,7 @@ pub struct ModelEvaluator {
 
 impl ModelEvaluator {
     pub fn new(name: &str, test: Arc<Dataset>, device: &Device) -> Result<Self, ModelError> {
-        let shape = DataShape {
-            example_shape: test.example_shape.clone(),
-            num_classes: test.num_classes,
-        };
+        let shape = DataShape::of(&test);
         Ok(Self {
             model: model::build(name, &shape, device)?,
             test: Shard::whole(test),

@@ -359,10 +359,7 @@ async fn sigterm_abandons_the_round_exits_cleanly_and_the_run_resumes() {
         .global_model()
         .unwrap();
     let split = data::load(DatasetName::Synthetic, &dir, Download::Never, 0).unwrap();
-    let shape = fedveil_common::model::DataShape {
-        example_shape: split.test.example_shape.clone(),
-        num_classes: split.test.num_classes,
-    };
+    let shape = fedveil_common::model::DataShape::of(&split.test);
     let mut model =
         fedveil_common::model::build("cnn", &shape, &burn::prelude::Device::flex()).unwrap();
     model.load_safetensors(&out).unwrap();

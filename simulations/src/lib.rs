@@ -64,7 +64,10 @@ pub fn load_data(cfg: &SimConfig, explicit: bool) -> Result<LoadedData> {
         }
         Err(err) => return Err(err.into()),
     };
-    let split = if cfg.train_limit > 0 && cfg.train_limit < split.train.len() {
+    // A natural partition gives each client one owner's data; cutting the
+    // dataset short would drop whole owners, so it is never truncated.
+    let natural = matches!(cfg.partition.parse::<Partition>(), Ok(Partition::Natural));
+    let split = if !natural && cfg.train_limit > 0 && cfg.train_limit < split.train.len() {
         Split {
             train: Arc::new((*split.train).clone().truncated(cfg.train_limit)),
             test: split.test,
@@ -90,10 +93,7 @@ pub async fn run(cfg: &SimConfig, split: &Split, observer: &mut dyn Observer) ->
     let shards = partition
         .split_dataset(&split.train, cfg.clients, cfg.seed)
         .context("partitioning the training set")?;
-    let shape = DataShape {
-        example_shape: split.train.example_shape.clone(),
-        num_classes: split.train.num_classes,
-    };
+    let shape = DataShape::of(&split.train);
     let (spec, initial) = initial_model(&cfg.model, &shape, &device, cfg.seed)?;
     let largest_shard = shards.iter().map(Vec::len).max().unwrap_or(1) as u64;
     let secagg = cfg.secagg.then(|| SecAggConfig {

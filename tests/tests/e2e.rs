@@ -84,10 +84,7 @@ fn start_server_on(
     bind: SocketAddr,
 ) -> Server {
     let device = Device::flex();
-    let shape = DataShape {
-        example_shape: split.train.example_shape.clone(),
-        num_classes: split.train.num_classes,
-    };
+    let shape = DataShape::of(&split.train);
     let (spec, initial) = initial_model("cnn", &shape, &device, 1).unwrap();
     let config = CoordinatorConfig {
         rounds,

@@ -59,10 +59,7 @@ fn deploy(tag: &str, rounds: u64, min_clients: usize, secagg: bool) -> Deploymen
     let db = dir.join("state.db");
     let split = synthetic();
     let device = Device::flex();
-    let shape = DataShape {
-        example_shape: split.train.example_shape.clone(),
-        num_classes: split.train.num_classes,
-    };
+    let shape = DataShape::of(&split.train);
     let (spec, initial) = initial_model("cnn", &shape, &device, 1).unwrap();
     let config = CoordinatorConfig {
         rounds,

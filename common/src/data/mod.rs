@@ -9,6 +9,7 @@ pub mod idx;
 pub mod leaf;
 pub mod partition;
 pub mod synthetic;
+pub mod text;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -32,6 +33,9 @@ pub struct Dataset {
     /// The natural owner of each example (a LEAF writer), or empty when the
     /// dataset has none.
     pub owners: Vec<u32>,
+    /// Text: examples are `[seq_len]` token ids (stored as exact f32s, id 0
+    /// is padding) from a vocabulary of this size; 0 for other data.
+    pub vocab_size: usize,
 }
 
 impl Dataset {
@@ -130,8 +134,14 @@ pub enum DataError {
     },
     #[error("download of {url} failed: {reason}")]
     Download { url: String, reason: String },
-    #[error("unknown dataset '{0}' (known: mnist, fashion-mnist, femnist, synthetic)")]
+    #[error("unknown dataset '{0}' (known: {known})", known = DatasetName::ALL.map(DatasetName::as_str).join(", "))]
     Unknown(String),
+    #[error("{path}:{line}: {reason}")]
+    Malformed {
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
     #[error("{0}")]
     Invalid(String),
 }
@@ -168,17 +178,33 @@ pub enum DatasetName {
     /// LEAF FEMNIST, split by writer.
     Femnist,
     Synthetic,
+    /// LEAF Shakespeare, split by speaking role (next character).
+    LeafShakespeare,
+    /// Tiny Shakespeare (next character).
+    TinyShakespeare,
+    /// GLUE SST-2 (binary sentiment).
+    Sst2,
+    /// AG News (4 topics).
+    AgNews,
 }
 
 impl DatasetName {
+    pub const ALL: [Self; 8] = [
+        Self::Mnist,
+        Self::FashionMnist,
+        Self::Femnist,
+        Self::Synthetic,
+        Self::LeafShakespeare,
+        Self::TinyShakespeare,
+        Self::Sst2,
+        Self::AgNews,
+    ];
+
     pub fn parse(name: &str) -> Result<Self, DataError> {
-        match name {
-            "mnist" => Ok(Self::Mnist),
-            "fashion-mnist" => Ok(Self::FashionMnist),
-            "femnist" => Ok(Self::Femnist),
-            "synthetic" => Ok(Self::Synthetic),
-            other => Err(DataError::Unknown(other.to_owned())),
-        }
+        Self::ALL
+            .into_iter()
+            .find(|d| d.as_str() == name)
+            .ok_or_else(|| DataError::Unknown(name.to_owned()))
     }
 
     pub fn as_str(self) -> &'static str {
@@ -187,7 +213,19 @@ impl DatasetName {
             Self::FashionMnist => "fashion-mnist",
             Self::Femnist => "femnist",
             Self::Synthetic => "synthetic",
+            Self::LeafShakespeare => "leaf-shakespeare",
+            Self::TinyShakespeare => "tiny-shakespeare",
+            Self::Sst2 => "sst2",
+            Self::AgNews => "ag-news",
         }
+    }
+
+    /// Whether examples are token sequences (for transformer models).
+    pub fn is_text(self) -> bool {
+        matches!(
+            self,
+            Self::LeafShakespeare | Self::TinyShakespeare | Self::Sst2 | Self::AgNews
+        )
     }
 }
 
@@ -217,5 +255,9 @@ pub fn load(
         DatasetName::FashionMnist => idx::load_idx_dataset(&idx::FASHION_MNIST, data_dir, download),
         DatasetName::Femnist => leaf::load_femnist(data_dir),
         DatasetName::Synthetic => Ok(synthetic::SyntheticConfig::default().generate(seed)),
+        DatasetName::LeafShakespeare => text::load_leaf_shakespeare(data_dir),
+        DatasetName::TinyShakespeare => text::load_tiny_shakespeare(data_dir),
+        DatasetName::Sst2 => text::load_sst2(data_dir),
+        DatasetName::AgNews => text::load_ag_news(data_dir),
     }
 }

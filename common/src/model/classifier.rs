@@ -19,6 +19,8 @@ pub const EVAL_BATCH_SIZE: usize = 500;
 pub enum Inputs {
     /// `[batch, channels, height, width]`.
     Images(Tensor<4>),
+    /// Token ids `[batch, seq]` (text datasets).
+    Tokens(Tensor<2, Int>),
 }
 
 /// A Burn module that maps a batch to class logits `[batch, classes]`.
@@ -118,9 +120,21 @@ impl<M: Classifier> BurnClassifier<M> {
         let mut shape = vec![indices.len()];
         shape.extend_from_slice(&data.example_shape);
         let labels: Vec<i32> = indices.iter().map(|&i| data.labels[i] as i32).collect();
-        let x = Tensor::<4>::from_data(TensorData::new(features, shape), device);
         let y = Tensor::<1, Int>::from_data(TensorData::new(labels, [indices.len()]), device);
-        (Inputs::Images(x), y)
+        let x = if data.vocab_size > 0 {
+            // Token ids are stored as exact f32s.
+            let ids: Vec<i32> = features.iter().map(|&v| v as i32).collect();
+            Inputs::Tokens(Tensor::<2, Int>::from_data(
+                TensorData::new(ids, [indices.len(), data.example_len()]),
+                device,
+            ))
+        } else {
+            Inputs::Images(Tensor::<4>::from_data(
+                TensorData::new(features, shape),
+                device,
+            ))
+        };
+        (x, y)
     }
 }
 

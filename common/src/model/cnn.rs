@@ -67,6 +67,7 @@ impl Classifier for Cnn {
     fn logits(&self, inputs: Inputs) -> Tensor<2> {
         match inputs {
             Inputs::Images(x) => self.forward(x),
+            Inputs::Tokens(_) => panic!("the CNN takes images, not token ids"),
         }
     }
 }

@@ -6,6 +6,7 @@
 pub mod classifier;
 pub mod cnn;
 pub mod flat;
+pub mod transformer;
 
 use std::fmt;
 use std::str::FromStr;
@@ -17,7 +18,7 @@ pub use classifier::{EvalStats, FlModel, TrainPlan, TrainStats};
 pub use flat::ParamLayout;
 
 /// Names accepted by `--model`.
-pub const MODEL_NAMES: &[&str] = &["cnn"];
+pub const MODEL_NAMES: &[&str] = &["cnn", "transformer-cls", "transformer-lm"];
 
 /// Why a model could not be built, loaded or trained.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -47,6 +48,18 @@ pub enum ModelError {
 pub struct DataShape {
     pub example_shape: Vec<usize>,
     pub num_classes: usize,
+    /// Token vocabulary of text data (0 for images).
+    pub vocab_size: usize,
+}
+
+impl DataShape {
+    pub fn of(data: &crate::data::Dataset) -> Self {
+        Self {
+            example_shape: data.example_shape.clone(),
+            num_classes: data.num_classes,
+            vocab_size: data.vocab_size,
+        }
+    }
 }
 
 /// Builds the model registered under `name` for data of `shape`.
@@ -56,7 +69,37 @@ pub fn build(
     device: &Device,
 ) -> Result<Box<dyn FlModel>, ModelError> {
     match name {
+        "transformer-cls" | "transformer-lm" => {
+            let [seq_len] = shape.example_shape[..] else {
+                return Err(incompatible(
+                    name,
+                    shape,
+                    "expected token sequences [seq_len] (a text dataset)",
+                ));
+            };
+            if shape.vocab_size == 0 {
+                return Err(incompatible(name, shape, "the dataset has no vocabulary"));
+            }
+            let cfg = transformer::TextTransformerConfig::new(
+                shape.vocab_size,
+                seq_len,
+                shape.num_classes,
+            )
+            .with_causal(name == "transformer-lm");
+            Ok(Box::new(classifier::BurnClassifier::new(
+                name,
+                |d| cfg.init(d),
+                device,
+            )))
+        }
         "cnn" => {
+            if shape.vocab_size > 0 {
+                return Err(incompatible(
+                    name,
+                    shape,
+                    "the CNN takes images; use transformer-cls or transformer-lm for text",
+                ));
+            }
             let [c, h, w] = shape.example_shape[..] else {
                 return Err(incompatible(
                     name,

@@ -8,6 +8,7 @@ fn mnist_shape() -> DataShape {
     DataShape {
         example_shape: vec![1, 28, 28],
         num_classes: 10,
+        vocab_size: 0,
     }
 }
 
@@ -66,6 +67,7 @@ fn same_layout_same_signature() {
     let other = DataShape {
         example_shape: vec![1, 28, 28],
         num_classes: 5,
+        vocab_size: 0,
     };
     let c = build("cnn", &other, &Device::flex()).unwrap();
     assert_ne!(a.spec().shape_signature, c.spec().shape_signature);
@@ -88,6 +90,7 @@ fn wrong_length_and_unknown_names_are_errors() {
     let flat = DataShape {
         example_shape: vec![784],
         num_classes: 10,
+        vocab_size: 0,
     };
     assert!(matches!(
         build("cnn", &flat, &Device::flex()),

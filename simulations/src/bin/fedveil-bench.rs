@@ -86,10 +86,7 @@ fn main() -> Result<()> {
             }
             .generate(1)
             .train;
-            let shape = DataShape {
-                example_shape: data.example_shape.clone(),
-                num_classes: data.num_classes,
-            };
+            let shape = DataShape::of(&data);
             let mut m = model::build(&name, &shape, &device)?;
             let plan = |n: usize| TrainPlan {
                 epochs: 1,
@@ -188,6 +185,7 @@ fn checkpoint(commits: usize, dir: &std::path::Path) -> Result<()> {
     let shape = DataShape {
         example_shape: vec![1, 28, 28],
         num_classes: 10,
+        vocab_size: 0,
     };
     let (spec, initial) = fedveil_server::setup::initial_model("cnn", &shape, &device, 1)?;
     let dim = initial.len();

@@ -1,0 +1,123 @@
+//! Transformer encoders over token sequences, for the text tasks:
+//!
+//! - `transformer-cls`: token + learned position embeddings, pre-norm
+//!   encoder layers with multi-head self-attention, a final layer norm,
+//!   mean pooling over the non-padding tokens, and a linear head. Padding
+//!   (token id 0) is masked out of attention keys and out of the pool, so
+//!   it cannot change the result.
+//! - `transformer-lm`: the same stack with a causal attention mask, read
+//!   out at the last position: next-character prediction, as LEAF's
+//!   Shakespeare task poses it.
+//!
+//! Both are ordinary Burn modules, so they flatten to the same parameter
+//! vector form as the CNN and everything downstream (secure aggregation,
+//! DP, server optimizers) applies unchanged.
+
+use burn::nn::attention::generate_autoregressive_mask;
+use burn::nn::transformer::{
+    TransformerEncoder, TransformerEncoderConfig, TransformerEncoderInput,
+};
+use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::prelude::*;
+
+use super::classifier::{Classifier, Inputs};
+use crate::data::text::PAD;
+
+#[derive(Config, Debug)]
+pub struct TextTransformerConfig {
+    /// Token ids are below this (PAD = 0 included).
+    pub vocab_size: usize,
+    /// Longest input sequence (position embeddings).
+    pub max_len: usize,
+    pub num_classes: usize,
+    #[config(default = 128)]
+    pub d_model: usize,
+    #[config(default = 2)]
+    pub n_layers: usize,
+    #[config(default = 4)]
+    pub n_heads: usize,
+    #[config(default = 256)]
+    pub d_ff: usize,
+    /// Causal attention and last-position readout (language model).
+    #[config(default = false)]
+    pub causal: bool,
+}
+
+#[derive(Module, Debug)]
+pub struct TextTransformer {
+    token: Embedding,
+    position: Embedding,
+    encoder: TransformerEncoder,
+    norm: LayerNorm,
+    head: Linear,
+    causal: bool,
+}
+
+impl TextTransformerConfig {
+    pub fn init(&self, device: &Device) -> TextTransformer {
+        TextTransformer {
+            token: EmbeddingConfig::new(self.vocab_size, self.d_model).init(device),
+            position: EmbeddingConfig::new(self.max_len, self.d_model).init(device),
+            // No dropout: local training stays a deterministic function of
+            // the seed, and the small federated models do not need it.
+            encoder: TransformerEncoderConfig::new(
+                self.d_model,
+                self.d_ff,
+                self.n_heads,
+                self.n_layers,
+            )
+            .with_norm_first(true)
+            .with_dropout(0.0)
+            .init(device),
+            norm: LayerNormConfig::new(self.d_model).init(device),
+            head: LinearConfig::new(self.d_model, self.num_classes).init(device),
+            causal: self.causal,
+        }
+    }
+}
+
+impl TextTransformer {
+    /// Logits `[batch, classes]` for token ids `[batch, seq]`.
+    pub fn forward(&self, tokens: Tensor<2, Int>) -> Tensor<2> {
+        let [batch, seq] = tokens.dims();
+        let padding = tokens.clone().equal_elem(PAD as i64);
+        let h = self.hidden(tokens);
+        let [_, _, d] = h.dims();
+        let pooled = if self.causal {
+            h.slice([0..batch, seq - 1..seq, 0..d]).reshape([batch, d])
+        } else {
+            let keep = padding.bool_not().float().unsqueeze_dim::<3>(2);
+            let count = keep.clone().sum_dim(1).clamp_min(1.0);
+            (h * keep).sum_dim(1).div(count).reshape([batch, d])
+        };
+        self.head.forward(pooled)
+    }
+
+    /// The normalised encoder output `[batch, seq, d_model]`.
+    pub fn hidden(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
+        let [batch, seq] = tokens.dims();
+        let device = tokens.device();
+        let padding = tokens.clone().equal_elem(PAD as i64);
+        let positions = Tensor::<1, Int>::arange(0..seq as i64, &device)
+            .reshape([1, seq])
+            .expand([batch, seq]);
+        let x = self.token.forward(tokens) + self.position.forward(positions);
+        let mut input = TransformerEncoderInput::new(x).mask_pad(padding.clone());
+        if self.causal {
+            input = input.mask_attn(generate_autoregressive_mask(batch, seq, &device));
+        }
+        self.norm.forward(self.encoder.forward(input))
+    }
+}
+
+impl Classifier for TextTransformer {
+    fn logits(&self, inputs: Inputs) -> Tensor<2> {
+        match inputs {
+            Inputs::Tokens(t) => self.forward(t),
+            Inputs::Images(_) => panic!("a text transformer takes token ids, not images"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
