@@ -17,7 +17,8 @@ pub use crate::wire::ModelSpec;
 pub use classifier::{EvalStats, FlModel, TrainPlan, TrainStats};
 pub use flat::ParamLayout;
 
-/// Names accepted by `--model`.
+/// Names accepted by `--model`. Transformers take sizes after a colon,
+/// e.g. `transformer-cls:d_model=256,n_layers=4,n_heads=8,d_ff=512`.
 pub const MODEL_NAMES: &[&str] = &["cnn", "transformer-cls", "transformer-lm"];
 
 /// Why a model could not be built, loaded or trained.
@@ -68,7 +69,8 @@ pub fn build(
     shape: &DataShape,
     device: &Device,
 ) -> Result<Box<dyn FlModel>, ModelError> {
-    match name {
+    let (base, options) = name.split_once(':').unwrap_or((name, ""));
+    match base {
         "transformer-cls" | "transformer-lm" => {
             let [seq_len] = shape.example_shape[..] else {
                 return Err(incompatible(
@@ -85,14 +87,16 @@ pub fn build(
                 seq_len,
                 shape.num_classes,
             )
-            .with_causal(name == "transformer-lm");
+            .with_causal(base == "transformer-lm");
+            let cfg = transformer::with_options(cfg, options)
+                .map_err(|reason| incompatible(name, shape, &reason))?;
             Ok(Box::new(classifier::BurnClassifier::new(
                 name,
                 |d| cfg.init(d),
                 device,
             )))
         }
-        "cnn" => {
+        "cnn" if options.is_empty() => {
             if shape.vocab_size > 0 {
                 return Err(incompatible(
                     name,

@@ -53,6 +53,42 @@ pub struct TextTransformer {
     causal: bool,
 }
 
+/// Applies `key=value,...` size options (`d_model`, `n_layers`, `n_heads`,
+/// `d_ff`) from a model name such as `transformer-cls:d_model=256`.
+pub fn with_options(
+    mut cfg: TextTransformerConfig,
+    options: &str,
+) -> Result<TextTransformerConfig, String> {
+    for option in options.split(',').filter(|o| !o.is_empty()) {
+        let (key, value) = option
+            .split_once('=')
+            .ok_or_else(|| format!("option {option:?}: expected key=value"))?;
+        let value: usize = value
+            .parse()
+            .ok()
+            .filter(|&v| v > 0)
+            .ok_or_else(|| format!("option {option:?}: expected a positive integer"))?;
+        match key {
+            "d_model" => cfg.d_model = value,
+            "n_layers" => cfg.n_layers = value,
+            "n_heads" => cfg.n_heads = value,
+            "d_ff" => cfg.d_ff = value,
+            _ => {
+                return Err(format!(
+                    "unknown option {key:?} (d_model, n_layers, n_heads, d_ff)"
+                ));
+            }
+        }
+    }
+    if cfg.d_model % cfg.n_heads != 0 {
+        return Err(format!(
+            "d_model {} is not a multiple of n_heads {}",
+            cfg.d_model, cfg.n_heads
+        ));
+    }
+    Ok(cfg)
+}
+
 impl TextTransformerConfig {
     pub fn init(&self, device: &Device) -> TextTransformer {
         TextTransformer {

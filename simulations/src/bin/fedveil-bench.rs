@@ -2,7 +2,9 @@
 //!
 //! `fedveil-bench train-step --batch 64 --steps 50` times one local SGD step
 //! of the CNN (forward, loss, backward, optimizer update, batch assembly and
-//! loss read-back: everything a client does per minibatch). Threads follow
+//! loss read-back: everything a client does per minibatch). With `--model
+//! transformer-cls` (or `-lm`) the inputs are random token sequences of
+//! `--seq-len` ids from a `--vocab`-word vocabulary. Threads follow
 //! `RAYON_NUM_THREADS`. Prints one JSON line.
 
 use std::sync::Arc;
@@ -10,8 +12,8 @@ use std::time::Instant;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use fedveil_common::data::Shard;
 use fedveil_common::data::synthetic::SyntheticConfig;
+use fedveil_common::data::{Dataset, Shard};
 use fedveil_common::model::{self, DataShape, DeviceSpec, TrainPlan};
 use fedveil_common::secagg::local::{Drops, run_round};
 use fedveil_common::secagg::{SecAggParams, prg};
@@ -38,6 +40,15 @@ enum Command {
         model: String,
         #[arg(long, default_value = "cpu")]
         device: DeviceSpec,
+        /// Transformers: tokens per sequence.
+        #[arg(long, default_value_t = 64)]
+        seq_len: usize,
+        /// Transformers: vocabulary size (SST-2 and AG News give about 13,400).
+        #[arg(long, default_value_t = 13_400)]
+        vocab: usize,
+        /// Transformers: classes.
+        #[arg(long, default_value_t = 2)]
+        classes: usize,
     },
     /// ChaCha20 mask expansion throughput (one core).
     MaskThroughput {
@@ -69,6 +80,24 @@ enum Command {
     },
 }
 
+/// Random token sequences (no padding) and labels, for timing.
+fn random_tokens(n: usize, seq_len: usize, vocab: usize, classes: usize) -> Dataset {
+    use rand::{RngExt, SeedableRng};
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
+    Dataset {
+        features: (0..n * seq_len)
+            .map(|_| rng.random_range(2..vocab as u32) as f32)
+            .collect(),
+        example_shape: vec![seq_len],
+        labels: (0..n)
+            .map(|_| rng.random_range(0..classes as u32))
+            .collect(),
+        num_classes: classes,
+        owners: Vec::new(),
+        vocab_size: vocab,
+    }
+}
+
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::TrainStep {
@@ -77,15 +106,23 @@ fn main() -> Result<()> {
             warmup,
             model: name,
             device,
+            seq_len,
+            vocab,
+            classes,
         } => {
             let device = device.device()?;
-            let data = SyntheticConfig {
-                train_examples: batch * steps.max(warmup),
-                test_examples: 1,
-                ..Default::default()
-            }
-            .generate(1)
-            .train;
+            let examples = batch * steps.max(warmup);
+            let data = if name.starts_with("transformer") {
+                Arc::new(random_tokens(examples, seq_len, vocab, classes))
+            } else {
+                SyntheticConfig {
+                    train_examples: examples,
+                    test_examples: 1,
+                    ..Default::default()
+                }
+                .generate(1)
+                .train
+            };
             let shape = DataShape::of(&data);
             let mut m = model::build(&name, &shape, &device)?;
             let plan = |n: usize| TrainPlan {
@@ -104,7 +141,8 @@ fn main() -> Result<()> {
             let stats = m.train(&shard(steps), &plan(steps))?;
             let secs = start.elapsed().as_secs_f64();
             println!(
-                "{{\"bench\":\"train-step\",\"model\":\"{name}\",\"batch\":{batch},\"steps\":{},\"threads\":{},\"ms_per_step\":{:.3}}}",
+                "{{\"bench\":\"train-step\",\"model\":\"{name}\",\"params\":{},\"batch\":{batch},\"steps\":{},\"threads\":{},\"ms_per_step\":{:.3}}}",
+                m.spec().param_count,
                 stats.steps,
                 std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| {
                     std::thread::available_parallelism()

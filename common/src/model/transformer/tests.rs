@@ -151,3 +151,27 @@ fn transformers_flatten_and_come_back_bit_for_bit_and_refuse_images() {
     assert!(build("transformer-cls", &images, &device).is_err());
     assert!(build("cnn", &text_shape(64, 2, 100), &device).is_err());
 }
+
+#[test]
+fn sizes_come_from_the_model_name() {
+    let device = Device::flex();
+    let shape = text_shape(16, 2, 50);
+    let small = build(
+        "transformer-cls:d_model=32,n_layers=1,n_heads=2,d_ff=64",
+        &shape,
+        &device,
+    )
+    .unwrap();
+    let default = build("transformer-cls", &shape, &device).unwrap();
+    assert!(small.spec().param_count < default.spec().param_count / 4);
+    assert_ne!(small.spec().shape_signature, default.spec().shape_signature);
+    for bad in [
+        "transformer-cls:d_model=30,n_heads=4",
+        "transformer-cls:depth=3",
+        "transformer-cls:d_model",
+        "transformer-cls:n_layers=0",
+        "cnn:d_model=8",
+    ] {
+        assert!(build(bad, &shape, &device).is_err(), "{bad}");
+    }
+}
