@@ -80,7 +80,7 @@ pub fn with_options(
             }
         }
     }
-    if cfg.d_model % cfg.n_heads != 0 {
+    if !cfg.d_model.is_multiple_of(cfg.n_heads) {
         return Err(format!(
             "d_model {} is not a multiple of n_heads {}",
             cfg.d_model, cfg.n_heads
