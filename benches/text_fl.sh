@@ -21,9 +21,9 @@ case "$preset" in
   shakespeare) data=(--dataset leaf-shakespeare --model transformer-lm --partition natural
                      --clients 10 --fraction 1 --lr 0.1) eps=8 ;;
   sst2) data=(--dataset sst2 --model transformer-cls --partition dirichlet:0.5 --clients 100
-              --fraction 0.2 --lr 0.1) eps=8 ;;
+              --fraction 0.2 --lr 0.05) eps=8 ;;
   ag-news) data=(--dataset ag-news --model transformer-cls --partition dirichlet:0.5 --clients 100
-                 --fraction 0.2 --lr 0.1) eps=8 ;;
+                 --fraction 0.2 --lr 0.05) eps=8 ;;
   *) echo "unknown preset $preset (shakespeare, sst2 or ag-news)" >&2; exit 2 ;;
 esac
 common=("${data[@]}" --rounds "$rounds" --local-epochs 1 --batch-size 32 --train-limit 0 --seed 1 --quiet)
