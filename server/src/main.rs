@@ -385,7 +385,7 @@ fn main() -> Result<()> {
         Command::Nodes(args) => nodes(&args),
         Command::Revoke(args) => revoke(&args),
         Command::Fingerprint(args) => {
-            println!("{}", ServerIdentity::load(&args.dir)?.ca_fingerprint());
+            println!("{}", load_identity(&args.dir)?.ca_fingerprint());
             Ok(())
         }
         Command::Run(args) => tokio::runtime::Runtime::new()?.block_on(run(*args)),
@@ -420,8 +420,19 @@ fn init(args: &InitArgs) -> Result<()> {
     Ok(())
 }
 
+/// The identity `init` made, or an error saying to run it.
+fn load_identity(dir: &std::path::Path) -> Result<ServerIdentity> {
+    ServerIdentity::load(dir).with_context(|| {
+        format!(
+            "{} holds no server identity; create one with `fedveil-server init --dir {} --name HOST`",
+            dir.display(),
+            dir.display()
+        )
+    })
+}
+
 fn enroll(args: &EnrollArgs) -> Result<()> {
-    let identity = ServerIdentity::load(&args.registry.dir)?;
+    let identity = load_identity(&args.registry.dir)?;
     let file = ServerFile::load(&args.registry.dir)?;
     let ttl = args
         .ttl
