@@ -26,6 +26,18 @@ pub enum Inputs {
 /// A Burn module that maps a batch to class logits `[batch, classes]`.
 pub trait Classifier: Module + Sized + 'static {
     fn logits(&self, inputs: Inputs) -> Tensor<2>;
+
+    /// The loss local training minimises: by default cross-entropy of
+    /// [`Classifier::logits`] against the labels. A language model
+    /// overrides it to predict every next token, not only the last.
+    fn training_loss(
+        &self,
+        inputs: Inputs,
+        labels: Tensor<1, Int>,
+        loss: &CrossEntropyLoss,
+    ) -> Tensor<1> {
+        loss.forward(self.logits(inputs), labels)
+    }
 }
 
 /// What one local training run should do.
@@ -196,7 +208,7 @@ impl<M: Classifier> FlModel for BurnClassifier<M> {
             let mut loss_sum = 0.0f64;
             for batch in order.chunks(plan.batch_size) {
                 let (x, y) = self.batch(&shard.data, batch, &self.device);
-                let loss = loss_fn.forward(model.logits(x), y);
+                let loss = model.training_loss(x, y, &loss_fn);
                 loss_sum += f64::from(loss.clone().into_scalar::<f32>()) * batch.len() as f64;
                 let grads = GradientsParams::from_grads(loss.backward(), &model);
                 model = optim.step(plan.learning_rate, model, grads);

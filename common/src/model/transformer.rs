@@ -20,6 +20,8 @@ use burn::nn::transformer::{
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
 
+use burn::nn::loss::CrossEntropyLoss;
+
 use super::classifier::{Classifier, Inputs};
 use crate::data::text::PAD;
 
@@ -151,6 +153,33 @@ impl Classifier for TextTransformer {
         match inputs {
             Inputs::Tokens(t) => self.forward(t),
             Inputs::Images(_) => panic!("a text transformer takes token ids, not images"),
+        }
+    }
+
+    /// The language model learns from every position: token i predicts
+    /// token i + 1, and the last one predicts the label (the character
+    /// after the window). The causal mask keeps each prediction honest.
+    fn training_loss(
+        &self,
+        inputs: Inputs,
+        labels: Tensor<1, Int>,
+        loss: &CrossEntropyLoss,
+    ) -> Tensor<1> {
+        match inputs {
+            Inputs::Tokens(tokens) if self.causal => {
+                let [batch, seq] = tokens.dims();
+                let logits = self.head.forward(self.hidden(tokens.clone()));
+                let classes = logits.dims()[2];
+                let next = Tensor::cat(
+                    vec![tokens.slice([0..batch, 1..seq]), labels.reshape([batch, 1])],
+                    1,
+                );
+                loss.forward(
+                    logits.reshape([batch * seq, classes]),
+                    next.reshape([batch * seq]),
+                )
+            }
+            inputs => loss.forward(self.logits(inputs), labels),
         }
     }
 }

@@ -175,3 +175,46 @@ fn sizes_come_from_the_model_name() {
         assert!(build(bad, &shape, &device).is_err(), "{bad}");
     }
 }
+
+#[test]
+fn the_language_model_is_trained_on_every_next_token() {
+    use crate::model::classifier::Classifier;
+    use burn::nn::loss::CrossEntropyLoss;
+    let device = Device::flex();
+    // A language model: classes are the vocabulary.
+    let lm = TextTransformerConfig::new(10, 8, 10)
+        .with_d_model(16)
+        .with_n_heads(2)
+        .with_d_ff(32)
+        .with_causal(true)
+        .init(&device);
+    let int = |v: Vec<i32>| {
+        let n = v.len();
+        Tensor::<1, Int>::from_data(TensorData::new(v, [n]), &device)
+    };
+    let tokens = ids(&[&[3, 4, 5, 6]]);
+    let ce = CrossEntropyLoss::new(None, &device);
+    let loss = lm
+        .training_loss(Inputs::Tokens(tokens.clone()), int(vec![7]), &ce)
+        .into_scalar::<f32>();
+    // By hand: position i predicts [4, 5, 6, 7][i]; the mean of the four.
+    let logits = lm.head.forward(lm.hidden(tokens.clone())).reshape([4, 10]);
+    let by_hand = ce
+        .forward(logits, int(vec![4, 5, 6, 7]))
+        .into_scalar::<f32>();
+    assert!((loss - by_hand).abs() < 1e-5, "{loss} vs {by_hand}");
+    let last_only = ce
+        .forward(lm.forward(tokens), int(vec![7]))
+        .into_scalar::<f32>();
+    assert!((loss - last_only).abs() > 1e-4);
+    // The classifier keeps the plain loss.
+    let cls = small(false);
+    let t = ids(&[&[3, 4, 5, 0]]);
+    let plain = ce
+        .forward(cls.forward(t.clone()), int(vec![2]))
+        .into_scalar::<f32>();
+    let trained = cls
+        .training_loss(Inputs::Tokens(t), int(vec![2]), &ce)
+        .into_scalar::<f32>();
+    assert_eq!(plain, trained);
+}
