@@ -70,6 +70,8 @@ pub enum EnrolError {
     NotEnrolled,
     #[error("node '{0}' is revoked")]
     Revoked(String),
+    #[error("no node named '{0}' is enrolled (see `fedveil-server nodes`)")]
+    NoSuchNode(String),
     #[error("certificate {0} is not in the node registry")]
     UnknownCertificate(String),
     #[error("this server cannot enrol nodes: its CA key is not on this machine")]
@@ -89,7 +91,9 @@ impl EnrolError {
             EnrolError::Pki(PkiError::BadName(_)) | EnrolError::Pki(PkiError::BadCsr(_)) => {
                 ReasonCode::BadCsr
             }
-            EnrolError::NotEnrolled | EnrolError::UnknownCertificate(_) => ReasonCode::NotEnrolled,
+            EnrolError::NotEnrolled
+            | EnrolError::UnknownCertificate(_)
+            | EnrolError::NoSuchNode(_) => ReasonCode::NotEnrolled,
             EnrolError::Revoked(_) => ReasonCode::Revoked,
             EnrolError::Disabled => ReasonCode::EnrolmentDisabled,
             EnrolError::Pki(_) | EnrolError::Store(_) => ReasonCode::Internal,
@@ -341,7 +345,7 @@ impl Registry {
                 return Err(if known {
                     EnrolError::Revoked(name.to_owned())
                 } else {
-                    EnrolError::UnknownCertificate(format!("of node '{name}' (no such node)"))
+                    EnrolError::NoSuchNode(name.to_owned())
                 });
             }
             let certs = tx

@@ -78,7 +78,10 @@ fn read_text(path: &Path, dataset: &str) -> Result<String, DataError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(missing(
             path.parent().and_then(Path::parent).unwrap_or(path),
             dataset,
-            &path.file_name().unwrap_or_default().to_string_lossy(),
+            &format!(
+                "{dataset}/{}",
+                path.file_name().unwrap_or_default().to_string_lossy()
+            ),
         )),
         Err(e) => Err(DataError::io(path, e)),
     }
@@ -363,7 +366,7 @@ fn leaf_file(dir: &Path, part: &str) -> Result<PathBuf, DataError> {
             missing(
                 dir.parent().unwrap_or(dir),
                 LEAF_SHAKESPEARE_DIR,
-                "LEAF's all_data_*_train_*.json and *_test_*.json",
+                &format!("{LEAF_SHAKESPEARE_DIR}/all_data_*_train_*.json and *_test_*.json (LEAF's output)"),
             )
         })?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -378,7 +381,7 @@ fn leaf_file(dir: &Path, part: &str) -> Result<PathBuf, DataError> {
         0 => Err(missing(
             dir.parent().unwrap_or(dir),
             LEAF_SHAKESPEARE_DIR,
-            &format!("LEAF's all_data_*_{part}_*.json"),
+            &format!("{LEAF_SHAKESPEARE_DIR}/all_data_*_{part}_*.json (LEAF's output)"),
         )),
         n => Err(DataError::Invalid(format!(
             "{}: {n} LEAF {part} files; keep one",

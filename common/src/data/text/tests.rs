@@ -94,7 +94,7 @@ fn sst2_and_ag_news_load_and_bad_lines_name_their_line() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
     let err = load_sst2(&dir).unwrap_err().to_string();
-    assert!(err.contains("sst2"), "{err}");
+    assert!(err.contains("sst2/train.tsv"), "{err}");
 }
 
 #[test]
