@@ -72,13 +72,25 @@ impl LocalTrainer for Trainer {
     ) -> Result<(Update, Evaluation), ModelError> {
         let mut model = model::build(&self.model_name, &self.shape, &self.device)?;
         model.set_params(global_model)?;
-        let eval = model.evaluate(&self.shard);
+        // Under a step cap, score the global model on as many examples as
+        // training may see, not the whole shard, which could cost more
+        // than the capped training itself.
+        let eval = match config.max_local_steps {
+            Some(steps) => {
+                let n = steps as usize * config.batch_size as usize;
+                let seed = mix_seed(&[config.seed, round, self.node_seed, EVAL_SAMPLE_SEED]);
+                model.evaluate(&self.shard.sample(n, seed))
+            }
+            None => model.evaluate(&self.shard),
+        };
         let plan = TrainPlan {
             epochs: config.local_epochs,
             batch_size: config.batch_size as usize,
+            max_steps: config.max_local_steps.map(|s| s as usize),
             learning_rate: f64::from(config.learning_rate),
             shuffle_seed: mix_seed(&[config.seed, round, self.node_seed]),
             prox_mu: f64::from(config.prox_mu),
+            optimizer: config.local_optimizer,
         };
         let stats = model.train(&self.shard, &plan)?;
         let mut delta = model.params();
@@ -101,6 +113,9 @@ impl LocalTrainer for Trainer {
         ))
     }
 }
+
+/// Separates the evaluation sample's seed from the shuffling seed.
+const EVAL_SAMPLE_SEED: u64 = 0x6576_616c;
 
 /// Combines seeds (SplitMix64 steps), so nearby inputs give unrelated outputs.
 pub fn mix_seed(parts: &[u64]) -> u64 {

@@ -20,7 +20,7 @@ use fedveil_common::round::server::{
 };
 use fedveil_common::round::{Coordinator, CoordinatorConfig};
 use fedveil_common::server_opt::ServerOptimizerConfig;
-use fedveil_common::wire::{FrameLimits, RoundConfig};
+use fedveil_common::wire::{FrameLimits, LocalOptimizer, RoundConfig};
 use fedveil_server::config_file::{SERVER_CONFIG_FILE, ServerFile};
 use fedveil_server::setup::{MetricsFiles, ModelEvaluator, ServerObserver, initial_model};
 use fedveil_server::store::Store;
@@ -220,12 +220,20 @@ struct RunArgs {
     /// Local epochs E per round.
     #[arg(long, default_value_t = 1)]
     local_epochs: u32,
+    /// Caps each client's local training at this many minibatch steps per
+    /// round [default: no cap].
+    #[arg(long)]
+    max_local_steps: Option<u32>,
     /// Local minibatch size B.
     #[arg(long, default_value_t = 10)]
     batch_size: u32,
-    /// Client SGD learning rate.
+    /// Client learning rate.
     #[arg(long, default_value_t = 0.05)]
     lr: f32,
+    /// Client optimizer: sgd, or adam (fresh moments each round; use a
+    /// learning rate near 1e-3).
+    #[arg(long, default_value_t = LocalOptimizer::Sgd)]
+    local_optimizer: LocalOptimizer,
     /// Seconds before a round completes without its stragglers.
     #[arg(long, default_value_t = 600)]
     round_timeout: u64,
@@ -554,11 +562,13 @@ async fn run(args: RunArgs) -> Result<()> {
         round: RoundConfig {
             local_epochs: args.local_epochs,
             batch_size: args.batch_size,
+            max_local_steps: args.max_local_steps,
             learning_rate: args.lr,
             seed: args.seed,
             secure_aggregation: args.secagg.secagg,
             dp: None,
             prox_mu: args.optim.prox_mu,
+            local_optimizer: args.local_optimizer,
         },
         secagg: args.secagg.config(),
         max_failed_rounds: args.max_failed_rounds,
@@ -578,8 +588,10 @@ async fn run(args: RunArgs) -> Result<()> {
         "min_clients": args.min_clients,
         "fraction": args.fraction,
         "local_epochs": args.local_epochs,
+        "max_local_steps": args.max_local_steps,
         "batch_size": args.batch_size,
         "lr": args.lr,
+        "local_optimizer": args.local_optimizer.to_string(),
         "seed": args.seed,
         "secagg": args.secagg,
         "dp": args.dp,

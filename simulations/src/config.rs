@@ -6,6 +6,7 @@ use std::time::Duration;
 use fedveil_common::dp::adaptive::{DEFAULT_CLIP_LEARNING_RATE, DEFAULT_TARGET_QUANTILE};
 use fedveil_common::dp::{AdaptiveClipping, DpConfig, Mechanism, NoiseLevel};
 use fedveil_common::server_opt;
+use fedveil_common::wire::LocalOptimizer;
 use serde::{Deserialize, Serialize};
 
 /// Everything a simulation run needs. TOML keys are the field names;
@@ -13,7 +14,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SimConfig {
-    /// mnist, fashion-mnist or synthetic.
+    /// A dataset name (`fedveil_common::data::DatasetName`): mnist,
+    /// fashion-mnist, femnist, synthetic or a text set.
     pub dataset: String,
     /// Data directory (default: $FEDVEIL_DATA, then the user cache).
     pub data_dir: Option<PathBuf>,
@@ -28,8 +30,13 @@ pub struct SimConfig {
     pub fraction: f64,
     pub rounds: u64,
     pub local_epochs: u32,
+    /// Caps each client's local training at this many minibatch steps.
+    pub max_local_steps: Option<u32>,
     pub batch_size: u32,
+    /// Client learning rate.
     pub lr: f32,
+    /// Client optimizer: sgd, or adam (fresh moments each round).
+    pub local_optimizer: LocalOptimizer,
     pub seed: u64,
     /// Use only the first N training examples (quick runs); 0 = all.
     pub train_limit: usize,
@@ -101,8 +108,10 @@ impl Default for SimConfig {
             fraction: 0.5,
             rounds: 5,
             local_epochs: 1,
+            max_local_steps: None,
             batch_size: 20,
             lr: 0.05,
+            local_optimizer: LocalOptimizer::Sgd,
             seed: 0,
             train_limit: 10_000,
             round_timeout: 600.0,

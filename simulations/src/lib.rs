@@ -135,11 +135,13 @@ pub async fn run(cfg: &SimConfig, split: &Split, observer: &mut dyn Observer) ->
             round: RoundConfig {
                 local_epochs: cfg.local_epochs,
                 batch_size: cfg.batch_size,
+                max_local_steps: cfg.max_local_steps,
                 learning_rate: cfg.lr,
                 seed: cfg.seed,
                 secure_aggregation: cfg.secagg,
                 dp: None,
                 prox_mu: cfg.prox_mu,
+                local_optimizer: cfg.local_optimizer,
             },
             secagg,
             max_failed_rounds: DEFAULT_MAX_FAILED_ROUNDS,

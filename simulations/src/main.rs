@@ -54,12 +54,20 @@ struct Cli {
     /// Local epochs E [default: 1].
     #[arg(long)]
     local_epochs: Option<u32>,
+    /// Caps each client's local training at this many minibatch steps
+    /// per round [default: no cap].
+    #[arg(long)]
+    max_local_steps: Option<u32>,
     /// Local batch size B [default: 20].
     #[arg(long)]
     batch_size: Option<u32>,
     /// Client learning rate [default: 0.05].
     #[arg(long)]
     lr: Option<f32>,
+    /// Client optimizer: sgd, or adam (fresh moments each round; use a
+    /// learning rate near 1e-3) [default: sgd].
+    #[arg(long)]
+    local_optimizer: Option<fedveil_common::wire::LocalOptimizer>,
     /// Seed for data split, initial model, sampling and shuffling [default: 0].
     #[arg(long)]
     seed: Option<u64>,
@@ -229,6 +237,7 @@ impl Cli {
             local_epochs,
             batch_size,
             lr,
+            local_optimizer,
             seed,
             train_limit,
             round_timeout,
@@ -257,6 +266,7 @@ impl Cli {
             dp_budget,
             dp_min_contributors,
             clip_count_noise,
+            max_local_steps,
             server_lr
         );
         if self.secagg_degree.is_some() {
@@ -304,7 +314,7 @@ fn main() -> Result<()> {
         MetricsFiles::create(&out).with_context(|| format!("cannot create {}", out.display()))?;
     std::fs::write(out.join("config.toml"), toml::to_string(&cfg)?)?;
     eprintln!(
-        "fedveil-sim: {} enrolled clients (mutual TLS) on {} ({} train / {} test, {} split), {} rounds, C={}, E={}, B={}, lr={}, secure aggregation {}, {} trainings at once",
+        "fedveil-sim: {} enrolled clients (mutual TLS) on {} ({} train / {} test, {} split), {} rounds, C={}, E={}{}, B={}, {} lr={}, secure aggregation {}, {} trainings at once",
         cfg.clients,
         cfg.dataset,
         loaded.split.train.len(),
@@ -313,7 +323,11 @@ fn main() -> Result<()> {
         cfg.rounds,
         cfg.fraction,
         cfg.local_epochs,
+        cfg.max_local_steps
+            .map(|s| format!(" (at most {s} steps)"))
+            .unwrap_or_default(),
         cfg.batch_size,
+        cfg.local_optimizer,
         cfg.lr,
         if cfg.secagg { "on" } else { "off" },
         cfg.concurrency()

@@ -16,8 +16,8 @@ use fedveil_common::model::{DataShape, ModelError, ModelSpec};
 use fedveil_common::net::{self, MessageReader, ServerIdentity};
 use fedveil_common::round::{Coordinator, CoordinatorConfig, Event};
 use fedveil_common::wire::{
-    self, Evaluation, FrameLimits, Hello, Message, PROTOCOL_VERSION, ReasonCode, RoundConfig,
-    Update,
+    self, Evaluation, FrameLimits, Hello, LocalOptimizer, Message, PROTOCOL_VERSION, ReasonCode,
+    RoundConfig, Update,
 };
 use fedveil_server::setup::{ModelEvaluator, initial_model};
 use fedveil_server::{Observer, RunReport};
@@ -35,11 +35,13 @@ fn round_config() -> RoundConfig {
     RoundConfig {
         local_epochs: 2,
         batch_size: 20,
+        max_local_steps: None,
         learning_rate: 0.1,
         seed: 3,
         secure_aggregation: false,
         dp: None,
         prox_mu: 0.0,
+        local_optimizer: LocalOptimizer::Sgd,
     }
 }
 

@@ -19,7 +19,7 @@ use fedveil_common::net::{self, NodeRegistry, Rejection, ServerIdentity};
 use fedveil_common::pki::{self, CertificateAuthority, NodeIdentity};
 use fedveil_common::round::server::SecAggConfig;
 use fedveil_common::round::{Coordinator, CoordinatorConfig};
-use fedveil_common::wire::{FrameLimits, ReasonCode, RoundConfig};
+use fedveil_common::wire::{FrameLimits, LocalOptimizer, ReasonCode, RoundConfig};
 use fedveil_server::setup::{ModelEvaluator, initial_model};
 use fedveil_server::{LogObserver, NodeService, Registry, RunReport, ServeOptions};
 
@@ -72,11 +72,13 @@ fn deploy(tag: &str, rounds: u64, min_clients: usize, secagg: bool) -> Deploymen
         round: RoundConfig {
             local_epochs: 1,
             batch_size: 20,
+            max_local_steps: None,
             learning_rate: 0.1,
             seed: 3,
             secure_aggregation: secagg,
             dp: None,
             prox_mu: 0.0,
+            local_optimizer: LocalOptimizer::Sgd,
         },
         secagg: secagg.then(SecAggConfig::default),
         max_failed_rounds: 3,

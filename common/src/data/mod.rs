@@ -95,6 +95,23 @@ impl Shard {
     pub fn is_empty(&self) -> bool {
         self.indices.is_empty()
     }
+
+    /// At most `n` of this shard's examples, drawn without replacement
+    /// (seeded); the whole shard when it has no more than `n`.
+    pub fn sample(&self, n: usize, seed: u64) -> Shard {
+        use rand::SeedableRng;
+        use rand::seq::IndexedRandom;
+        let indices = if n >= self.len() {
+            self.indices.clone()
+        } else {
+            let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed);
+            self.indices.sample(&mut rng, n).copied().collect()
+        };
+        Shard {
+            data: Arc::clone(&self.data),
+            indices,
+        }
+    }
 }
 
 /// A train/test pair.
@@ -180,6 +197,8 @@ pub enum DatasetName {
     Synthetic,
     /// LEAF Shakespeare, split by speaking role (next character).
     LeafShakespeare,
+    /// Shakespeare from LEAF's per-role raw text, one owner per role.
+    ShakespeareRoles,
     /// Tiny Shakespeare (next character).
     TinyShakespeare,
     /// GLUE SST-2 (binary sentiment).
@@ -189,12 +208,13 @@ pub enum DatasetName {
 }
 
 impl DatasetName {
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 9] = [
         Self::Mnist,
         Self::FashionMnist,
         Self::Femnist,
         Self::Synthetic,
         Self::LeafShakespeare,
+        Self::ShakespeareRoles,
         Self::TinyShakespeare,
         Self::Sst2,
         Self::AgNews,
@@ -214,6 +234,7 @@ impl DatasetName {
             Self::Femnist => "femnist",
             Self::Synthetic => "synthetic",
             Self::LeafShakespeare => "leaf-shakespeare",
+            Self::ShakespeareRoles => "shakespeare-roles",
             Self::TinyShakespeare => "tiny-shakespeare",
             Self::Sst2 => "sst2",
             Self::AgNews => "ag-news",
@@ -224,7 +245,11 @@ impl DatasetName {
     pub fn is_text(self) -> bool {
         matches!(
             self,
-            Self::LeafShakespeare | Self::TinyShakespeare | Self::Sst2 | Self::AgNews
+            Self::LeafShakespeare
+                | Self::ShakespeareRoles
+                | Self::TinyShakespeare
+                | Self::Sst2
+                | Self::AgNews
         )
     }
 }
@@ -256,8 +281,40 @@ pub fn load(
         DatasetName::Femnist => leaf::load_femnist(data_dir),
         DatasetName::Synthetic => Ok(synthetic::SyntheticConfig::default().generate(seed)),
         DatasetName::LeafShakespeare => text::load_leaf_shakespeare(data_dir),
+        DatasetName::ShakespeareRoles => text::load_shakespeare_roles(data_dir),
         DatasetName::TinyShakespeare => text::load_tiny_shakespeare(data_dir),
         DatasetName::Sst2 => text::load_sst2(data_dir),
         DatasetName::AgNews => text::load_ag_news(data_dir),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sample_is_a_seeded_subset_without_repeats() {
+        let data = synthetic::SyntheticConfig {
+            train_examples: 50,
+            test_examples: 1,
+            ..Default::default()
+        }
+        .generate(1)
+        .train;
+        let shard = Shard {
+            data,
+            indices: (10..40).collect(),
+        };
+        let a = shard.sample(8, 3);
+        assert_eq!(a.len(), 8);
+        let mut seen = a.indices.clone();
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen.len(), 8, "no repeats");
+        assert!(a.indices.iter().all(|i| (10..40).contains(i)));
+        assert_eq!(a.indices, shard.sample(8, 3).indices, "seeded");
+        assert_ne!(a.indices, shard.sample(8, 4).indices);
+        assert_eq!(shard.sample(30, 3).indices, shard.indices);
+        assert_eq!(shard.sample(99, 3).indices, shard.indices);
     }
 }

@@ -11,6 +11,11 @@
 //!   labelled with the next character.
 //! - `leaf-shakespeare/`: LEAF JSON, 80-character strings and the next
 //!   character, one user per speaking role (the natural partition).
+//! - `shakespeare-roles`: LEAF's per-role raw text
+//!   (`leaf-shakespeare/by_play_and_character.json`, `{role: text}`), cut
+//!   into windows like Tiny Shakespeare, one owner per role with enough
+//!   text: hundreds of naturally non-IID clients instead of LEAF's sample
+//!   of 10.
 //!
 //! Vocabularies come from the training split only, so test text never
 //! leaks into the model's inputs; word vocabularies are ordered by count,
@@ -40,6 +45,15 @@ pub const MIN_WORD_COUNT: usize = 2;
 pub const TINY_SHAKESPEARE_STRIDE: usize = 10;
 /// Tiny Shakespeare: fraction of the text (the end) held out for testing.
 pub const TINY_SHAKESPEARE_TEST_FRACTION: f64 = 0.1;
+/// Shakespeare roles: characters between consecutive windows.
+pub const SHAKESPEARE_ROLES_STRIDE: usize = 10;
+/// Shakespeare roles: fraction of each role's text (the end) held out.
+pub const SHAKESPEARE_ROLES_TEST_FRACTION: f64 = 0.1;
+/// Shakespeare roles: roles with fewer training windows are left out
+/// (LEAF keeps users with at least 64 samples).
+pub const SHAKESPEARE_ROLES_MIN_WINDOWS: usize = 64;
+/// Shakespeare roles: the per-role text file, in [`LEAF_SHAKESPEARE_DIR`].
+pub const SHAKESPEARE_ROLES_FILE: &str = "by_play_and_character.json";
 /// AG News classes, in label order.
 pub const AG_NEWS_CLASSES: [&str; 4] = ["World", "Sports", "Business", "Sci/Tech"];
 
@@ -464,6 +478,71 @@ pub fn load_leaf_shakespeare(data_dir: &Path) -> Result<Split, DataError> {
     Ok(Split {
         train: Arc::new(encode(&train, &train_path, true)?),
         test: Arc::new(encode(&test, &test_path, false)?),
+    })
+}
+
+/// Shakespeare by role from LEAF's raw per-role text: each role's text
+/// is split by position (the last tenth tests, so no test window overlaps
+/// a training one), cut into windows of [`SHAKESPEARE_SEQ_LEN`] characters
+/// every [`SHAKESPEARE_ROLES_STRIDE`], and owned by its role (sorted by
+/// name). Roles with fewer than [`SHAKESPEARE_ROLES_MIN_WINDOWS`] training
+/// windows are left out.
+pub fn load_shakespeare_roles(data_dir: &Path) -> Result<Split, DataError> {
+    let path = data_dir
+        .join(LEAF_SHAKESPEARE_DIR)
+        .join(SHAKESPEARE_ROLES_FILE);
+    let text = read_text(&path, LEAF_SHAKESPEARE_DIR)?;
+    let roles: BTreeMap<String, String> = serde_json::from_str(&text)
+        .map_err(|e| malformed(&path, e.line(), format!("expected {{role: text}}: {e}")))?;
+    let min_chars = SHAKESPEARE_SEQ_LEN + SHAKESPEARE_ROLES_STRIDE * SHAKESPEARE_ROLES_MIN_WINDOWS;
+    let parts: Vec<(Vec<char>, usize)> = roles
+        .values()
+        .map(|t| {
+            let chars: Vec<char> = t.chars().collect();
+            let cut = ((1.0 - SHAKESPEARE_ROLES_TEST_FRACTION) * chars.len() as f64) as usize;
+            (chars, cut)
+        })
+        .filter(|(_, cut)| *cut >= min_chars)
+        .collect();
+    if parts.is_empty() {
+        return Err(DataError::Invalid(format!(
+            "{}: no role has the {min_chars} characters of training text it takes to be a client",
+            path.display()
+        )));
+    }
+    let train_text: Vec<String> = parts
+        .iter()
+        .map(|(chars, cut)| chars[..*cut].iter().collect())
+        .collect();
+    let vocab = CharVocab::build(train_text.iter().map(String::as_str));
+    let mut train = char_windows(&[], SHAKESPEARE_SEQ_LEN, 1, vocab.len());
+    let mut test = train.clone();
+    for (owner, (chars, cut)) in parts.iter().enumerate() {
+        let ids: Vec<u32> = chars.iter().map(|&c| vocab.id(c)).collect();
+        let (a, b) = ids.split_at(*cut);
+        let role_train = char_windows(
+            a,
+            SHAKESPEARE_SEQ_LEN,
+            SHAKESPEARE_ROLES_STRIDE,
+            vocab.len(),
+        );
+        let role_test = char_windows(
+            b,
+            SHAKESPEARE_SEQ_LEN,
+            SHAKESPEARE_ROLES_STRIDE,
+            vocab.len(),
+        );
+        train
+            .owners
+            .extend(std::iter::repeat_n(owner as u32, role_train.len()));
+        train.features.extend(role_train.features);
+        train.labels.extend(role_train.labels);
+        test.features.extend(role_test.features);
+        test.labels.extend(role_test.labels);
+    }
+    Ok(Split {
+        train: Arc::new(train),
+        test: Arc::new(test),
     })
 }
 

@@ -2,7 +2,7 @@
 //! object-safe [`FlModel`] trait that the client and server use.
 
 use burn::nn::loss::CrossEntropyLoss;
-use burn::optim::{GradientsParams, SgdConfig};
+use burn::optim::{AdamConfig, GradientsParams, SgdConfig};
 use burn::prelude::*;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -11,6 +11,7 @@ use rand_chacha::ChaCha20Rng;
 use super::flat::{ParamLayout, load_flat, to_flat};
 use super::{ModelError, ModelSpec};
 use crate::data::{Dataset, Shard};
+use crate::wire::LocalOptimizer;
 
 /// Examples per batch when evaluating (no gradients, so larger is fine).
 pub const EVAL_BATCH_SIZE: usize = 500;
@@ -38,6 +39,13 @@ pub trait Classifier: Module + Sized + 'static {
     ) -> Tensor<1> {
         loss.forward(self.logits(inputs), labels)
     }
+
+    /// Whether trailing padding columns may be cut from a token batch
+    /// without changing any output (padding masked out everywhere). Short
+    /// texts then cost their own length, not the longest allowed.
+    fn ignores_trailing_padding(&self) -> bool {
+        false
+    }
 }
 
 /// What one local training run should do.
@@ -45,11 +53,14 @@ pub trait Classifier: Module + Sized + 'static {
 pub struct TrainPlan {
     pub epochs: u32,
     pub batch_size: usize,
+    /// Stop after this many steps, even within an epoch.
+    pub max_steps: Option<usize>,
     pub learning_rate: f64,
     /// Seeds minibatch shuffling; callers mix in round and client.
     pub shuffle_seed: u64,
-    /// FedProx weight mu (0: plain SGD).
+    /// FedProx weight mu (0: off).
     pub prox_mu: f64,
+    pub optimizer: LocalOptimizer,
 }
 
 /// Outcome of local training.
@@ -58,7 +69,7 @@ pub struct TrainStats {
     /// Examples in the shard (the FedAvg weight).
     pub examples: usize,
     pub steps: usize,
-    /// Mean loss over the last epoch.
+    /// Mean loss over the last epoch (the steps of it that ran).
     pub last_epoch_loss: f32,
 }
 
@@ -124,10 +135,18 @@ impl<M: Classifier> BurnClassifier<M> {
         indices: &[usize],
         device: &Device,
     ) -> (Inputs, Tensor<1, Int>) {
-        let d = data.example_len();
+        let mut d = data.example_len();
+        if data.vocab_size > 0 && self.model.ignores_trailing_padding() {
+            d = indices
+                .iter()
+                .map(|&i| unpadded_len(data.example(i)))
+                .max()
+                .unwrap_or(0)
+                .max(1);
+        }
         let mut features = Vec::with_capacity(indices.len() * d);
         for &i in indices {
-            features.extend_from_slice(data.example(i));
+            features.extend_from_slice(&data.example(i)[..d]);
         }
         let mut shape = vec![indices.len()];
         shape.extend_from_slice(&data.example_shape);
@@ -137,7 +156,7 @@ impl<M: Classifier> BurnClassifier<M> {
             // Token ids are stored as exact f32s.
             let ids: Vec<i32> = features.iter().map(|&v| v as i32).collect();
             Inputs::Tokens(Tensor::<2, Int>::from_data(
-                TensorData::new(ids, [indices.len(), data.example_len()]),
+                TensorData::new(ids, [indices.len(), d]),
                 device,
             ))
         } else {
@@ -148,6 +167,14 @@ impl<M: Classifier> BurnClassifier<M> {
         };
         (x, y)
     }
+}
+
+/// Length of a token sequence without its trailing padding.
+fn unpadded_len(tokens: &[f32]) -> usize {
+    tokens
+        .iter()
+        .rposition(|&t| t != crate::data::text::PAD as f32)
+        .map_or(0, |last| last + 1)
 }
 
 impl<M: Classifier> FlModel for BurnClassifier<M> {
@@ -180,6 +207,11 @@ impl<M: Classifier> FlModel for BurnClassifier<M> {
                 "batch size must be at least 1".into(),
             ));
         }
+        if plan.max_steps == Some(0) {
+            return Err(ModelError::InvalidPlan(
+                "max steps must be at least 1".into(),
+            ));
+        }
         if !(plan.learning_rate > 0.0 && plan.learning_rate.is_finite()) {
             return Err(ModelError::InvalidPlan(format!(
                 "learning rate {} must be positive",
@@ -193,20 +225,28 @@ impl<M: Classifier> FlModel for BurnClassifier<M> {
             )));
         }
         let loss_fn = CrossEntropyLoss::new(None, &self.device);
-        let mut optim = SgdConfig::new().init();
+        let mut optim = match plan.optimizer {
+            LocalOptimizer::Sgd => SgdConfig::new().init(),
+            // PyTorch's epsilon (Burn defaults to 1e-5).
+            LocalOptimizer::Adam => AdamConfig::new().with_epsilon(1e-8).init(),
+        };
         let mut rng = ChaCha20Rng::seed_from_u64(plan.shuffle_seed);
         let mut order = shard.indices.clone();
         let mut model = self.model.clone();
-        // FedProx by proximal gradient steps: after each SGD step, the exact
+        // FedProx by proximal gradient steps: after each optimizer step, the exact
         // proximal map of (mu / 2) ||w - anchor||^2 with step size lr,
         // w <- anchor + (w - anchor) / (1 + lr mu).
         let anchor = (plan.prox_mu > 0.0).then(|| to_flat(&model));
         let shrink = (1.0 / (1.0 + plan.learning_rate * plan.prox_mu)) as f32;
         let (mut steps, mut last_epoch_loss) = (0, f32::NAN);
+        let max_steps = plan.max_steps.unwrap_or(usize::MAX);
         for _ in 0..plan.epochs {
+            if steps >= max_steps {
+                break;
+            }
             order.shuffle(&mut rng);
-            let mut loss_sum = 0.0f64;
-            for batch in order.chunks(plan.batch_size) {
+            let (mut loss_sum, mut seen) = (0.0f64, 0usize);
+            for batch in order.chunks(plan.batch_size).take(max_steps - steps) {
                 let (x, y) = self.batch(&shard.data, batch, &self.device);
                 let loss = model.training_loss(x, y, &loss_fn);
                 loss_sum += f64::from(loss.clone().into_scalar::<f32>()) * batch.len() as f64;
@@ -220,8 +260,9 @@ impl<M: Classifier> FlModel for BurnClassifier<M> {
                     model = load_flat(model, &w);
                 }
                 steps += 1;
+                seen += batch.len();
             }
-            last_epoch_loss = (loss_sum / order.len().max(1) as f64) as f32;
+            last_epoch_loss = (loss_sum / seen.max(1) as f64) as f32;
         }
         if !last_epoch_loss.is_finite() && plan.epochs > 0 && !order.is_empty() {
             return Err(ModelError::Diverged(last_epoch_loss));

@@ -3,6 +3,7 @@ use std::sync::Arc;
 use super::*;
 use crate::data::Shard;
 use crate::data::synthetic::SyntheticConfig;
+use crate::wire::LocalOptimizer;
 
 fn mnist_shape() -> DataShape {
     DataShape {
@@ -115,9 +116,11 @@ fn training_learns_the_synthetic_task() {
             &TrainPlan {
                 epochs: 2,
                 batch_size: 20,
+                max_steps: None,
                 learning_rate: 0.1,
                 shuffle_seed: 1,
                 prox_mu: 0.0,
+                optimizer: LocalOptimizer::Sgd,
             },
         )
         .unwrap();
@@ -127,6 +130,99 @@ fn training_learns_the_synthetic_task() {
     assert!(after.loss < before.loss, "{before:?} -> {after:?}");
     assert!(after.accuracy > 0.5, "{after:?}");
     assert_eq!(after.examples, 200);
+}
+
+/// Adam's first step is lr * m / sqrt(v) = lr * sign(g) after bias
+/// correction: every parameter with a gradient moves by the learning rate,
+/// whatever the gradient's size. SGD moves each by lr * |g| instead.
+#[test]
+fn the_adam_plan_takes_adam_steps() {
+    let split = SyntheticConfig {
+        train_examples: 40,
+        test_examples: 1,
+        ..Default::default()
+    }
+    .generate(5);
+    let lr = 1e-3;
+    let step = |optimizer| {
+        let mut m = build("cnn", &mnist_shape(), &Device::flex()).unwrap();
+        let before = m.params();
+        let plan = TrainPlan {
+            epochs: 1,
+            batch_size: 40,
+            max_steps: None,
+            learning_rate: lr,
+            shuffle_seed: 0,
+            prox_mu: 0.0,
+            optimizer,
+        };
+        m.train(&Shard::whole(Arc::clone(&split.train)), &plan)
+            .unwrap();
+        let moved: Vec<f64> = m
+            .params()
+            .iter()
+            .zip(&before)
+            .map(|(a, b)| f64::from((a - b).abs()))
+            .filter(|&d| d > 0.0)
+            .collect();
+        assert!(
+            moved.len() > before.len() / 2,
+            "{} of {}",
+            moved.len(),
+            before.len()
+        );
+        moved
+    };
+    let adam = step(LocalOptimizer::Adam);
+    let near_lr = adam.iter().filter(|&&d| (d - lr).abs() < 0.05 * lr).count();
+    assert!(adam.iter().all(|&d| d < 1.01 * lr));
+    assert!(near_lr > adam.len() * 9 / 10, "{near_lr} of {}", adam.len());
+    let sgd = step(LocalOptimizer::Sgd);
+    let sgd_near_lr = sgd.iter().filter(|&&d| (d - lr).abs() < 0.05 * lr).count();
+    assert!(
+        sgd_near_lr < sgd.len() / 10,
+        "{sgd_near_lr} of {}",
+        sgd.len()
+    );
+}
+
+#[test]
+fn max_steps_caps_local_training_across_epochs() {
+    let split = SyntheticConfig {
+        train_examples: 100,
+        test_examples: 1,
+        ..Default::default()
+    }
+    .generate(3);
+    let shard = Shard::whole(split.train);
+    let init = build("cnn", &mnist_shape(), &Device::flex())
+        .unwrap()
+        .params();
+    let run = |epochs, max_steps| {
+        let mut m = build("cnn", &mnist_shape(), &Device::flex()).unwrap();
+        m.set_params(&init).unwrap();
+        let plan = TrainPlan {
+            epochs,
+            batch_size: 10,
+            max_steps,
+            learning_rate: 0.05,
+            shuffle_seed: 2,
+            prox_mu: 0.0,
+            optimizer: LocalOptimizer::Sgd,
+        };
+        let stats = m.train(&shard, &plan).unwrap();
+        (stats, m.params())
+    };
+    // 10 steps per epoch: a cap of 4 stops inside the first epoch, 13
+    // inside the second; no cap runs all 30.
+    assert_eq!(run(3, Some(4)).0.steps, 4);
+    assert_eq!(run(3, Some(13)).0.steps, 13);
+    assert_eq!(run(3, None).0.steps, 30);
+    // The capped run is the uncapped one stopped early: same batches.
+    assert!(run(1, Some(10)).1 == run(1, None).1);
+    assert!(run(3, Some(30)).1 == run(3, None).1);
+    assert!(run(3, Some(13)).1 != run(3, None).1);
+    assert_eq!(run(1, Some(4)).0.examples, 100);
 }
 
 #[test]
@@ -141,9 +237,20 @@ fn invalid_plans_are_refused() {
     let plan = TrainPlan {
         epochs: 1,
         batch_size: 0,
+        max_steps: None,
         learning_rate: 0.1,
         shuffle_seed: 0,
         prox_mu: 0.0,
+        optimizer: LocalOptimizer::Sgd,
+    };
+    assert!(matches!(
+        m.train(&Shard::whole(Arc::clone(&split.train)), &plan),
+        Err(ModelError::InvalidPlan(_))
+    ));
+    let plan = TrainPlan {
+        batch_size: 1,
+        max_steps: Some(0),
+        ..plan
     };
     assert!(matches!(
         m.train(&Shard::whole(split.train), &plan),
@@ -186,9 +293,11 @@ fn the_proximal_term_pulls_the_local_model_towards_the_global_one() {
             &TrainPlan {
                 epochs: 1,
                 batch_size: 20,
+                max_steps: None,
                 learning_rate: 0.1,
                 shuffle_seed: 2,
                 prox_mu: mu,
+                optimizer: LocalOptimizer::Sgd,
             },
         )
         .unwrap();

@@ -182,6 +182,12 @@ impl Classifier for TextTransformer {
             inputs => loss.forward(self.logits(inputs), labels),
         }
     }
+
+    /// The classifier masks padding out of attention and out of the pool;
+    /// the language model reads out at the last position, so it may not.
+    fn ignores_trailing_padding(&self) -> bool {
+        !self.causal
+    }
 }
 
 #[cfg(test)]

@@ -152,9 +152,9 @@ impl CoordinatorConfig {
             )));
         }
         let r = &self.round;
-        if r.local_epochs == 0 || r.batch_size == 0 {
+        if r.local_epochs == 0 || r.batch_size == 0 || r.max_local_steps == Some(0) {
             return Err(ConfigError(
-                "local epochs and batch size must be at least 1".into(),
+                "local epochs, batch size and max local steps must be at least 1".into(),
             ));
         }
         if !(r.learning_rate > 0.0 && r.learning_rate.is_finite()) {

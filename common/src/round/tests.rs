@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 
 use super::server::SecAggConfig;
 use super::*;
-use crate::wire::{Evaluation, Message, ModelSpec, ReasonCode, RoundConfig, Update};
+use crate::wire::{
+    Evaluation, LocalOptimizer, Message, ModelSpec, ReasonCode, RoundConfig, Update,
+};
 
 const D: usize = 4;
 
@@ -29,11 +31,13 @@ fn cfg(rounds: u64, min_clients: usize, fraction: f64) -> CoordinatorConfig {
         round: RoundConfig {
             local_epochs: 1,
             batch_size: 10,
+            max_local_steps: None,
             learning_rate: 0.1,
             seed: 1,
             secure_aggregation: false,
             dp: None,
             prox_mu: 0.0,
+            local_optimizer: LocalOptimizer::Sgd,
         },
         secagg: None,
         max_failed_rounds: 5,

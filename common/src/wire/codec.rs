@@ -443,11 +443,13 @@ mod tests {
                 config: RoundConfig {
                     local_epochs: 5,
                     batch_size: 10,
+                    max_local_steps: None,
                     learning_rate: 0.05,
                     seed: 42,
                     secure_aggregation: false,
                     dp: None,
                     prox_mu: 0.0,
+                    local_optimizer: LocalOptimizer::Adam,
                 },
                 global_model: vec![1.0, -2.0, f32::MIN_POSITIVE],
             }),

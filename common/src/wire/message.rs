@@ -9,7 +9,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change to the messages or the frame layout.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Identifies a model architecture and its exact parameter layout.
 ///
@@ -28,6 +28,9 @@ pub struct ModelSpec {
 pub struct RoundConfig {
     pub local_epochs: u32,
     pub batch_size: u32,
+    /// Caps local training at this many minibatch steps (over all epochs),
+    /// so clients with large shards do bounded work per round.
+    pub max_local_steps: Option<u32>,
     pub learning_rate: f32,
     /// Seeds the client's minibatch shuffling (mixed with the round and client).
     pub seed: u64,
@@ -38,6 +41,42 @@ pub struct RoundConfig {
     /// FedProx (Li et al. 2020): weight mu of the proximal term
     /// (mu / 2) ||w - w_global||^2 in the local objective; 0 is plain SGD.
     pub prox_mu: f32,
+    /// The optimizer of local training.
+    pub local_optimizer: LocalOptimizer,
+}
+
+/// The optimizer a client trains with locally. Its state (Adam's moments)
+/// starts fresh every round, so nothing but the model crosses rounds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LocalOptimizer {
+    /// Plain minibatch SGD.
+    #[default]
+    Sgd,
+    /// Adam (Kingma and Ba 2015) with its usual betas (0.9, 0.999): what
+    /// transformers trained from scratch need to learn in few local steps.
+    Adam,
+}
+
+impl std::str::FromStr for LocalOptimizer {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "sgd" => Ok(Self::Sgd),
+            "adam" => Ok(Self::Adam),
+            _ => Err(format!("unknown local optimizer {s:?} (sgd or adam)")),
+        }
+    }
+}
+
+impl std::fmt::Display for LocalOptimizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Sgd => "sgd",
+            Self::Adam => "adam",
+        })
+    }
 }
 
 /// Client → server: first message on a connection.

@@ -17,6 +17,7 @@ use fedveil_common::data::{Dataset, Shard};
 use fedveil_common::model::{self, DataShape, DeviceSpec, TrainPlan};
 use fedveil_common::secagg::local::{Drops, run_round};
 use fedveil_common::secagg::{SecAggParams, prg};
+use fedveil_common::wire::LocalOptimizer;
 use std::collections::BTreeMap;
 
 #[derive(Parser)]
@@ -128,9 +129,11 @@ fn main() -> Result<()> {
             let plan = |n: usize| TrainPlan {
                 epochs: 1,
                 batch_size: batch,
+                max_steps: None,
                 learning_rate: 0.01,
                 shuffle_seed: n as u64,
                 prox_mu: 0.0,
+                optimizer: LocalOptimizer::Sgd,
             };
             let shard = |n: usize| Shard {
                 data: Arc::clone(&data),
@@ -249,11 +252,13 @@ fn checkpoint(commits: usize, dir: &std::path::Path) -> Result<()> {
         round: RoundConfig {
             local_epochs: 1,
             batch_size: 10,
+            max_local_steps: None,
             learning_rate: 0.1,
             seed: 1,
             secure_aggregation: false,
             dp: None,
             prox_mu: 0.0,
+            local_optimizer: LocalOptimizer::Sgd,
         },
         secagg: None,
         max_failed_rounds: 1,

@@ -167,6 +167,54 @@ fn leaf_shakespeare_gives_each_role_its_own_owner() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+#[test]
+fn shakespeare_roles_give_each_role_with_enough_text_its_own_owner() {
+    let dir = temp_dir("roles");
+    let root = dir.join(LEAF_SHAKESPEARE_DIR);
+    std::fs::create_dir_all(&root).unwrap();
+    let min = SHAKESPEARE_SEQ_LEN + SHAKESPEARE_ROLES_STRIDE * SHAKESPEARE_ROLES_MIN_WINDOWS;
+    // Long enough that 90% of it still makes the minimum.
+    let long = |c: &str| c.repeat(min * 2);
+    let roles = serde_json::json!({
+        "ROMEO": long("ab"),
+        "JULIET": format!("{}{}", long("c"), "z".repeat(min / 20)),
+        "NURSE": "too short",
+    });
+    std::fs::write(root.join(SHAKESPEARE_ROLES_FILE), roles.to_string()).unwrap();
+    let split = load_shakespeare_roles(&dir).unwrap();
+    // NURSE is left out; JULIET 0, ROMEO 1 (sorted by name).
+    let owners: std::collections::BTreeSet<u32> = split.train.owners.iter().copied().collect();
+    assert_eq!(owners.into_iter().collect::<Vec<_>>(), vec![0, 1]);
+    assert_eq!(split.train.owners.len(), split.train.len());
+    // JULIET's held-out end is all z, a character her training text never
+    // has: the test split is cut off by position, not sampled.
+    assert!(
+        split.train.vocab_size < 6,
+        "PAD, UNK, a, b, c (z only in the end)"
+    );
+    let juliet_test = (0..split.test.len())
+        .filter(|&i| split.test.example(i).contains(&(UNK as f32)))
+        .count();
+    assert!(juliet_test > 0);
+    // Windows are SHAKESPEARE_SEQ_LEN long, the label follows them.
+    assert_eq!(split.train.example_len(), SHAKESPEARE_SEQ_LEN);
+    let first_romeo = split.train.owners.iter().position(|&o| o == 1).unwrap();
+    let x = split.train.example(first_romeo);
+    assert_ne!(x[0], x[1], "abab...");
+    assert_eq!(
+        split.train.labels[first_romeo] as f32,
+        x[SHAKESPEARE_SEQ_LEN - 2]
+    );
+
+    std::fs::write(root.join(SHAKESPEARE_ROLES_FILE), "{\"ROMEO\":\n 3}").unwrap();
+    let err = load_shakespeare_roles(&dir).unwrap_err().to_string();
+    assert!(err.contains("by_play_and_character.json:2:"), "{err}");
+    std::fs::write(root.join(SHAKESPEARE_ROLES_FILE), "{\"NURSE\": \"short\"}").unwrap();
+    let err = load_shakespeare_roles(&dir).unwrap_err().to_string();
+    assert!(err.contains("no role has"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 fn real_data() -> Option<PathBuf> {
     std::env::var_os(super::super::DATA_DIR_ENV)
         .map(PathBuf::from)
@@ -188,6 +236,16 @@ fn real_text_datasets_when_available() {
     assert_eq!((leaf.train.len(), leaf.test.len()), (41_990, 3_881));
     let roles: std::collections::BTreeSet<u32> = leaf.train.owners.iter().copied().collect();
     assert_eq!(roles.len(), 10);
+    let roles = load_shakespeare_roles(&dir).unwrap();
+    let owners: std::collections::BTreeSet<u32> = roles.train.owners.iter().copied().collect();
+    eprintln!(
+        "shakespeare-roles: {} roles, {} train / {} test windows, vocabulary {}",
+        owners.len(),
+        roles.train.len(),
+        roles.test.len(),
+        roles.train.vocab_size
+    );
+    assert!(owners.len() > 100, "{} roles", owners.len());
     let tiny = load_tiny_shakespeare(&dir).unwrap();
     assert_eq!(tiny.train.vocab_size, 65 + 2);
 }

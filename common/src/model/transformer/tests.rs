@@ -5,6 +5,7 @@ use burn::prelude::*;
 use super::*;
 use crate::data::{Dataset, Shard};
 use crate::model::{DataShape, TrainPlan, build};
+use crate::wire::LocalOptimizer;
 
 fn text_shape(seq: usize, classes: usize, vocab: usize) -> DataShape {
     DataShape {
@@ -114,9 +115,11 @@ fn a_tiny_transformer_overfits_a_tiny_batch_through_the_fl_interface() {
     let plan = TrainPlan {
         epochs: 60,
         batch_size: 6,
+        max_steps: None,
         learning_rate: 0.05,
         shuffle_seed: 1,
         prox_mu: 0.0,
+        optimizer: LocalOptimizer::Sgd,
     };
     m.train(&shard, &plan).unwrap();
     let after = m.evaluate(&shard);
@@ -217,4 +220,37 @@ fn the_language_model_is_trained_on_every_next_token() {
         .training_loss(Inputs::Tokens(t), int(vec![2]), &ce)
         .into_scalar::<f32>();
     assert_eq!(plain, trained);
+}
+
+/// Batches of short texts are cut to their longest member; the classifier
+/// must score them exactly as it scores the full padded rows.
+#[test]
+fn cutting_trailing_padding_from_batches_changes_no_score() {
+    use crate::model::FlModel;
+    use crate::model::classifier::BurnClassifier;
+
+    let seq = 12;
+    let mut data = tiny_text(10, seq);
+    for (i, row) in data.features.chunks_mut(seq).enumerate() {
+        // Lengths 1 to 5, the rest PAD: every batch has padding to cut.
+        row[1 + i % 5..].fill(PAD as f32);
+    }
+    let data = Arc::new(data);
+    let device = Device::flex();
+    let cfg = TextTransformerConfig::new(20, seq, 3)
+        .with_d_model(16)
+        .with_n_heads(2)
+        .with_d_ff(32);
+    let m = BurnClassifier::new("transformer-cls", |d| cfg.init(d), &device);
+    let eval = m.evaluate(&Shard::whole(Arc::clone(&data)));
+
+    let rows: Vec<i32> = data.features.iter().map(|&v| v as i32).collect();
+    let full = Tensor::<2, Int>::from_data(TensorData::new(rows, [10, seq]), &device);
+    let labels: Vec<i32> = data.labels.iter().map(|&l| l as i32).collect();
+    let labels = Tensor::<1, Int>::from_data(TensorData::new(labels, [10]), &device);
+    let logits = m.module().valid().forward(full);
+    let loss = burn::nn::loss::CrossEntropyLoss::new(None, &device)
+        .forward(logits, labels)
+        .into_scalar::<f32>();
+    assert!((eval.loss - loss).abs() < 1e-5, "{} vs {loss}", eval.loss);
 }
