@@ -40,6 +40,24 @@ pub struct ClientOptions {
     /// Signs this node's SecAgg keys and checks its neighbours' (set for
     /// enrolled nodes).
     pub attestor: Option<Arc<dyn fedveil_common::secagg::KeyAttestor>>,
+    /// Injected faults (simulations): consulted before each message leaves.
+    pub faults: Option<Arc<dyn FaultHook>>,
+}
+
+/// Fault injection for simulations: decides, before each message this node
+/// sends, whether it goes out now, late, or never (the node vanishes).
+pub trait FaultHook: Send + Sync + std::fmt::Debug {
+    fn before_send(&self, message: &Message) -> Fault;
+}
+
+/// What a [`FaultHook`] does to one outgoing message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    Send,
+    /// Send after this delay (a straggler).
+    Delay(Duration),
+    /// Drop the connection instead of sending (a client that vanishes).
+    Vanish,
 }
 
 impl ClientOptions {
@@ -58,6 +76,7 @@ impl ClientOptions {
             retry: RetryPolicy::default(),
             tls: None,
             attestor: None,
+            faults: None,
         }
     }
 
@@ -136,6 +155,9 @@ pub enum ClientError {
     Unreachable { attempts: u32, last: String },
     #[error("{0}")]
     Rejected(Rejection),
+    /// A [`FaultHook`] made this node vanish in `round`.
+    #[error("vanished in round {round} (injected fault)")]
+    Vanished { round: u64 },
 }
 
 impl ClientError {
@@ -190,6 +212,15 @@ pub async fn run(
     let result = async {
         loop {
             while let Some(msg) = session.poll_transmit() {
+                match opts.faults.as_ref().map_or(Fault::Send, |f| f.before_send(&msg)) {
+                    Fault::Send => {}
+                    Fault::Delay(delay) => tokio::time::sleep(delay).await,
+                    Fault::Vanish => {
+                        let round = msg.round().unwrap_or_default();
+                        tracing::info!(node = %opts.node_name, round, "vanishing (injected fault)");
+                        return Err(ClientError::Vanished { round });
+                    }
+                }
                 report.bytes_sent += net::write_message(&mut send, &msg).await?;
             }
             let msg = match reader.next().await {

@@ -6,5 +6,5 @@ pub mod driver;
 pub mod enrol;
 pub mod trainer;
 
-pub use driver::{ClientError, ClientOptions, ClientReport, run};
+pub use driver::{ClientError, ClientOptions, ClientReport, Fault, FaultHook, run};
 pub use trainer::{LocalTrainer, Trainer};

@@ -7,6 +7,8 @@ use fedveil_common::dp::adaptive::{DEFAULT_CLIP_LEARNING_RATE, DEFAULT_TARGET_QU
 use fedveil_common::dp::{AdaptiveClipping, DpConfig, Mechanism, NoiseLevel};
 use fedveil_common::server_opt;
 use fedveil_common::wire::LocalOptimizer;
+
+use crate::faults::{DelayDist, FaultPlan};
 use serde::{Deserialize, Serialize};
 
 /// Everything a simulation run needs. TOML keys are the field names;
@@ -42,6 +44,12 @@ pub struct SimConfig {
     pub train_limit: usize,
     /// Seconds before a round completes without its stragglers.
     pub round_timeout: f64,
+    /// Probability that a sampled client vanishes in a round, at a stage of
+    /// the protocol drawn uniformly (it rejoins shortly after).
+    pub dropout: f64,
+    /// Delay before a client's update leaves: `exp:MEAN`, `fixed:D` or
+    /// `uniform:LO..HI` (e.g. `exp:2s`).
+    pub straggler_delay: Option<String>,
     /// Local trainings running at once (default: number of cores).
     pub max_concurrent_training: Option<usize>,
     /// Results directory (default: results/sim-UNIXTIME).
@@ -115,6 +123,8 @@ impl Default for SimConfig {
             seed: 0,
             train_limit: 10_000,
             round_timeout: 600.0,
+            dropout: 0.0,
+            straggler_delay: None,
             max_concurrent_training: None,
             out: None,
             secagg: true,
@@ -168,6 +178,17 @@ impl SimConfig {
                     self.round_timeout
                 )
             })
+    }
+
+    /// The faults to inject.
+    pub fn fault_plan(&self) -> anyhow::Result<FaultPlan> {
+        let delay = self
+            .straggler_delay
+            .as_deref()
+            .map(str::parse::<DelayDist>)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("straggler delay {e}"))?;
+        FaultPlan::new(self.dropout, delay, self.seed).map_err(anyhow::Error::msg)
     }
 
     /// The DP settings, if DP is on.

@@ -4,6 +4,7 @@
 //! shared.
 
 pub mod config;
+pub mod faults;
 pub mod progress;
 
 use std::sync::Arc;
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use fedveil_client::trainer::mix_seed;
-use fedveil_client::{ClientOptions, ClientReport, LocalTrainer, Trainer};
+use fedveil_client::{ClientError, ClientOptions, ClientReport, FaultHook, LocalTrainer, Trainer};
 use fedveil_common::data::{self, DatasetName, Download, Partition, Shard, Split};
 use fedveil_common::model::{DataShape, DeviceSpec};
 use fedveil_common::net::{self, NodeRegistry, ServerIdentity};
@@ -31,12 +32,18 @@ pub use config::SimConfig;
 /// buffer and stall on retransmission timers.
 pub const SIM_CONCURRENT_HANDSHAKES: usize = 64;
 
+/// How long a client that cannot rejoin waits to learn whether the run
+/// is simply over.
+pub const SIM_SERVER_END_WAIT: Duration = Duration::from_secs(5);
+
 /// What a simulation produced.
 #[derive(Debug)]
 pub struct SimReport {
     pub server: RunReport,
     pub clients: Vec<Result<ClientReport, String>>,
     pub wall: Duration,
+    /// Faults injected (see [`faults`]).
+    pub faults: faults::FaultTally,
 }
 
 /// Where the data came from, for the run summary.
@@ -103,8 +110,15 @@ pub async fn run(cfg: &SimConfig, split: &Split, observer: &mut dyn Observer) ->
         clip: cfg.secagg_clip,
         // Weights are example counts over the largest shard: full resolution.
         max_weight: largest_shard.max(1),
+        // The Shamir threshold must survive the dropout the run injects.
+        expected_dropout: SecAggConfig::default().expected_dropout.max(cfg.dropout),
         ..SecAggConfig::default()
     });
+    let fault_plan = cfg.fault_plan()?;
+    let fault_log = Arc::new(faults::FaultLog::default());
+    // Set when the server's run is over: a client that vanished in the last
+    // round finds no server to rejoin, which is no failure.
+    let (server_done, server_done_rx) = tokio::sync::watch::channel(false);
     // DP: Poisson sampling at rate `fraction` over the whole population,
     // which is also the largest cohort the distributed encoding must fit.
     let dp = cfg
@@ -206,6 +220,11 @@ pub async fn run(cfg: &SimConfig, split: &Split, observer: &mut dyn Observer) ->
         let endpoint = client_endpoint.clone();
         let slots = Arc::clone(&slots);
         let connect_slots = Arc::clone(&connect_slots);
+        let faults = fault_plan.is_active().then(|| {
+            Arc::new(fault_plan.hook(i as u64, Arc::clone(&fault_log))) as Arc<dyn FaultHook>
+        });
+        let fault_log = Arc::clone(&fault_log);
+        let mut server_done = server_done_rx.clone();
         clients.spawn(async move {
             let name = client_name(i);
             let identity = {
@@ -225,9 +244,53 @@ pub async fn run(cfg: &SimConfig, split: &Split, observer: &mut dyn Observer) ->
                 .map_err(|e| format!("{name}: {e}"))?;
             opts.training_slots = Some(slots);
             opts.connect_slots = Some(connect_slots);
-            fedveil_client::run(&endpoint, &opts, trainer)
-                .await
-                .map_err(|e| format!("{name}: {e}"))
+            opts.faults = faults;
+            // A client that vanished comes back after a while, as a new
+            // connection; its rounds add up over its connections.
+            let (mut rounds_trained, mut vanished) = (0, false);
+            let gone_report = |rounds_trained| ClientReport {
+                client_id: None,
+                rounds_trained,
+                server_rounds_completed: 0,
+                bytes_sent: 0,
+                bytes_received: 0,
+            };
+            loop {
+                let run = fedveil_client::run(&endpoint, &opts, Arc::clone(&trainer));
+                let result = if vanished {
+                    // A rejoining client stops trying once the run is over.
+                    tokio::select! {
+                        result = run => result,
+                        _ = server_done.wait_for(|done| *done) => return Ok(gone_report(rounds_trained)),
+                    }
+                } else {
+                    run.await
+                };
+                match result {
+                    Err(ClientError::Vanished { round }) => {
+                        rounds_trained += u64::from(round > 0);
+                        vanished = true;
+                        tokio::time::sleep(faults::REJOIN_DELAY).await;
+                        fault_log.rejoined();
+                    }
+                    Ok(mut report) => {
+                        report.rounds_trained += rounds_trained;
+                        return Ok(report);
+                    }
+                    Err(e) => {
+                        let run_over = tokio::time::timeout(
+                            SIM_SERVER_END_WAIT,
+                            server_done.wait_for(|done| *done),
+                        )
+                        .await
+                        .is_ok_and(|r| r.is_ok());
+                        if vanished && run_over {
+                            return Ok(gone_report(rounds_trained));
+                        }
+                        return Err(format!("{name}: {e}"));
+                    }
+                }
+            }
         });
     }
     // If every client has ended (all refused or failed), nobody is left to
@@ -259,12 +322,14 @@ pub async fn run(cfg: &SimConfig, split: &Split, observer: &mut dyn Observer) ->
         },
     )
     .await;
+    let _ = server_done.send(true);
     let client_reports = collector.await.context("collecting client reports")?;
     client_endpoint.close(net::CLOSE_OK.into(), b"done");
     Ok(SimReport {
         server: server_report,
         clients: client_reports,
         wall: started.elapsed(),
+        faults: fault_log.tally(),
     })
 }
 

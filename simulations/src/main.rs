@@ -74,6 +74,14 @@ struct Cli {
     /// Use only the first N training examples; 0 = all [default: 10000].
     #[arg(long)]
     train_limit: Option<usize>,
+    /// Probability that a sampled client vanishes in a round, at a uniformly
+    /// drawn stage of the protocol; it rejoins a second later [default: 0].
+    #[arg(long)]
+    dropout: Option<f64>,
+    /// Delay before each client's update leaves: exp:MEAN, fixed:D or
+    /// uniform:LO..HI, e.g. exp:2s [default: none].
+    #[arg(long)]
+    straggler_delay: Option<String>,
     /// Seconds before a round completes without stragglers [default: 600].
     #[arg(long)]
     round_timeout: Option<f64>,
@@ -241,6 +249,7 @@ impl Cli {
             seed,
             train_limit,
             round_timeout,
+            dropout,
             secagg,
             secagg_bits,
             secagg_clip,
@@ -267,6 +276,7 @@ impl Cli {
             dp_min_contributors,
             clip_count_noise,
             max_local_steps,
+            straggler_delay,
             server_lr
         );
         if self.secagg_degree.is_some() {
@@ -358,9 +368,18 @@ fn main() -> Result<()> {
         .filter_map(|r| r.as_ref().err())
         .collect();
     println!("\nsummary");
+    // A failed round (no valid update, or secure aggregation could not
+    // recover) is run again, up to the coordinator's failure limit.
     println!(
-        "  rounds completed   {} of {} ({} failed)",
-        report.server.rounds_completed, cfg.rounds, report.server.rounds_failed
+        "  rounds             {} of {} completed, {} failed and retried{}",
+        report.server.rounds_completed,
+        cfg.rounds,
+        report.server.rounds_failed,
+        if report.server.rounds_completed < cfg.rounds {
+            ", run aborted"
+        } else {
+            ""
+        }
     );
     if let (Some(last), Some(best)) = (
         m.last(),
@@ -390,6 +409,29 @@ fn main() -> Result<()> {
             cfg.delta
         );
     }
+    let f = &report.faults;
+    if fault_plan_active(&cfg) {
+        let stages: Vec<String> = f
+            .vanished
+            .iter()
+            .map(|(stage, n)| format!("{n} {}", stage.as_str()))
+            .collect();
+        println!(
+            "  clients vanished   {} ({}), rejoined {}",
+            f.vanished_total(),
+            if stages.is_empty() {
+                "none".to_owned()
+            } else {
+                stages.join(", ")
+            },
+            f.rejoined
+        );
+        println!(
+            "  stragglers         {} updates late, {:.1}s of delay in all",
+            f.delayed,
+            f.total_delay.as_secs_f64()
+        );
+    }
     println!("  wall time          {:.1}s", report.wall.as_secs_f64());
     println!("  clients failed     {}", failed_clients.len());
     for f in failed_clients.iter().take(5) {
@@ -397,6 +439,10 @@ fn main() -> Result<()> {
     }
     println!("  results            {}", out.display());
     Ok(())
+}
+
+fn fault_plan_active(cfg: &SimConfig) -> bool {
+    cfg.fault_plan().is_ok_and(|p| p.is_active())
 }
 
 #[cfg(test)]

@@ -407,6 +407,17 @@ impl Message {
         }
     }
 
+    /// The round a message belongs to, for the messages of a round.
+    pub fn round(&self) -> Option<u64> {
+        match self {
+            Message::RoundStart(m) => Some(m.round),
+            Message::Update(m) => Some(m.round),
+            Message::Evaluation(m) => Some(m.round),
+            Message::SecAgg(m) => Some(m.round()),
+            _ => None,
+        }
+    }
+
     /// The bulk vector this message carries outside its serde header, if any.
     pub fn payload(&self) -> Option<Payload<'_>> {
         match self {
