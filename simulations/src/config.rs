@@ -16,6 +16,9 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SimConfig {
+    /// The run's name, in plot titles [default: the config file's name,
+    /// else the results directory's].
+    pub name: Option<String>,
     /// A dataset name (`fedveil_common::data::DatasetName`): mnist,
     /// fashion-mnist, femnist, synthetic or a text set.
     pub dataset: String,
@@ -107,6 +110,7 @@ pub struct SimConfig {
 impl Default for SimConfig {
     fn default() -> Self {
         Self {
+            name: None,
             dataset: "mnist".into(),
             data_dir: None,
             partition: "iid".into(),

@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod faults;
+pub mod plots;
 pub mod progress;
 
 use std::sync::Arc;
@@ -331,6 +332,22 @@ pub async fn run(cfg: &SimConfig, split: &Split, observer: &mut dyn Observer) ->
         wall: started.elapsed(),
         faults: fault_log.tally(),
     })
+}
+
+/// Writes the global model `params` as safetensors (PyTorch's layout).
+pub fn save_model(
+    cfg: &SimConfig,
+    split: &Split,
+    params: &[f32],
+    path: &std::path::Path,
+) -> Result<()> {
+    let device = cfg.device.parse::<DeviceSpec>()?.device()?;
+    let mut model =
+        fedveil_common::model::build(&cfg.model, &DataShape::of(&split.train), &device)?;
+    model.set_params(params)?;
+    model
+        .save_safetensors(path)
+        .with_context(|| format!("saving the global model to {}", path.display()))
 }
 
 /// The name simulated client `i` enrols as.

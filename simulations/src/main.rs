@@ -4,15 +4,15 @@
 //! are found (or can be downloaded), otherwise the synthetic dataset, saying
 //! so plainly.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use fedveil_common::dp::rdp;
 use fedveil_server::setup::MetricsFiles;
-use fedveil_sim::SimConfig;
 use fedveil_sim::progress::{ProgressObserver, human_bytes};
+use fedveil_sim::{SimConfig, plots};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -177,6 +177,37 @@ enum Command {
     /// Gaussian): prints epsilon, or with --target-epsilon the noise
     /// multiplier, as a bare number on the last line.
     Privacy(PrivacyArgs),
+    /// Draws two or more finished runs on the same axes (accuracy, loss,
+    /// epsilon, traffic, round time), as PNG and SVG.
+    Compare(CompareArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct CompareArgs {
+    /// Results directories (each with its metrics.jsonl).
+    #[arg(required = true, num_args = 2..)]
+    runs: Vec<PathBuf>,
+    /// Where the charts go [default: results/compare-A-vs-B].
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+impl CompareArgs {
+    fn run(&self) -> Result<()> {
+        let runs = self
+            .runs
+            .iter()
+            .map(|dir| plots::Run::load(dir))
+            .collect::<Result<Vec<_>>>()?;
+        let out = self.out.clone().unwrap_or_else(|| {
+            let names: Vec<&str> = runs.iter().map(|r| r.name.as_str()).collect();
+            PathBuf::from("results").join(format!("compare-{}", names.join("-vs-")))
+        });
+        for file in plots::plot_runs(&out, &runs)? {
+            println!("{}", file.display());
+        }
+        Ok(())
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -300,8 +331,10 @@ impl Cli {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    if let Some(Command::Privacy(args)) = &cli.command {
-        return args.run();
+    match &cli.command {
+        Some(Command::Privacy(args)) => return args.run(),
+        Some(Command::Compare(args)) => return args.run(),
+        None => {}
     }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).context("--log")?)
@@ -320,6 +353,18 @@ fn main() -> Result<()> {
         PathBuf::from("results").join(format!("sim-{secs}"))
     });
     cfg.out = Some(out.clone());
+    let name = cfg.name.clone().unwrap_or_else(|| {
+        let from = cli
+            .config
+            .as_deref()
+            .and_then(Path::file_stem)
+            .or(out.file_name());
+        from.map_or_else(
+            || "fedveil-sim".to_owned(),
+            |n| n.to_string_lossy().into_owned(),
+        )
+    });
+    cfg.name = Some(name.clone());
     let files =
         MetricsFiles::create(&out).with_context(|| format!("cannot create {}", out.display()))?;
     std::fs::write(out.join("config.toml"), toml::to_string(&cfg)?)?;
@@ -437,7 +482,18 @@ fn main() -> Result<()> {
     for f in failed_clients.iter().take(5) {
         println!("    {f}");
     }
+    let model_file = out.join("model.safetensors");
+    fedveil_sim::save_model(&cfg, &loaded.split, &report.server.final_model, &model_file)?;
+    let run = plots::Run {
+        name,
+        metrics: report.server.metrics.clone(),
+    };
+    let charts = plots::plot_runs(&out, &[run])?;
     println!("  results            {}", out.display());
+    println!(
+        "                     config.toml, metrics.jsonl, metrics.csv, model.safetensors, {} charts (PNG and SVG)",
+        charts.len() / 2
+    );
     Ok(())
 }
 
@@ -543,5 +599,40 @@ mod tests {
             ])
             .is_err()
         );
+    }
+
+    #[test]
+    fn compare_takes_two_or_more_runs() {
+        let cli = Cli::parse_from(["fedveil-sim", "compare", "a", "b", "c", "--out", "x"]);
+        let Some(Command::Compare(c)) = cli.command else {
+            panic!("no subcommand")
+        };
+        assert_eq!(c.runs.len(), 3);
+        assert_eq!(c.out, Some(PathBuf::from("x")));
+        assert!(Cli::try_parse_from(["fedveil-sim", "compare", "a"]).is_err());
+    }
+
+    #[test]
+    fn fault_flags_reach_the_config() {
+        let cli = Cli::parse_from([
+            "fedveil-sim",
+            "--dropout",
+            "0.25",
+            "--straggler-delay",
+            "exp:2s",
+        ]);
+        let (cfg, _) = cli.resolve().unwrap();
+        let plan = cfg.fault_plan().unwrap();
+        assert_eq!(plan.dropout, 0.25);
+        assert_eq!(plan.straggler_delay, Some("exp:2s".parse().unwrap()));
+        let bad = Cli::parse_from(["fedveil-sim", "--straggler-delay", "exp:2"]);
+        let err = bad
+            .resolve()
+            .unwrap()
+            .0
+            .fault_plan()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("straggler delay"), "{err}");
     }
 }
