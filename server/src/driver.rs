@@ -118,6 +118,16 @@ pub fn log_event(event: &Event) {
         Event::Rejected { id, code, detail } => {
             tracing::warn!(client = id, ?code, %detail, "client message rejected")
         }
+        Event::SecAggStage {
+            round,
+            stage,
+            pending,
+        } => tracing::debug!(
+            round,
+            stage = stage.name(),
+            pending,
+            "secure aggregation stage"
+        ),
         Event::RoundCompleted(_) => {}
         Event::RoundFailed { round, reason } => {
             tracing::warn!(round, %reason, "round failed; global model unchanged")

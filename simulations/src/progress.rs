@@ -71,6 +71,15 @@ impl Observer for ProgressObserver {
                 self.round.set_message("training");
             }
             Event::UpdateAccepted { .. } => self.round.inc(1),
+            Event::SecAggStage { stage, pending, .. } => {
+                self.round.set_message(format!(
+                    "secure aggregation: {} ({pending} pending)",
+                    stage.name()
+                ));
+            }
+            Event::Left { id } => {
+                self.round.set_message(format!("client {id} left"));
+            }
             Event::Rejected { id, code, .. } => {
                 self.round.inc(1);
                 self.round

@@ -300,6 +300,13 @@ pub enum Event {
         code: ReasonCode,
         detail: String,
     },
+    /// Secure aggregation moved on to `stage`, waiting on `pending`
+    /// clients (those who did not answer the last stage are out).
+    SecAggStage {
+        round: u64,
+        stage: SecAggStage,
+        pending: usize,
+    },
     /// The global model now includes this round's mean update.
     RoundCompleted(RoundSummary),
     /// No valid update arrived: the global model is unchanged.
@@ -1031,6 +1038,11 @@ impl Coordinator {
                             stage_timeout
                         };
                     let idle = sa.pending().is_empty();
+                    self.events.push_back(Event::SecAggStage {
+                        round: r.round,
+                        stage: sa.stage(),
+                        pending: sa.pending().len(),
+                    });
                     for (to, msg) in out {
                         self.send(to, Message::SecAgg(msg));
                     }

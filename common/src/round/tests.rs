@@ -647,6 +647,19 @@ fn secure_round_survives_a_client_that_leaves_before_its_masked_input() {
     for v in h.server.global_model() {
         assert!((v - 1.0).abs() < 1e-5, "{v}");
     }
+    // Each stage is reported as it opens, with who it waits on.
+    let stages: Vec<(&str, usize)> = h
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::SecAggStage { stage, pending, .. } => Some((stage.name(), *pending)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        stages,
+        [("share-keys", 6), ("masked-input", 6), ("unmask", 5)]
+    );
 }
 
 #[test]
