@@ -157,7 +157,11 @@ pub enum ClientError {
     Rejected(Rejection),
     /// A [`FaultHook`] made this node vanish in `round`.
     #[error("vanished in round {round} (injected fault)")]
-    Vanished { round: u64 },
+    Vanished {
+        round: u64,
+        /// Rounds whose update this connection had sent before.
+        rounds_trained: u64,
+    },
 }
 
 impl ClientError {
@@ -218,7 +222,12 @@ pub async fn run(
                     Fault::Vanish => {
                         let round = msg.round().unwrap_or_default();
                         tracing::info!(node = %opts.node_name, round, "vanishing (injected fault)");
-                        return Err(ClientError::Vanished { round });
+                        // The update counted at submit never left.
+                        let unsent = u64::from(msg.payload().is_some());
+                        return Err(ClientError::Vanished {
+                            round,
+                            rounds_trained: report.rounds_trained - unsent,
+                        });
                     }
                 }
                 report.bytes_sent += net::write_message(&mut send, &msg).await?;

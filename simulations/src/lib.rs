@@ -268,8 +268,11 @@ pub async fn run(cfg: &SimConfig, split: &Split, observer: &mut dyn Observer) ->
                     run.await
                 };
                 match result {
-                    Err(ClientError::Vanished { round }) => {
-                        rounds_trained += u64::from(round > 0);
+                    Err(ClientError::Vanished {
+                        rounds_trained: trained,
+                        ..
+                    }) => {
+                        rounds_trained += trained;
                         vanished = true;
                         tokio::time::sleep(faults::REJOIN_DELAY).await;
                         fault_log.rejoined();

@@ -198,5 +198,11 @@ async fn clients_vanish_at_every_secagg_stage_and_rounds_still_complete() {
     // input sends none.
     let sent: usize = contributors.iter().sum();
     assert_eq!(report.faults.delayed, sent as u64);
+    let trained: u64 = report
+        .clients
+        .iter()
+        .map(|c| c.as_ref().unwrap().rounds_trained)
+        .sum();
+    assert_eq!(trained, sent as u64, "rounds trained add up over rejoins");
     assert!(report.server.metrics.iter().all(|m| m.accuracy.is_finite()));
 }
