@@ -23,5 +23,5 @@ for eps in 3 1; do
     --out "$out/eps-$eps-adaptive"
 done
 for run in no-dp eps-8 eps-3 eps-1 eps-3-adaptive eps-1-adaptive; do
-  tail -n 1 "$out/$run/metrics.csv" | awk -F, -v run="$run" '{print run ": round " $1 ", accuracy " $2 ", epsilon " $16}'
+  tail -n 1 "$out/$run/metrics.csv" | awk -F, -v run="$run" '{print run ": round " $1 ", accuracy " $2 ", epsilon " $13}'
 done

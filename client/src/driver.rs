@@ -42,6 +42,10 @@ pub struct ClientOptions {
     pub attestor: Option<Arc<dyn fedveil_common::secagg::KeyAttestor>>,
     /// Injected faults (simulations): consulted before each message leaves.
     pub faults: Option<Arc<dyn FaultHook>>,
+    /// Seeds this session's secrets (SecAgg keys and masks, DP noise).
+    /// `None`, as on every real node, draws them from the operating system;
+    /// simulations set it so that a seed reproduces a run.
+    pub session_seed: Option<u64>,
 }
 
 /// Fault injection for simulations: decides, before each message this node
@@ -77,6 +81,7 @@ impl ClientOptions {
             tls: None,
             attestor: None,
             faults: None,
+            session_seed: None,
         }
     }
 
@@ -201,7 +206,10 @@ pub async fn run(
         &opts.node_name,
         trainer.spec().clone(),
         trainer.num_examples() as u64,
-        ClientSession::os_rng(),
+        opts.session_seed
+            .map_or_else(ClientSession::os_rng, |seed| {
+                <rand_chacha::ChaCha20Rng as rand::SeedableRng>::seed_from_u64(seed)
+            }),
     );
     if let Some(attestor) = &opts.attestor {
         session = session.with_attestor(Arc::clone(attestor));

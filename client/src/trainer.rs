@@ -1,9 +1,11 @@
 //! Local training for one round: load the global model, evaluate it on the
 //! local data, train E epochs of minibatch SGD, return the delta.
 
+use std::sync::{Arc, Mutex};
+
 use burn::prelude::Device;
 use fedveil_common::data::Shard;
-use fedveil_common::model::{self, DataShape, ModelError, ModelSpec, TrainPlan};
+use fedveil_common::model::{self, DataShape, FlModel, ModelError, ModelSpec, TrainPlan};
 use fedveil_common::wire::{Evaluation, RoundConfig, Update};
 
 /// What the client driver needs from local training. [`Trainer`] is the
@@ -21,35 +23,129 @@ pub trait LocalTrainer: Send + Sync + 'static {
     ) -> Result<(Update, Evaluation), ModelError>;
 }
 
-/// Trains one node's model on its shard.
-///
-/// The model is built per round rather than kept, so an idle client holds
-/// only its shard's index list (simulations run thousands of them).
-pub struct Trainer {
-    model_name: String,
+/// Model instances shared by the trainers of one process. A simulation's
+/// thousand clients train a few at a time, so they share as many instances
+/// as train at once, instead of each holding (or building and randomly
+/// initialising, every round) its own. An instance is overwritten with the
+/// global model before each use, so which one a client gets changes
+/// nothing.
+pub struct ModelPool {
+    name: String,
     shape: DataShape,
     device: Device,
-    shard: Shard,
     spec: ModelSpec,
+    idle: Mutex<Vec<Box<dyn FlModel>>>,
+    built: std::sync::atomic::AtomicUsize,
+}
+
+impl ModelPool {
+    /// A pool of `name` models for data of `shape` on `device` (one is
+    /// built at once, to check the name and learn the spec).
+    pub fn new(name: &str, shape: DataShape, device: Device) -> Result<Arc<Self>, ModelError> {
+        let first = model::build(name, &shape, &device)?;
+        Ok(Arc::new(Self {
+            name: name.to_owned(),
+            shape,
+            device,
+            spec: first.spec().clone(),
+            idle: Mutex::new(vec![first]),
+            built: 1.into(),
+        }))
+    }
+
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    /// Instances built so far: the most that were in use at once.
+    pub fn instances(&self) -> usize {
+        self.built.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// An idle instance (built if none is), returned to the pool on drop.
+    fn take(self: &Arc<Self>) -> Result<PooledModel, ModelError> {
+        let idle = self.idle.lock().expect("pool lock").pop();
+        let model = match idle {
+            Some(model) => model,
+            None => {
+                self.built
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                model::build(&self.name, &self.shape, &self.device)?
+            }
+        };
+        Ok(PooledModel {
+            model: Some(model),
+            pool: Arc::clone(self),
+        })
+    }
+}
+
+/// A model on loan from a [`ModelPool`].
+struct PooledModel {
+    model: Option<Box<dyn FlModel>>,
+    pool: Arc<ModelPool>,
+}
+
+impl std::ops::Deref for PooledModel {
+    type Target = dyn FlModel;
+    fn deref(&self) -> &Self::Target {
+        self.model.as_deref().expect("present until dropped")
+    }
+}
+
+impl std::ops::DerefMut for PooledModel {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.model.as_deref_mut().expect("present until dropped")
+    }
+}
+
+impl Drop for PooledModel {
+    fn drop(&mut self) {
+        if let (Some(model), Ok(mut idle)) = (self.model.take(), self.pool.idle.lock()) {
+            idle.push(model);
+        }
+    }
+}
+
+/// Trains one node's model on its shard, with a model instance borrowed
+/// from a [`ModelPool`] for the round: an idle client holds only its
+/// shard's index list (simulations run thousands of them).
+pub struct Trainer {
+    models: Arc<ModelPool>,
+    shard: Shard,
     /// Mixed into shuffling seeds so clients shuffle differently.
     node_seed: u64,
 }
 
 impl Trainer {
+    /// A trainer with a pool of its own (one node per process).
     pub fn new(
         model_name: &str,
         shard: Shard,
         device: Device,
         node_seed: u64,
     ) -> Result<Self, ModelError> {
+        let pool = ModelPool::new(model_name, DataShape::of(&shard.data), device)?;
+        Self::pooled(pool, shard, node_seed)
+    }
+
+    /// A trainer that borrows its model from a shared `pool`.
+    pub fn pooled(
+        models: Arc<ModelPool>,
+        shard: Shard,
+        node_seed: u64,
+    ) -> Result<Self, ModelError> {
         let shape = DataShape::of(&shard.data);
-        let spec = model::build(model_name, &shape, &device)?.spec().clone();
+        if shape != models.shape {
+            return Err(ModelError::IncompatibleData {
+                model: models.name.clone(),
+                shape: shape.example_shape,
+                reason: format!("the model pool was built for {:?}", models.shape),
+            });
+        }
         Ok(Self {
-            model_name: model_name.to_owned(),
-            shape,
-            device,
+            models,
             shard,
-            spec,
             node_seed,
         })
     }
@@ -57,7 +153,7 @@ impl Trainer {
 
 impl LocalTrainer for Trainer {
     fn spec(&self) -> &ModelSpec {
-        &self.spec
+        self.models.spec()
     }
 
     fn num_examples(&self) -> usize {
@@ -70,7 +166,7 @@ impl LocalTrainer for Trainer {
         config: &RoundConfig,
         global_model: &[f32],
     ) -> Result<(Update, Evaluation), ModelError> {
-        let mut model = model::build(&self.model_name, &self.shape, &self.device)?;
+        let mut model = self.models.take()?;
         model.set_params(global_model)?;
         // Under a step cap, score the global model on as many examples as
         // training may see, not the whole shard, which could cost more
@@ -129,4 +225,88 @@ pub fn mix_seed(parts: &[u64]) -> u64 {
         h = z ^ (z >> 31);
     }
     h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedveil_common::data::synthetic::SyntheticConfig;
+    use fedveil_common::wire::LocalOptimizer;
+
+    fn round_config() -> RoundConfig {
+        RoundConfig {
+            local_epochs: 1,
+            batch_size: 10,
+            max_local_steps: Some(3),
+            learning_rate: 0.05,
+            seed: 4,
+            secure_aggregation: false,
+            dp: None,
+            prox_mu: 0.0,
+            local_optimizer: LocalOptimizer::Sgd,
+        }
+    }
+
+    /// Clients sharing a pool train exactly as clients with models of their
+    /// own, whichever instance they borrow and whatever it trained before;
+    /// the pool holds only as many instances as were in use at once.
+    #[test]
+    fn pooled_trainers_train_like_their_own_models_and_share_instances() {
+        let data = SyntheticConfig {
+            train_examples: 120,
+            test_examples: 1,
+            ..Default::default()
+        }
+        .generate(2)
+        .train;
+        let shard = |i: usize| Shard {
+            data: Arc::clone(&data),
+            indices: (i * 40..(i + 1) * 40).collect(),
+        };
+        let device = Device::flex();
+        let pool = ModelPool::new("cnn", DataShape::of(&data), device.clone()).unwrap();
+        let pooled: Vec<Trainer> = (0..3)
+            .map(|i| Trainer::pooled(Arc::clone(&pool), shard(i), i as u64).unwrap())
+            .collect();
+        let own: Vec<Trainer> = (0..3)
+            .map(|i| Trainer::new("cnn", shard(i), device.clone(), i as u64).unwrap())
+            .collect();
+        let global = model::build("cnn", &DataShape::of(&data), &device)
+            .unwrap()
+            .params();
+        let cfg = round_config();
+        for round in 1..=2 {
+            for (p, o) in pooled.iter().zip(&own) {
+                let (a, a_eval) = p.train_round(round, &cfg, &global).unwrap();
+                let (b, b_eval) = o.train_round(round, &cfg, &global).unwrap();
+                assert_eq!(a, b, "round {round}");
+                assert_eq!(a_eval, b_eval);
+            }
+        }
+        assert_eq!(pool.instances(), 1, "one trained at a time");
+
+        // Two at once need two instances, and no more afterwards.
+        let first = pool.take().unwrap();
+        let second = pool.take().unwrap();
+        drop((first, second));
+        let _again = pool.take().unwrap();
+        assert_eq!(pool.instances(), 2);
+
+        let text = fedveil_common::data::Dataset {
+            example_shape: vec![8],
+            vocab_size: 30,
+            ..(*data).clone()
+        };
+        let err = Trainer::pooled(
+            pool,
+            Shard {
+                data: Arc::new(text),
+                indices: vec![0],
+            },
+            0,
+        )
+        .err()
+        .unwrap();
+        assert!(err.to_string().contains("pool"), "{err}");
+    }
 }

@@ -1,5 +1,11 @@
-//! Per-round metrics: what the server reports and simulations write to
-//! `metrics.jsonl` and `metrics.csv`.
+//! Per-round metrics: what the server reports and writes to results files.
+//!
+//! The files keep the run's outcome apart from what it cost on this
+//! machine. `metrics.jsonl` / `metrics.csv` hold what the seed determines
+//! (accuracy, loss, cohort, epsilon...), so a seeded simulation reproduces
+//! them byte for byte. `costs.jsonl` / `costs.csv` hold wall time and bytes
+//! on the wire, which vary between runs: timing does, and so do TLS
+//! certificates and ECDSA signatures, by a byte or two.
 
 use serde::{Deserialize, Serialize};
 
@@ -12,10 +18,15 @@ pub struct RoundMetrics {
     /// Server-side test loss (mean cross-entropy) of the new global model.
     pub loss: f32,
     /// Bytes received by the server during the round (all clients).
+    /// A cost: written to `costs.jsonl`, not `metrics.jsonl`.
+    #[serde(default, skip_serializing)]
     pub bytes_up: u64,
-    /// Bytes sent by the server during the round (all clients).
+    /// Bytes sent by the server during the round (all clients). A cost.
+    #[serde(default, skip_serializing)]
     pub bytes_down: u64,
     /// Wall time from round start to the new global model being evaluated.
+    /// A cost.
+    #[serde(default, skip_serializing)]
     pub round_secs: f64,
     pub cohort: usize,
     pub contributors: usize,
@@ -41,20 +52,54 @@ pub struct RoundMetrics {
     pub clip_norm: Option<f64>,
 }
 
+/// What one round cost on this machine (`costs.jsonl`, `costs.csv`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RoundCosts {
+    pub round: u64,
+    pub round_secs: f64,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+}
+
+impl RoundCosts {
+    /// Column names of [`RoundCosts::csv_row`].
+    pub const CSV_HEADER: &'static str = "round,round_secs,bytes_up,bytes_down";
+
+    pub fn csv_row(&self) -> String {
+        format!(
+            "{},{:.3},{},{}",
+            self.round, self.round_secs, self.bytes_up, self.bytes_down
+        )
+    }
+}
+
 impl RoundMetrics {
     /// Column names of [`RoundMetrics::csv_row`].
-    pub const CSV_HEADER: &'static str = "round,accuracy,loss,bytes_up,bytes_down,round_secs,cohort,contributors,dropped,timed_out,examples,train_loss,client_accuracy,client_loss,secure,epsilon,clip_norm";
+    pub const CSV_HEADER: &'static str = "round,accuracy,loss,cohort,contributors,dropped,timed_out,examples,train_loss,client_accuracy,client_loss,secure,epsilon,clip_norm";
+
+    pub fn costs(&self) -> RoundCosts {
+        RoundCosts {
+            round: self.round,
+            round_secs: self.round_secs,
+            bytes_up: self.bytes_up,
+            bytes_down: self.bytes_down,
+        }
+    }
+
+    /// Fills in the costs (read back from `costs.jsonl`).
+    pub fn set_costs(&mut self, costs: &RoundCosts) {
+        self.round_secs = costs.round_secs;
+        self.bytes_up = costs.bytes_up;
+        self.bytes_down = costs.bytes_down;
+    }
 
     pub fn csv_row(&self) -> String {
         let opt = |v: Option<f32>| v.map(|x| x.to_string()).unwrap_or_default();
         format!(
-            "{},{},{},{},{},{:.3},{},{},{},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
             self.round,
             self.accuracy,
             self.loss,
-            self.bytes_up,
-            self.bytes_down,
-            self.round_secs,
             self.cohort,
             self.contributors,
             self.dropped,
@@ -97,7 +142,18 @@ mod tests {
         };
         let cols = RoundMetrics::CSV_HEADER.split(',').count();
         assert_eq!(m.csv_row().split(',').count(), cols);
+        let cols = RoundCosts::CSV_HEADER.split(',').count();
+        assert_eq!(m.costs().csv_row().split(',').count(), cols);
+        // The metrics line carries no costs; the costs line puts them back.
         let json = serde_json::to_string(&m).unwrap();
-        assert_eq!(serde_json::from_str::<RoundMetrics>(&json).unwrap(), m);
+        assert!(
+            !json.contains("round_secs") && !json.contains("bytes"),
+            "{json}"
+        );
+        let mut back = serde_json::from_str::<RoundMetrics>(&json).unwrap();
+        assert_ne!(back, m);
+        let costs = serde_json::to_string(&m.costs()).unwrap();
+        back.set_costs(&serde_json::from_str(&costs).unwrap());
+        assert_eq!(back, m);
     }
 }

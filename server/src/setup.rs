@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use burn::prelude::Device;
 use fedveil_common::data::{Dataset, Shard};
-use fedveil_common::metrics::RoundMetrics;
+use fedveil_common::metrics::{RoundCosts, RoundMetrics};
 use fedveil_common::model::{self, DataShape, EvalStats, FlModel, ModelError, ModelSpec};
 use fedveil_common::round::Event;
 use std::sync::Arc;
@@ -60,35 +60,49 @@ impl Evaluator for ModelEvaluator {
     }
 }
 
-/// Writes `metrics.jsonl` and `metrics.csv` in a directory, one line per
-/// round, flushed as each round completes.
+/// Writes `metrics.jsonl` / `metrics.csv` (the outcome) and `costs.jsonl`
+/// / `costs.csv` (time and traffic) in a directory, one line per round,
+/// flushed as each round completes. See [`fedveil_common::metrics`].
 pub struct MetricsFiles {
-    jsonl: BufWriter<File>,
-    csv: BufWriter<File>,
+    metrics: (BufWriter<File>, BufWriter<File>),
+    costs: (BufWriter<File>, BufWriter<File>),
     pub dir: PathBuf,
 }
 
 impl MetricsFiles {
     pub fn create(dir: &Path) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
-        let jsonl = BufWriter::new(File::create(dir.join("metrics.jsonl"))?);
-        let mut csv = BufWriter::new(File::create(dir.join("metrics.csv"))?);
-        writeln!(csv, "{}", RoundMetrics::CSV_HEADER)?;
-        csv.flush()?;
+        let open = |stem: &str, header: &str| -> std::io::Result<_> {
+            let jsonl = BufWriter::new(File::create(dir.join(format!("{stem}.jsonl")))?);
+            let mut csv = BufWriter::new(File::create(dir.join(format!("{stem}.csv")))?);
+            writeln!(csv, "{header}")?;
+            csv.flush()?;
+            Ok((jsonl, csv))
+        };
         Ok(Self {
-            jsonl,
-            csv,
+            metrics: open("metrics", RoundMetrics::CSV_HEADER)?,
+            costs: open("costs", RoundCosts::CSV_HEADER)?,
             dir: dir.to_owned(),
         })
     }
 
     pub fn write(&mut self, m: &RoundMetrics) -> std::io::Result<()> {
-        serde_json::to_writer(&mut self.jsonl, m)?;
-        writeln!(self.jsonl)?;
-        writeln!(self.csv, "{}", m.csv_row())?;
-        self.jsonl.flush()?;
-        self.csv.flush()
+        let costs = m.costs();
+        append(&mut self.metrics, m, &m.csv_row())?;
+        append(&mut self.costs, &costs, &costs.csv_row())
     }
+}
+
+fn append(
+    (jsonl, csv): &mut (BufWriter<File>, BufWriter<File>),
+    record: &impl serde::Serialize,
+    csv_row: &str,
+) -> std::io::Result<()> {
+    serde_json::to_writer(&mut *jsonl, record)?;
+    writeln!(jsonl)?;
+    writeln!(csv, "{csv_row}")?;
+    jsonl.flush()?;
+    csv.flush()
 }
 
 /// Logs events and writes metrics files (the `fedveil-server run` observer).

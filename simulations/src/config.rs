@@ -263,6 +263,42 @@ mod tests {
         assert!(toml::from_str::<SimConfig>("clinets = 3").is_err());
     }
 
+    /// Every shipped recipe loads, names its dataset, passes the checks a
+    /// run makes before it starts, and is documented in the README.
+    #[test]
+    fn every_recipe_is_valid_and_documented() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let readme = std::fs::read_to_string(root.join("../README.md")).unwrap();
+        let mut recipes: Vec<_> = std::fs::read_dir(root.join("recipes"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .collect();
+        recipes.sort();
+        assert!(recipes.len() >= 5, "{recipes:?}");
+        for path in &recipes {
+            let what = path.display();
+            let (cfg, names_dataset) = SimConfig::from_toml_file(path).unwrap();
+            assert!(names_dataset, "{what} must name its dataset");
+            fedveil_common::data::DatasetName::parse(&cfg.dataset).unwrap();
+            cfg.partition
+                .parse::<fedveil_common::data::Partition>()
+                .unwrap();
+            let base = cfg.model.split(':').next().unwrap();
+            assert!(fedveil_common::model::MODEL_NAMES.contains(&base), "{what}");
+            cfg.dp_config().unwrap();
+            cfg.server_optimizer().unwrap();
+            cfg.fault_plan().unwrap();
+            cfg.round_timeout().unwrap();
+            assert_eq!(cfg.train_limit, 0, "{what}: recipes use the whole dataset");
+            let file = path.file_name().unwrap().to_string_lossy();
+            assert!(
+                readme.contains(&format!("simulations/recipes/{file}")),
+                "README does not document {file}"
+            );
+        }
+    }
+
     #[test]
     fn round_trips_through_toml() {
         let c = SimConfig {

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use fedveil_client::trainer::ModelPool;
 use fedveil_client::trainer::mix_seed;
 use fedveil_client::{ClientError, ClientOptions, ClientReport, FaultHook, LocalTrainer, Trainer};
 use fedveil_common::data::{self, DatasetName, Download, Partition, Shard, Split};
@@ -33,6 +34,12 @@ pub use config::SimConfig;
 /// buffer and stall on retransmission timers.
 pub const SIM_CONCURRENT_HANDSHAKES: usize = 64;
 
+/// Separate the server's and the clients' secret streams (seeded in
+/// simulations only, see [`Coordinator::with_secret_seed`]) from every
+/// other use of the seed.
+const SERVER_SECRETS_SEED: u64 = 0x7365_6372_6574;
+const CLIENT_SECRETS_SEED: u64 = 0x636c_6965_6e74;
+
 /// How long a client that cannot rejoin waits to learn whether the run
 /// is simply over.
 pub const SIM_SERVER_END_WAIT: Duration = Duration::from_secs(5);
@@ -45,6 +52,9 @@ pub struct SimReport {
     pub wall: Duration,
     /// Faults injected (see [`faults`]).
     pub faults: faults::FaultTally,
+    /// Model instances the clients' shared pool built: the most that
+    /// trained at once.
+    pub model_instances: usize,
 }
 
 /// Where the data came from, for the run summary.
@@ -166,7 +176,9 @@ pub async fn run(cfg: &SimConfig, split: &Split, observer: &mut dyn Observer) ->
         spec.clone(),
         initial,
         1,
-    )?;
+    )?
+    // Reproducible runs: DP noise and Poisson sampling follow the seed.
+    .with_secret_seed(mix_seed(&[cfg.seed, SERVER_SECRETS_SEED]));
     let evaluator = ModelEvaluator::new(&cfg.model, Arc::clone(&split.test), &device)?;
 
     // The deployment's PKI, in process: a CA, a node registry in memory,
@@ -201,17 +213,18 @@ pub async fn run(cfg: &SimConfig, split: &Split, observer: &mut dyn Observer) ->
     let slots = Arc::new(Semaphore::new(cfg.concurrency()));
     let connect_slots = Arc::new(Semaphore::new(SIM_CONCURRENT_HANDSHAKES));
     // Every trainer is built before any client dials, so no handshake waits
-    // on model construction.
+    // on model construction. They share one device and one pool of model
+    // instances: as many exist as train at once, however many clients.
+    let models = ModelPool::new(&cfg.model, shape.clone(), device.clone())?;
     let mut trainers = Vec::with_capacity(shards.len());
     for (i, indices) in shards.into_iter().enumerate() {
         let shard = Shard {
             data: Arc::clone(&split.train),
             indices,
         };
-        let trainer: Arc<dyn LocalTrainer> = Arc::new(Trainer::new(
-            &cfg.model,
+        let trainer: Arc<dyn LocalTrainer> = Arc::new(Trainer::pooled(
+            Arc::clone(&models),
             shard,
-            device.clone(),
             mix_seed(&[cfg.seed, i as u64]),
         )?);
         trainers.push(trainer);
@@ -226,6 +239,7 @@ pub async fn run(cfg: &SimConfig, split: &Split, observer: &mut dyn Observer) ->
         });
         let fault_log = Arc::clone(&fault_log);
         let mut server_done = server_done_rx.clone();
+        let cfg_seed = cfg.seed;
         clients.spawn(async move {
             let name = client_name(i);
             let identity = {
@@ -256,7 +270,15 @@ pub async fn run(cfg: &SimConfig, split: &Split, observer: &mut dyn Observer) ->
                 bytes_sent: 0,
                 bytes_received: 0,
             };
-            loop {
+            for connection in 0u64.. {
+                // Each connection's secrets (keys, masks, DP noise) follow
+                // the seed, so the same seed replays the same run.
+                opts.session_seed = Some(mix_seed(&[
+                    cfg_seed,
+                    CLIENT_SECRETS_SEED,
+                    i as u64,
+                    connection,
+                ]));
                 let run = fedveil_client::run(&endpoint, &opts, Arc::clone(&trainer));
                 let result = if vanished {
                     // A rejoining client stops trying once the run is over.
@@ -295,6 +317,7 @@ pub async fn run(cfg: &SimConfig, split: &Split, observer: &mut dyn Observer) ->
                     }
                 }
             }
+            unreachable!("a client connects until its run ends")
         });
     }
     // If every client has ended (all refused or failed), nobody is left to
@@ -334,6 +357,7 @@ pub async fn run(cfg: &SimConfig, split: &Split, observer: &mut dyn Observer) ->
         clients: client_reports,
         wall: started.elapsed(),
         faults: fault_log.tally(),
+        model_instances: models.instances(),
     })
 }
 

@@ -27,7 +27,7 @@ struct Cli {
     /// TOML file with any of the settings below (flags override it).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// mnist, fashion-mnist or synthetic [default: mnist, falling back to synthetic if unavailable].
+    /// mnist, fashion-mnist, femnist, synthetic, leaf-shakespeare, shakespeare-roles, tiny-shakespeare, sst2 or ag-news [default: mnist, falling back to synthetic if unavailable].
     #[arg(long)]
     dataset: Option<String>,
     /// Data directory [default: $FEDVEIL_DATA, then the user cache].
@@ -477,6 +477,10 @@ fn main() -> Result<()> {
             f.total_delay.as_secs_f64()
         );
     }
+    println!(
+        "  model instances    {} (shared by {} clients)",
+        report.model_instances, cfg.clients
+    );
     println!("  wall time          {:.1}s", report.wall.as_secs_f64());
     println!("  clients failed     {}", failed_clients.len());
     for f in failed_clients.iter().take(5) {
@@ -491,7 +495,7 @@ fn main() -> Result<()> {
     let charts = plots::plot_runs(&out, &[run])?;
     println!("  results            {}", out.display());
     println!(
-        "                     config.toml, metrics.jsonl, metrics.csv, model.safetensors, {} charts (PNG and SVG)",
+        "                     config.toml, metrics.jsonl/.csv (reproducible from the seed), costs.jsonl/.csv (time, traffic), model.safetensors, {} charts (PNG and SVG)",
         charts.len() / 2
     );
     Ok(())

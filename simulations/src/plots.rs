@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Once;
 
 use anyhow::{Context, Result};
-use fedveil_common::metrics::RoundMetrics;
+use fedveil_common::metrics::{RoundCosts, RoundMetrics};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
@@ -27,30 +27,43 @@ pub struct Run {
 }
 
 impl Run {
-    /// Reads `metrics.jsonl` from a results directory; the run is named
-    /// after the directory.
+    /// Reads `metrics.jsonl` and `costs.jsonl` from a results directory;
+    /// the run is named after the directory. Without a costs file (runs
+    /// from before it existed kept costs in `metrics.jsonl`), costs are
+    /// what the metrics lines say.
     pub fn load(dir: &Path) -> Result<Self> {
-        let path = dir.join("metrics.jsonl");
-        let text = std::fs::read_to_string(&path).with_context(|| {
-            format!(
-                "cannot read {} (is it a results directory?)",
-                path.display()
-            )
-        })?;
-        let metrics = text
-            .lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty())
-            .map(|(i, l)| {
-                serde_json::from_str(l).with_context(|| format!("{}:{}", path.display(), i + 1))
-            })
-            .collect::<Result<Vec<RoundMetrics>>>()?;
+        let mut metrics: Vec<RoundMetrics> = read_jsonl(&dir.join("metrics.jsonl"))?;
+        let costs_path = dir.join("costs.jsonl");
+        if costs_path.exists() {
+            for costs in read_jsonl::<RoundCosts>(&costs_path)? {
+                if let Some(m) = metrics.iter_mut().find(|m| m.round == costs.round) {
+                    m.set_costs(&costs);
+                }
+            }
+        }
         let name = dir.file_name().map_or_else(
             || dir.display().to_string(),
             |n| n.to_string_lossy().into_owned(),
         );
         Ok(Self { name, metrics })
     }
+}
+
+/// One record per non-empty line; errors name the file and line.
+fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
+    let text = std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "cannot read {} (is it a results directory?)",
+            path.display()
+        )
+    })?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l).with_context(|| format!("{}:{}", path.display(), i + 1))
+        })
+        .collect()
 }
 
 /// A named line of (round, value) points.

@@ -1,15 +1,18 @@
 //! Progress bars and metrics files for a simulation run.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use fedveil_common::metrics::RoundMetrics;
-use fedveil_common::round::Event;
+use fedveil_common::round::{ClientId, Event};
+use fedveil_common::secagg::server::Stage;
 use fedveil_server::Observer;
 use fedveil_server::setup::MetricsFiles;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-/// Draws an overall bar (rounds, with ETA) and a per-round bar (updates in
-/// from the cohort), and writes each round's metrics as it completes.
+/// Draws an overall bar (rounds, with ETA) and a per-round bar (clients of
+/// the cohort done and dropped, and the stage of secure aggregation), and
+/// writes each round's metrics as it completes.
 pub struct ProgressObserver {
     /// Progress bars cannot draw (no terminal): print round lines instead.
     plain: bool,
@@ -17,6 +20,29 @@ pub struct ProgressObserver {
     round: ProgressBar,
     files: MetricsFiles,
     pub metrics: Vec<RoundMetrics>,
+    status: RoundStatus,
+}
+
+/// The current round as the per-round bar shows it.
+#[derive(Debug, Default)]
+struct RoundStatus {
+    cohort: BTreeSet<ClientId>,
+    /// Updates accepted (in the clear), or masked inputs in (SecAgg+).
+    done: usize,
+    /// Cohort members that left or were refused.
+    dropped: BTreeSet<ClientId>,
+    stage: Option<String>,
+}
+
+impl RoundStatus {
+    fn message(&self) -> String {
+        let mut msg = format!("{} done  {} dropped", self.done, self.dropped.len());
+        if let Some(stage) = &self.stage {
+            msg.push_str("  ");
+            msg.push_str(stage);
+        }
+        msg
+    }
 }
 
 impl ProgressObserver {
@@ -40,7 +66,7 @@ impl ProgressObserver {
         let round = multi.add(ProgressBar::new(0));
         round.set_style(
             ProgressStyle::with_template(
-                "{prefix:>6} [{bar:30.green/white}] {pos}/{len} updates  {msg}",
+                "{prefix:>6} [{bar:30.green/white}] {pos}/{len} clients  {msg}",
             )
             .expect("valid template")
             .progress_chars("=> "),
@@ -52,6 +78,7 @@ impl ProgressObserver {
             round,
             files,
             metrics: Vec::new(),
+            status: RoundStatus::default(),
         }
     }
 
@@ -63,27 +90,30 @@ impl ProgressObserver {
 
 impl Observer for ProgressObserver {
     fn on_event(&mut self, event: &Event) {
+        let s = &mut self.status;
         match event {
             Event::RoundStarted { round, cohort } => {
                 self.round.set_prefix(format!("r{round}"));
                 self.round.set_length(cohort.len() as u64);
-                self.round.set_position(0);
-                self.round.set_message("training");
+                *s = RoundStatus {
+                    cohort: cohort.iter().copied().collect(),
+                    stage: Some("training".into()),
+                    ..RoundStatus::default()
+                };
             }
-            Event::UpdateAccepted { .. } => self.round.inc(1),
+            Event::UpdateAccepted { .. } => s.done += 1,
             Event::SecAggStage { stage, pending, .. } => {
-                self.round.set_message(format!(
+                // Whoever the unmasking stage waits on sent a masked input.
+                if *stage == Stage::Unmask {
+                    s.done = *pending;
+                }
+                s.stage = Some(format!(
                     "secure aggregation: {} ({pending} pending)",
                     stage.name()
                 ));
             }
-            Event::Left { id } => {
-                self.round.set_message(format!("client {id} left"));
-            }
-            Event::Rejected { id, code, .. } => {
-                self.round.inc(1);
-                self.round
-                    .set_message(format!("client {id} rejected: {code:?}"));
+            Event::Left { id } | Event::Rejected { id, .. } if s.cohort.contains(id) => {
+                s.dropped.insert(*id);
             }
             Event::RoundFailed { round, reason } => {
                 self.overall
@@ -95,6 +125,8 @@ impl Observer for ProgressObserver {
             }
             _ => {}
         }
+        self.round.set_position(self.status.done as u64);
+        self.round.set_message(self.status.message());
         tracing::debug!(?event, "event");
     }
 
@@ -141,5 +173,59 @@ pub fn human_bytes(n: u64) -> String {
         format!("{n} B")
     } else {
         format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The round bar counts cohort members done and dropped: updates in
+    /// the clear, masked inputs under SecAgg+ (the unmasking stage's wait
+    /// list), and departures of cohort members only.
+    #[test]
+    fn the_round_bar_counts_clients_done_and_dropped() {
+        let dir = std::env::temp_dir().join(format!("fedveil-progress-{}", std::process::id()));
+        let mut obs = ProgressObserver::new(2, MetricsFiles::create(&dir).unwrap(), true);
+        let started = |round| Event::RoundStarted {
+            round,
+            cohort: vec![1, 2, 3, 4, 5],
+        };
+        obs.on_event(&started(1));
+        for id in [1, 4] {
+            obs.on_event(&Event::UpdateAccepted {
+                round: 1,
+                id,
+                num_examples: 10,
+            });
+        }
+        obs.on_event(&Event::Left { id: 2 });
+        obs.on_event(&Event::Left { id: 9 });
+        obs.on_event(&Event::Rejected {
+            id: 3,
+            code: fedveil_common::wire::ReasonCode::NonFinite,
+            detail: String::new(),
+        });
+        assert_eq!(obs.status.message(), "2 done  2 dropped  training");
+        assert_eq!(obs.round.position(), 2);
+
+        obs.on_event(&started(2));
+        obs.on_event(&Event::SecAggStage {
+            round: 2,
+            stage: Stage::MaskedInput,
+            pending: 5,
+        });
+        obs.on_event(&Event::Left { id: 5 });
+        obs.on_event(&Event::SecAggStage {
+            round: 2,
+            stage: Stage::Unmask,
+            pending: 4,
+        });
+        assert_eq!(
+            obs.status.message(),
+            "4 done  1 dropped  secure aggregation: unmask (4 pending)"
+        );
+        assert_eq!(obs.round.position(), 4);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -22,7 +22,7 @@ use rand::seq::IndexedRandom;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
-use crate::aggregate::{AggregateError, WeightedMean};
+use crate::aggregate::{AggregateError, ExactSum, MAX_WEIGHTED_MAGNITUDE, WeightedMean};
 use crate::dp::{self, DpPlan, Mechanism, PrivacyLedger};
 use crate::secagg::server::{Outcome, SecAggServer, Stage as SecAggStage};
 use crate::secagg::{DEFAULT_BITS, DEFAULT_CLIP, DEFAULT_EXPECTED_DROPOUT, DEFAULT_MAX_WEIGHT};
@@ -354,8 +354,10 @@ struct RoundState {
     dropped: Vec<ClientId>,
     evaluated: BTreeSet<ClientId>,
     agg: Aggregation,
-    loss_sum: f64,
-    eval: (f64, f64, u64),
+    /// Example-weighted sums, exact so that arrival order cannot change
+    /// them: training loss; evaluation loss, accuracy and examples.
+    loss_sum: ExactSum,
+    eval: (ExactSum, ExactSum, u64),
     started_at: Instant,
     deadline: Instant,
     /// Some stage ended by timeout rather than by everyone answering.
@@ -501,6 +503,15 @@ impl Coordinator {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
         })
+    }
+
+    /// Seeds the generator behind DP noise and Poisson cohort sampling,
+    /// which is otherwise drawn from the operating system. Simulations only:
+    /// it makes a seeded run reproducible, and it makes the noise
+    /// predictable to anyone who knows the seed, so no deployment sets it.
+    pub fn with_secret_seed(mut self, seed: u64) -> Self {
+        self.secret_rng = ChaCha20Rng::seed_from_u64(seed);
+        self
     }
 
     pub fn config(&self) -> &CoordinatorConfig {
@@ -955,7 +966,9 @@ impl Coordinator {
                 } else {
                     0.0
                 };
-                r.loss_sum += f64::from(loss) * update.num_examples as f64;
+                // An absurd loss is left out of the mean rather than
+                // refusing a valid update over a reported statistic.
+                r.loss_sum.add(f64::from(loss) * update.num_examples as f64);
                 self.events.push_back(Event::UpdateAccepted {
                     round: r.round,
                     id,
@@ -1102,11 +1115,12 @@ impl Coordinator {
             && r.cohort.contains(&id)
             && eval.loss.is_finite()
             && (0.0..=1.0).contains(&eval.accuracy)
-            && eval.num_examples <= self.cfg.max_examples_per_update;
+            && eval.num_examples <= self.cfg.max_examples_per_update
+            && (f64::from(eval.loss) * eval.num_examples as f64).abs() < MAX_WEIGHTED_MAGNITUDE;
         if valid && r.evaluated.insert(id) {
             let n = eval.num_examples as f64;
-            r.eval.0 += f64::from(eval.loss) * n;
-            r.eval.1 += f64::from(eval.accuracy) * n;
+            r.eval.0.add(f64::from(eval.loss) * n);
+            r.eval.1.add(f64::from(eval.accuracy) * n);
             r.eval.2 += eval.num_examples;
         } else {
             tracing::debug!(
@@ -1273,8 +1287,8 @@ impl Coordinator {
             dropped: Vec::new(),
             evaluated: BTreeSet::new(),
             agg,
-            loss_sum: 0.0,
-            eval: (0.0, 0.0, 0),
+            loss_sum: ExactSum::default(),
+            eval: (ExactSum::default(), ExactSum::default(), 0),
             started_at: now,
             deadline,
             timed_out: false,
@@ -1382,8 +1396,8 @@ impl Coordinator {
         let epsilon = self.epsilon();
         let client_eval = (r.eval.2 > 0).then(|| ClientEvalSummary {
             examples: r.eval.2,
-            loss: (r.eval.0 / r.eval.2 as f64) as f32,
-            accuracy: (r.eval.1 / r.eval.2 as f64) as f32,
+            loss: (r.eval.0.value() / r.eval.2 as f64) as f32,
+            accuracy: (r.eval.1.value() / r.eval.2 as f64) as f32,
         });
         r.dropped.sort_unstable();
         self.commit();
@@ -1393,7 +1407,11 @@ impl Coordinator {
             contributors: r.contributors,
             dropped: r.dropped,
             total_examples: total as u64,
-            train_loss: self.cfg.dp.is_none().then(|| (r.loss_sum / total) as f32),
+            train_loss: self
+                .cfg
+                .dp
+                .is_none()
+                .then(|| (r.loss_sum.value() / total) as f32),
             secure: false,
             epsilon,
             clip_norm,
@@ -1441,7 +1459,9 @@ impl Coordinator {
 fn reason_for(err: &AggregateError) -> ReasonCode {
     match err {
         AggregateError::WrongLength { .. } => ReasonCode::WrongLength,
-        AggregateError::NonFinite { .. } => ReasonCode::NonFinite,
+        AggregateError::NonFinite { .. } | AggregateError::OutOfRange { .. } => {
+            ReasonCode::NonFinite
+        }
         AggregateError::BadWeight(_) => ReasonCode::BadWeight,
     }
 }

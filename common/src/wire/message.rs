@@ -284,7 +284,8 @@ pub enum ReasonCode {
     DuplicateUpdate = 7,
     /// Update length differs from the model's parameter count.
     WrongLength = 8,
-    /// Update contains NaN or infinite values.
+    /// Update contains NaN or infinite values (or values too large for
+    /// any model update to have).
     NonFinite = 9,
     /// Sample count of zero or above the limit.
     BadWeight = 10,

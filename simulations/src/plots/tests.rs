@@ -89,14 +89,18 @@ fn runs_load_from_a_results_directory() {
     let dir = temp_dir("load");
     let run_dir = dir.join("my-run");
     std::fs::create_dir_all(&run_dir).unwrap();
-    let lines: Vec<String> = metrics(3, true)
-        .iter()
-        .map(|m| serde_json::to_string(m).unwrap())
-        .collect();
-    std::fs::write(run_dir.join("metrics.jsonl"), lines.join("\n") + "\n").unwrap();
+    // Written as the server writes them: outcome and costs apart.
+    let mut files = fedveil_server::setup::MetricsFiles::create(&run_dir).unwrap();
+    for m in metrics(3, true) {
+        files.write(&m).unwrap();
+    }
+    drop(files);
     let run = Run::load(&run_dir).unwrap();
     assert_eq!(run.name, "my-run");
     assert_eq!(run.metrics, metrics(3, true));
+    std::fs::write(run_dir.join("costs.jsonl"), "{\"round\": 1}\n").unwrap();
+    let err = format!("{:#}", Run::load(&run_dir).unwrap_err());
+    assert!(err.contains("costs.jsonl:1"), "{err}");
     std::fs::write(run_dir.join("metrics.jsonl"), "{\"round\": 1}\n").unwrap();
     let err = format!("{:#}", Run::load(&run_dir).unwrap_err());
     assert!(err.contains("metrics.jsonl:1"), "{err}");
