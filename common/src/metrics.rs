@@ -86,6 +86,17 @@ impl RoundMetrics {
         }
     }
 
+    /// The whole record, costs included, as one JSON object (the server's
+    /// round history keeps both; it reads back as an equal value).
+    pub fn to_json_with_costs(&self) -> serde_json::Value {
+        let mut value = serde_json::to_value(self).expect("metrics serialize");
+        let costs = serde_json::to_value(self.costs()).expect("costs serialize");
+        if let (Some(record), serde_json::Value::Object(costs)) = (value.as_object_mut(), costs) {
+            record.extend(costs);
+        }
+        value
+    }
+
     /// Fills in the costs (read back from `costs.jsonl`).
     pub fn set_costs(&mut self, costs: &RoundCosts) {
         self.round_secs = costs.round_secs;
@@ -155,5 +166,9 @@ mod tests {
         let costs = serde_json::to_string(&m.costs()).unwrap();
         back.set_costs(&serde_json::from_str(&costs).unwrap());
         assert_eq!(back, m);
+        // The full record keeps both.
+        let full = m.to_json_with_costs();
+        assert_eq!(full["round_secs"], 1.5);
+        assert_eq!(serde_json::from_value::<RoundMetrics>(full).unwrap(), m);
     }
 }

@@ -241,7 +241,7 @@ impl Store {
 
     /// Records a round's metrics (history; not needed to resume).
     pub fn record_round(&mut self, m: &RoundMetrics) -> Result<(), StoreError> {
-        let json = serde_json::to_string(m).expect("metrics serialize");
+        let json = m.to_json_with_costs().to_string();
         self.conn
             .execute(
                 "INSERT OR REPLACE INTO rounds (run_id, round, metrics) VALUES (?1, ?2, ?3)",

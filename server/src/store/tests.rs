@@ -111,3 +111,36 @@ fn a_run_restarted_with_another_config_is_refused() {
         StoreError::NoSuchRun(_)
     ));
 }
+
+#[test]
+fn the_round_history_keeps_metrics_and_costs() {
+    let path = temp_db("history");
+    let mut store = Store::open(&path, "default", "{\"a\":1}").unwrap();
+    let m = RoundMetrics {
+        round: 3,
+        accuracy: 0.5,
+        loss: 1.25,
+        bytes_up: 1234,
+        bytes_down: 5678,
+        round_secs: 2.5,
+        cohort: 4,
+        contributors: 3,
+        dropped: 1,
+        timed_out: false,
+        examples: 90,
+        train_loss: Some(0.75),
+        secure: true,
+        client_accuracy: None,
+        client_loss: None,
+        epsilon: Some(1.5),
+        clip_norm: Some(1.0),
+    };
+    store.record_round(&m).unwrap();
+    let json: String = store
+        .conn
+        .query_row("SELECT metrics FROM rounds WHERE round = 3", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(serde_json::from_str::<RoundMetrics>(&json).unwrap(), m);
+}
