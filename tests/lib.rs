@@ -1,1 +1,231 @@
-//! End-to-end tests live in `tests/`; this crate has no library code.
+//! Shared fixtures of the end-to-end tests in `tests/`: a server with its
+//! own CA and a node registry on loopback QUIC, and the nodes that enrol
+//! with it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use burn::prelude::Device;
+use fedveil_client::driver::RetryPolicy;
+use fedveil_client::enrol::{self, EnrolmentError};
+use fedveil_client::{ClientError, ClientOptions, ClientReport, LocalTrainer, Trainer};
+use fedveil_common::data::synthetic::SyntheticConfig;
+use fedveil_common::data::{Shard, Split};
+use fedveil_common::model::DataShape;
+use fedveil_common::net::{self, NodeRegistry, ServerIdentity};
+use fedveil_common::pki::{self, CertificateAuthority, NodeIdentity};
+use fedveil_common::round::server::SecAggConfig;
+use fedveil_common::round::{Coordinator, CoordinatorConfig, Event};
+use fedveil_common::wire::{FrameLimits, LocalOptimizer, RoundConfig};
+use fedveil_server::setup::{ModelEvaluator, initial_model};
+use fedveil_server::{LogObserver, NodeService, Observer, Registry, RunReport, ServeOptions};
+use tokio::sync::{Mutex, mpsc};
+
+/// A small synthetic image task: 600 training and 100 test examples.
+pub fn synthetic() -> Split {
+    SyntheticConfig {
+        train_examples: 600,
+        test_examples: 100,
+        ..Default::default()
+    }
+    .generate(5)
+}
+
+/// A running server with its own CA and a node registry in a file.
+pub struct Deployment {
+    pub addr: SocketAddr,
+    pub fingerprint: [u8; 32],
+    /// The state database, for opening the registry as another process would.
+    pub db: PathBuf,
+    pub registry: Arc<Registry>,
+    /// A second handle on the CA, to forge what the registry never issued.
+    pub ca: CertificateAuthority,
+    pub run: tokio::task::JoinHandle<RunReport>,
+    pub split: Split,
+    events: Mutex<mpsc::UnboundedReceiver<Event>>,
+}
+
+impl Drop for Deployment {
+    fn drop(&mut self) {
+        self.run.abort();
+        let _ = std::fs::remove_dir_all(self.db.parent().unwrap());
+    }
+}
+
+/// Logs like the server does and hands every event to the test.
+struct Forward(mpsc::UnboundedSender<Event>);
+
+impl Observer for Forward {
+    fn on_event(&mut self, event: &Event) {
+        LogObserver.on_event(event);
+        let _ = self.0.send(event.clone());
+    }
+}
+
+/// A server for `rounds` rounds of CNN training, starting once
+/// `min_clients` nodes are in.
+pub fn deploy(tag: &str, rounds: u64, min_clients: usize, secagg: bool) -> Deployment {
+    deploy_with(tag, |config| {
+        config.rounds = rounds;
+        config.min_clients = min_clients;
+        config.round.secure_aggregation = secagg;
+        config.secagg = secagg.then(SecAggConfig::default);
+    })
+}
+
+/// A server whose coordinator settings `adjust` changes first.
+pub fn deploy_with(tag: &str, adjust: impl FnOnce(&mut CoordinatorConfig)) -> Deployment {
+    let dir = std::env::temp_dir().join(format!("fedveil-enrol-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let db = dir.join("state.db");
+    let split = synthetic();
+    let device = Device::flex();
+    let shape = DataShape::of(&split.train);
+    let (spec, initial) = initial_model("cnn", &shape, &device, 1).unwrap();
+    let mut config = CoordinatorConfig {
+        rounds: 1,
+        min_clients: 1,
+        fraction: 1.0,
+        round_timeout: Duration::from_secs(120),
+        max_clients: 100,
+        max_examples_per_update: 100_000,
+        seed: 1,
+        round: RoundConfig {
+            local_epochs: 1,
+            batch_size: 20,
+            max_local_steps: None,
+            learning_rate: 0.1,
+            seed: 3,
+            secure_aggregation: false,
+            dp: None,
+            prox_mu: 0.0,
+            local_optimizer: LocalOptimizer::Sgd,
+        },
+        secagg: None,
+        max_failed_rounds: 3,
+        server_optimizer: Default::default(),
+        dp: None,
+    };
+    adjust(&mut config);
+    let coordinator = Coordinator::new(config, spec.clone(), initial, 1).unwrap();
+    let evaluator = ModelEvaluator::new("cnn", Arc::clone(&split.test), &device).unwrap();
+    let identity = ServerIdentity::generate(&["localhost".into()]).unwrap();
+    let ca_copy = {
+        let ca = identity.ca.as_ref().unwrap();
+        CertificateAuthority::from_pem(&ca.cert_pem(), &ca.key_pem()).unwrap()
+    };
+    let fingerprint = pki::parse_fingerprint(&identity.ca_fingerprint()).unwrap();
+    let registry = Arc::new(Registry::open(&db).unwrap());
+    let tls = net::server_config(
+        &identity,
+        Some(Arc::clone(&registry) as Arc<dyn NodeRegistry>),
+    )
+    .unwrap();
+    let endpoint = quinn::Endpoint::server(tls, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    let nodes = Arc::new(NodeService {
+        registry: Arc::clone(&registry),
+        ca: identity.ca,
+        cert_ttl: pki::DEFAULT_CLIENT_CERT_TTL,
+    });
+    let limits = FrameLimits::for_model(spec.param_count);
+    let (events_tx, events) = mpsc::unbounded_channel();
+    let run = tokio::spawn(async move {
+        let mut observer = Forward(events_tx);
+        fedveil_server::serve(
+            endpoint,
+            coordinator,
+            evaluator,
+            ServeOptions {
+                limits,
+                observer: &mut observer,
+                state: None,
+                nodes: Some(nodes),
+            },
+            std::future::pending(),
+        )
+        .await
+    });
+    Deployment {
+        addr,
+        fingerprint,
+        db,
+        registry,
+        ca: ca_copy,
+        run,
+        split,
+        events: Mutex::new(events),
+    }
+}
+
+/// A CNN trainer on a quarter of `split`'s 600 training examples, chosen
+/// by `seed`.
+pub fn trainer(split: &Split, seed: u64) -> Arc<dyn LocalTrainer> {
+    let start = (seed as usize % 4) * 150;
+    let shard = Shard {
+        data: Arc::clone(&split.train),
+        indices: (start..start + 150).collect(),
+    };
+    Arc::new(Trainer::new("cnn", shard, Device::flex(), seed).unwrap())
+}
+
+/// A client endpoint on loopback.
+pub fn endpoint() -> quinn::Endpoint {
+    quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap()
+}
+
+impl Deployment {
+    /// A one-time enrolment token for `name`.
+    pub fn token(&self, name: &str) -> String {
+        self.registry
+            .issue_token(name, pki::DEFAULT_TOKEN_TTL, pki::unix_now())
+            .unwrap()
+            .token
+    }
+
+    /// Enrols over QUIC as `fedveil-client enroll` does.
+    pub async fn enrol(&self, token: &str) -> Result<NodeIdentity, EnrolmentError> {
+        enrol::enrol(
+            &endpoint(),
+            self.addr,
+            "localhost",
+            self.fingerprint,
+            token,
+            None,
+        )
+        .await
+    }
+
+    /// A CNN trainer on this deployment's data (see [`trainer`]).
+    pub fn trainer(&self, seed: u64) -> Arc<dyn LocalTrainer> {
+        trainer(&self.split, seed)
+    }
+
+    /// Runs a client with `opts` (no retries: a refusal must not be one).
+    pub async fn train(
+        &self,
+        mut opts: ClientOptions,
+        seed: u64,
+    ) -> Result<ClientReport, ClientError> {
+        opts.retry = RetryPolicy {
+            attempts: 1,
+            ..RetryPolicy::default()
+        };
+        fedveil_client::run(&endpoint(), &opts, self.trainer(seed)).await
+    }
+
+    /// Trains as the enrolled `identity`.
+    pub async fn train_as(&self, identity: &NodeIdentity) -> Result<ClientReport, ClientError> {
+        let opts = ClientOptions::enrolled(self.addr, "localhost", identity).unwrap();
+        self.train(opts, 0).await
+    }
+
+    /// The server's next event, or `None` after `within`.
+    pub async fn next_event(&self, within: Duration) -> Option<Event> {
+        let mut events = self.events.lock().await;
+        tokio::time::timeout(within, events.recv()).await.ok()?
+    }
+}

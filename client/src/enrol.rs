@@ -95,7 +95,7 @@ async fn exchange(
         let (mut send, recv) = connection.open_bi().await.map_err(NetError::from)?;
         net::write_message(&mut send, &request).await?;
         let _ = send.finish();
-        let mut reader = MessageReader::new(recv, FrameLimits::default());
+        let mut reader = MessageReader::new(recv, FrameLimits::enrolment());
         let answer = reader.next().await?;
         connection.close(net::CLOSE_OK.into(), b"");
         answer.ok_or_else(|| EnrolmentError::Protocol("the server closed without answering".into()))

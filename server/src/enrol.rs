@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use fedveil_common::net::{self, CLOSE_OK, CLOSE_UNAUTHORIZED, MessageReader};
+use fedveil_common::net::{self, CLOSE_OK, CLOSE_UNAUTHORIZED, MessageReader, NetError};
 use fedveil_common::pki::{self, CertInfo, CertificateAuthority};
 use fedveil_common::wire::{Enrolled, FrameLimits, Message, PROTOCOL_VERSION, ReasonCode};
 
@@ -14,8 +14,6 @@ use crate::registry::{EnrolError, Registry};
 
 /// How long an enrolling node may take to send its request.
 pub const ENROL_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// Largest enrolment frame (a CSR and a token are well under 4 KiB).
-pub const ENROL_MAX_FRAME_BYTES: u32 = 16 * 1024;
 
 /// Everything the server needs to admit nodes: the registry, and the CA
 /// that signs certificates (absent when its key is kept elsewhere).
@@ -92,25 +90,31 @@ pub async fn serve_enrolment(connection: quinn::Connection, service: Arc<NodeSer
     let peer = net::peer_certificate(&connection).map(|(_, info)| info);
     let exchange = async {
         let (mut send, recv) = connection.accept_bi().await?;
-        let limits = FrameLimits {
-            max_header_bytes: ENROL_MAX_FRAME_BYTES,
-            max_payload_bytes: 0,
+        let mut reader = MessageReader::new(recv, FrameLimits::enrolment());
+        let answer = match reader.next().await {
+            Ok(Some(request)) => {
+                let kind = request.kind();
+                // One short SQLite transaction and one signature: cheap
+                // enough to run inline.
+                let answer = service.handle(request, peer.as_ref(), pki::unix_now());
+                if let Message::Error(e) = &answer {
+                    tracing::warn!(%remote, request = kind, code = ?e.code, detail = %e.detail, "enrolment refused");
+                }
+                answer
+            }
+            Ok(None) => return Ok(None),
+            // Say why before closing: the peer may be a node of another
+            // version, not only an attacker.
+            Err(NetError::Codec(err)) => {
+                tracing::warn!(%remote, code = ?err.reason(), %err, "undecodable enrolment request");
+                Message::error(err.reason(), err.to_string())
+            }
+            Err(err) => return Err(err),
         };
-        let mut reader = MessageReader::new(recv, limits);
-        let Some(request) = reader.next().await? else {
-            return Ok(None);
-        };
-        let kind = request.kind();
-        // One short SQLite transaction and one signature: cheap enough to
-        // run inline.
-        let answer = service.handle(request, peer.as_ref(), pki::unix_now());
-        if let Message::Error(e) = &answer {
-            tracing::warn!(%remote, request = kind, code = ?e.code, detail = %e.detail, "enrolment refused");
-        }
         net::write_message(&mut send, &answer).await?;
         let _ = send.finish();
         let _ = tokio::time::timeout(crate::driver::CLOSE_GRACE, send.stopped()).await;
-        Ok::<_, net::NetError>(Some(answer))
+        Ok::<_, NetError>(Some(answer))
     };
     match tokio::time::timeout(ENROL_REQUEST_TIMEOUT, exchange).await {
         Ok(Ok(Some(Message::Enrolled(_)))) => connection.close(CLOSE_OK.into(), b""),

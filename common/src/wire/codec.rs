@@ -9,9 +9,32 @@
 //! (integers little-endian). The header is the message encoded with bincode
 //! 2 in fixed-int mode (varints would inflate random integers by 25%); the
 //! payload is the message's bulk vector as raw little-endian `f32`s, written
-//! and read without per-element work. Both lengths are checked against
-//! [`FrameLimits`] before anything is allocated, so a peer cannot make us
-//! reserve more than the configured maximum.
+//! and read without per-element work.
+//!
+//! Every byte is the peer's and hostile until checked. What is checked, and
+//! when:
+//!
+//! 1. **The 18-byte prefix**, before anything past it is kept: the magic
+//!    and the protocol version as soon as their bytes arrive, then
+//!    `header_len` against [`FrameLimits::max_header_bytes`] and
+//!    `payload_len` against [`FrameLimits::max_payload_bytes`] (and that it
+//!    is whole `f32`s).
+//! 2. **The header bytes** are buffered as they arrive, never more than
+//!    `header_len`, and decoded only when all of them are there, from that
+//!    slice alone. Every length inside the header (a string, a byte string,
+//!    a list) is checked against the bytes that remain in it before it
+//!    allocates anything ([`super::bounded`]), so a claimed 2^50-byte
+//!    string is [`CodecError::HeaderOverrun`], not an allocation; bincode's
+//!    own decode limit ([`HEADER_BYTES_CEILING`]) backs this up. The header
+//!    must decode to exactly one message with no bytes left over, and carry
+//!    a payload exactly when its kind has one.
+//! 3. **The payload** buffer grows with the bytes that actually arrive
+//!    (never beyond the `payload_len` already checked), so a frame that
+//!    claims a large payload and stalls holds only what it sent.
+//!
+//! Any failure poisons the decoder: the stream is out of sync and the
+//! connection must be dropped. Messages completed before the bad frame are
+//! still delivered.
 //!
 //! [`FrameDecoder`] is sans-IO: feed it whatever bytes arrived, poll complete
 //! messages out. The transport never parses anything itself.
@@ -29,11 +52,33 @@ pub const FRAME_PREFIX_LEN: usize = 4 + 2 + 4 + 8;
 pub const DEFAULT_MAX_HEADER_BYTES: u32 = 256 * 1024;
 /// Default cap on a payload: 1 GiB, i.e. a 268M-parameter f32 model.
 pub const DEFAULT_MAX_PAYLOAD_BYTES: u64 = 1 << 30;
+/// The largest header any decoder accepts, whatever its limits say: bincode
+/// decodes headers under this limit, a backstop should a field ever decode
+/// without [`super::bounded`].
+pub const HEADER_BYTES_CEILING: u32 = 4 << 20;
+/// Cap on an enrolment or renewal frame, both ways: a token and a CSR, or
+/// two certificates, are well under 4 KiB. Enrolment messages carry no
+/// payload.
+pub const ENROL_MAX_HEADER_BYTES: u32 = 16 * 1024;
 
 /// Size limits a decoder enforces. Servers set `max_payload_bytes` to the
 /// exact model size, so an oversized update is refused before it is read.
+///
+/// ```
+/// use fedveil_common::wire::{CodecError, FrameLimits, decode_one};
+///
+/// // The prefix of a frame that claims a 2^40-byte header.
+/// let mut frame = b"FVL\0".to_vec();
+/// frame.extend_from_slice(&fedveil_common::wire::PROTOCOL_VERSION.to_le_bytes());
+/// frame.extend_from_slice(&u32::MAX.to_le_bytes());
+/// frame.extend_from_slice(&0u64.to_le_bytes());
+/// let err = decode_one(&frame, FrameLimits::enrolment()).unwrap_err();
+/// assert!(matches!(err, CodecError::HeaderTooLarge { .. }));
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FrameLimits {
+    /// Largest header accepted; values above [`HEADER_BYTES_CEILING`] act
+    /// as the ceiling.
     pub max_header_bytes: u32,
     pub max_payload_bytes: u64,
 }
@@ -57,9 +102,25 @@ impl FrameLimits {
     /// [`MAX_APPENDED_VALUES`] allows).
     pub fn for_model(param_count: u64) -> Self {
         Self {
-            max_payload_bytes: (param_count + MAX_APPENDED_VALUES) * 4,
+            max_payload_bytes: param_count
+                .saturating_add(MAX_APPENDED_VALUES)
+                .saturating_mul(4),
             ..Self::default()
         }
+    }
+
+    /// Limits of an enrolment connection, for the server and the node
+    /// alike: small headers ([`ENROL_MAX_HEADER_BYTES`]) and no payload.
+    pub fn enrolment() -> Self {
+        Self {
+            max_header_bytes: ENROL_MAX_HEADER_BYTES,
+            max_payload_bytes: 0,
+        }
+    }
+
+    /// The header limit in force: the configured one, at most the ceiling.
+    fn header_bytes(&self) -> u32 {
+        self.max_header_bytes.min(HEADER_BYTES_CEILING)
     }
 }
 
@@ -78,12 +139,18 @@ pub enum CodecError {
     PayloadMisaligned(u64),
     #[error("malformed frame header: {0}")]
     MalformedHeader(String),
+    #[error(
+        "frame header of {header_len} bytes ends inside a field (a length claims more bytes than remain)"
+    )]
+    HeaderOverrun { header_len: usize },
     #[error("header has {trailing} bytes after the message")]
     TrailingHeaderBytes { trailing: usize },
     #[error("a {kind} message must {} a payload", if *.expected { "carry" } else { "not carry" })]
     PayloadPresence { kind: &'static str, expected: bool },
     #[error("stream ended inside a frame ({buffered} bytes buffered)")]
     Truncated { buffered: usize },
+    #[error("{0} frames where exactly one was expected")]
+    FrameCount(usize),
     #[error("could not encode message: {0}")]
     Encode(String),
 }
@@ -101,8 +168,20 @@ impl CodecError {
     }
 }
 
-fn bincode_config() -> impl bincode::config::Config {
+type FixedInt = bincode::config::Configuration<
+    bincode::config::LittleEndian,
+    bincode::config::Fixint,
+    bincode::config::NoLimit,
+>;
+
+fn bincode_config() -> FixedInt {
     bincode::config::standard().with_fixed_int_encoding()
+}
+
+/// Decoding adds a limit: bincode counts every byte it reads and every
+/// length it claims against it (see the module doc).
+fn bincode_decode_config() -> impl bincode::config::Config {
+    bincode_config().with_limit::<{ HEADER_BYTES_CEILING as usize }>()
 }
 
 /// An encoded frame: the small head (prefix and header) and the payload
@@ -180,10 +259,78 @@ enum DecodeState {
     /// Filling the payload of an already decoded header.
     Payload {
         message: Box<Message>,
-        /// Raw 32-bit words; f32 messages reinterpret them without a copy.
-        values: Vec<u32>,
-        filled: usize,
+        payload: PayloadBuffer,
     },
+}
+
+/// A payload being received: raw 32-bit words (f32 messages reinterpret
+/// them without a copy), grown with the bytes that arrive, never past the
+/// length the prefix declared and the limits allowed.
+#[derive(Debug)]
+struct PayloadBuffer {
+    words: Vec<u32>,
+    total_words: usize,
+    /// Bytes of a word split across two pushes.
+    partial: [u8; 4],
+    partial_len: usize,
+}
+
+impl PayloadBuffer {
+    fn new(total_words: usize) -> Self {
+        Self {
+            words: Vec::new(),
+            total_words,
+            partial: [0; 4],
+            partial_len: 0,
+        }
+    }
+
+    fn is_complete(&self) -> bool {
+        self.words.len() == self.total_words
+    }
+
+    /// Takes what it can of `bytes`; returns how many it took.
+    fn fill(&mut self, bytes: &[u8]) -> usize {
+        let want = (self.total_words - self.words.len()) * 4 - self.partial_len;
+        let bytes = &bytes[..want.min(bytes.len())];
+        let mut rest = bytes;
+        if self.partial_len > 0 {
+            let n = (4 - self.partial_len).min(rest.len());
+            self.partial[self.partial_len..self.partial_len + n].copy_from_slice(&rest[..n]);
+            self.partial_len += n;
+            rest = &rest[n..];
+            if self.partial_len < 4 {
+                return bytes.len();
+            }
+            self.grow_for(1);
+            self.words.push(u32::from_ne_bytes(self.partial));
+            self.partial_len = 0;
+        }
+        let whole = rest.len() / 4;
+        if whole > 0 {
+            self.grow_for(whole);
+            let start = self.words.len();
+            self.words.resize(start + whole, 0);
+            let target: &mut [u8] = bytemuck::cast_slice_mut(&mut self.words[start..]);
+            target.copy_from_slice(&rest[..whole * 4]);
+            rest = &rest[whole * 4..];
+        }
+        self.partial[..rest.len()].copy_from_slice(rest);
+        self.partial_len = rest.len();
+        bytes.len()
+    }
+
+    /// Reserves room for `more` words: doubling (so a large model costs few
+    /// reallocations), but never past the declared total.
+    fn grow_for(&mut self, more: usize) {
+        let needed = self.words.len() + more;
+        if needed > self.words.capacity() {
+            let target = needed
+                .max(self.words.capacity().saturating_mul(2))
+                .min(self.total_words);
+            self.words.reserve_exact(target - self.words.len());
+        }
+    }
 }
 
 /// Incremental, sans-IO frame decoder.
@@ -193,6 +340,8 @@ enum DecodeState {
 #[derive(Debug)]
 pub struct FrameDecoder {
     limits: FrameLimits,
+    /// Bytes of the unfinished frame taken so far (prefix included).
+    frame_bytes: usize,
     buf: Vec<u8>,
     state: DecodeState,
     poisoned: Option<CodecError>,
@@ -202,6 +351,7 @@ impl FrameDecoder {
     pub fn new(limits: FrameLimits) -> Self {
         Self {
             limits,
+            frame_bytes: 0,
             buf: Vec::new(),
             state: DecodeState::Prefix,
             poisoned: None,
@@ -213,23 +363,35 @@ impl FrameDecoder {
     }
 
     /// Feeds bytes and returns every message they complete.
+    ///
+    /// When the bytes complete some messages and then break a frame, the
+    /// messages are returned and the error comes from the next call (to
+    /// `push` or [`Self::finish`]): the outcome does not depend on how the
+    /// stream was split.
     pub fn push(&mut self, mut bytes: &[u8]) -> Result<Vec<Message>, CodecError> {
+        if let Some(err) = &self.poisoned {
+            return Err(err.clone());
+        }
         let mut out = Vec::new();
         while !bytes.is_empty() {
-            if let Some(err) = &self.poisoned {
-                return Err(err.clone());
-            }
-            let used = match self.step(bytes) {
+            match self.step(bytes) {
                 Ok((used, msg)) => {
-                    out.extend(msg);
-                    used
+                    self.frame_bytes += used;
+                    if let Some(msg) = msg {
+                        // A step ends where its frame ends.
+                        self.frame_bytes = 0;
+                        out.push(msg);
+                    }
+                    bytes = &bytes[used..];
                 }
                 Err(err) => {
                     self.poisoned = Some(err.clone());
-                    return Err(err);
+                    if out.is_empty() {
+                        return Err(err);
+                    }
+                    break;
                 }
-            };
-            bytes = &bytes[used..];
+            }
         }
         Ok(out)
     }
@@ -239,15 +401,9 @@ impl FrameDecoder {
         if let Some(err) = &self.poisoned {
             return Err(err.clone());
         }
-        let buffered = match &self.state {
-            DecodeState::Prefix => self.buf.len(),
-            DecodeState::Header { .. } => FRAME_PREFIX_LEN + self.buf.len(),
-            DecodeState::Payload { filled, .. } => *filled,
-        };
-        if buffered == 0 {
-            Ok(())
-        } else {
-            Err(CodecError::Truncated { buffered })
+        match self.frame_bytes {
+            0 => Ok(()),
+            buffered => Err(CodecError::Truncated { buffered }),
         }
     }
 
@@ -257,6 +413,8 @@ impl FrameDecoder {
             DecodeState::Prefix => {
                 let used = fill(&mut self.buf, bytes, FRAME_PREFIX_LEN);
                 if self.buf.len() < FRAME_PREFIX_LEN {
+                    // Garbage is refused as soon as it shows.
+                    check_magic_and_version(&self.buf)?;
                     return Ok((used, None));
                 }
                 let (header_len, payload_len) = self.parse_prefix()?;
@@ -271,11 +429,8 @@ impl FrameDecoder {
                 let used = fill(&mut self.buf, bytes, *header_len);
                 Ok((used, self.complete_if_ready()?))
             }
-            DecodeState::Payload { values, filled, .. } => {
-                let target: &mut [u8] = bytemuck::cast_slice_mut(values.as_mut_slice());
-                let n = (target.len() - *filled).min(bytes.len());
-                target[*filled..*filled + n].copy_from_slice(&bytes[..n]);
-                *filled += n;
+            DecodeState::Payload { payload, .. } => {
+                let n = payload.fill(bytes);
                 Ok((n, self.complete_if_ready()?))
             }
         }
@@ -283,20 +438,13 @@ impl FrameDecoder {
 
     fn parse_prefix(&self) -> Result<(usize, usize), CodecError> {
         let b = &self.buf;
-        let magic: [u8; 4] = b[0..4].try_into().expect("4 bytes");
-        if magic != FRAME_MAGIC {
-            return Err(CodecError::BadMagic(magic));
-        }
-        let version = u16::from_le_bytes([b[4], b[5]]);
-        if version != PROTOCOL_VERSION {
-            return Err(CodecError::UnsupportedVersion { got: version });
-        }
+        check_magic_and_version(b)?;
         let header_len = u32::from_le_bytes(b[6..10].try_into().expect("4 bytes"));
         let payload_len = u64::from_le_bytes(b[10..18].try_into().expect("8 bytes"));
-        if header_len > self.limits.max_header_bytes {
+        if header_len > self.limits.header_bytes() {
             return Err(CodecError::HeaderTooLarge {
                 len: header_len,
-                max: self.limits.max_header_bytes,
+                max: self.limits.header_bytes(),
             });
         }
         if payload_len > self.limits.max_payload_bytes {
@@ -344,22 +492,21 @@ impl FrameDecoder {
                     }
                     self.state = DecodeState::Payload {
                         message: Box::new(message),
-                        values: vec![0; payload_len / 4],
-                        filled: 0,
+                        payload: PayloadBuffer::new(payload_len / 4),
                     };
                 }
-                DecodeState::Payload { values, filled, .. } => {
-                    if *filled < values.len() * 4 {
+                DecodeState::Payload { payload, .. } => {
+                    if !payload.is_complete() {
                         return Ok(None);
                     }
                     let DecodeState::Payload {
                         mut message,
-                        mut values,
-                        ..
+                        payload,
                     } = std::mem::replace(&mut self.state, DecodeState::Prefix)
                     else {
                         unreachable!("state checked above")
                     };
+                    let mut values = payload.words;
                     if cfg!(target_endian = "big") {
                         for v in &mut values {
                             *v = v.swap_bytes();
@@ -374,6 +521,23 @@ impl FrameDecoder {
     }
 }
 
+/// Checks the magic and the version as far as `prefix` holds them.
+fn check_magic_and_version(prefix: &[u8]) -> Result<(), CodecError> {
+    if let Some(magic) = prefix.get(0..4) {
+        let magic: [u8; 4] = magic.try_into().expect("4 bytes");
+        if magic != FRAME_MAGIC {
+            return Err(CodecError::BadMagic(magic));
+        }
+    }
+    if let Some(&[lo, hi]) = prefix.get(4..6) {
+        let version = u16::from_le_bytes([lo, hi]);
+        if version != PROTOCOL_VERSION {
+            return Err(CodecError::UnsupportedVersion { got: version });
+        }
+    }
+    Ok(())
+}
+
 /// Appends up to `want - buf.len()` bytes; returns how many were taken.
 fn fill(buf: &mut Vec<u8>, bytes: &[u8], want: usize) -> usize {
     let n = want.saturating_sub(buf.len()).min(bytes.len());
@@ -382,8 +546,16 @@ fn fill(buf: &mut Vec<u8>, bytes: &[u8], want: usize) -> usize {
 }
 
 fn decode_header(bytes: &[u8]) -> Result<Message, CodecError> {
-    let (msg, used): (Message, usize) = bincode::serde::decode_from_slice(bytes, bincode_config())
-        .map_err(|e| CodecError::MalformedHeader(e.to_string()))?;
+    use bincode::error::DecodeError;
+    let (msg, used): (Message, usize) =
+        bincode::serde::decode_from_slice(bytes, bincode_decode_config()).map_err(|e| match e {
+            DecodeError::UnexpectedEnd { .. } | DecodeError::LimitExceeded => {
+                CodecError::HeaderOverrun {
+                    header_len: bytes.len(),
+                }
+            }
+            other => CodecError::MalformedHeader(other.to_string()),
+        })?;
     if used != bytes.len() {
         return Err(CodecError::TrailingHeaderBytes {
             trailing: bytes.len() - used,
@@ -399,10 +571,8 @@ pub fn decode_one(bytes: &[u8], limits: FrameLimits) -> Result<Message, CodecErr
     decoder.finish()?;
     match msgs.len() {
         1 => Ok(msgs.pop().expect("one")),
-        0 => Err(CodecError::Truncated { buffered: 0 }),
-        n => Err(CodecError::MalformedHeader(format!(
-            "{n} frames, expected one"
-        ))),
+        0 => Err(CodecError::FrameCount(0)),
+        n => Err(CodecError::FrameCount(n)),
     }
 }
 
@@ -600,6 +770,55 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn a_stream_ending_before_the_payload_is_truncated() {
+        // Before any payload byte: the header alone is no message.
+        let msg = update(2);
+        let frame = encode(&msg).unwrap();
+        let mut dec = FrameDecoder::new(FrameLimits::default());
+        assert!(dec.push(&frame.head).unwrap().is_empty());
+        assert_eq!(
+            dec.finish(),
+            Err(CodecError::Truncated {
+                buffered: frame.head.len()
+            })
+        );
+    }
+
+    #[test]
+    fn messages_before_a_bad_frame_are_delivered_then_the_error() {
+        let good = encode(&update(3)).unwrap().to_vec();
+        let mut bytes = good.clone();
+        bytes.extend_from_slice(b"GET / HTTP/1.1\r\n");
+        let mut dec = FrameDecoder::new(FrameLimits::default());
+        assert_eq!(dec.push(&bytes).unwrap(), vec![update(3)]);
+        let err = CodecError::BadMagic(*b"GET ");
+        assert_eq!(dec.finish(), Err(err.clone()));
+        assert_eq!(dec.push(&[]), Err(err.clone()));
+        assert_eq!(dec.push(&good), Err(err));
+    }
+
+    #[test]
+    fn a_payload_split_inside_its_words_reassembles() {
+        let msg = update(5);
+        let bytes = encode(&msg).unwrap().to_vec();
+        // Every byte once, in pieces of 1 to 5 bytes: most words of the
+        // payload arrive in two pieces.
+        let mut dec = FrameDecoder::new(FrameLimits::default());
+        let mut got = Vec::new();
+        let mut at = 0;
+        for step in [1, 2, 3, 4, 5].iter().cycle() {
+            if at >= bytes.len() {
+                break;
+            }
+            let end = (at + step).min(bytes.len());
+            got.extend(dec.push(&bytes[at..end]).unwrap());
+            at = end;
+        }
+        dec.finish().unwrap();
+        assert_eq!(got, vec![msg]);
     }
 
     #[test]

@@ -5,6 +5,11 @@
 //! `#[serde(skip)]` so it never goes through serde element by element: the
 //! codec ([`super::codec`]) writes it as one raw little-endian blob after the
 //! header and puts it back on decode.
+//!
+//! Every variable-length field (strings, byte strings, lists) decodes
+//! through [`super::bounded`], so a length read from the wire never
+//! allocates more than the frame holds. A new such field must too: the
+//! length-forging test in `common/tests/wire_limits.rs` fails otherwise.
 
 use serde::{Deserialize, Serialize};
 
@@ -17,6 +22,7 @@ pub const PROTOCOL_VERSION: u16 = 4;
 /// (a hash over every parameter's path and shape, in flattening order) match.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModelSpec {
+    #[serde(deserialize_with = "crate::wire::bounded::string")]
     pub name: String,
     pub param_count: u64,
     pub shape_signature: [u8; 32],
@@ -84,6 +90,7 @@ impl std::fmt::Display for LocalOptimizer {
 pub struct Hello {
     pub version: u16,
     /// Human-readable node name, for logs.
+    #[serde(deserialize_with = "crate::wire::bounded::string")]
     pub node_name: String,
     /// The model the client is able to train.
     pub model: ModelSpec,
@@ -123,6 +130,7 @@ pub struct SecAggParams {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SecAggSetup {
     pub params: SecAggParams,
+    #[serde(deserialize_with = "crate::wire::bounded::vec")]
     pub neighbours: Vec<u64>,
 }
 
@@ -175,8 +183,10 @@ pub struct PeerKeys {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyAttestation {
     /// The node's client certificate (DER), issued by the server's CA.
+    #[serde(deserialize_with = "crate::wire::bounded::bytes")]
     pub certificate: Vec<u8>,
     /// ECDSA P-256 / SHA-256 signature (ASN.1 DER).
+    #[serde(deserialize_with = "crate::wire::bounded::bytes")]
     pub signature: Vec<u8>,
 }
 
@@ -186,6 +196,7 @@ pub struct KeyAttestation {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EncryptedShare {
     pub peer: u64,
+    #[serde(deserialize_with = "crate::wire::bounded::bytes")]
     pub ciphertext: Vec<u8>,
 }
 
@@ -204,15 +215,21 @@ pub enum SecAgg {
     /// Client → server: my public keys.
     AdvertiseKeys { round: u64, keys: PeerKeys },
     /// Server → client: my neighbours' public keys.
-    PeerKeys { round: u64, peers: Vec<PeerKeys> },
+    PeerKeys {
+        round: u64,
+        #[serde(deserialize_with = "crate::wire::bounded::vec")]
+        peers: Vec<PeerKeys>,
+    },
     /// Client → server: encrypted shares, one per neighbour.
     Shares {
         round: u64,
+        #[serde(deserialize_with = "crate::wire::bounded::vec")]
         shares: Vec<EncryptedShare>,
     },
     /// Server → client: shares my neighbours made for me.
     PeerShares {
         round: u64,
+        #[serde(deserialize_with = "crate::wire::bounded::vec")]
         shares: Vec<EncryptedShare>,
     },
     /// Client → server: the masked, encoded update (the payload).
@@ -224,14 +241,18 @@ pub enum SecAgg {
     /// Server → client: which of my neighbours survived and which dropped.
     UnmaskRequest {
         round: u64,
+        #[serde(deserialize_with = "crate::wire::bounded::vec")]
         survivors: Vec<u64>,
+        #[serde(deserialize_with = "crate::wire::bounded::vec")]
         dropped: Vec<u64>,
     },
     /// Client → server: self-mask shares of survivors, mask-key shares of
     /// dropped neighbours (never both for one peer).
     UnmaskShares {
         round: u64,
+        #[serde(deserialize_with = "crate::wire::bounded::vec")]
         self_mask: Vec<RevealedShare>,
+        #[serde(deserialize_with = "crate::wire::bounded::vec")]
         mask_key: Vec<RevealedShare>,
     },
 }
@@ -328,6 +349,7 @@ pub enum ReasonCode {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ErrorMessage {
     pub code: ReasonCode,
+    #[serde(deserialize_with = "crate::wire::bounded::string")]
     pub detail: String,
 }
 
@@ -335,6 +357,7 @@ pub struct ErrorMessage {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Goodbye {
     pub rounds_completed: u64,
+    #[serde(deserialize_with = "crate::wire::bounded::string")]
     pub reason: String,
 }
 
@@ -343,10 +366,13 @@ pub struct Goodbye {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EnrolRequest {
     pub version: u16,
+    #[serde(deserialize_with = "crate::wire::bounded::string")]
     pub token: String,
     /// The name to enrol as; `None` takes the name the token was issued for.
+    #[serde(deserialize_with = "crate::wire::bounded::opt_string")]
     pub node_name: Option<String>,
     /// PKCS#10 certificate signing request (DER).
+    #[serde(deserialize_with = "crate::wire::bounded::bytes")]
     pub csr: Vec<u8>,
 }
 
@@ -355,6 +381,7 @@ pub struct EnrolRequest {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RenewRequest {
     pub version: u16,
+    #[serde(deserialize_with = "crate::wire::bounded::bytes")]
     pub csr: Vec<u8>,
 }
 
@@ -362,8 +389,10 @@ pub struct RenewRequest {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Enrolled {
     /// The client certificate (DER).
+    #[serde(deserialize_with = "crate::wire::bounded::bytes")]
     pub certificate: Vec<u8>,
     /// The CA certificate (DER) the node trusts from now on.
+    #[serde(deserialize_with = "crate::wire::bounded::bytes")]
     pub ca_certificate: Vec<u8>,
 }
 

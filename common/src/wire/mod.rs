@@ -1,5 +1,6 @@
 //! The wire: versioned messages and the codec that frames them.
 
+pub mod bounded;
 pub mod codec;
 pub mod message;
 
