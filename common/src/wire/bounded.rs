@@ -11,7 +11,7 @@
 //!   header first. bincode's slice reader refuses a length beyond the bytes
 //!   that remain before anything is allocated; only then are they copied,
 //!   so the allocation is at most what the frame really holds.
-//! - [`vec`] reserves at most [`MAX_PREALLOCATED_BYTES`] up front and grows
+//! - [`vec()`] reserves at most [`MAX_PREALLOCATED_BYTES`] up front and grows
 //!   only with the elements it has actually decoded, each of which took
 //!   bytes from the frame.
 //!

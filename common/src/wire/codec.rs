@@ -67,7 +67,7 @@ pub const ENROL_MAX_HEADER_BYTES: u32 = 16 * 1024;
 /// ```
 /// use fedveil_common::wire::{CodecError, FrameLimits, decode_one};
 ///
-/// // The prefix of a frame that claims a 2^40-byte header.
+/// // The prefix of a frame that claims a 4 GiB header.
 /// let mut frame = b"FVL\0".to_vec();
 /// frame.extend_from_slice(&fedveil_common::wire::PROTOCOL_VERSION.to_le_bytes());
 /// frame.extend_from_slice(&u32::MAX.to_le_bytes());
