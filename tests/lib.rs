@@ -11,14 +11,14 @@ use burn::prelude::Device;
 use fedveil_client::driver::RetryPolicy;
 use fedveil_client::enrol::{self, EnrolmentError};
 use fedveil_client::{ClientError, ClientOptions, ClientReport, LocalTrainer, Trainer};
-use fedveil_common::data::synthetic::SyntheticConfig;
-use fedveil_common::data::{Shard, Split};
-use fedveil_common::model::DataShape;
-use fedveil_common::net::{self, NodeRegistry, ServerIdentity};
-use fedveil_common::pki::{self, CertificateAuthority, NodeIdentity};
-use fedveil_common::round::server::SecAggConfig;
-use fedveil_common::round::{Coordinator, CoordinatorConfig, Event};
-use fedveil_common::wire::{FrameLimits, LocalOptimizer, RoundConfig};
+use fedveil_ml::data::synthetic::SyntheticConfig;
+use fedveil_ml::data::{Shard, Split};
+use fedveil_ml::model::DataShape;
+use fedveil_net::pki::{self, CertificateAuthority, NodeIdentity};
+use fedveil_net::quic::{self, NodeRegistry, ServerIdentity};
+use fedveil_proto::round::server::SecAggConfig;
+use fedveil_proto::round::{Coordinator, CoordinatorConfig, Event};
+use fedveil_proto::wire::{FrameLimits, LocalOptimizer, RoundConfig};
 use fedveil_server::setup::{ModelEvaluator, initial_model};
 use fedveil_server::{LogObserver, NodeService, Observer, Registry, RunReport, ServeOptions};
 use tokio::sync::{Mutex, mpsc};
@@ -119,7 +119,7 @@ pub fn deploy_with(tag: &str, adjust: impl FnOnce(&mut CoordinatorConfig)) -> De
     };
     let fingerprint = pki::parse_fingerprint(&identity.ca_fingerprint()).unwrap();
     let registry = Arc::new(Registry::open(&db).unwrap());
-    let tls = net::server_config(
+    let tls = quic::server_config(
         &identity,
         Some(Arc::clone(&registry) as Arc<dyn NodeRegistry>),
     )

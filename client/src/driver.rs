@@ -5,13 +5,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fedveil_common::model::ModelError;
-use fedveil_common::net::{self, CLOSE_OK, MessageReader, NetError, Rejection};
-use fedveil_common::round::{ClientEvent, ClientSession, SessionError};
-use fedveil_common::wire::{FrameLimits, Message, ReasonCode};
+use fedveil_ml::model::ModelError;
+use fedveil_net::quic::{self, CLOSE_OK, MessageReader, NetError, Rejection};
+use fedveil_proto::round::{ClientEvent, ClientSession, SessionError};
+use fedveil_proto::wire::{FrameLimits, Message, ReasonCode};
 use tokio::sync::Semaphore;
 
-use crate::trainer::LocalTrainer;
+use fedveil_ml::train::LocalTrainer;
 
 /// How many times to try connecting before giving up.
 pub const DEFAULT_CONNECT_ATTEMPTS: u32 = 8;
@@ -39,7 +39,7 @@ pub struct ClientOptions {
     pub tls: Option<quinn::ClientConfig>,
     /// Signs this node's SecAgg keys and checks its neighbours' (set for
     /// enrolled nodes).
-    pub attestor: Option<Arc<dyn fedveil_common::secagg::KeyAttestor>>,
+    pub attestor: Option<Arc<dyn fedveil_proto::secagg::KeyAttestor>>,
     /// Injected faults (simulations): consulted before each message leaves.
     pub faults: Option<Arc<dyn FaultHook>>,
     /// Seeds this session's secrets (SecAgg keys and masks, DP noise).
@@ -90,11 +90,11 @@ impl ClientOptions {
     pub fn enrolled(
         server: SocketAddr,
         server_name: impl Into<String>,
-        identity: &fedveil_common::pki::NodeIdentity,
+        identity: &fedveil_net::pki::NodeIdentity,
     ) -> Result<Self, NetError> {
         let mut opts = Self::new(server, server_name, identity.name());
-        opts.tls = Some(net::client_config(&identity.ca_pem(), Some(identity))?);
-        opts.attestor = Some(Arc::new(fedveil_common::pki::NodeAttestor::new(
+        opts.tls = Some(quic::client_config(&identity.ca_pem(), Some(identity))?);
+        opts.attestor = Some(Arc::new(fedveil_net::pki::NodeAttestor::new(
             identity.clone(),
         )));
         Ok(opts)
@@ -238,7 +238,7 @@ pub async fn run(
                         });
                     }
                 }
-                report.bytes_sent += net::write_message(&mut send, &msg).await?;
+                report.bytes_sent += quic::write_message(&mut send, &msg).await?;
             }
             let msg = match reader.next().await {
                 Ok(Some(msg)) => msg,
@@ -277,7 +277,7 @@ pub async fn run(
                             Err(err) => {
                                 tracing::warn!(node = %opts.node_name, round, %err, "local training failed");
                                 let msg = Message::error(ReasonCode::Internal, format!("round {round}: {err}"));
-                                report.bytes_sent += net::write_message(&mut send, &msg).await?;
+                                report.bytes_sent += quic::write_message(&mut send, &msg).await?;
                             }
                         }
                     }
@@ -344,7 +344,7 @@ fn is_transient(err: &quinn::ConnectionError) -> bool {
         E::TimedOut | E::Reset => true,
         // A server that is full or restarting refuses politely.
         E::ApplicationClosed(close) => {
-            close.error_code == quinn::VarInt::from_u32(net::CLOSE_REFUSED)
+            close.error_code == quinn::VarInt::from_u32(quic::CLOSE_REFUSED)
         }
         _ => false,
     }

@@ -9,9 +9,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use fedveil_common::net::{self, MessageReader, NetError, Rejection};
-use fedveil_common::pki::{self, NodeIdentity, PkiError};
-use fedveil_common::wire::{
+use fedveil_net::pki::{self, NodeIdentity, PkiError};
+use fedveil_net::quic::{self, MessageReader, NetError, Rejection};
+use fedveil_proto::wire::{
     EnrolRequest, FrameLimits, Message, PROTOCOL_VERSION, ReasonCode, RenewRequest,
 };
 
@@ -93,11 +93,11 @@ async fn exchange(
     };
     let attempt = async {
         let (mut send, recv) = connection.open_bi().await.map_err(NetError::from)?;
-        net::write_message(&mut send, &request).await?;
+        quic::write_message(&mut send, &request).await?;
         let _ = send.finish();
         let mut reader = MessageReader::new(recv, FrameLimits::enrolment());
         let answer = reader.next().await?;
-        connection.close(net::CLOSE_OK.into(), b"");
+        connection.close(quic::CLOSE_OK.into(), b"");
         answer.ok_or_else(|| EnrolmentError::Protocol("the server closed without answering".into()))
     };
     let answer = tokio::time::timeout(ENROL_TIMEOUT, attempt)
@@ -143,7 +143,7 @@ pub async fn enrol(
         node_name: name.map(str::to_owned),
         csr,
     });
-    let tls = net::enrol_client_config(ca_fingerprint, None)?;
+    let tls = quic::enrol_client_config(ca_fingerprint, None)?;
     let answer = exchange(endpoint, tls, server, server_name, request).await?;
     let identity = identity_from(answer, key)?;
     if pki::fingerprint(identity.ca_der()) != hex::encode(ca_fingerprint) {
@@ -164,7 +164,7 @@ pub async fn renew(
 ) -> Result<NodeIdentity, EnrolmentError> {
     let (key, csr) = pki::new_key_and_csr(current.name())?;
     let pin: [u8; 32] = pki::parse_fingerprint(&pki::fingerprint(current.ca_der()))?;
-    let tls = net::enrol_client_config(pin, Some(current))?;
+    let tls = quic::enrol_client_config(pin, Some(current))?;
     let request = Message::RenewRequest(RenewRequest {
         version: PROTOCOL_VERSION,
         csr,

@@ -1,10 +1,10 @@
 //! fedveil-client: a node that trains locally and talks to the server.
-//! [`trainer`] does the Burn work; [`driver`] runs the sans-IO session over
-//! QUIC.
+//! [`driver`] runs the sans-IO session over QUIC around a
+//! [`LocalTrainer`] (the Burn work, from `fedveil-ml`); [`enrol`] obtains
+//! and renews the node's certificate.
 
 pub mod driver;
 pub mod enrol;
-pub mod trainer;
 
 pub use driver::{ClientError, ClientOptions, ClientReport, Fault, FaultHook, run};
-pub use trainer::{LocalTrainer, Trainer};
+pub use fedveil_ml::train::{LocalTrainer, Trainer};

@@ -5,12 +5,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use fedveil_client::{ClientOptions, LocalTrainer, Trainer};
-use fedveil_common::data::{self, DatasetName, Download, Partition, Shard};
-use fedveil_common::model::DeviceSpec;
-use fedveil_common::net;
-use fedveil_common::pki::{self, NodeIdentity};
+use fedveil_ml::data::{Partition, Shard};
+use fedveil_net::pki::{self, NodeIdentity};
+use fedveil_net::quic;
+use fedveil_settings::{DataSettings, Layered};
 
 #[derive(Parser)]
 #[command(name = "fedveil-client", version, about = "fedveil client node")]
@@ -71,16 +71,6 @@ struct RunArgs {
     /// certificate's lifetime].
     #[arg(long, value_parser = pki::parse_duration)]
     renew_before: Option<Duration>,
-    #[arg(long, default_value = "mnist")]
-    dataset: String,
-    /// Data directory (default: $FEDVEIL_DATA, then the user cache).
-    #[arg(long)]
-    data_dir: Option<PathBuf>,
-    #[arg(long, default_value = "cnn")]
-    model: String,
-    /// cpu, cuda or cuda:N (cuda needs a build with `--features cuda`).
-    #[arg(long, default_value = "cpu")]
-    device: DeviceSpec,
     /// Use part INDEX of the training set split into COUNT parts
     /// (for demos on one machine; a real node trains on all its data).
     #[arg(long, value_name = "INDEX/COUNT")]
@@ -97,8 +87,15 @@ struct RunArgs {
     connect_attempts: u32,
 }
 
+/// The command line: the derived commands, with the data settings shared
+/// with the server and simulations added to `run`.
+fn command() -> clap::Command {
+    Cli::command().mut_subcommand("run", DataSettings::add_flags)
+}
+
 fn main() -> Result<()> {
-    let cli = Cli::parse();
+    let matches = command().get_matches();
+    let cli = Cli::from_arg_matches(&matches)?;
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).context("--log")?)
         .with_writer(std::io::stderr)
@@ -106,7 +103,11 @@ fn main() -> Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     match cli.command {
         Command::Enroll(args) => runtime.block_on(enroll(args)),
-        Command::Run(args) => runtime.block_on(run(args)),
+        Command::Run(args) => {
+            let mut data_settings = DataSettings::default();
+            data_settings.update_from_flags(matches.subcommand_matches("run").expect("run"))?;
+            runtime.block_on(run(args, data_settings))
+        }
         Command::Renew(args) => runtime.block_on(async {
             let (server, identity) = load_node(&args).await?;
             renew(&server, &args.dir, &identity).await.map(|_| ())
@@ -138,7 +139,7 @@ async fn resolve(server: &str) -> Result<Server> {
     let host = server.rsplit_once(':').map_or(server, |(h, _)| h);
     Ok(Server {
         addr,
-        name: net::server_name(host).to_owned(),
+        name: quic::server_name(host).to_owned(),
     })
 }
 
@@ -236,7 +237,7 @@ async fn renew(
     Ok(renewed)
 }
 
-async fn run(args: RunArgs) -> Result<()> {
+async fn run(args: RunArgs, data_settings: DataSettings) -> Result<()> {
     let (server, mut identity) = load_node(&args.node).await?;
     let now = pki::unix_now();
     if identity.remaining(now) <= 0 {
@@ -250,13 +251,8 @@ async fn run(args: RunArgs) -> Result<()> {
         identity = renew(&server, &args.node.dir, &identity).await?;
     }
     let name = identity.name().to_owned();
-    let device = args.device.device()?;
-    let split = data::load(
-        DatasetName::parse(&args.dataset)?,
-        &data::resolve_data_dir(args.data_dir.as_deref()),
-        Download::IfMissing,
-        args.seed,
-    )?;
+    let device = data_settings.device()?.device()?;
+    let split = data_settings.load(args.seed)?;
     let shard = match &args.shard {
         None => Shard::whole(split.train),
         Some(spec) => {
@@ -275,10 +271,10 @@ async fn run(args: RunArgs) -> Result<()> {
         }
     };
     let trainer = Arc::new(Trainer::new(
-        &args.model,
+        &data_settings.model,
         shard,
         device,
-        fedveil_client::trainer::mix_seed(&[args.seed, hash_name(&name)]),
+        fedveil_ml::train::mix_seed(&[args.seed, hash_name(&name)]),
     )?);
     let endpoint = endpoint_for(&server)?;
     let mut opts = ClientOptions::enrolled(server.addr, &server.name, &identity)?;

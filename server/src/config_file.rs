@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
-use fedveil_common::pki;
+use fedveil_net::pki;
 use serde::{Deserialize, Serialize};
 
 /// File name inside the server directory.

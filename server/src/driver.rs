@@ -12,15 +12,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use fedveil_common::metrics::RoundMetrics;
-use fedveil_common::model::EvalStats;
-use fedveil_common::net::{
+use fedveil_ml::model::EvalStats;
+use fedveil_net::pki::{self, CertInfo};
+use fedveil_net::quic::{
     self, CLOSE_OK, CLOSE_REFUSED, CLOSE_UNAUTHORIZED, MessageReader, NetError,
 };
-use fedveil_common::pki::{self, CertInfo};
-use fedveil_common::round::server::Durable;
-use fedveil_common::round::{ClientId, Coordinator, Event, PeerIdentity, RoundSummary};
-use fedveil_common::wire::{FrameLimits, Message};
+use fedveil_proto::metrics::RoundMetrics;
+use fedveil_proto::round::server::Durable;
+use fedveil_proto::round::{ClientId, Coordinator, Event, PeerIdentity, RoundSummary};
+use fedveil_proto::wire::{FrameLimits, Message};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -194,7 +194,7 @@ pub struct ServeOptions<'a> {
     /// Enrolment and the node registry. With it, training connections must
     /// present an enrolled client certificate (the endpoint's TLS config
     /// must check them against the same registry: see
-    /// [`net::server_config`]); without it, clients are anonymous.
+    /// [`quic::server_config`]); without it, clients are anonymous.
     pub nodes: Option<Arc<NodeService>>,
 }
 
@@ -508,8 +508,8 @@ async fn handshake(
         Ok(Err(err)) => return tracing::warn!(%remote, %err, "handshake failed"),
         Err(_) => return tracing::warn!(%remote, "handshake timed out"),
     };
-    let identity = net::peer_certificate(&connection);
-    if net::negotiated_alpn(&connection).as_deref() == Some(net::ENROL_ALPN) {
+    let identity = quic::peer_certificate(&connection);
+    if quic::negotiated_alpn(&connection).as_deref() == Some(quic::ENROL_ALPN) {
         return match nodes {
             Some(service) => crate::enrol::serve_enrolment(connection, service).await,
             None => connection.close(
@@ -579,7 +579,7 @@ async fn write_loop(
 ) {
     let mut close_code = CLOSE_OK;
     while let Some(Outbound { message, close }) = out.recv().await {
-        match net::write_message(&mut send, &message).await {
+        match quic::write_message(&mut send, &message).await {
             Ok(n) => {
                 traffic.down.fetch_add(n, Ordering::Relaxed);
             }

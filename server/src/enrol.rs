@@ -6,9 +6,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use fedveil_common::net::{self, CLOSE_OK, CLOSE_UNAUTHORIZED, MessageReader, NetError};
-use fedveil_common::pki::{self, CertInfo, CertificateAuthority};
-use fedveil_common::wire::{Enrolled, FrameLimits, Message, PROTOCOL_VERSION, ReasonCode};
+use fedveil_net::pki::{self, CertInfo, CertificateAuthority};
+use fedveil_net::quic::{self, CLOSE_OK, CLOSE_UNAUTHORIZED, MessageReader, NetError};
+use fedveil_proto::wire::{Enrolled, FrameLimits, Message, PROTOCOL_VERSION, ReasonCode};
 
 use crate::registry::{EnrolError, Registry};
 
@@ -87,7 +87,7 @@ impl NodeService {
 /// Serves one enrolment connection: one request, one answer, close.
 pub async fn serve_enrolment(connection: quinn::Connection, service: Arc<NodeService>) {
     let remote = connection.remote_address();
-    let peer = net::peer_certificate(&connection).map(|(_, info)| info);
+    let peer = quic::peer_certificate(&connection).map(|(_, info)| info);
     let exchange = async {
         let (mut send, recv) = connection.accept_bi().await?;
         let mut reader = MessageReader::new(recv, FrameLimits::enrolment());
@@ -111,7 +111,7 @@ pub async fn serve_enrolment(connection: quinn::Connection, service: Arc<NodeSer
             }
             Err(err) => return Err(err),
         };
-        net::write_message(&mut send, &answer).await?;
+        quic::write_message(&mut send, &answer).await?;
         let _ = send.finish();
         let _ = tokio::time::timeout(crate::driver::CLOSE_GRACE, send.stopped()).await;
         Ok::<_, NetError>(Some(answer))

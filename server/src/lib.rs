@@ -1,5 +1,5 @@
 //! fedveil-server: the aggregation server. [`driver`] runs the sans-IO
-//! round coordinator from `fedveil-common` over QUIC; [`setup`] builds the
+//! round coordinator from `fedveil-proto` over QUIC; [`setup`] builds the
 //! pieces a run needs.
 
 pub mod config_file;

@@ -8,23 +8,20 @@ use std::time::Duration;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
-use clap::{Args, Parser, Subcommand};
-use fedveil_common::data::{self, DatasetName, Download};
-use fedveil_common::dp::{DpConfig, Mechanism, NoiseLevel};
-use fedveil_common::model::{DataShape, DeviceSpec};
-use fedveil_common::net::{self, NodeRegistry, ServerIdentity};
-use fedveil_common::pki;
-use fedveil_common::round::server::SecAggConfig;
-use fedveil_common::round::server::{
-    DEFAULT_MAX_CLIENTS, DEFAULT_MAX_EXAMPLES_PER_UPDATE, DEFAULT_MAX_FAILED_ROUNDS,
-};
-use fedveil_common::round::{Coordinator, CoordinatorConfig};
-use fedveil_common::server_opt::ServerOptimizerConfig;
-use fedveil_common::wire::{FrameLimits, LocalOptimizer, RoundConfig};
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use fedveil_ml::model::DataShape;
+use fedveil_net::pki;
+use fedveil_net::quic::{self, NodeRegistry, ServerIdentity};
+use fedveil_proto::round::Coordinator;
+use fedveil_proto::round::server::MIN_SECAGG_COHORT;
+use fedveil_proto::wire::FrameLimits;
 use fedveil_server::config_file::{SERVER_CONFIG_FILE, ServerFile};
 use fedveil_server::setup::{MetricsFiles, ModelEvaluator, ServerObserver, initial_model};
 use fedveil_server::store::Store;
 use fedveil_server::{NodeService, Registry, ServeOptions};
+use fedveil_settings::{
+    Deployment, Layered, Population, Settings, SettingsFile, Simulation, recipe_keys,
+};
 
 #[derive(Parser)]
 #[command(name = "fedveil-server", version, about = "fedveil aggregation server")]
@@ -138,44 +135,6 @@ struct ExportArgs {
     out: PathBuf,
 }
 
-/// The server optimizer (Reddi et al. 2021) and client-side FedProx.
-#[derive(Args, Debug, Clone, serde::Serialize)]
-struct OptimArgs {
-    /// fedavg, fedavgm, fedadagrad, fedyogi or fedadam.
-    #[arg(long, default_value = "fedavg")]
-    server_optimizer: String,
-    /// Server learning rate [default: 1 for fedavg/fedavgm, 0.01 for the adaptive ones].
-    #[arg(long)]
-    server_lr: Option<f64>,
-    /// FedAvgM momentum.
-    #[arg(long, default_value_t = fedveil_common::server_opt::DEFAULT_SERVER_MOMENTUM)]
-    server_momentum: f64,
-    #[arg(long, default_value_t = fedveil_common::server_opt::DEFAULT_BETA1)]
-    beta1: f64,
-    #[arg(long, default_value_t = fedveil_common::server_opt::DEFAULT_BETA2)]
-    beta2: f64,
-    /// Adaptivity tau of FedAdagrad/FedYogi/FedAdam.
-    #[arg(long, default_value_t = fedveil_common::server_opt::DEFAULT_TAU)]
-    tau: f64,
-    /// FedProx proximal weight mu sent to clients (0: off).
-    #[arg(long, default_value_t = 0.0)]
-    prox_mu: f32,
-}
-
-impl OptimArgs {
-    fn config(&self) -> Result<ServerOptimizerConfig> {
-        ServerOptimizerConfig::from_settings(
-            &self.server_optimizer,
-            self.server_lr,
-            self.server_momentum,
-            self.beta1,
-            self.beta2,
-            self.tau,
-        )
-        .map_err(anyhow::Error::msg)
-    }
-}
-
 #[derive(Args)]
 struct InitArgs {
     /// Directory for the CA and server certificate (keys are mode 0600).
@@ -186,6 +145,9 @@ struct InitArgs {
     name: Vec<String>,
 }
 
+/// `run`'s own flags; the run's settings ([`Settings`], [`Deployment`])
+/// are added to the subcommand by [`command`], defined once for the server,
+/// the simulator and the recipe files.
 #[derive(Args)]
 struct RunArgs {
     #[command(flatten)]
@@ -198,191 +160,50 @@ struct RunArgs {
     /// [default: client_cert_ttl from server.toml, else 30d].
     #[arg(long, value_parser = pki::parse_duration)]
     client_cert_ttl: Option<Duration>,
-    /// Dataset whose test split evaluates each new global model.
-    #[arg(long, default_value = "mnist")]
-    dataset: String,
-    /// Data directory (default: $FEDVEIL_DATA, then the user cache).
+    /// TOML file with any of the run's settings, the same format as
+    /// simulations/recipes/ (flags override it; simulation-only keys are
+    /// ignored).
     #[arg(long)]
-    data_dir: Option<PathBuf>,
-    #[arg(long, default_value = "cnn")]
-    model: String,
-    /// cpu, cuda or cuda:N (cuda needs a build with `--features cuda`).
-    #[arg(long, default_value = "cpu")]
-    device: DeviceSpec,
-    /// Clients needed before a round starts.
-    #[arg(long, default_value_t = 2)]
-    min_clients: usize,
-    /// Fraction C of connected clients sampled each round.
-    #[arg(long, default_value_t = 1.0)]
-    fraction: f64,
-    #[arg(long, default_value_t = 10)]
-    rounds: u64,
-    /// Local epochs E per round.
-    #[arg(long, default_value_t = 1)]
-    local_epochs: u32,
-    /// Caps each client's local training at this many minibatch steps per
-    /// round [default: no cap].
-    #[arg(long)]
-    max_local_steps: Option<u32>,
-    /// Local minibatch size B.
-    #[arg(long, default_value_t = 10)]
-    batch_size: u32,
-    /// Client learning rate.
-    #[arg(long, default_value_t = 0.05)]
-    lr: f32,
-    /// Client optimizer: sgd, or adam (fresh moments each round; use a
-    /// learning rate near 1e-3).
-    #[arg(long, default_value_t = LocalOptimizer::Sgd)]
-    local_optimizer: LocalOptimizer,
-    /// Seconds before a round completes without its stragglers.
-    #[arg(long, default_value_t = 600)]
-    round_timeout: u64,
-    /// Most clients admitted at once.
-    #[arg(long, default_value_t = DEFAULT_MAX_CLIENTS)]
-    max_clients: usize,
-    /// Largest example count one update may claim.
-    #[arg(long, default_value_t = DEFAULT_MAX_EXAMPLES_PER_UPDATE)]
-    max_examples_per_update: u64,
-    /// Seeds the initial model, cohort sampling and client shuffling.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Write metrics.jsonl and metrics.csv here.
-    #[arg(long)]
-    out: Option<PathBuf>,
-    /// Stop the run after this many failed rounds.
-    #[arg(long, default_value_t = DEFAULT_MAX_FAILED_ROUNDS)]
-    max_failed_rounds: u64,
-    #[command(flatten)]
-    secagg: SecAggArgs,
-    #[command(flatten)]
-    dp: DpArgs,
-    #[command(flatten)]
-    optim: OptimArgs,
+    config: Option<PathBuf>,
     #[command(flatten)]
     state: StateArgs,
 }
 
-/// Differential privacy; on when a noise multiplier or target epsilon is given.
-#[derive(Args, Debug, Clone, serde::Serialize)]
-pub struct DpArgs {
-    /// distributed (needs --secagg), central or local [default: distributed
-    /// with --secagg, else central].
-    #[arg(long)]
-    dp: Option<Mechanism>,
-    /// Noise std over clip norm.
-    #[arg(long, conflicts_with = "target_epsilon")]
-    noise_multiplier: Option<f64>,
-    /// Epsilon to reach after --rounds rounds (local DP: per round).
-    #[arg(long)]
-    target_epsilon: Option<f64>,
-    #[arg(long, default_value_t = fedveil_common::dp::DEFAULT_DELTA)]
-    delta: f64,
-    /// L2 norm every update is clipped to.
-    #[arg(long, default_value_t = fedveil_common::dp::DEFAULT_CLIP_NORM)]
-    clip_norm: f64,
-    /// Largest epsilon the run may spend [default: the target epsilon].
-    #[arg(long)]
-    dp_budget: Option<f64>,
-    /// Clients the sampling rate refers to (enrolled clients) [default: --min-clients].
-    #[arg(long)]
-    dp_population: Option<usize>,
-    /// Distributed DP: fewest contributors per round [default: 70% of the expected cohort].
-    #[arg(long)]
-    dp_min_contributors: Option<usize>,
-    /// Adapt the clip bound to a quantile of the update norms (Andrew et
-    /// al. 2021); --clip-norm is then the initial bound.
-    #[arg(long)]
-    adaptive_clip: bool,
-    /// Adaptive clipping: the norm quantile the bound tracks.
-    #[arg(long, default_value_t = fedveil_common::dp::adaptive::DEFAULT_TARGET_QUANTILE)]
-    clip_quantile: f64,
-    /// Adaptive clipping: step size of the geometric update.
-    #[arg(long, default_value_t = fedveil_common::dp::adaptive::DEFAULT_CLIP_LEARNING_RATE)]
-    clip_lr: f64,
-    /// Adaptive clipping: std of the noise on the clipped count [default:
-    /// expected cohort / 20].
-    #[arg(long)]
-    clip_count_noise: Option<f64>,
-}
-
-impl DpArgs {
-    fn config(&self, rounds: u64, secagg: bool) -> Result<Option<DpConfig>> {
-        let noise = match (self.noise_multiplier, self.target_epsilon) {
-            (Some(z), None) => NoiseLevel::NoiseMultiplier(z),
-            (None, Some(e)) => NoiseLevel::TargetEpsilon(e),
-            (None, None) if self.dp.is_some() => {
-                anyhow::bail!("--dp needs --noise-multiplier or --target-epsilon")
+/// The run's settings: defaults, then `--config FILE`, then flags.
+fn run_settings(args: &RunArgs, matches: &ArgMatches) -> Result<(Settings, Deployment)> {
+    let (mut settings, mut deployment) = match &args.config {
+        None => (Settings::default(), Deployment::default()),
+        Some(path) => {
+            let file = SettingsFile::read(path)?;
+            file.check_keys(&recipe_keys())?;
+            let ignored: Vec<String> = Simulation::keys()
+                .into_iter()
+                .filter(|k| file.sets(k))
+                .collect();
+            if !ignored.is_empty() {
+                tracing::info!(
+                    file = %path.display(),
+                    "ignoring simulation settings in a deployment: {}",
+                    ignored.join(", ")
+                );
             }
-            _ => return Ok(None),
-        };
-        Ok(Some(DpConfig {
-            mechanism: self.dp.unwrap_or(if secagg {
-                Mechanism::Distributed
-            } else {
-                Mechanism::Central
-            }),
-            clip_norm: self.clip_norm,
-            noise,
-            delta: self.delta,
-            planned_rounds: rounds,
-            budget: self.dp_budget,
-            min_contributors: self.dp_min_contributors,
-            adaptive: self
-                .adaptive_clip
-                .then_some(fedveil_common::dp::AdaptiveClipping {
-                    target_quantile: self.clip_quantile,
-                    learning_rate: self.clip_lr,
-                    count_noise_std: self.clip_count_noise,
-                }),
-        }))
-    }
+            (file.get()?, file.get()?)
+        }
+    };
+    settings.update_from_flags(matches)?;
+    deployment.update_from_flags(matches)?;
+    Ok((settings, deployment))
 }
 
-/// Secure aggregation (SecAgg+): the server sees only the cohort's sum.
-#[derive(Args, Debug, Clone, serde::Serialize)]
-pub struct SecAggArgs {
-    /// Aggregate through SecAgg+.
-    #[arg(long)]
-    secagg: bool,
-    /// Neighbours per client [default: ~3 log2(cohort), the full cohort when small].
-    #[arg(long)]
-    secagg_degree: Option<u32>,
-    /// Shamir threshold t (> degree / 2) [default: from --secagg-expected-dropout].
-    #[arg(long)]
-    secagg_threshold: Option<u32>,
-    /// Masked values live in Z_(2^BITS).
-    #[arg(long, default_value_t = fedveil_common::secagg::DEFAULT_BITS)]
-    secagg_bits: u32,
-    /// Weighted update values are clipped to [-CLIP, CLIP] before encoding.
-    #[arg(long, default_value_t = fedveil_common::secagg::DEFAULT_CLIP)]
-    secagg_clip: f32,
-    /// Example counts are capped at this weight.
-    #[arg(long, default_value_t = fedveil_common::secagg::DEFAULT_MAX_WEIGHT)]
-    secagg_max_weight: u64,
-    /// Dropout rate the default threshold tolerates.
-    #[arg(long, default_value_t = fedveil_common::secagg::DEFAULT_EXPECTED_DROPOUT)]
-    secagg_expected_dropout: f64,
-    /// Seconds allowed for each key-exchange and unmask stage.
-    #[arg(long, default_value_t = 60)]
-    secagg_stage_timeout: u64,
-}
-
-impl SecAggArgs {
-    fn config(&self) -> Option<SecAggConfig> {
-        self.secagg.then(|| SecAggConfig {
-            degree: self.secagg_degree,
-            threshold: self.secagg_threshold,
-            bits: self.secagg_bits,
-            clip: self.secagg_clip,
-            max_weight: self.secagg_max_weight,
-            expected_dropout: self.secagg_expected_dropout,
-            stage_timeout: Duration::from_secs(self.secagg_stage_timeout),
-        })
-    }
+/// The command line: the derived commands, with the run's settings added
+/// to `run`.
+fn command() -> clap::Command {
+    Cli::command().mut_subcommand("run", |run| Deployment::add_flags(Settings::add_flags(run)))
 }
 
 fn main() -> Result<()> {
-    let cli = Cli::parse();
+    let matches = command().get_matches();
+    let cli = Cli::from_arg_matches(&matches)?;
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).context("--log")?)
         .with_writer(std::io::stderr)
@@ -396,13 +217,19 @@ fn main() -> Result<()> {
             println!("{}", load_identity(&args.dir)?.ca_fingerprint());
             Ok(())
         }
-        Command::Run(args) => tokio::runtime::Runtime::new()?.block_on(run(*args)),
+        Command::Run(args) => {
+            let run_matches = matches
+                .subcommand_matches("run")
+                .expect("the run subcommand");
+            let (settings, deployment) = run_settings(&args, run_matches)?;
+            tokio::runtime::Runtime::new()?.block_on(run(*args, settings, deployment))
+        }
         Command::Export(args) => export(&args),
     }
 }
 
 fn init(args: &InitArgs) -> Result<()> {
-    if args.dir.join(net::SERVER_CERT_FILE).exists() {
+    if args.dir.join(quic::SERVER_CERT_FILE).exists() {
         bail!(
             "{} already holds a server identity; nodes enrolled with it would lose their CA. Use another directory for a new CA",
             args.dir.display()
@@ -419,7 +246,7 @@ fn init(args: &InitArgs) -> Result<()> {
          next: issue a token per node with `fedveil-server enroll --dir {} --name NODE`",
         args.name.join(", "),
         args.dir.display(),
-        args.dir.join(net::CA_KEY_FILE).display(),
+        args.dir.join(quic::CA_KEY_FILE).display(),
         args.dir.join(SERVER_CONFIG_FILE).display(),
         file.listen,
         identity.ca_fingerprint(),
@@ -505,7 +332,7 @@ fn revoke(args: &RevokeArgs) -> Result<()> {
     Ok(())
 }
 
-async fn run(args: RunArgs) -> Result<()> {
+async fn run(args: RunArgs, settings: Settings, deployment: Deployment) -> Result<()> {
     let identity = ServerIdentity::load_or_create(&args.identity.dir, &args.identity.name)?;
     let file = match ServerFile::load(&args.identity.dir)? {
         Some(f) => f,
@@ -516,88 +343,45 @@ async fn run(args: RunArgs) -> Result<()> {
         }
     };
     let listen = args.listen.unwrap_or(file.listen);
-    let device = args.device.device()?;
-    let data_dir = data::resolve_data_dir(args.data_dir.as_deref());
-    let split = data::load(
-        DatasetName::parse(&args.dataset)?,
-        &data_dir,
-        Download::IfMissing,
-        args.seed,
-    )?;
+    let device = settings.data.device()?.device()?;
+    let split = settings.data.load(settings.seed)?;
     let shape = DataShape::of(&split.test);
-    let (spec, initial) = initial_model(&args.model, &shape, &device, args.seed)?;
-    let population = args.dp.dp_population.unwrap_or(args.min_clients);
-    let dp = args
-        .dp
-        .config(args.rounds, args.secagg.secagg)?
-        .map(|c| {
-            c.plan(
-                args.fraction,
-                population,
-                spec.param_count as usize,
-                population.min(args.max_clients),
-                args.secagg.secagg,
-            )
-        })
-        .transpose()
-        .context("differential privacy")?;
-    if let Some(plan) = &dp {
+    let (spec, initial) = initial_model(&settings.data.model, &shape, &device, settings.seed)?;
+    if settings.secagg && deployment.min_clients < MIN_SECAGG_COHORT {
+        bail!(
+            "secure aggregation needs cohorts of at least {MIN_SECAGG_COHORT} (with 2, each node could subtract its own update from the sum): run with --min-clients {MIN_SECAGG_COHORT} or more, or turn it off with --secagg false"
+        );
+    }
+    let config = settings.coordinator_config(
+        &Population::deployment(&settings, &deployment),
+        spec.param_count as usize,
+    )?;
+    if let Some(plan) = &config.dp {
         plan.log();
     }
-    // With DP the distributed encoding is sized for `population` clients:
-    // admit no more than that.
-    let max_clients = if dp.is_some() {
-        args.max_clients.min(population)
-    } else {
-        args.max_clients
-    };
-    let config = CoordinatorConfig {
-        rounds: args.rounds,
-        min_clients: args.min_clients,
-        fraction: args.fraction,
-        round_timeout: Duration::from_secs(args.round_timeout),
-        max_clients,
-        max_examples_per_update: args.max_examples_per_update,
-        seed: args.seed,
-        round: RoundConfig {
-            local_epochs: args.local_epochs,
-            batch_size: args.batch_size,
-            max_local_steps: args.max_local_steps,
-            learning_rate: args.lr,
-            seed: args.seed,
-            secure_aggregation: args.secagg.secagg,
-            dp: None,
-            prox_mu: args.optim.prox_mu,
-            local_optimizer: args.local_optimizer,
-        },
-        secagg: args.secagg.config(),
-        max_failed_rounds: args.max_failed_rounds,
-        server_optimizer: args.optim.config()?,
-        dp,
-    };
     let limits = FrameLimits::for_model(spec.param_count);
     // The run's identity: what must not change between restarts.
-    let record = serde_json::json!({
-        "model": args.model,
-        "dataset": args.dataset,
-        "example_shape": shape.example_shape,
-        "num_classes": shape.num_classes,
-        "vocab_size": shape.vocab_size,
-        "param_count": spec.param_count,
-        "rounds": args.rounds,
-        "min_clients": args.min_clients,
-        "fraction": args.fraction,
-        "local_epochs": args.local_epochs,
-        "max_local_steps": args.max_local_steps,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "local_optimizer": args.local_optimizer.to_string(),
-        "seed": args.seed,
-        "secagg": args.secagg,
-        "dp": args.dp,
-        "optim": args.optim,
-    })
-    .to_string();
+    let mut record = settings.run_identity();
+    record.extend([
+        (
+            "example_shape".to_owned(),
+            serde_json::json!(shape.example_shape),
+        ),
+        (
+            "num_classes".to_owned(),
+            serde_json::json!(shape.num_classes),
+        ),
+        ("vocab_size".to_owned(), serde_json::json!(shape.vocab_size)),
+        (
+            "param_count".to_owned(),
+            serde_json::json!(spec.param_count),
+        ),
+        (
+            "min_clients".to_owned(),
+            serde_json::json!(deployment.min_clients),
+        ),
+    ]);
+    let record = serde_json::Value::Object(record).to_string();
     let state_path = args.state.path(&args.identity.dir);
     let mut store = Store::open(&state_path, &args.state.run, &record)?;
     let saved = store.load()?;
@@ -612,7 +396,7 @@ async fn run(args: RunArgs) -> Result<()> {
             };
             let c = Coordinator::resume(config, spec.clone(), checkpoint, saved.ledger)?;
             let resumed = c.checkpoint();
-            if resumed.rounds_completed >= args.rounds {
+            if resumed.rounds_completed >= settings.rounds {
                 println!(
                     "run '{}' already completed its {} rounds (state in {}); export its model with `fedveil-server export`, or start a new run with --run NAME",
                     args.state.run,
@@ -638,12 +422,12 @@ async fn run(args: RunArgs) -> Result<()> {
         }
     };
     tracing::info!(state = %state_path.display(), run = %args.state.run, "state database");
-    let evaluator = ModelEvaluator::new(&args.model, split.test, &device)?;
+    let evaluator = ModelEvaluator::new(&settings.data.model, split.test, &device)?;
     let registry = Arc::new(Registry::open(&state_path)?);
     if identity.ca.is_none() {
         tracing::warn!("no CA key in the server directory: nodes cannot enrol or renew here");
     }
-    let tls = net::server_config(
+    let tls = quic::server_config(
         &identity,
         Some(Arc::clone(&registry) as Arc<dyn NodeRegistry>),
     )?;
@@ -660,10 +444,14 @@ async fn run(args: RunArgs) -> Result<()> {
         model = %spec.name,
         params = spec.param_count,
         %ca_fingerprint,
-        "server ready; waiting for {} enrolled clients", args.min_clients
+        "server ready; waiting for {} enrolled clients", deployment.min_clients
     );
     let mut observer = ServerObserver {
-        files: args.out.as_deref().map(MetricsFiles::create).transpose()?,
+        files: settings
+            .out
+            .as_deref()
+            .map(MetricsFiles::create)
+            .transpose()?,
     };
     let report = fedveil_server::serve(
         endpoint,
@@ -688,7 +476,7 @@ async fn run(args: RunArgs) -> Result<()> {
     if let Some(eps) = report.epsilon {
         println!(
             "privacy spent: epsilon {eps:.4} at delta {:e} (every started round counts)",
-            args.dp.delta
+            settings.delta
         );
     }
     Ok(())
@@ -724,7 +512,7 @@ fn export(args: &ExportArgs) -> Result<()> {
         vocab_size: record["vocab_size"].as_u64().unwrap_or(0) as usize,
     };
     let name = record["model"].as_str().context("saved model name")?;
-    let mut model = fedveil_common::model::build(name, &shape, &burn::prelude::Device::flex())?;
+    let mut model = fedveil_ml::model::build(name, &shape, &burn::prelude::Device::flex())?;
     let saved = store.load()?;
     let checkpoint = saved
         .checkpoint
@@ -754,4 +542,61 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = tokio::signal::ctrl_c().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<(Settings, Deployment)> {
+        let argv = ["fedveil-server", "run", "--dir", "unused"];
+        let matches = command().try_get_matches_from(argv.iter().chain(args))?;
+        let Command::Run(run) = Cli::from_arg_matches(&matches)?.command else {
+            unreachable!("parsed a run")
+        };
+        run_settings(&run, matches.subcommand_matches("run").expect("run"))
+    }
+
+    #[test]
+    fn secure_aggregation_is_on_by_default_and_bare_secagg_is_accepted() {
+        let (settings, deployment) = parse(&[]).unwrap();
+        assert!(settings.secagg);
+        assert_eq!(deployment.min_clients, MIN_SECAGG_COHORT);
+        assert!(parse(&["--secagg"]).unwrap().0.secagg);
+        assert!(!parse(&["--secagg", "false"]).unwrap().0.secagg);
+    }
+
+    #[test]
+    fn a_recipe_is_a_config_file_and_flags_override_it() {
+        let recipe = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../simulations/recipes/mnist-fedavg-iid.toml"
+        );
+        let (settings, deployment) =
+            parse(&["--config", recipe, "--rounds", "3", "--min-clients", "10"]).unwrap();
+        assert_eq!(settings.rounds, 3);
+        assert_eq!(deployment.min_clients, 10);
+        // From the file.
+        assert_eq!(
+            (
+                settings.fraction,
+                settings.local_epochs,
+                settings.batch_size
+            ),
+            (0.1, 5, 10)
+        );
+        assert_eq!(settings.seed, 1);
+    }
+
+    #[test]
+    fn an_unknown_key_in_the_config_is_refused() {
+        let path = std::env::temp_dir().join(format!("fedveil-typo-{}.toml", std::process::id()));
+        std::fs::write(&path, "rounds = 3\nnoise_multiplyer = 1.1\n").unwrap();
+        let err = parse(&["--config", path.to_str().unwrap()]).unwrap_err();
+        assert!(
+            err.to_string().contains("did you mean 'noise_multiplier'"),
+            "{err}"
+        );
+        std::fs::remove_file(path).unwrap();
+    }
 }

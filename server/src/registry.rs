@@ -17,9 +17,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use fedveil_common::net::{NodeRegistry, RegistryRejection};
-use fedveil_common::pki::{self, CertInfo, IssuedCert, PkiError};
-use fedveil_common::wire::ReasonCode;
+use fedveil_net::pki::{self, CertInfo, IssuedCert, PkiError};
+use fedveil_net::quic::{NodeRegistry, RegistryRejection};
+use fedveil_proto::wire::ReasonCode;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use crate::store::{StoreError, open_database, sqlite_err};

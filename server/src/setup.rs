@@ -7,10 +7,10 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use burn::prelude::Device;
-use fedveil_common::data::{Dataset, Shard};
-use fedveil_common::metrics::{RoundCosts, RoundMetrics};
-use fedveil_common::model::{self, DataShape, EvalStats, FlModel, ModelError, ModelSpec};
-use fedveil_common::round::Event;
+use fedveil_ml::data::{Dataset, Shard};
+use fedveil_ml::model::{self, DataShape, EvalStats, FlModel, ModelError, ModelSpec};
+use fedveil_proto::metrics::{RoundCosts, RoundMetrics};
+use fedveil_proto::round::Event;
 use std::sync::Arc;
 
 use crate::driver::{Evaluator, Observer, log_event};
@@ -62,7 +62,7 @@ impl Evaluator for ModelEvaluator {
 
 /// Writes `metrics.jsonl` / `metrics.csv` (the outcome) and `costs.jsonl`
 /// / `costs.csv` (time and traffic) in a directory, one line per round,
-/// flushed as each round completes. See [`fedveil_common::metrics`].
+/// flushed as each round completes. See [`fedveil_proto::metrics`].
 pub struct MetricsFiles {
     metrics: (BufWriter<File>, BufWriter<File>),
     costs: (BufWriter<File>, BufWriter<File>),

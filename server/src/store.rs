@@ -17,10 +17,10 @@
 
 use std::path::{Path, PathBuf};
 
-use fedveil_common::dp::PrivacyLedger;
-use fedveil_common::metrics::RoundMetrics;
-use fedveil_common::round::server::{Checkpoint, Durable, RngState};
-use fedveil_common::server_opt::ServerOptimizerState;
+use fedveil_proto::dp::PrivacyLedger;
+use fedveil_proto::metrics::RoundMetrics;
+use fedveil_proto::round::server::{Checkpoint, Durable, RngState};
+use fedveil_proto::server_opt::ServerOptimizerState;
 use rusqlite::{Connection, OptionalExtension, params};
 
 /// File name of the state database in the state directory.

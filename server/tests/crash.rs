@@ -12,10 +12,10 @@ use std::time::Duration;
 
 use fedveil_client::driver::RetryPolicy;
 use fedveil_client::{ClientOptions, LocalTrainer, Trainer};
-use fedveil_common::data::{self, DatasetName, Download, Partition, Shard};
-use fedveil_common::dp::rdp;
-use fedveil_common::net::ServerIdentity;
-use fedveil_common::pki::{self, NodeIdentity};
+use fedveil_ml::data::{self, DatasetName, Download, Partition, Shard};
+use fedveil_net::pki::{self, NodeIdentity};
+use fedveil_net::quic::ServerIdentity;
+use fedveil_proto::dp::rdp;
 use fedveil_server::Registry;
 use fedveil_server::store::{STATE_DB_FILE, Store};
 use rand::{RngExt, SeedableRng};
@@ -44,24 +44,29 @@ fn free_port() -> u16 {
 }
 
 fn start_server(dir: &Path, port: u16) -> (Child, std::sync::mpsc::Receiver<String>) {
+    // Half the settings come from a recipe file, as `--config` takes them:
+    // a flag overrides the file (`--rounds`), and a simulation-only key
+    // (`clients`) is ignored by a deployment.
+    std::fs::create_dir_all(dir).unwrap();
+    let recipe = dir.join("recipe.toml");
+    std::fs::write(
+        &recipe,
+        "dataset = \"synthetic\"\nrounds = 1\nlocal_epochs = 1\nbatch_size = 20\nlr = 0.1\n\
+         server_optimizer = \"fedadam\"\nsecagg = false\nclients = 99\n",
+    )
+    .unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_fedveil-server"))
         .args(["run", "--dir"])
         .arg(dir)
+        .arg("--config")
+        .arg(&recipe)
         .args([
             "--listen",
             &format!("127.0.0.1:{port}"),
-            "--dataset",
-            "synthetic",
             "--min-clients",
             &CLIENTS.to_string(),
             "--rounds",
             &ROUNDS.to_string(),
-            "--local-epochs",
-            "1",
-            "--batch-size",
-            "20",
-            "--lr",
-            "0.1",
             "--round-timeout",
             "30",
             "--dp",
@@ -70,8 +75,6 @@ fn start_server(dir: &Path, port: u16) -> (Child, std::sync::mpsc::Receiver<Stri
             &NOISE.to_string(),
             "--dp-budget",
             "1000",
-            "--server-optimizer",
-            "fedadam",
             "--log",
             "warn",
         ])
@@ -359,9 +362,9 @@ async fn sigterm_abandons_the_round_exits_cleanly_and_the_run_resumes() {
         .global_model()
         .unwrap();
     let split = data::load(DatasetName::Synthetic, &dir, Download::Never, 0).unwrap();
-    let shape = fedveil_common::model::DataShape::of(&split.test);
+    let shape = fedveil_ml::model::DataShape::of(&split.test);
     let mut model =
-        fedveil_common::model::build("cnn", &shape, &burn::prelude::Device::flex()).unwrap();
+        fedveil_ml::model::build("cnn", &shape, &burn::prelude::Device::flex()).unwrap();
     model.load_safetensors(&out).unwrap();
     let loaded = model.params();
     assert_eq!(loaded.len(), committed_model.len());

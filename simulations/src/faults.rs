@@ -16,9 +16,9 @@ use std::str::FromStr;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use fedveil_client::trainer::mix_seed;
 use fedveil_client::{Fault, FaultHook};
-use fedveil_common::wire::{Message, SecAgg};
+use fedveil_ml::train::mix_seed;
+use fedveil_proto::wire::{Message, SecAgg};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use rand_distr::{Distribution, Exp};

@@ -12,19 +12,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use fedveil_client::trainer::ModelPool;
-use fedveil_client::trainer::mix_seed;
 use fedveil_client::{ClientError, ClientOptions, ClientReport, FaultHook, LocalTrainer, Trainer};
-use fedveil_common::data::{self, DatasetName, Download, Partition, Shard, Split};
-use fedveil_common::model::{DataShape, DeviceSpec};
-use fedveil_common::net::{self, NodeRegistry, ServerIdentity};
-use fedveil_common::pki;
-use fedveil_common::round::server::SecAggConfig;
-use fedveil_common::round::server::{DEFAULT_MAX_EXAMPLES_PER_UPDATE, DEFAULT_MAX_FAILED_ROUNDS};
-use fedveil_common::round::{Coordinator, CoordinatorConfig};
-use fedveil_common::wire::{FrameLimits, RoundConfig};
+use fedveil_ml::data::{self, DatasetName, Download, Partition, Shard, Split};
+use fedveil_ml::model::DataShape;
+use fedveil_ml::train::ModelPool;
+use fedveil_ml::train::mix_seed;
+use fedveil_net::pki;
+use fedveil_net::quic::{self, NodeRegistry, ServerIdentity};
+use fedveil_proto::round::Coordinator;
+use fedveil_proto::wire::FrameLimits;
 use fedveil_server::setup::{ModelEvaluator, initial_model};
 use fedveil_server::{NodeService, Observer, Registry, RunReport, ServeOptions};
+use fedveil_settings::Population;
 use tokio::sync::Semaphore;
 
 pub use config::SimConfig;
@@ -70,28 +69,28 @@ pub struct LoadedData {
 /// (`explicit == false`) and MNIST cannot be found or fetched, says why and
 /// falls back to synthetic data; an explicit choice never falls back.
 pub fn load_data(cfg: &SimConfig, explicit: bool) -> Result<LoadedData> {
-    let name = DatasetName::parse(&cfg.dataset)?;
-    let dir = data::resolve_data_dir(cfg.data_dir.as_deref());
-    let loaded = data::load(name, &dir, Download::IfMissing, cfg.seed);
+    let name = DatasetName::parse(&cfg.run.data.dataset)?;
+    let dir = data::resolve_data_dir(cfg.run.data.data_dir.as_deref());
+    let loaded = data::load(name, &dir, Download::IfMissing, cfg.run.seed);
     let (split, dataset, fallback_note) = match loaded {
-        Ok(split) => (split, cfg.dataset.clone(), None),
+        Ok(split) => (split, cfg.run.data.dataset.clone(), None),
         Err(err) if !explicit => {
             let note = format!("{err}\nusing the synthetic dataset instead");
-            let split = data::load(DatasetName::Synthetic, &dir, Download::Never, cfg.seed)?;
+            let split = data::load(DatasetName::Synthetic, &dir, Download::Never, cfg.run.seed)?;
             (split, "synthetic".to_owned(), Some(note))
         }
         Err(err) => return Err(err.into()),
     };
     // A natural partition gives each client one owner's data; cutting the
     // dataset short would drop whole owners, so it is never truncated.
-    let natural = matches!(cfg.partition.parse::<Partition>(), Ok(Partition::Natural));
-    let split = if !natural && cfg.train_limit > 0 && cfg.train_limit < split.train.len() {
-        Split {
-            train: Arc::new((*split.train).clone().truncated(cfg.train_limit)),
-            test: split.test,
-        }
-    } else {
+    let natural = matches!(
+        cfg.sim.partition.parse::<Partition>(),
+        Ok(Partition::Natural)
+    );
+    let split = if natural {
         split
+    } else {
+        cfg.run.data.limit_train(split)
     };
     Ok(LoadedData {
         split,
@@ -103,83 +102,44 @@ pub fn load_data(cfg: &SimConfig, explicit: bool) -> Result<LoadedData> {
 /// Runs one simulation on `split`.
 pub async fn run(cfg: &SimConfig, split: &Split, observer: &mut dyn Observer) -> Result<SimReport> {
     let started = Instant::now();
-    if cfg.clients == 0 {
+    if cfg.sim.clients == 0 {
         bail!("clients must be at least 1");
     }
-    let partition: Partition = cfg.partition.parse()?;
-    let device = cfg.device.parse::<DeviceSpec>()?.device()?;
+    let partition: Partition = cfg.sim.partition.parse()?;
+    let device = cfg.run.data.device()?.device()?;
     let shards = partition
-        .split_dataset(&split.train, cfg.clients, cfg.seed)
+        .split_dataset(&split.train, cfg.sim.clients, cfg.run.seed)
         .context("partitioning the training set")?;
     let shape = DataShape::of(&split.train);
-    let (spec, initial) = initial_model(&cfg.model, &shape, &device, cfg.seed)?;
+    let (spec, initial) = initial_model(&cfg.run.data.model, &shape, &device, cfg.run.seed)?;
     let largest_shard = shards.iter().map(Vec::len).max().unwrap_or(1) as u64;
-    let secagg = cfg.secagg.then(|| SecAggConfig {
-        degree: cfg.secagg_degree,
-        threshold: cfg.secagg_threshold,
-        bits: cfg.secagg_bits,
-        clip: cfg.secagg_clip,
-        // Weights are example counts over the largest shard: full resolution.
-        max_weight: largest_shard.max(1),
-        // The Shamir threshold must survive the dropout the run injects.
-        expected_dropout: SecAggConfig::default().expected_dropout.max(cfg.dropout),
-        ..SecAggConfig::default()
-    });
     let fault_plan = cfg.fault_plan()?;
     let fault_log = Arc::new(faults::FaultLog::default());
     // Set when the server's run is over: a client that vanished in the last
     // round finds no server to rejoin, which is no failure.
     let (server_done, server_done_rx) = tokio::sync::watch::channel(false);
-    // DP: Poisson sampling at rate `fraction` over the whole population,
-    // which is also the largest cohort the distributed encoding must fit.
-    let dp = cfg
-        .dp_config()?
-        .map(|c| {
-            c.plan(
-                cfg.fraction,
-                cfg.clients,
-                spec.param_count as usize,
-                cfg.clients,
-                cfg.secagg,
-            )
-        })
-        .transpose()
-        .context("differential privacy")?;
-    if let Some(plan) = &dp {
+    // Every client is connected before round 1, and the DP population is
+    // the whole simulated population, also the largest cohort the
+    // distributed encoding must fit.
+    let population = Population {
+        min_clients: cfg.sim.clients,
+        max_clients: cfg.sim.clients,
+        dp_population: cfg.run.dp_population.unwrap_or(cfg.sim.clients),
+        // Weights are example counts over the largest shard: full resolution.
+        secagg_max_weight: cfg.run.secagg_max_weight.unwrap_or(largest_shard.max(1)),
+        // The Shamir threshold must survive the dropout the run injects.
+        expected_dropout: cfg.run.secagg_expected_dropout.max(cfg.sim.dropout),
+    };
+    let config = cfg
+        .run
+        .coordinator_config(&population, spec.param_count as usize)?;
+    if let Some(plan) = &config.dp {
         plan.log();
     }
-    let coordinator = Coordinator::new(
-        CoordinatorConfig {
-            rounds: cfg.rounds,
-            min_clients: cfg.clients,
-            fraction: cfg.fraction,
-            round_timeout: cfg.round_timeout()?,
-            max_clients: cfg.clients,
-            max_examples_per_update: DEFAULT_MAX_EXAMPLES_PER_UPDATE,
-            seed: cfg.seed,
-            round: RoundConfig {
-                local_epochs: cfg.local_epochs,
-                batch_size: cfg.batch_size,
-                max_local_steps: cfg.max_local_steps,
-                learning_rate: cfg.lr,
-                seed: cfg.seed,
-                secure_aggregation: cfg.secagg,
-                dp: None,
-                prox_mu: cfg.prox_mu,
-                local_optimizer: cfg.local_optimizer,
-            },
-            secagg,
-            max_failed_rounds: DEFAULT_MAX_FAILED_ROUNDS,
-            server_optimizer: cfg.server_optimizer()?,
-            dp,
-        },
-        spec.clone(),
-        initial,
-        1,
-    )?
-    // Reproducible runs: DP noise and Poisson sampling follow the seed.
-    .with_secret_seed(mix_seed(&[cfg.seed, SERVER_SECRETS_SEED]));
-    let evaluator = ModelEvaluator::new(&cfg.model, Arc::clone(&split.test), &device)?;
+    let coordinator = Coordinator::new(config, spec.clone(), initial, 1)?
+        // Reproducible runs: DP noise and Poisson sampling follow the seed.
+        .with_secret_seed(mix_seed(&[cfg.run.seed, SERVER_SECRETS_SEED]));
+    let evaluator = ModelEvaluator::new(&cfg.run.data.model, Arc::clone(&split.test), &device)?;
 
     // The deployment's PKI, in process: a CA, a node registry in memory,
     // and one token per client. Clients enrol over QUIC like real nodes,
@@ -187,7 +147,7 @@ pub async fn run(cfg: &SimConfig, split: &Split, observer: &mut dyn Observer) ->
     let identity = ServerIdentity::generate(&["localhost".to_owned()])?;
     let ca_fingerprint = pki::parse_fingerprint(&identity.ca_fingerprint())?;
     let registry = Arc::new(Registry::in_memory()?);
-    let tls = net::server_config(
+    let tls = quic::server_config(
         &identity,
         Some(Arc::clone(&registry) as Arc<dyn NodeRegistry>),
     )?;
@@ -215,7 +175,7 @@ pub async fn run(cfg: &SimConfig, split: &Split, observer: &mut dyn Observer) ->
     // Every trainer is built before any client dials, so no handshake waits
     // on model construction. They share one device and one pool of model
     // instances: as many exist as train at once, however many clients.
-    let models = ModelPool::new(&cfg.model, shape.clone(), device.clone())?;
+    let models = ModelPool::new(&cfg.run.data.model, shape.clone(), device.clone())?;
     let mut trainers = Vec::with_capacity(shards.len());
     for (i, indices) in shards.into_iter().enumerate() {
         let shard = Shard {
@@ -225,7 +185,7 @@ pub async fn run(cfg: &SimConfig, split: &Split, observer: &mut dyn Observer) ->
         let trainer: Arc<dyn LocalTrainer> = Arc::new(Trainer::pooled(
             Arc::clone(&models),
             shard,
-            mix_seed(&[cfg.seed, i as u64]),
+            mix_seed(&[cfg.run.seed, i as u64]),
         )?);
         trainers.push(trainer);
     }
@@ -239,7 +199,7 @@ pub async fn run(cfg: &SimConfig, split: &Split, observer: &mut dyn Observer) ->
         });
         let fault_log = Arc::clone(&fault_log);
         let mut server_done = server_done_rx.clone();
-        let cfg_seed = cfg.seed;
+        let cfg_seed = cfg.run.seed;
         clients.spawn(async move {
             let name = client_name(i);
             let identity = {
@@ -351,7 +311,7 @@ pub async fn run(cfg: &SimConfig, split: &Split, observer: &mut dyn Observer) ->
     .await;
     let _ = server_done.send(true);
     let client_reports = collector.await.context("collecting client reports")?;
-    client_endpoint.close(net::CLOSE_OK.into(), b"done");
+    client_endpoint.close(quic::CLOSE_OK.into(), b"done");
     Ok(SimReport {
         server: server_report,
         clients: client_reports,
@@ -368,9 +328,9 @@ pub fn save_model(
     params: &[f32],
     path: &std::path::Path,
 ) -> Result<()> {
-    let device = cfg.device.parse::<DeviceSpec>()?.device()?;
+    let device = cfg.run.data.device()?.device()?;
     let mut model =
-        fedveil_common::model::build(&cfg.model, &DataShape::of(&split.train), &device)?;
+        fedveil_ml::model::build(&cfg.run.data.model, &DataShape::of(&split.train), &device)?;
     model.set_params(params)?;
     model
         .save_safetensors(path)
@@ -386,7 +346,7 @@ pub fn client_name(i: usize) -> String {
 pub struct QuietObserver;
 
 impl Observer for QuietObserver {
-    fn on_event(&mut self, event: &fedveil_common::round::Event) {
+    fn on_event(&mut self, event: &fedveil_proto::round::Event) {
         tracing::debug!(?event, "event");
     }
 }

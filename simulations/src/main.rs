@@ -8,9 +8,10 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
-use fedveil_common::dp::rdp;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
+use fedveil_proto::dp::rdp;
 use fedveil_server::setup::MetricsFiles;
+use fedveil_settings::Layered;
 use fedveil_sim::progress::{ProgressObserver, human_bytes};
 use fedveil_sim::{SimConfig, plots};
 
@@ -24,145 +25,10 @@ use fedveil_sim::{SimConfig, plots};
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
-    /// TOML file with any of the settings below (flags override it).
+    /// TOML file with any of the settings below (flags override it); the
+    /// format of simulations/recipes/.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// mnist, fashion-mnist, femnist, synthetic, leaf-shakespeare, shakespeare-roles, tiny-shakespeare, sst2 or ag-news [default: mnist, falling back to synthetic if unavailable].
-    #[arg(long)]
-    dataset: Option<String>,
-    /// Data directory [default: $FEDVEIL_DATA, then the user cache].
-    #[arg(long)]
-    data_dir: Option<PathBuf>,
-    /// iid, dirichlet:ALPHA or shards:K [default: iid].
-    #[arg(long)]
-    partition: Option<String>,
-    /// Model name [default: cnn].
-    #[arg(long)]
-    model: Option<String>,
-    /// cpu, cuda or cuda:N [default: cpu].
-    #[arg(long)]
-    device: Option<String>,
-    /// Number of simulated clients [default: 10].
-    #[arg(long)]
-    clients: Option<usize>,
-    /// Fraction C of clients sampled per round [default: 0.5].
-    #[arg(long)]
-    fraction: Option<f64>,
-    /// Rounds [default: 5].
-    #[arg(long)]
-    rounds: Option<u64>,
-    /// Local epochs E [default: 1].
-    #[arg(long)]
-    local_epochs: Option<u32>,
-    /// Caps each client's local training at this many minibatch steps
-    /// per round [default: no cap].
-    #[arg(long)]
-    max_local_steps: Option<u32>,
-    /// Local batch size B [default: 20].
-    #[arg(long)]
-    batch_size: Option<u32>,
-    /// Client learning rate [default: 0.05].
-    #[arg(long)]
-    lr: Option<f32>,
-    /// Client optimizer: sgd, or adam (fresh moments each round; use a
-    /// learning rate near 1e-3) [default: sgd].
-    #[arg(long)]
-    local_optimizer: Option<fedveil_common::wire::LocalOptimizer>,
-    /// Seed for data split, initial model, sampling and shuffling [default: 0].
-    #[arg(long)]
-    seed: Option<u64>,
-    /// Use only the first N training examples; 0 = all [default: 10000].
-    #[arg(long)]
-    train_limit: Option<usize>,
-    /// Probability that a sampled client vanishes in a round, at a uniformly
-    /// drawn stage of the protocol; it rejoins a second later [default: 0].
-    #[arg(long)]
-    dropout: Option<f64>,
-    /// Delay before each client's update leaves: exp:MEAN, fixed:D or
-    /// uniform:LO..HI, e.g. exp:2s [default: none].
-    #[arg(long)]
-    straggler_delay: Option<String>,
-    /// Seconds before a round completes without stragglers [default: 600].
-    #[arg(long)]
-    round_timeout: Option<f64>,
-    /// Local trainings at once [default: number of cores].
-    #[arg(long)]
-    max_concurrent_training: Option<usize>,
-    /// Results directory [default: results/sim-UNIXTIME].
-    #[arg(long)]
-    out: Option<PathBuf>,
-    /// Secure aggregation (SecAgg+) on or off [default: true].
-    #[arg(long)]
-    secagg: Option<bool>,
-    /// SecAgg+ neighbours per client [default: ~3 log2(cohort)].
-    #[arg(long)]
-    secagg_degree: Option<u32>,
-    /// SecAgg+ Shamir threshold, > degree/2 [default: tolerates 10% dropout].
-    #[arg(long)]
-    secagg_threshold: Option<u32>,
-    /// SecAgg+ modulus bits, 16..=32 [default: 32].
-    #[arg(long)]
-    secagg_bits: Option<u32>,
-    /// Clip range of weighted update values before encoding [default: 1.0].
-    #[arg(long)]
-    secagg_clip: Option<f32>,
-    /// Differential privacy: distributed, central or local [default with DP
-    /// on: distributed under secure aggregation, else central].
-    #[arg(long)]
-    dp: Option<String>,
-    /// DP noise multiplier z (noise std / clip norm); turns DP on.
-    #[arg(long)]
-    noise_multiplier: Option<f64>,
-    /// DP: epsilon to reach after --rounds rounds (local DP: per round); turns DP on.
-    #[arg(long)]
-    target_epsilon: Option<f64>,
-    /// DP delta [default: 1e-5].
-    #[arg(long)]
-    delta: Option<f64>,
-    /// DP: L2 norm every update is clipped to [default: 1.0].
-    #[arg(long)]
-    clip_norm: Option<f64>,
-    /// DP: largest epsilon the run may spend [default: the target epsilon].
-    #[arg(long)]
-    dp_budget: Option<f64>,
-    /// Distributed DP: fewest contributors per round [default: 70% of the expected cohort].
-    #[arg(long)]
-    dp_min_contributors: Option<usize>,
-    /// DP: adapt the clip bound to a quantile of the update norms (Andrew
-    /// et al. 2021); --clip-norm is then the initial bound.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    adaptive_clip: Option<bool>,
-    /// Adaptive clipping: the norm quantile the bound tracks [default: 0.5].
-    #[arg(long)]
-    clip_quantile: Option<f64>,
-    /// Adaptive clipping: step size of the geometric update [default: 0.2].
-    #[arg(long)]
-    clip_lr: Option<f64>,
-    /// Adaptive clipping: std of the noise on the clipped count [default:
-    /// expected cohort / 20].
-    #[arg(long)]
-    clip_count_noise: Option<f64>,
-    /// Server optimizer: fedavg, fedavgm, fedadagrad, fedyogi or fedadam [default: fedavg].
-    #[arg(long)]
-    server_optimizer: Option<String>,
-    /// Server learning rate [default: 1 for fedavg/fedavgm, 0.01 for the adaptive ones].
-    #[arg(long)]
-    server_lr: Option<f64>,
-    /// FedAvgM momentum [default: 0.9].
-    #[arg(long)]
-    server_momentum: Option<f64>,
-    /// FedAdam/FedYogi/FedAdagrad beta1 [default: 0.9].
-    #[arg(long)]
-    beta1: Option<f64>,
-    /// FedAdam/FedYogi beta2 [default: 0.99].
-    #[arg(long)]
-    beta2: Option<f64>,
-    /// Adaptivity tau [default: 1e-3].
-    #[arg(long)]
-    tau: Option<f64>,
-    /// FedProx proximal weight mu [default: 0, off].
-    #[arg(long)]
-    prox_mu: Option<f32>,
     /// No progress bars (for CI and logs).
     #[arg(long, short)]
     quiet: bool,
@@ -228,7 +94,7 @@ struct PrivacyArgs {
     /// Rounds T.
     #[arg(long)]
     rounds: u64,
-    #[arg(long, default_value_t = fedveil_common::dp::DEFAULT_DELTA)]
+    #[arg(long, default_value_t = fedveil_proto::dp::DEFAULT_DELTA)]
     delta: f64,
 }
 
@@ -254,83 +120,38 @@ impl PrivacyArgs {
     }
 }
 
+/// The command line: [`Cli`]'s own flags and the simulation's settings
+/// (defined once, in `fedveil_settings`).
+fn command() -> clap::Command {
+    SimConfig::add_flags(Cli::command())
+}
+
+/// Parses the command line into [`Cli`] and the matches the settings are
+/// read from.
+fn parse_from<I, T>(args: I) -> Result<(Cli, ArgMatches), clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let matches = command().try_get_matches_from(args)?;
+    Ok((Cli::from_arg_matches(&matches)?, matches))
+}
+
 impl Cli {
-    /// Defaults, then the config file, then flags.
-    fn resolve(&self) -> Result<(SimConfig, bool)> {
+    /// Defaults, then the config file, then flags. Also says whether the
+    /// user chose the dataset (an explicit choice never falls back).
+    fn resolve(&self, matches: &ArgMatches) -> Result<(SimConfig, bool)> {
         let (mut c, file_names_dataset) = match &self.config {
             Some(path) => SimConfig::from_toml_file(path)?,
             None => (SimConfig::default(), false),
         };
-        let explicit_dataset = self.dataset.is_some() || file_names_dataset;
-        macro_rules! take {
-            ($($field:ident),*) => { $( if let Some(v) = &self.$field { c.$field = v.clone(); } )* };
-        }
-        take!(
-            dataset,
-            partition,
-            model,
-            device,
-            clients,
-            fraction,
-            rounds,
-            local_epochs,
-            batch_size,
-            lr,
-            local_optimizer,
-            seed,
-            train_limit,
-            round_timeout,
-            dropout,
-            secagg,
-            secagg_bits,
-            secagg_clip,
-            delta,
-            clip_norm,
-            adaptive_clip,
-            clip_quantile,
-            clip_lr,
-            server_optimizer,
-            server_momentum,
-            beta1,
-            beta2,
-            tau,
-            prox_mu
-        );
-        macro_rules! take_opt {
-            ($($field:ident),*) => { $( if self.$field.is_some() { c.$field = self.$field.clone(); } )* };
-        }
-        take_opt!(
-            dp,
-            noise_multiplier,
-            target_epsilon,
-            dp_budget,
-            dp_min_contributors,
-            clip_count_noise,
-            max_local_steps,
-            straggler_delay,
-            server_lr
-        );
-        if self.secagg_degree.is_some() {
-            c.secagg_degree = self.secagg_degree;
-        }
-        if self.secagg_threshold.is_some() {
-            c.secagg_threshold = self.secagg_threshold;
-        }
-        if self.data_dir.is_some() {
-            c.data_dir = self.data_dir.clone();
-        }
-        if self.max_concurrent_training.is_some() {
-            c.max_concurrent_training = self.max_concurrent_training;
-        }
-        if self.out.is_some() {
-            c.out = self.out.clone();
-        }
-        Ok((c, explicit_dataset))
+        c.update_from_flags(matches)?;
+        Ok((c, file_names_dataset || matches.contains_id("dataset")))
     }
 }
 
 fn main() -> Result<()> {
-    let cli = Cli::parse();
+    let (cli, matches) = parse_from(std::env::args_os()).unwrap_or_else(|e| e.exit());
     match &cli.command {
         Some(Command::Privacy(args)) => return args.run(),
         Some(Command::Compare(args)) => return args.run(),
@@ -340,20 +161,20 @@ fn main() -> Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).context("--log")?)
         .with_writer(std::io::stderr)
         .init();
-    let (mut cfg, explicit_dataset) = cli.resolve()?;
+    let (mut cfg, explicit_dataset) = cli.resolve(&matches)?;
     let loaded = fedveil_sim::load_data(&cfg, explicit_dataset)?;
     if let Some(note) = &loaded.fallback_note {
         eprintln!("note: {note}");
     }
-    cfg.dataset = loaded.dataset.clone();
-    let out = cfg.out.clone().unwrap_or_else(|| {
+    cfg.run.data.dataset = loaded.dataset.clone();
+    let out = cfg.run.out.clone().unwrap_or_else(|| {
         let secs = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         PathBuf::from("results").join(format!("sim-{secs}"))
     });
-    cfg.out = Some(out.clone());
-    let name = cfg.name.clone().unwrap_or_else(|| {
+    cfg.run.out = Some(out.clone());
+    let name = cfg.sim.name.clone().unwrap_or_else(|| {
         let from = cli
             .config
             .as_deref()
@@ -364,44 +185,45 @@ fn main() -> Result<()> {
             |n| n.to_string_lossy().into_owned(),
         )
     });
-    cfg.name = Some(name.clone());
+    cfg.sim.name = Some(name.clone());
     let files =
         MetricsFiles::create(&out).with_context(|| format!("cannot create {}", out.display()))?;
     std::fs::write(out.join("config.toml"), toml::to_string(&cfg)?)?;
     eprintln!(
         "fedveil-sim: {} enrolled clients (mutual TLS) on {} ({} train / {} test, {} split), {} rounds, C={}, E={}{}, B={}, {} lr={}, secure aggregation {}, {} trainings at once",
-        cfg.clients,
-        cfg.dataset,
+        cfg.sim.clients,
+        cfg.run.data.dataset,
         loaded.split.train.len(),
         loaded.split.test.len(),
-        cfg.partition,
-        cfg.rounds,
-        cfg.fraction,
-        cfg.local_epochs,
-        cfg.max_local_steps
+        cfg.sim.partition,
+        cfg.run.rounds,
+        cfg.run.fraction,
+        cfg.run.local_epochs,
+        cfg.run
+            .max_local_steps
             .map(|s| format!(" (at most {s} steps)"))
             .unwrap_or_default(),
-        cfg.batch_size,
-        cfg.local_optimizer,
-        cfg.lr,
-        if cfg.secagg { "on" } else { "off" },
+        cfg.run.batch_size,
+        cfg.run.local_optimizer,
+        cfg.run.lr,
+        if cfg.run.secagg { "on" } else { "off" },
         cfg.concurrency()
     );
-    if let Some(dp) = cfg.dp_config()? {
+    if let Some(dp) = cfg.run.dp_config()? {
         eprintln!(
             "differential privacy: {:?}, clip norm {}, {}, delta {:e}, budget {}",
             dp.mechanism,
             dp.clip_norm,
             match dp.noise {
-                fedveil_common::dp::NoiseLevel::NoiseMultiplier(z) =>
+                fedveil_proto::dp::NoiseLevel::NoiseMultiplier(z) =>
                     format!("noise multiplier {z}"),
-                fedveil_common::dp::NoiseLevel::TargetEpsilon(e) => format!("target epsilon {e}"),
+                fedveil_proto::dp::NoiseLevel::TargetEpsilon(e) => format!("target epsilon {e}"),
             },
             dp.delta,
             dp.budget.map_or("= target".to_owned(), |b| b.to_string())
         );
     }
-    let mut observer = ProgressObserver::new(cfg.rounds, files, cli.quiet);
+    let mut observer = ProgressObserver::new(cfg.run.rounds, files, cli.quiet);
     let runtime = tokio::runtime::Runtime::new()?;
     let report = runtime.block_on(fedveil_sim::run(&cfg, &loaded.split, &mut observer))?;
     observer.finish();
@@ -418,9 +240,9 @@ fn main() -> Result<()> {
     println!(
         "  rounds             {} of {} completed, {} failed and retried{}",
         report.server.rounds_completed,
-        cfg.rounds,
+        cfg.run.rounds,
         report.server.rounds_failed,
-        if report.server.rounds_completed < cfg.rounds {
+        if report.server.rounds_completed < cfg.run.rounds {
             ", run aborted"
         } else {
             ""
@@ -451,7 +273,7 @@ fn main() -> Result<()> {
     if let Some(eps) = report.server.epsilon {
         println!(
             "  privacy spent      epsilon {eps:.4} at delta {:e} (every started round counts)",
-            cfg.delta
+            cfg.run.delta
         );
     }
     let f = &report.faults;
@@ -479,7 +301,7 @@ fn main() -> Result<()> {
     }
     println!(
         "  model instances    {} (shared by {} clients)",
-        report.model_instances, cfg.clients
+        report.model_instances, cfg.sim.clients
     );
     println!("  wall time          {:.1}s", report.wall.as_secs_f64());
     println!("  clients failed     {}", failed_clients.len());
@@ -509,14 +331,23 @@ fn fault_plan_active(cfg: &SimConfig) -> bool {
 mod tests {
     use super::*;
 
+    fn resolve(args: &[&str]) -> (SimConfig, bool) {
+        let (cli, matches) =
+            parse_from(std::iter::once("fedveil-sim").chain(args.iter().copied())).unwrap();
+        cli.resolve(&matches).unwrap()
+    }
+
     #[test]
     fn flags_override_defaults_and_config_file() {
         let dir = std::env::temp_dir().join(format!("fedveil-sim-cli-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("run.toml");
-        std::fs::write(&file, "clients = 7\nrounds = 9\nsecagg = true\n").unwrap();
-        let cli = Cli::parse_from([
-            "fedveil-sim",
+        std::fs::write(
+            &file,
+            "clients = 7\nrounds = 9\nsecagg = true\nbatch_size = 3\n",
+        )
+        .unwrap();
+        let (c, explicit) = resolve(&[
             "--config",
             file.to_str().unwrap(),
             "--rounds",
@@ -528,52 +359,39 @@ mod tests {
             "--dataset",
             "synthetic",
         ]);
-        let (c, explicit) = cli.resolve().unwrap();
-        assert_eq!((c.clients, c.rounds), (7, 2));
-        assert!(!c.secagg);
-        assert_eq!(c.secagg_degree, Some(4));
+        assert_eq!((c.sim.clients, c.run.rounds, c.run.batch_size), (7, 2, 3));
+        assert!(!c.run.secagg);
+        assert_eq!(c.run.secagg_degree, Some(4));
         assert!(explicit);
-        let (d, explicit) = Cli::parse_from(["fedveil-sim"]).resolve().unwrap();
+        let (d, explicit) = resolve(&[]);
         assert_eq!(d, SimConfig::default());
         assert!(!explicit);
-        assert_eq!(d.dp_config().unwrap(), None);
+        assert_eq!(d.run.dp_config().unwrap(), None);
+        let (bare, _) = resolve(&["--secagg", "--rounds", "1"]);
+        assert!(bare.run.secagg);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn dp_flags_turn_dp_on_with_the_right_default_mechanism() {
-        use fedveil_common::dp::{Mechanism, NoiseLevel};
-        let (c, _) = Cli::parse_from(["fedveil-sim", "--target-epsilon", "3"])
-            .resolve()
-            .unwrap();
-        let dp = c.dp_config().unwrap().unwrap();
+        use fedveil_proto::dp::{Mechanism, NoiseLevel};
+        let (c, _) = resolve(&["--target-epsilon", "3"]);
+        let dp = c.run.dp_config().unwrap().unwrap();
         assert_eq!(dp.mechanism, Mechanism::Distributed);
         assert_eq!(dp.noise, NoiseLevel::TargetEpsilon(3.0));
-        let (c, _) = Cli::parse_from([
-            "fedveil-sim",
-            "--secagg",
-            "false",
-            "--noise-multiplier",
-            "1.1",
-        ])
-        .resolve()
-        .unwrap();
+        let (c, _) = resolve(&["--secagg", "false", "--noise-multiplier", "1.1"]);
         assert_eq!(
-            c.dp_config().unwrap().unwrap().mechanism,
+            c.run.dp_config().unwrap().unwrap().mechanism,
             Mechanism::Central
         );
-        let (c, _) = Cli::parse_from(["fedveil-sim", "--dp", "local"])
-            .resolve()
-            .unwrap();
-        assert!(c.dp_config().is_err());
-        let (c, _) = Cli::parse_from(["fedveil-sim", "--dp", "laplace", "--noise-multiplier", "1"])
-            .resolve()
-            .unwrap();
-        assert!(c.dp_config().is_err());
+        let (c, _) = resolve(&["--dp", "local"]);
+        assert!(c.run.dp_config().is_err());
+        assert!(parse_from(["fedveil-sim", "--dp", "laplace", "--noise-multiplier", "1"]).is_err());
     }
 
     #[test]
     fn privacy_subcommand_parses() {
-        let cli = Cli::parse_from([
+        let (cli, _) = parse_from([
             "fedveil-sim",
             "privacy",
             "--sampling-rate",
@@ -584,7 +402,8 @@ mod tests {
             "1000",
             "--delta",
             "1e-5",
-        ]);
+        ])
+        .unwrap();
         let Some(Command::Privacy(p)) = cli.command else {
             panic!("no subcommand")
         };
@@ -593,7 +412,7 @@ mod tests {
             (0.01, Some(1.1), 1000)
         );
         assert!(
-            Cli::try_parse_from([
+            parse_from([
                 "fedveil-sim",
                 "privacy",
                 "--sampling-rate",
@@ -607,36 +426,23 @@ mod tests {
 
     #[test]
     fn compare_takes_two_or_more_runs() {
-        let cli = Cli::parse_from(["fedveil-sim", "compare", "a", "b", "c", "--out", "x"]);
+        let (cli, _) = parse_from(["fedveil-sim", "compare", "a", "b", "c", "--out", "x"]).unwrap();
         let Some(Command::Compare(c)) = cli.command else {
             panic!("no subcommand")
         };
         assert_eq!(c.runs.len(), 3);
         assert_eq!(c.out, Some(PathBuf::from("x")));
-        assert!(Cli::try_parse_from(["fedveil-sim", "compare", "a"]).is_err());
+        assert!(parse_from(["fedveil-sim", "compare", "a"]).is_err());
     }
 
     #[test]
     fn fault_flags_reach_the_config() {
-        let cli = Cli::parse_from([
-            "fedveil-sim",
-            "--dropout",
-            "0.25",
-            "--straggler-delay",
-            "exp:2s",
-        ]);
-        let (cfg, _) = cli.resolve().unwrap();
+        let (cfg, _) = resolve(&["--dropout", "0.25", "--straggler-delay", "exp:2s"]);
         let plan = cfg.fault_plan().unwrap();
         assert_eq!(plan.dropout, 0.25);
         assert_eq!(plan.straggler_delay, Some("exp:2s".parse().unwrap()));
-        let bad = Cli::parse_from(["fedveil-sim", "--straggler-delay", "exp:2"]);
-        let err = bad
-            .resolve()
-            .unwrap()
-            .0
-            .fault_plan()
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("straggler delay"), "{err}");
+        let (bad, _) = resolve(&["--straggler-delay", "exp:2"]);
+        let err = bad.fault_plan().unwrap_err().to_string();
+        assert!(err.contains("straggler_delay"), "{err}");
     }
 }

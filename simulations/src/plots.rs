@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Once;
 
 use anyhow::{Context, Result};
-use fedveil_common::metrics::{RoundCosts, RoundMetrics};
+use fedveil_proto::metrics::{RoundCosts, RoundMetrics};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 

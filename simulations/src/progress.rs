@@ -3,9 +3,9 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use fedveil_common::metrics::RoundMetrics;
-use fedveil_common::round::{ClientId, Event};
-use fedveil_common::secagg::server::Stage;
+use fedveil_proto::metrics::RoundMetrics;
+use fedveil_proto::round::{ClientId, Event};
+use fedveil_proto::secagg::server::Stage;
 use fedveil_server::Observer;
 use fedveil_server::setup::MetricsFiles;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -203,7 +203,7 @@ mod tests {
         obs.on_event(&Event::Left { id: 9 });
         obs.on_event(&Event::Rejected {
             id: 3,
-            code: fedveil_common::wire::ReasonCode::NonFinite,
+            code: fedveil_proto::wire::ReasonCode::NonFinite,
             detail: String::new(),
         });
         assert_eq!(obs.status.message(), "2 done  2 dropped  training");

@@ -1,8 +1,9 @@
 //! Differential privacy end to end over real QUIC: distributed DP under
 //! SecAgg+, and the budget stopping a run.
 
-use fedveil_common::data::synthetic::SyntheticConfig;
-use fedveil_common::dp::rdp;
+use fedveil_ml::data::synthetic::SyntheticConfig;
+use fedveil_proto::dp::{Mechanism, rdp};
+use fedveil_settings::{DataSettings, Settings, Simulation};
 use fedveil_sim::{QuietObserver, SimConfig};
 
 /// Burn seeds its backend RNG process-wide, so two simulations building
@@ -10,7 +11,7 @@ use fedveil_sim::{QuietObserver, SimConfig};
 /// the runs in this file compare models, so they take turns.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn split() -> fedveil_common::data::Split {
+fn split() -> fedveil_ml::data::Split {
     SyntheticConfig {
         train_examples: 1000,
         test_examples: 300,
@@ -21,17 +22,25 @@ fn split() -> fedveil_common::data::Split {
 
 fn base() -> SimConfig {
     SimConfig {
-        dataset: "synthetic".into(),
-        clients: 5,
-        fraction: 1.0,
-        rounds: 2,
-        local_epochs: 2,
-        batch_size: 20,
-        lr: 0.1,
-        seed: 4,
-        max_concurrent_training: Some(1),
-        round_timeout: 60.0,
-        ..SimConfig::default()
+        sim: Simulation {
+            clients: 5,
+            max_concurrent_training: Some(1),
+            ..Simulation::default()
+        },
+        run: Settings {
+            data: DataSettings {
+                dataset: "synthetic".into(),
+                ..DataSettings::default()
+            },
+            fraction: 1.0,
+            rounds: 2,
+            local_epochs: 2,
+            batch_size: 20,
+            lr: 0.1,
+            seed: 4,
+            round_timeout: 60.0,
+            ..Settings::default()
+        },
     }
 }
 
@@ -45,10 +54,13 @@ async fn distributed_dp_under_secagg_spends_epsilon_and_tiny_noise_keeps_the_mod
     // Same run with distributed DP: a clip too large to bind and almost no
     // noise, so the model must match the plain one up to rounding and noise.
     let dp_cfg = SimConfig {
-        dp: Some("distributed".into()),
-        noise_multiplier: Some(1e-6),
-        clip_norm: 100.0,
-        dp_min_contributors: Some(4),
+        run: Settings {
+            dp: Some(Mechanism::Distributed),
+            noise_multiplier: Some(1e-6),
+            clip_norm: 100.0,
+            dp_min_contributors: Some(4),
+            ..base().run
+        },
         ..base()
     };
     let dp = fedveil_sim::run(&dp_cfg, &split, &mut QuietObserver)
@@ -99,11 +111,14 @@ async fn the_budget_ends_a_run_early_with_every_client_told() {
     let _turn = SERIAL.lock().await;
     let budget = rdp::gaussian_epsilon(1.0, 1.0, 2, 1e-5).unwrap() * 1.0001;
     let cfg = SimConfig {
-        secagg: false,
-        rounds: 5,
-        dp: Some("central".into()),
-        noise_multiplier: Some(1.0),
-        dp_budget: Some(budget),
+        run: Settings {
+            secagg: false,
+            rounds: 5,
+            dp: Some(Mechanism::Central),
+            noise_multiplier: Some(1.0),
+            dp_budget: Some(budget),
+            ..base().run
+        },
         ..base()
     };
     let report = fedveil_sim::run(&cfg, &split(), &mut QuietObserver)
@@ -137,47 +152,65 @@ async fn bad_dp_configs_fail_before_any_round() {
     for (cfg, needle) in [
         (
             SimConfig {
-                noise_multiplier: Some(-1.0),
+                run: Settings {
+                    noise_multiplier: Some(-1.0),
+                    ..base().run
+                },
                 ..base()
             },
             "noise multiplier",
         ),
         (
             SimConfig {
-                target_epsilon: Some(0.0),
+                run: Settings {
+                    target_epsilon: Some(0.0),
+                    ..base().run
+                },
                 ..base()
             },
             "epsilon",
         ),
         (
             SimConfig {
-                target_epsilon: Some(3.0),
-                delta: 1.0,
+                run: Settings {
+                    target_epsilon: Some(3.0),
+                    delta: 1.0,
+                    ..base().run
+                },
                 ..base()
             },
             "delta",
         ),
         (
             SimConfig {
-                noise_multiplier: Some(1.0),
-                clip_norm: 0.0,
+                run: Settings {
+                    noise_multiplier: Some(1.0),
+                    clip_norm: 0.0,
+                    ..base().run
+                },
                 ..base()
             },
             "clip norm",
         ),
         (
             SimConfig {
-                noise_multiplier: Some(1.0),
-                dp_budget: Some(-1.0),
+                run: Settings {
+                    noise_multiplier: Some(1.0),
+                    dp_budget: Some(-1.0),
+                    ..base().run
+                },
                 ..base()
             },
             "budget",
         ),
         (
             SimConfig {
-                secagg: false,
-                dp: Some("distributed".into()),
-                noise_multiplier: Some(1.0),
+                run: Settings {
+                    secagg: false,
+                    dp: Some(Mechanism::Distributed),
+                    noise_multiplier: Some(1.0),
+                    ..base().run
+                },
                 ..base()
             },
             "secure aggregation",
@@ -198,13 +231,16 @@ async fn adaptive_clipping_under_secagg_moves_the_bound_towards_the_median() {
     // noisy unclipped fraction is near 0, and each round multiplies the
     // bound by about exp(0.2 * 0.5) = 1.105, never by more.
     let cfg = SimConfig {
-        rounds: 3,
-        dp: Some("distributed".into()),
-        noise_multiplier: Some(0.5),
-        clip_norm: 1e-3,
-        dp_min_contributors: Some(4),
-        adaptive_clip: true,
-        clip_count_noise: Some(0.05),
+        run: Settings {
+            rounds: 3,
+            dp: Some(Mechanism::Distributed),
+            noise_multiplier: Some(0.5),
+            clip_norm: 1e-3,
+            dp_min_contributors: Some(4),
+            adaptive_clip: true,
+            clip_count_noise: Some(0.05),
+            ..base().run
+        },
         ..base()
     };
     let report = fedveil_sim::run(&cfg, &split(), &mut QuietObserver)
@@ -229,8 +265,11 @@ async fn adaptive_clipping_under_secagg_moves_the_bound_towards_the_median() {
     }
     // Local DP has no aggregate to read the indicators from.
     let local = SimConfig {
-        secagg: false,
-        dp: Some("local".into()),
+        run: Settings {
+            secagg: false,
+            dp: Some(Mechanism::Local),
+            ..cfg.run
+        },
         ..cfg
     };
     let err = fedveil_sim::run(&local, &split(), &mut QuietObserver)

@@ -9,13 +9,13 @@ use std::time::Duration;
 
 use burn::prelude::Device;
 use fedveil_client::{ClientOptions, LocalTrainer, Trainer};
-use fedveil_common::data::synthetic::SyntheticConfig;
-use fedveil_common::data::{Partition, Shard, Split};
-use fedveil_common::metrics::RoundMetrics;
-use fedveil_common::model::{DataShape, ModelError, ModelSpec};
-use fedveil_common::net::{self, MessageReader, ServerIdentity};
-use fedveil_common::round::{Coordinator, CoordinatorConfig, Event};
-use fedveil_common::wire::{
+use fedveil_ml::data::synthetic::SyntheticConfig;
+use fedveil_ml::data::{Partition, Shard, Split};
+use fedveil_ml::model::{DataShape, ModelError, ModelSpec};
+use fedveil_net::quic::{self, MessageReader, ServerIdentity};
+use fedveil_proto::metrics::RoundMetrics;
+use fedveil_proto::round::{Coordinator, CoordinatorConfig, Event};
+use fedveil_proto::wire::{
     self, Evaluation, FrameLimits, Hello, LocalOptimizer, Message, PROTOCOL_VERSION, ReasonCode,
     RoundConfig, Update,
 };
@@ -105,7 +105,7 @@ fn start_server_on(
     let coordinator = Coordinator::new(config, spec.clone(), initial.clone(), 1).unwrap();
     let evaluator = ModelEvaluator::new("cnn", Arc::clone(&split.test), &device).unwrap();
     let endpoint =
-        quinn::Endpoint::server(net::server_config(&identity, None).unwrap(), bind).unwrap();
+        quinn::Endpoint::server(quic::server_config(&identity, None).unwrap(), bind).unwrap();
     let addr = endpoint.local_addr().unwrap();
     let limits = FrameLimits::for_model(spec.param_count);
     let run = tokio::spawn(async move {
@@ -136,7 +136,7 @@ fn start_server_on(
 
 fn client_endpoint(ca_pem: &str) -> quinn::Endpoint {
     let mut e = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    e.set_default_client_config(net::client_config(ca_pem, None).unwrap());
+    e.set_default_client_config(quic::client_config(ca_pem, None).unwrap());
     e
 }
 
@@ -271,7 +271,7 @@ async fn rogue(
         model: server.spec.clone(),
         num_examples: 10,
     });
-    net::write_message(&mut send, &hello).await.unwrap();
+    quic::write_message(&mut send, &hello).await.unwrap();
     let mut reader = MessageReader::new(recv, FrameLimits::for_model(server.spec.param_count));
     assert!(matches!(
         reader.next().await.unwrap(),
@@ -332,7 +332,7 @@ async fn bad_updates_are_rejected_and_the_round_completes_with_the_others() {
     };
     let (_, send, reader) = &mut rogues[0];
     assert_eq!(next_round_start(reader).await, 1);
-    net::write_message(send, &update(vec![0.0; d - 1]))
+    quic::write_message(send, &update(vec![0.0; d - 1]))
         .await
         .unwrap();
     assert_eq!(next_error(reader).await, ReasonCode::WrongLength);
@@ -341,7 +341,7 @@ async fn bad_updates_are_rejected_and_the_round_completes_with_the_others() {
     next_round_start(reader).await;
     let mut nan = vec![0.0; d];
     nan[d / 2] = f32::NAN;
-    net::write_message(send, &update(nan)).await.unwrap();
+    quic::write_message(send, &update(nan)).await.unwrap();
     assert_eq!(next_error(reader).await, ReasonCode::NonFinite);
 
     let (conn, send, reader) = &mut rogues[2];
@@ -465,7 +465,7 @@ async fn a_certificate_failure_is_not_retried() {
     assert!(
         matches!(
             err,
-            fedveil_client::ClientError::Rejected(net::Rejection::ServerUntrusted(_))
+            fedveil_client::ClientError::Rejected(quic::Rejection::ServerUntrusted(_))
         ),
         "expected an immediate TLS failure, got {err}"
     );

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use fedveil_client::enrol::{self, EnrolmentError};
 use fedveil_client::{ClientError, ClientOptions, ClientReport};
-use fedveil_common::net::{self, NodeRegistry, Rejection};
-use fedveil_common::pki::{self, CertificateAuthority, NodeIdentity};
-use fedveil_common::wire::ReasonCode;
+use fedveil_net::pki::{self, CertificateAuthority, NodeIdentity};
+use fedveil_net::quic::{self, NodeRegistry, Rejection};
+use fedveil_proto::wire::ReasonCode;
 use fedveil_server::Registry;
 use fedveil_tests::{deploy, endpoint};
 
@@ -133,7 +133,7 @@ async fn the_server_refuses_anonymous_foreign_expired_revoked_and_unknown_certif
     let d = deploy("mtls", 1, 50, false);
     // No client certificate at all.
     let mut anonymous = ClientOptions::new(d.addr, "localhost", "anon");
-    anonymous.tls = Some(net::client_config(&d.ca.cert_pem(), None).unwrap());
+    anonymous.tls = Some(quic::client_config(&d.ca.cert_pem(), None).unwrap());
     let r = rejected(d.train(anonymous, 0).await);
     assert!(
         matches!(&r, Rejection::Refused(why) if why.contains("no client certificate")),
@@ -148,7 +148,7 @@ async fn the_server_refuses_anonymous_foreign_expired_revoked_and_unknown_certif
         .unwrap();
     let foreign = NodeIdentity::new(key, foreign.der, stranger.cert_der().to_vec()).unwrap();
     let mut opts = ClientOptions::new(d.addr, "localhost", "mallory");
-    opts.tls = Some(net::client_config(&d.ca.cert_pem(), Some(&foreign)).unwrap());
+    opts.tls = Some(quic::client_config(&d.ca.cert_pem(), Some(&foreign)).unwrap());
     assert_eq!(rejected(d.train(opts, 0).await), Rejection::UnknownCa);
     // An expired certificate, properly enrolled.
     let token = d.token("old");

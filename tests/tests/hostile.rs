@@ -10,11 +10,11 @@ use std::time::Duration;
 
 use fedveil_client::enrol::{self, EnrolmentError};
 use fedveil_client::{ClientError, ClientOptions, ClientReport};
-use fedveil_common::net::{self, MessageReader, NetError, ServerIdentity};
-use fedveil_common::pki;
-use fedveil_common::round::Event;
-use fedveil_common::wire::codec::FRAME_PREFIX_LEN;
-use fedveil_common::wire::{
+use fedveil_net::pki;
+use fedveil_net::quic::{self, MessageReader, NetError, ServerIdentity};
+use fedveil_proto::round::Event;
+use fedveil_proto::wire::codec::FRAME_PREFIX_LEN;
+use fedveil_proto::wire::{
     CodecError, EnrolRequest, Enrolled, FrameLimits, Goodbye, Hello, Message, ModelSpec,
     PROTOCOL_VERSION, ReasonCode, SecAgg, Update, Welcome, encode,
 };
@@ -185,7 +185,7 @@ async fn read_answer(recv: quinn::RecvStream) -> Answer {
 
 /// An anonymous enrolment connection, as anyone on the network can open.
 async fn enrolment_connection(d: &Deployment, client: &quinn::Endpoint) -> quinn::Connection {
-    let tls = net::enrol_client_config(d.fingerprint, None).unwrap();
+    let tls = quic::enrol_client_config(d.fingerprint, None).unwrap();
     client
         .connect_with(tls, d.addr, "localhost")
         .unwrap()
@@ -295,7 +295,7 @@ async fn hostile_enrolment_frames_stop_neither_the_server_nor_its_nodes() {
         (
             "a header one byte over the enrolment limit, sent in full".into(),
             {
-                let n = fedveil_common::wire::codec::ENROL_MAX_HEADER_BYTES + 1;
+                let n = fedveil_proto::wire::codec::ENROL_MAX_HEADER_BYTES + 1;
                 let mut b = prefix(version, n, 0);
                 b.resize(b.len() + n as usize, 0xab);
                 b
@@ -414,7 +414,7 @@ async fn a_flood_of_connections_does_not_stop_enrolment_or_rounds() {
     let mut refused = Vec::new();
     for _ in 0..EACH {
         let client = client.clone();
-        let tls = net::enrol_client_config(d.fingerprint, None).unwrap();
+        let tls = quic::enrol_client_config(d.fingerprint, None).unwrap();
         let addr = d.addr;
         refused.push(tokio::spawn(async move {
             let conn = client.connect_with(tls, addr, "localhost").unwrap().await?;
@@ -470,7 +470,7 @@ async fn an_enrolled_node_sending_hostile_frames_is_dropped_alone() {
     let d = long_running("hostile-node");
     let mut honest = vec![honest_node_completes_a_round(&d, "honest-first").await];
     let mallory = d.enrol(&d.token("mallory")).await.unwrap();
-    let tls = net::client_config(&mallory.ca_pem(), Some(&mallory)).unwrap();
+    let tls = quic::client_config(&mallory.ca_pem(), Some(&mallory)).unwrap();
     let client = endpoint();
     let hello = Message::Hello(Hello {
         version: PROTOCOL_VERSION,
@@ -546,7 +546,7 @@ async fn an_enrolled_node_sending_hostile_frames_is_dropped_alone() {
         .await
         .unwrap();
     let (mut send, recv) = conn.open_bi().await.unwrap();
-    net::write_message(&mut send, &hello).await.unwrap();
+    quic::write_message(&mut send, &hello).await.unwrap();
     let mut reader = MessageReader::new(recv, FrameLimits::default());
     let answer = tokio::time::timeout(ANSWER_TIMEOUT, reader.next()).await;
     assert!(
@@ -560,7 +560,7 @@ async fn an_enrolled_node_sending_hostile_frames_is_dropped_alone() {
 /// A server that answers the first request with `answer` (raw bytes).
 async fn hostile_server(answer: Vec<u8>) -> (std::net::SocketAddr, ServerIdentity) {
     let identity = ServerIdentity::generate(&["localhost".into()]).unwrap();
-    let tls = net::server_config(&identity, None).unwrap();
+    let tls = quic::server_config(&identity, None).unwrap();
     let server = quinn::Endpoint::server(tls, "127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = server.local_addr().unwrap();
     tokio::spawn(async move {
@@ -612,7 +612,7 @@ async fn a_hostile_server_cannot_crash_a_node() {
     for (name, answer) in answers {
         let (addr, identity) = hostile_server(answer).await;
         let mut opts = ClientOptions::new(addr, "localhost", "victim");
-        opts.tls = Some(net::client_config(&identity.ca_cert_pem, None).unwrap());
+        opts.tls = Some(quic::client_config(&identity.ca_cert_pem, None).unwrap());
         opts.retry.attempts = 1;
         let result = tokio::time::timeout(
             ANSWER_TIMEOUT,

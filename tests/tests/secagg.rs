@@ -1,7 +1,8 @@
 //! Secure aggregation over real QUIC: the same run with and without SecAgg+
 //! ends at the same model, up to fixed-point rounding.
 
-use fedveil_common::data::synthetic::SyntheticConfig;
+use fedveil_ml::data::synthetic::SyntheticConfig;
+use fedveil_settings::{DataSettings, Settings, Simulation};
 use fedveil_sim::{QuietObserver, SimConfig};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -13,17 +14,25 @@ async fn secagg_matches_plain_fedavg_over_quic() {
     }
     .generate(8);
     let cfg = |secagg| SimConfig {
-        dataset: "synthetic".into(),
-        clients: 5,
-        fraction: 1.0,
-        rounds: 2,
-        local_epochs: 2,
-        batch_size: 20,
-        lr: 0.1,
-        seed: 4,
-        max_concurrent_training: Some(1),
-        secagg,
-        ..SimConfig::default()
+        sim: Simulation {
+            clients: 5,
+            max_concurrent_training: Some(1),
+            ..Simulation::default()
+        },
+        run: Settings {
+            data: DataSettings {
+                dataset: "synthetic".into(),
+                ..DataSettings::default()
+            },
+            fraction: 1.0,
+            rounds: 2,
+            local_epochs: 2,
+            batch_size: 20,
+            lr: 0.1,
+            seed: 4,
+            secagg,
+            ..Settings::default()
+        },
     };
     let plain = fedveil_sim::run(&cfg(false), &split, &mut QuietObserver)
         .await

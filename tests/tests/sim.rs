@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use fedveil_settings::{DataSettings, Settings, Simulation};
 use fedveil_sim::{QuietObserver, SimConfig, load_data};
 
 fn empty_dir(tag: &str) -> PathBuf {
@@ -22,7 +23,13 @@ fn no_mirrors() {
 fn default_dataset_falls_back_to_synthetic_but_explicit_never_does() {
     no_mirrors();
     let cfg = SimConfig {
-        data_dir: Some(empty_dir("fallback")),
+        run: Settings {
+            data: DataSettings {
+                data_dir: Some(empty_dir("fallback")),
+                ..DataSettings::default()
+            },
+            ..Settings::default()
+        },
         ..SimConfig::default()
     };
     let loaded = load_data(&cfg, false).unwrap();
@@ -50,18 +57,26 @@ async fn short_real_mnist_run_secure_matches_plain() {
         return;
     };
     let cfg = |secagg| SimConfig {
-        dataset: "mnist".into(),
-        data_dir: Some(dir.clone().into()),
-        clients: 4,
-        fraction: 1.0,
-        rounds: 3,
-        local_epochs: 1,
-        batch_size: 10,
-        lr: 0.05,
-        train_limit: 4000,
-        max_concurrent_training: Some(1),
-        secagg,
-        ..SimConfig::default()
+        sim: Simulation {
+            clients: 4,
+            max_concurrent_training: Some(1),
+            ..Simulation::default()
+        },
+        run: Settings {
+            data: DataSettings {
+                dataset: "mnist".into(),
+                data_dir: Some(dir.clone().into()),
+                train_limit: 4000,
+                ..DataSettings::default()
+            },
+            fraction: 1.0,
+            rounds: 3,
+            local_epochs: 1,
+            batch_size: 10,
+            lr: 0.05,
+            secagg,
+            ..Settings::default()
+        },
     };
     let loaded = load_data(&cfg(true), true).unwrap();
     assert_eq!(loaded.split.test.len(), 10_000);
@@ -110,22 +125,30 @@ async fn short_real_mnist_run_secure_matches_plain() {
 /// of them), so the faults that happen are exactly the planned ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_vanish_at_every_secagg_stage_and_rounds_still_complete() {
-    use fedveil_common::round::server::SecAggConfig;
+    use fedveil_proto::round::server::SecAggConfig;
     use fedveil_sim::faults::Stage;
 
     let (clients, rounds) = (10u64, 4u64);
     let cfg = |seed| SimConfig {
-        dataset: "synthetic".into(),
-        clients: clients as usize,
-        fraction: 1.0,
-        rounds,
-        train_limit: 600,
-        max_concurrent_training: Some(2),
-        secagg: true,
-        dropout: 0.3,
-        straggler_delay: Some("fixed:50ms".into()),
-        seed,
-        ..SimConfig::default()
+        sim: Simulation {
+            clients: clients as usize,
+            max_concurrent_training: Some(2),
+            dropout: 0.3,
+            straggler_delay: Some("fixed:50ms".into()),
+            ..Simulation::default()
+        },
+        run: Settings {
+            data: DataSettings {
+                dataset: "synthetic".into(),
+                train_limit: 600,
+                ..DataSettings::default()
+            },
+            fraction: 1.0,
+            rounds,
+            secagg: true,
+            seed,
+            ..Settings::default()
+        },
     };
     let threshold = SecAggConfig {
         expected_dropout: 0.3,
@@ -217,25 +240,38 @@ async fn the_same_seed_reproduces_the_metrics_files_exactly() {
     use fedveil_server::setup::{MetricsFiles, ServerObserver};
 
     let secure = |seed| SimConfig {
-        dataset: "synthetic".into(),
-        clients: 8,
-        fraction: 0.8,
-        rounds: 3,
-        train_limit: 480,
-        max_concurrent_training: Some(2),
-        secagg: true,
-        dropout: 0.25,
-        noise_multiplier: Some(0.5),
-        dp_min_contributors: Some(3),
-        seed,
-        ..SimConfig::default()
+        sim: Simulation {
+            clients: 8,
+            max_concurrent_training: Some(2),
+            dropout: 0.25,
+            ..Simulation::default()
+        },
+        run: Settings {
+            data: DataSettings {
+                dataset: "synthetic".into(),
+                train_limit: 480,
+                ..DataSettings::default()
+            },
+            fraction: 0.8,
+            rounds: 3,
+            secagg: true,
+            noise_multiplier: Some(0.5),
+            dp_min_contributors: Some(3),
+            seed,
+            ..Settings::default()
+        },
     };
     let plain = |seed| SimConfig {
-        secagg: false,
-        dropout: 0.0,
-        straggler_delay: Some("uniform:0ms..300ms".into()),
-        dp_min_contributors: None,
-        ..secure(seed)
+        sim: Simulation {
+            dropout: 0.0,
+            straggler_delay: Some("uniform:0ms..300ms".into()),
+            ..secure(seed).sim
+        },
+        run: Settings {
+            secagg: false,
+            dp_min_contributors: None,
+            ..secure(seed).run
+        },
     };
     let root = empty_dir("reproducible");
     let run = async |cfg: SimConfig, tag: &str| {

@@ -1,5 +1,5 @@
 use super::*;
-use fedveil_common::pki::CertificateAuthority;
+use fedveil_net::pki::CertificateAuthority;
 
 const DAY: i64 = 86_400;
 const NOW: i64 = 1_800_000_000;

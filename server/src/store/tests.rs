@@ -1,5 +1,5 @@
 use super::*;
-use fedveil_common::dp::PrivacyLedger;
+use fedveil_proto::dp::PrivacyLedger;
 
 fn temp_db(tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("fedveil-store-{tag}-{}", std::process::id()));

@@ -12,12 +12,12 @@ use std::time::Instant;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use fedveil_common::data::synthetic::SyntheticConfig;
-use fedveil_common::data::{Dataset, Shard};
-use fedveil_common::model::{self, DataShape, DeviceSpec, TrainPlan};
-use fedveil_common::secagg::local::{Drops, run_round};
-use fedveil_common::secagg::{SecAggParams, prg};
-use fedveil_common::wire::LocalOptimizer;
+use fedveil_ml::data::synthetic::SyntheticConfig;
+use fedveil_ml::data::{Dataset, Shard};
+use fedveil_ml::model::{self, DataShape, DeviceSpec, TrainPlan};
+use fedveil_proto::secagg::local::{Drops, run_round};
+use fedveil_proto::secagg::{SecAggParams, prg};
+use fedveil_proto::wire::LocalOptimizer;
 use std::collections::BTreeMap;
 
 #[derive(Parser)]
@@ -195,7 +195,7 @@ fn main() -> Result<()> {
                 ..Drops::default()
             };
             let start = Instant::now();
-            let run = run_round(&params, 1, &inputs, &drops, seed);
+            let run = run_round(&params, 1, &inputs, &drops, seed, Instant::now);
             let wall = start.elapsed().as_secs_f64();
             let ok = run.result.is_ok();
             println!(
@@ -216,11 +216,11 @@ fn main() -> Result<()> {
 /// Times `commits` checkpoint commits of a CNN-sized state (FedAdam moments,
 /// a DP ledger) plus the write-ahead ledger row each round makes.
 fn checkpoint(commits: usize, dir: &std::path::Path) -> Result<()> {
-    use fedveil_common::dp::{DpConfig, Mechanism, NoiseLevel};
-    use fedveil_common::round::server::Durable;
-    use fedveil_common::round::{Coordinator, CoordinatorConfig};
-    use fedveil_common::server_opt::{ServerOptimizerConfig, ServerOptimizerKind};
-    use fedveil_common::wire::RoundConfig;
+    use fedveil_proto::dp::{DpConfig, Mechanism, NoiseLevel};
+    use fedveil_proto::round::server::Durable;
+    use fedveil_proto::round::{Coordinator, CoordinatorConfig};
+    use fedveil_proto::server_opt::{ServerOptimizerConfig, ServerOptimizerKind};
+    use fedveil_proto::wire::RoundConfig;
     use fedveil_server::store::{STATE_DB_FILE, Store};
     let device = burn::prelude::Device::flex();
     let shape = DataShape {

@@ -1,6 +1,6 @@
 use std::sync::Arc;
 
-use fedveil_common::wire::{Evaluation, Update};
+use fedveil_proto::wire::{Evaluation, Update};
 
 use super::*;
 

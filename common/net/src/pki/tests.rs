@@ -201,8 +201,8 @@ fn durations_parse_and_format() {
 
 mod secagg_binding {
     use super::*;
-    use crate::secagg::client::{ClientError, SecAggClient};
-    use crate::wire::{SecAgg, SecAggParams, SecAggSetup};
+    use fedveil_proto::secagg::client::{ClientError, SecAggClient};
+    use fedveil_proto::wire::{SecAgg, SecAggParams, SecAggSetup};
     use rand::SeedableRng;
 
     /// Client 1's view of a round among clients 1..=4, and the keys each

@@ -5,7 +5,7 @@ use burn::prelude::*;
 use super::*;
 use crate::data::{Dataset, Shard};
 use crate::model::{DataShape, TrainPlan, build};
-use crate::wire::LocalOptimizer;
+use fedveil_proto::wire::LocalOptimizer;
 
 fn text_shape(seq: usize, classes: usize, vocab: usize) -> DataShape {
     DataShape {

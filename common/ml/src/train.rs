@@ -3,10 +3,10 @@
 
 use std::sync::{Arc, Mutex};
 
+use crate::data::Shard;
+use crate::model::{self, DataShape, FlModel, ModelError, ModelSpec, TrainPlan};
 use burn::prelude::Device;
-use fedveil_common::data::Shard;
-use fedveil_common::model::{self, DataShape, FlModel, ModelError, ModelSpec, TrainPlan};
-use fedveil_common::wire::{Evaluation, RoundConfig, Update};
+use fedveil_proto::wire::{Evaluation, RoundConfig, Update};
 
 /// What the client driver needs from local training. [`Trainer`] is the
 /// real one; wrappers (recording, DP, faults) implement it around another.
@@ -230,8 +230,8 @@ pub fn mix_seed(parts: &[u64]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fedveil_common::data::synthetic::SyntheticConfig;
-    use fedveil_common::wire::LocalOptimizer;
+    use crate::data::synthetic::SyntheticConfig;
+    use fedveil_proto::wire::LocalOptimizer;
 
     fn round_config() -> RoundConfig {
         RoundConfig {
@@ -292,7 +292,7 @@ mod tests {
         let _again = pool.take().unwrap();
         assert_eq!(pool.instances(), 2);
 
-        let text = fedveil_common::data::Dataset {
+        let text = crate::data::Dataset {
             example_shape: vec![8],
             vocab_size: 30,
             ..(*data).clone()

@@ -7,9 +7,9 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
-use fedveil_common::dp::DpRound;
-use fedveil_common::wire::codec::{FRAME_PREFIX_LEN, HEADER_BYTES_CEILING};
-use fedveil_common::wire::*;
+use fedveil_proto::dp::DpRound;
+use fedveil_proto::wire::codec::{FRAME_PREFIX_LEN, HEADER_BYTES_CEILING};
+use fedveil_proto::wire::*;
 use proptest::prelude::*;
 
 // ---------------------------------------------------------------------------

@@ -34,7 +34,7 @@ fn inputs(ids: &[u64], d: usize, rng: &mut ChaCha20Rng) -> BTreeMap<u64, (Vec<f3
 fn run(params: &SecAggParams, ids: &[u64], d: usize, drops: &Drops, seed: u64) -> Run {
     let mut rng = ChaCha20Rng::seed_from_u64(seed);
     let inputs = inputs(ids, d, &mut rng);
-    let local = run_round(params, 9, &inputs, drops, seed);
+    let local = run_round(params, 9, &inputs, drops, seed, std::time::Instant::now);
     let expected_sum = local.result.as_ref().ok().map(|o| {
         assert_eq!(
             o.survivors.iter().copied().collect::<BTreeSet<_>>(),

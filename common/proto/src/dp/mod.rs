@@ -62,6 +62,16 @@ impl std::str::FromStr for Mechanism {
     }
 }
 
+impl std::fmt::Display for Mechanism {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Distributed => "distributed",
+            Self::Central => "central",
+            Self::Local => "local",
+        })
+    }
+}
+
 /// How much noise: a noise multiplier, or a target epsilon to reach after
 /// the planned rounds (for local DP: the per-round epsilon of each client).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

@@ -25,7 +25,7 @@ pub enum AggregateError {
 pub const MAX_WEIGHTED_MAGNITUDE: f64 = (1u64 << 62) as f64;
 
 /// Fractional bits of [`ExactSum`]: resolution 2^-64 (about 5e-20).
-const FRAC_BITS: i32 = 64;
+pub const FRAC_BITS: i32 = 64;
 
 /// An order-independent sum of `f64` terms: each term is rounded once to a
 /// fixed-point integer with [`FRAC_BITS`] fractional bits, and integers add

@@ -46,20 +46,23 @@ pub struct LocalRound {
 }
 
 /// Runs one round of SecAgg+ over `inputs` (update, example count) with the
-/// given dropouts.
+/// given dropouts. `now` is the clock the time spent on either side is
+/// measured with (`Instant::now` in benchmarks): the crate itself never
+/// reads the clock.
 pub fn run_round(
     params: &SecAggParams,
     round: u64,
     inputs: &BTreeMap<u64, (Vec<f32>, u64)>,
     drops: &Drops,
     seed: u64,
+    now: fn() -> Instant,
 ) -> LocalRound {
     let mut rng = ChaCha20Rng::seed_from_u64(seed);
     let ids: Vec<u64> = inputs.keys().copied().collect();
     let d = inputs.values().next().map_or(0, |v| v.0.len());
     let (mut client_time, mut server_time) = (Duration::ZERO, Duration::ZERO);
     let mut sent_bytes = 0usize;
-    let started = Instant::now();
+    let started = now();
     let (mut server, setups) =
         SecAggServer::new(round, params.clone(), &ids, d, seed).expect("valid parameters");
     server_time += started.elapsed();
@@ -68,14 +71,14 @@ pub fn run_round(
     let mut masked_by = BTreeSet::new();
     let deliver =
         |server: &mut SecAggServer, from: u64, msg: SecAgg, server_time: &mut Duration| {
-            let t = Instant::now();
+            let t = now();
             server
                 .handle(from, msg)
                 .expect("honest clients are not refused");
             *server_time += t.elapsed();
         };
     for (id, setup) in &setups {
-        let t = Instant::now();
+        let t = now();
         let (c, adv) = SecAggClient::new(*id, round, setup, &mut rng, None).expect("valid setup");
         client_time += t.elapsed();
         if drops.before_keys.contains(id) {
@@ -88,7 +91,7 @@ pub fn run_round(
     }
     let mut outcome = None;
     for stage in 0..4 {
-        let t = Instant::now();
+        let t = now();
         let advanced = server.advance();
         server_time += t.elapsed();
         match advanced {
@@ -116,7 +119,7 @@ pub fn run_round(
             let c = clients
                 .get_mut(&to)
                 .expect("server writes to known clients");
-            let t = Instant::now();
+            let t = now();
             let reply = match msg {
                 SecAgg::PeerKeys { peers, .. } => c.on_peer_keys(peers, &mut rng, None),
                 SecAgg::PeerShares { shares, .. } => {

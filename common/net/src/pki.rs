@@ -22,8 +22,8 @@ use sha2::{Digest, Sha256};
 
 pub use rcgen::KeyPair;
 
-use crate::secagg::{KeyAttestor, keys_message};
-use crate::wire::{KeyAttestation, PeerKeys};
+use fedveil_proto::secagg::{KeyAttestor, keys_message};
+use fedveil_proto::wire::{KeyAttestation, PeerKeys};
 
 /// Default lifetime of a client certificate; nodes renew before it ends.
 pub const DEFAULT_CLIENT_CERT_TTL: Duration = Duration::from_secs(30 * 24 * 3600);

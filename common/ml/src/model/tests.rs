@@ -3,7 +3,7 @@ use std::sync::Arc;
 use super::*;
 use crate::data::Shard;
 use crate::data::synthetic::SyntheticConfig;
-use crate::wire::LocalOptimizer;
+use fedveil_proto::wire::LocalOptimizer;
 
 fn mnist_shape() -> DataShape {
     DataShape {

@@ -13,8 +13,8 @@ use std::str::FromStr;
 
 use burn::prelude::Device;
 
-pub use crate::wire::ModelSpec;
 pub use classifier::{EvalStats, FlModel, TrainPlan, TrainStats};
+pub use fedveil_proto::wire::ModelSpec;
 pub use flat::ParamLayout;
 
 /// Names accepted by `--model`. Transformers take sizes after a colon,

@@ -1,6 +1,6 @@
-//! The only I/O in `fedveil-common` (behind the `net` feature): TLS 1.3
-//! identities and configs for quinn, and moving [`Message`]s over a QUIC
-//! stream through the sans-IO codec. Server and client drivers share it.
+//! QUIC transport: TLS 1.3 identities and configs for quinn, and moving
+//! [`Message`]s over a QUIC stream through the sans-IO codec. Server and
+//! client drivers share it.
 //!
 //! Each connection carries one bidirectional stream, opened by the client;
 //! messages are frames on it, in order. QUIC flow control streams a large
@@ -20,7 +20,7 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime, pem::PemObject};
 
 use crate::pki::{self, CertInfo, CertificateAuthority, NodeIdentity};
-use crate::wire::{CodecError, FrameDecoder, FrameLimits, Message, encode};
+use fedveil_proto::wire::{CodecError, FrameDecoder, FrameLimits, Message, encode};
 
 /// ALPN protocol id of training connections (mutual TLS).
 pub const ALPN: &[u8] = b"fedveil/1";

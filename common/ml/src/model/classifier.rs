@@ -11,7 +11,7 @@ use rand_chacha::ChaCha20Rng;
 use super::flat::{ParamLayout, load_flat, to_flat};
 use super::{ModelError, ModelSpec};
 use crate::data::{Dataset, Shard};
-use crate::wire::LocalOptimizer;
+use fedveil_proto::wire::LocalOptimizer;
 
 /// Examples per batch when evaluating (no gradients, so larger is fine).
 pub const EVAL_BATCH_SIZE: usize = 500;

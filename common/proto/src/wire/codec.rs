@@ -65,11 +65,11 @@ pub const ENROL_MAX_HEADER_BYTES: u32 = 16 * 1024;
 /// exact model size, so an oversized update is refused before it is read.
 ///
 /// ```
-/// use fedveil_common::wire::{CodecError, FrameLimits, decode_one};
+/// use fedveil_proto::wire::{CodecError, FrameLimits, decode_one};
 ///
 /// // The prefix of a frame that claims a 4 GiB header.
 /// let mut frame = b"FVL\0".to_vec();
-/// frame.extend_from_slice(&fedveil_common::wire::PROTOCOL_VERSION.to_le_bytes());
+/// frame.extend_from_slice(&fedveil_proto::wire::PROTOCOL_VERSION.to_le_bytes());
 /// frame.extend_from_slice(&u32::MAX.to_le_bytes());
 /// frame.extend_from_slice(&0u64.to_le_bytes());
 /// let err = decode_one(&frame, FrameLimits::enrolment()).unwrap_err();
