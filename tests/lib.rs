@@ -84,7 +84,13 @@ pub fn deploy_with(tag: &str, adjust: impl FnOnce(&mut CoordinatorConfig)) -> De
     let split = synthetic();
     let device = Device::flex();
     let shape = DataShape::of(&split.train);
-    let (spec, initial) = initial_model("cnn", &shape, &device, 1).unwrap();
+    let (spec, initial) = initial_model(
+        &fedveil_ml::model::builtin("cnn").unwrap(),
+        &shape,
+        &device,
+        1,
+    )
+    .unwrap();
     let mut config = CoordinatorConfig {
         rounds: 1,
         min_clients: 1,

@@ -10,7 +10,7 @@ use fedveil_client::{ClientOptions, LocalTrainer, Trainer};
 use fedveil_ml::data::{Partition, Shard};
 use fedveil_net::pki::{self, NodeIdentity};
 use fedveil_net::quic;
-use fedveil_settings::{DataSettings, Layered};
+use fedveil_settings::{DataSettings, Layered, SettingsFile, recipe_keys};
 
 #[derive(Parser)]
 #[command(name = "fedveil-client", version, about = "fedveil client node")]
@@ -71,6 +71,11 @@ struct RunArgs {
     /// certificate's lifetime].
     #[arg(long, value_parser = pki::parse_duration)]
     renew_before: Option<Duration>,
+    /// TOML file with the data settings (dataset, label, classes,
+    /// feature_mean, ...): the run's recipe, whose other keys the node
+    /// ignores; flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Use part INDEX of the training set split into COUNT parts
     /// (for demos on one machine; a real node trains on all its data).
     #[arg(long, value_name = "INDEX/COUNT")]
@@ -104,7 +109,14 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Enroll(args) => runtime.block_on(enroll(args)),
         Command::Run(args) => {
-            let mut data_settings = DataSettings::default();
+            let mut data_settings = match &args.config {
+                None => DataSettings::default(),
+                Some(path) => {
+                    let file = SettingsFile::read(path)?;
+                    file.check_keys(&recipe_keys())?;
+                    file.get()?
+                }
+            };
             data_settings.update_from_flags(matches.subcommand_matches("run").expect("run"))?;
             runtime.block_on(run(args, data_settings))
         }

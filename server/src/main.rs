@@ -346,7 +346,12 @@ async fn run(args: RunArgs, settings: Settings, deployment: Deployment) -> Resul
     let device = settings.data.device()?.device()?;
     let split = settings.data.load(settings.seed)?;
     let shape = DataShape::of(&split.test);
-    let (spec, initial) = initial_model(&settings.data.model, &shape, &device, settings.seed)?;
+    let (spec, initial) = initial_model(
+        &fedveil_ml::model::builtin(&settings.data.model)?,
+        &shape,
+        &device,
+        settings.seed,
+    )?;
     if settings.secagg && deployment.min_clients < MIN_SECAGG_COHORT {
         bail!(
             "secure aggregation needs cohorts of at least {MIN_SECAGG_COHORT} (with 2, each node could subtract its own update from the sum): run with --min-clients {MIN_SECAGG_COHORT} or more, or turn it off with --secagg false"

@@ -6,9 +6,12 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
+use burn::data::dataset::Dataset as BurnDataset;
 use burn::prelude::Device;
 use fedveil_ml::data::{Dataset, Shard};
-use fedveil_ml::model::{self, DataShape, EvalStats, FlModel, ModelError, ModelSpec};
+use fedveil_ml::model::{
+    self, DataShape, EvalStats, Example, FlModel, ModelError, ModelFactory, ModelSpec,
+};
 use fedveil_proto::metrics::{RoundCosts, RoundMetrics};
 use fedveil_proto::round::Event;
 use std::sync::Arc;
@@ -17,46 +20,65 @@ use crate::driver::{Evaluator, Observer, log_event};
 
 /// The model's shape signature and a freshly initialised parameter vector.
 /// The device RNG is seeded, so the same seed gives the same initial model.
-pub fn initial_model(
-    name: &str,
+pub fn initial_model<I: 'static>(
+    factory: &ModelFactory<I>,
     shape: &DataShape,
     device: &Device,
     seed: u64,
 ) -> Result<(ModelSpec, Vec<f32>), ModelError> {
     device.seed(seed);
-    let m = model::build(name, shape, device)?;
+    let m = factory.build(shape, device)?;
     Ok((m.spec().clone(), m.params()))
 }
 
 /// Evaluates global models on a held-out dataset.
-pub struct ModelEvaluator {
-    model: Box<dyn FlModel>,
-    test: Shard,
+pub struct ModelEvaluator<I: 'static = Example> {
+    model: Box<dyn FlModel<I>>,
+    test: Arc<dyn BurnDataset<I>>,
 }
 
-impl ModelEvaluator {
+impl ModelEvaluator<Example> {
+    /// The built-in model `name` on a dense test set.
     pub fn new(name: &str, test: Arc<Dataset>, device: &Device) -> Result<Self, ModelError> {
         let shape = DataShape::of(&test);
+        Self::of(
+            &model::builtin(name)?,
+            &shape,
+            Arc::new(Shard::whole(test)),
+            device,
+        )
+    }
+}
+
+impl<I: 'static> ModelEvaluator<I> {
+    /// The models `factory` builds, on any Burn test set of data `shape`.
+    pub fn of(
+        factory: &ModelFactory<I>,
+        shape: &DataShape,
+        test: Arc<dyn BurnDataset<I>>,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
         Ok(Self {
-            model: model::build(name, &shape, device)?,
-            test: Shard::whole(test),
+            model: factory.build(shape, device)?,
+            test,
         })
     }
 }
 
-impl Evaluator for ModelEvaluator {
+impl<I: 'static> Evaluator for ModelEvaluator<I> {
     fn evaluate(&mut self, global_model: &[f32]) -> EvalStats {
-        match self.model.set_params(global_model) {
-            Ok(()) => self.model.evaluate(&self.test),
-            Err(err) => {
-                tracing::error!(%err, "cannot evaluate global model");
-                EvalStats {
-                    examples: 0,
-                    loss: f32::NAN,
-                    accuracy: 0.0,
-                }
+        let stats = self
+            .model
+            .set_params(global_model)
+            .and_then(|()| self.model.evaluate(self.test.as_ref()));
+        stats.unwrap_or_else(|err| {
+            tracing::error!(%err, "cannot evaluate global model");
+            EvalStats {
+                examples: 0,
+                loss: f32::NAN,
+                accuracy: 0.0,
             }
-        }
+        })
     }
 }
 

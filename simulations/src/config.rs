@@ -127,7 +127,8 @@ mod tests {
             let what = path.display();
             let (cfg, names_dataset) = SimConfig::from_toml_file(path).unwrap();
             assert!(names_dataset, "{what} must name its dataset");
-            fedveil_ml::data::DatasetName::parse(&cfg.run.data.dataset).unwrap();
+            fedveil_ml::data::DataSource::parse(&cfg.run.data.dataset).unwrap();
+            cfg.run.data.feature_stats().unwrap();
             cfg.sim
                 .partition
                 .parse::<fedveil_ml::data::Partition>()

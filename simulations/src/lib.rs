@@ -69,28 +69,24 @@ pub struct LoadedData {
 /// (`explicit == false`) and MNIST cannot be found or fetched, says why and
 /// falls back to synthetic data; an explicit choice never falls back.
 pub fn load_data(cfg: &SimConfig, explicit: bool) -> Result<LoadedData> {
-    let name = DatasetName::parse(&cfg.run.data.dataset)?;
-    let dir = data::resolve_data_dir(cfg.run.data.data_dir.as_deref());
-    let loaded = data::load(name, &dir, Download::IfMissing, cfg.run.seed);
-    let (split, dataset, fallback_note) = match loaded {
-        Ok(split) => (split, cfg.run.data.dataset.clone(), None),
-        Err(err) if !explicit => {
-            let note = format!("{err}\nusing the synthetic dataset instead");
-            let split = data::load(DatasetName::Synthetic, &dir, Download::Never, cfg.run.seed)?;
-            (split, "synthetic".to_owned(), Some(note))
-        }
-        Err(err) => return Err(err.into()),
-    };
     // A natural partition gives each client one owner's data; cutting the
     // dataset short would drop whole owners, so it is never truncated.
-    let natural = matches!(
+    let mut data = cfg.run.data.clone();
+    if matches!(
         cfg.sim.partition.parse::<Partition>(),
         Ok(Partition::Natural)
-    );
-    let split = if natural {
-        split
-    } else {
-        cfg.run.data.limit_train(split)
+    ) {
+        data.train_limit = 0;
+    }
+    let (split, dataset, fallback_note) = match data.load(cfg.run.seed) {
+        Ok(split) => (split, data.dataset.clone(), None),
+        Err(err) if !explicit => {
+            let note = format!("{err}\nusing the synthetic dataset instead");
+            let dir = data::resolve_data_dir(data.data_dir.as_deref());
+            let split = data::load(DatasetName::Synthetic, &dir, Download::Never, cfg.run.seed)?;
+            (data.limit_train(split), "synthetic".to_owned(), Some(note))
+        }
+        Err(err) => return Err(err.into()),
     };
     Ok(LoadedData {
         split,
@@ -111,7 +107,12 @@ pub async fn run(cfg: &SimConfig, split: &Split, observer: &mut dyn Observer) ->
         .split_dataset(&split.train, cfg.sim.clients, cfg.run.seed)
         .context("partitioning the training set")?;
     let shape = DataShape::of(&split.train);
-    let (spec, initial) = initial_model(&cfg.run.data.model, &shape, &device, cfg.run.seed)?;
+    let (spec, initial) = initial_model(
+        &fedveil_ml::model::builtin(&cfg.run.data.model)?,
+        &shape,
+        &device,
+        cfg.run.seed,
+    )?;
     let largest_shard = shards.iter().map(Vec::len).max().unwrap_or(1) as u64;
     let fault_plan = cfg.fault_plan()?;
     let fault_log = Arc::new(faults::FaultLog::default());

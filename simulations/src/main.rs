@@ -46,6 +46,46 @@ enum Command {
     /// Draws two or more finished runs on the same axes (accuracy, loss,
     /// epsilon, traffic, round time), as PNG and SVG.
     Compare(CompareArgs),
+    /// Prints the per-feature means and standard deviations of a CSV table
+    /// as settings (feature_mean, feature_std) for the file every party
+    /// reads, so all standardise alike.
+    FeatureStats(FeatureStatsArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct FeatureStatsArgs {
+    /// The CSV file (header row, numeric features).
+    path: PathBuf,
+    /// The label column (left out of the statistics).
+    #[arg(long)]
+    label: String,
+    /// Class names in id order, when labels are names.
+    #[arg(long, value_delimiter = ',')]
+    classes: Option<Vec<String>>,
+}
+
+impl FeatureStatsArgs {
+    fn run(&self) -> Result<()> {
+        let spec = fedveil_ml::data::CsvSpec {
+            label: self.label.clone(),
+            classes: self.classes.clone(),
+        };
+        let table = fedveil_ml::data::load_csv(&self.path, &spec)?;
+        let stats = fedveil_ml::data::FeatureStats::of(&table);
+        println!(
+            "# standardisation of {} ({} rows)",
+            self.path.display(),
+            table.len()
+        );
+        // Each value as the shortest text that reads back as the same f32.
+        let list = |values: &[f32]| -> String {
+            let shown: Vec<String> = values.iter().map(f32::to_string).collect();
+            format!("[{}]", shown.join(", "))
+        };
+        println!("feature_mean = {}", list(&stats.mean));
+        println!("feature_std = {}", list(&stats.std));
+        Ok(())
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -155,6 +195,7 @@ fn main() -> Result<()> {
     match &cli.command {
         Some(Command::Privacy(args)) => return args.run(),
         Some(Command::Compare(args)) => return args.run(),
+        Some(Command::FeatureStats(args)) => return args.run(),
         None => {}
     }
     tracing_subscriber::fmt()

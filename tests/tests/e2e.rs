@@ -87,7 +87,13 @@ fn start_server_on(
 ) -> Server {
     let device = Device::flex();
     let shape = DataShape::of(&split.train);
-    let (spec, initial) = initial_model("cnn", &shape, &device, 1).unwrap();
+    let (spec, initial) = initial_model(
+        &fedveil_ml::model::builtin("cnn").unwrap(),
+        &shape,
+        &device,
+        1,
+    )
+    .unwrap();
     let config = CoordinatorConfig {
         rounds,
         min_clients,

@@ -12,8 +12,9 @@
 //! | layer | crate | modules |
 //! |---|---|---|
 //! | protocol core, sans-IO | `fedveil-proto` | [`wire`], [`round`], [`secagg`], [`dp`], [`aggregate`], [`server_opt`], [`metrics`] |
-//! | machine learning (Burn) | `fedveil-ml` | [`model`], [`data`], [`train`] |
+//! | machine learning (Burn): [`model::FederatedModel`] for your own model | `fedveil-ml` | [`model`], [`data`], [`train`] |
 //! | transport and PKI | `fedveil-net` | [`quic`], [`pki`] |
+//! | run settings, defined once | `fedveil-settings` | [`settings`] |
 //! | drivers (features `client`, `server`, `sim`) | `fedveil-client`, `fedveil-server`, `fedveil-sim` | `client`, `server`, `sim` |
 //!
 //! and [`burn`] itself, so a model is written against the same Burn the
@@ -31,6 +32,7 @@ pub use burn;
 pub use fedveil_ml::{data, model, train};
 pub use fedveil_net::{pki, quic};
 pub use fedveil_proto::{aggregate, dp, metrics, round, secagg, server_opt, wire};
+pub use fedveil_settings as settings;
 
 #[cfg(feature = "client")]
 pub use fedveil_client as client;

@@ -3,9 +3,13 @@
 
 use std::sync::{Arc, Mutex};
 
-use crate::data::Shard;
-use crate::model::{self, DataShape, FlModel, ModelError, ModelSpec, TrainPlan};
+use burn::data::dataset::{Dataset, DatasetError};
 use burn::prelude::Device;
+
+use crate::data::Shard;
+use crate::model::{
+    self, DataShape, Example, FlModel, ModelError, ModelFactory, ModelSpec, TrainPlan,
+};
 use fedveil_proto::wire::{Evaluation, RoundConfig, Update};
 
 /// What the client driver needs from local training. [`Trainer`] is the
@@ -29,22 +33,34 @@ pub trait LocalTrainer: Send + Sync + 'static {
 /// initialising, every round) its own. An instance is overwritten with the
 /// global model before each use, so which one a client gets changes
 /// nothing.
-pub struct ModelPool {
-    name: String,
+pub struct ModelPool<I = Example> {
+    factory: ModelFactory<I>,
     shape: DataShape,
     device: Device,
     spec: ModelSpec,
-    idle: Mutex<Vec<Box<dyn FlModel>>>,
+    idle: Mutex<Vec<Box<dyn FlModel<I>>>>,
     built: std::sync::atomic::AtomicUsize,
 }
 
-impl ModelPool {
-    /// A pool of `name` models for data of `shape` on `device` (one is
-    /// built at once, to check the name and learn the spec).
+impl ModelPool<Example> {
+    /// A pool of the built-in model `name`.
     pub fn new(name: &str, shape: DataShape, device: Device) -> Result<Arc<Self>, ModelError> {
-        let first = model::build(name, &shape, &device)?;
+        Self::of(model::builtin(name)?, shape, device)
+    }
+}
+
+impl<I: 'static> ModelPool<I> {
+    /// A pool of the models `factory` builds for data of `shape` on
+    /// `device` (one is built at once, to check the shape and learn the
+    /// spec).
+    pub fn of(
+        factory: ModelFactory<I>,
+        shape: DataShape,
+        device: Device,
+    ) -> Result<Arc<Self>, ModelError> {
+        let first = factory.build(&shape, &device)?;
         Ok(Arc::new(Self {
-            name: name.to_owned(),
+            factory,
             shape,
             device,
             spec: first.spec().clone(),
@@ -57,20 +73,25 @@ impl ModelPool {
         &self.spec
     }
 
+    /// The data shape the pool's models are built for.
+    pub fn shape(&self) -> &DataShape {
+        &self.shape
+    }
+
     /// Instances built so far: the most that were in use at once.
     pub fn instances(&self) -> usize {
         self.built.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// An idle instance (built if none is), returned to the pool on drop.
-    fn take(self: &Arc<Self>) -> Result<PooledModel, ModelError> {
+    fn take(self: &Arc<Self>) -> Result<PooledModel<I>, ModelError> {
         let idle = self.idle.lock().expect("pool lock").pop();
         let model = match idle {
             Some(model) => model,
             None => {
                 self.built
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                model::build(&self.name, &self.shape, &self.device)?
+                self.factory.build(&self.shape, &self.device)?
             }
         };
         Ok(PooledModel {
@@ -81,25 +102,25 @@ impl ModelPool {
 }
 
 /// A model on loan from a [`ModelPool`].
-struct PooledModel {
-    model: Option<Box<dyn FlModel>>,
-    pool: Arc<ModelPool>,
+struct PooledModel<I: 'static> {
+    model: Option<Box<dyn FlModel<I>>>,
+    pool: Arc<ModelPool<I>>,
 }
 
-impl std::ops::Deref for PooledModel {
-    type Target = dyn FlModel;
+impl<I> std::ops::Deref for PooledModel<I> {
+    type Target = dyn FlModel<I>;
     fn deref(&self) -> &Self::Target {
         self.model.as_deref().expect("present until dropped")
     }
 }
 
-impl std::ops::DerefMut for PooledModel {
+impl<I> std::ops::DerefMut for PooledModel<I> {
     fn deref_mut(&mut self) -> &mut Self::Target {
         self.model.as_deref_mut().expect("present until dropped")
     }
 }
 
-impl Drop for PooledModel {
+impl<I> Drop for PooledModel<I> {
     fn drop(&mut self) {
         if let (Some(model), Ok(mut idle)) = (self.model.take(), self.pool.idle.lock()) {
             idle.push(model);
@@ -107,18 +128,19 @@ impl Drop for PooledModel {
     }
 }
 
-/// Trains one node's model on its shard, with a model instance borrowed
-/// from a [`ModelPool`] for the round: an idle client holds only its
-/// shard's index list (simulations run thousands of them).
-pub struct Trainer {
-    models: Arc<ModelPool>,
-    shard: Shard,
+/// Trains one node's model on its data, with a model instance borrowed
+/// from a [`ModelPool`] for the round: an idle client holds only its data
+/// handle (simulations run thousands of them, each a shard's index list).
+pub struct Trainer<I: 'static = Example> {
+    models: Arc<ModelPool<I>>,
+    data: Arc<dyn Dataset<I>>,
     /// Mixed into shuffling seeds so clients shuffle differently.
     node_seed: u64,
 }
 
-impl Trainer {
-    /// A trainer with a pool of its own (one node per process).
+impl Trainer<Example> {
+    /// A trainer of the built-in model `model_name` on a shard, with a
+    /// pool of its own (one node per process).
     pub fn new(
         model_name: &str,
         shard: Shard,
@@ -129,35 +151,43 @@ impl Trainer {
         Self::pooled(pool, shard, node_seed)
     }
 
-    /// A trainer that borrows its model from a shared `pool`.
+    /// A trainer on a shard that borrows its model from a shared `pool`.
     pub fn pooled(
-        models: Arc<ModelPool>,
+        models: Arc<ModelPool<Example>>,
         shard: Shard,
         node_seed: u64,
     ) -> Result<Self, ModelError> {
         let shape = DataShape::of(&shard.data);
         if shape != models.shape {
             return Err(ModelError::IncompatibleData {
-                model: models.name.clone(),
+                model: models.factory.name().to_owned(),
                 shape: shape.example_shape,
                 reason: format!("the model pool was built for {:?}", models.shape),
             });
         }
-        Ok(Self {
-            models,
-            shard,
-            node_seed,
-        })
+        Ok(Self::with_data(models, Arc::new(shard), node_seed))
     }
 }
 
-impl LocalTrainer for Trainer {
+impl<I: 'static> Trainer<I> {
+    /// A trainer on any Burn dataset whose items the pool's models take
+    /// (the pool was built for the data's shape).
+    pub fn with_data(models: Arc<ModelPool<I>>, data: Arc<dyn Dataset<I>>, node_seed: u64) -> Self {
+        Self {
+            models,
+            data,
+            node_seed,
+        }
+    }
+}
+
+impl<I: 'static> LocalTrainer for Trainer<I> {
     fn spec(&self) -> &ModelSpec {
         self.models.spec()
     }
 
     fn num_examples(&self) -> usize {
-        self.shard.len()
+        self.data.len()
     }
 
     fn train_round(
@@ -169,15 +199,15 @@ impl LocalTrainer for Trainer {
         let mut model = self.models.take()?;
         model.set_params(global_model)?;
         // Under a step cap, score the global model on as many examples as
-        // training may see, not the whole shard, which could cost more
-        // than the capped training itself.
+        // training may see, not all the data, which could cost more than
+        // the capped training itself.
         let eval = match config.max_local_steps {
             Some(steps) => {
                 let n = steps as usize * config.batch_size as usize;
                 let seed = mix_seed(&[config.seed, round, self.node_seed, EVAL_SAMPLE_SEED]);
-                model.evaluate(&self.shard.sample(n, seed))
+                model.evaluate(&Sample::of(self.data.as_ref(), n, seed))?
             }
-            None => model.evaluate(&self.shard),
+            None => model.evaluate(self.data.as_ref())?,
         };
         let plan = TrainPlan {
             epochs: config.local_epochs,
@@ -188,7 +218,7 @@ impl LocalTrainer for Trainer {
             prox_mu: f64::from(config.prox_mu),
             optimizer: config.local_optimizer,
         };
-        let stats = model.train(&self.shard, &plan)?;
+        let stats = model.train(self.data.as_ref(), &plan)?;
         let mut delta = model.params();
         for (d, g) in delta.iter_mut().zip(global_model) {
             *d -= g;
@@ -207,6 +237,44 @@ impl LocalTrainer for Trainer {
                 accuracy: eval.accuracy,
             },
         ))
+    }
+}
+
+/// At most `n` items of a dataset, drawn without replacement (seeded), in
+/// the dataset's order of drawing; all of it when it has no more than `n`.
+struct Sample<'a, I> {
+    data: &'a dyn Dataset<I>,
+    positions: Vec<usize>,
+}
+
+impl<'a, I> Sample<'a, I> {
+    fn of(data: &'a dyn Dataset<I>, n: usize, seed: u64) -> Self {
+        use rand::SeedableRng;
+        use rand::seq::IndexedRandom;
+        let all: Vec<usize> = (0..data.len()).collect();
+        let positions = if n >= all.len() {
+            all
+        } else {
+            let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed);
+            all.sample(&mut rng, n).copied().collect()
+        };
+        Self { data, positions }
+    }
+}
+
+impl<I> Dataset<I> for Sample<'_, I> {
+    fn get(&self, index: usize) -> Result<I, DatasetError> {
+        let position = self.positions.get(index).ok_or_else(|| {
+            DatasetError::new(std::io::Error::other(format!(
+                "index {index} is outside a sample of {}",
+                self.positions.len()
+            )))
+        })?;
+        self.data.get(*position)
+    }
+
+    fn len(&self) -> usize {
+        self.positions.len()
     }
 }
 
@@ -245,6 +313,39 @@ mod tests {
             prox_mu: 0.0,
             local_optimizer: LocalOptimizer::Sgd,
         }
+    }
+
+    #[test]
+    fn a_sample_is_a_seeded_subset_without_repeats() {
+        let data = SyntheticConfig {
+            train_examples: 50,
+            test_examples: 1,
+            ..Default::default()
+        }
+        .generate(1)
+        .train;
+        let shard = Shard {
+            data,
+            indices: (10..40).collect(),
+        };
+        let drawn = |n, seed| -> Vec<usize> {
+            let sample = Sample::of(&shard, n, seed);
+            (0..sample.len())
+                .map(|i| sample.get(i).unwrap().index())
+                .collect()
+        };
+        let a = drawn(8, 3);
+        assert_eq!(a.len(), 8);
+        assert!(a.iter().all(|i| (10..40).contains(i)));
+        let mut seen = a.clone();
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen.len(), 8, "no repeats");
+        assert_eq!(a, drawn(8, 3), "seeded");
+        assert_ne!(a, drawn(8, 4));
+        assert_eq!(drawn(30, 3), shard.indices);
+        assert_eq!(drawn(99, 3), shard.indices);
+        assert!(Sample::of(&shard, 8, 3).get(8).is_err());
     }
 
     /// Clients sharing a pool train exactly as clients with models of their

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use clap::builder::Resettable;
 use clap::{ArgAction, ArgMatches, Args, Command, FromArgMatches};
-use fedveil_ml::data::{self, DataError, DatasetName, Download, Split};
+use fedveil_ml::data::{self, CsvSpec, DataError, DataSource, Download, FeatureStats, Split};
 use fedveil_ml::model::DeviceSpec;
 use fedveil_proto::dp::adaptive::{DEFAULT_CLIP_LEARNING_RATE, DEFAULT_TARGET_QUANTILE};
 use fedveil_proto::dp::{AdaptiveClipping, DpConfig, DpConfigError, DpPlan, Mechanism, NoiseLevel};
@@ -84,10 +84,40 @@ impl SettingsError {
 #[serde(default)]
 pub struct DataSettings {
     /// mnist, fashion-mnist, femnist, synthetic, leaf-shakespeare,
-    /// shakespeare-roles, tiny-shakespeare, sst2 or ag-news (the server
-    /// evaluates on its test split).
+    /// shakespeare-roles, tiny-shakespeare, sst2, ag-news, or the party's
+    /// own table as csv:PATH (relative: from here, else from the data
+    /// directory). The server evaluates on its test split.
     #[arg(long, required = false, help_heading = "Data and model")]
     pub dataset: String,
+    /// csv: the label column.
+    #[arg(long, help_heading = "Data and model")]
+    pub label: Option<String>,
+    /// csv: the class names in id order, the same list on every party
+    /// (needed when labels are names) [default: labels are class ids].
+    #[arg(long, value_delimiter = ',', help_heading = "Data and model")]
+    pub classes: Option<Vec<String>>,
+    /// csv: the seeded fraction of rows held out as the test split (0: all
+    /// rows train; 1: all rows test, e.g. the server's file).
+    #[arg(long, required = false, help_heading = "Data and model")]
+    pub holdout: f64,
+    /// csv: per-feature means to standardise with, one per feature column
+    /// in file order; the same on every party (`fedveil-sim feature-stats`
+    /// prints them) [default: no standardisation].
+    #[arg(
+        long,
+        value_delimiter = ',',
+        requires = "feature_std",
+        help_heading = "Data and model"
+    )]
+    pub feature_mean: Option<Vec<f32>>,
+    /// csv: per-feature standard deviations, as --feature-mean.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        requires = "feature_mean",
+        help_heading = "Data and model"
+    )]
+    pub feature_std: Option<Vec<f32>>,
     /// Data directory [default: $FEDVEIL_DATA, then the user cache].
     #[arg(long, help_heading = "Data and model")]
     pub data_dir: Option<PathBuf>,
@@ -107,6 +137,11 @@ impl Default for DataSettings {
     fn default() -> Self {
         Self {
             dataset: "mnist".into(),
+            label: None,
+            classes: None,
+            holdout: 0.2,
+            feature_mean: None,
+            feature_std: None,
             data_dir: None,
             train_limit: 0,
             model: "cnn".into(),
@@ -120,9 +155,67 @@ impl DataSettings {
     /// is missing and may be fetched), its training split cut to
     /// `train_limit`.
     pub fn load(&self, seed: u64) -> Result<Split, SettingsError> {
-        let name = DatasetName::parse(&self.dataset)?;
-        let dir = data::resolve_data_dir(self.data_dir.as_deref());
-        Ok(self.limit_train(data::load(name, &dir, Download::IfMissing, seed)?))
+        let split = match DataSource::parse(&self.dataset)? {
+            DataSource::Builtin(name) => {
+                let dir = data::resolve_data_dir(self.data_dir.as_deref());
+                data::load(name, &dir, Download::IfMissing, seed)?
+            }
+            DataSource::Csv(path) => {
+                // A relative path not found from here is looked up in the
+                // data directory, so recipes can name shared tables.
+                let in_data_dir = data::resolve_data_dir(self.data_dir.as_deref()).join(&path);
+                let path = if path.is_relative() && !path.exists() && in_data_dir.exists() {
+                    in_data_dir
+                } else {
+                    path
+                };
+                let label = self.label.clone().ok_or_else(|| {
+                    SettingsError::invalid(
+                        "label",
+                        "none",
+                        "csv data needs the name of its label column",
+                    )
+                })?;
+                if !(0.0..=1.0).contains(&self.holdout) {
+                    return Err(SettingsError::invalid(
+                        "holdout",
+                        self.holdout,
+                        "must be in [0, 1]",
+                    ));
+                }
+                let spec = CsvSpec {
+                    label,
+                    classes: self.classes.clone(),
+                };
+                let mut table = data::load_csv(&path, &spec)?;
+                if let Some(stats) = self.feature_stats()? {
+                    table.standardize(&stats)?;
+                }
+                table.holdout(self.holdout, seed)
+            }
+        };
+        Ok(self.limit_train(split))
+    }
+
+    /// The standardisation statistics, if given (both or neither).
+    pub fn feature_stats(&self) -> Result<Option<FeatureStats>, SettingsError> {
+        match (&self.feature_mean, &self.feature_std) {
+            (None, None) => Ok(None),
+            (Some(mean), Some(std)) => Ok(Some(FeatureStats {
+                mean: mean.clone(),
+                std: std.clone(),
+            })),
+            (Some(_), None) => Err(SettingsError::invalid(
+                "feature_std",
+                "none",
+                "feature_mean needs feature_std",
+            )),
+            (None, Some(_)) => Err(SettingsError::invalid(
+                "feature_mean",
+                "none",
+                "feature_std needs feature_mean",
+            )),
+        }
     }
 
     /// The split with its training set cut to `train_limit` (0: whole).

@@ -228,7 +228,12 @@ fn checkpoint(commits: usize, dir: &std::path::Path) -> Result<()> {
         num_classes: 10,
         vocab_size: 0,
     };
-    let (spec, initial) = fedveil_server::setup::initial_model("cnn", &shape, &device, 1)?;
+    let (spec, initial) = fedveil_server::setup::initial_model(
+        &fedveil_ml::model::builtin("cnn")?,
+        &shape,
+        &device,
+        1,
+    )?;
     let dim = initial.len();
     let plan = DpConfig {
         mechanism: Mechanism::Central,

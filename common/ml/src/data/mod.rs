@@ -4,6 +4,7 @@
 //! a [`Shard`], a list of indices, so a thousand idle simulated clients cost
 //! only their index lists.
 
+pub mod csv;
 pub mod fetch;
 pub mod idx;
 pub mod leaf;
@@ -14,6 +15,7 @@ pub mod text;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+pub use csv::{CsvSpec, load_csv};
 pub use partition::Partition;
 
 /// Environment variable naming the data directory.
@@ -65,6 +67,64 @@ impl Dataset {
         counts
     }
 
+    /// Standardises every feature with `stats`: `(x - mean) / std`.
+    pub fn standardize(&mut self, stats: &FeatureStats) -> Result<(), DataError> {
+        let n = self.example_len();
+        if stats.mean.len() != n || stats.std.len() != n {
+            return Err(DataError::Invalid(format!(
+                "feature statistics for {} and {} features, the data has {n}",
+                stats.mean.len(),
+                stats.std.len()
+            )));
+        }
+        if let Some(bad) = stats.std.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
+            return Err(DataError::Invalid(format!(
+                "feature standard deviations must be positive, got {bad}"
+            )));
+        }
+        for row in self.features.chunks_mut(n) {
+            for ((x, m), s) in row.iter_mut().zip(&stats.mean).zip(&stats.std) {
+                *x = (*x - m) / s;
+            }
+        }
+        Ok(())
+    }
+
+    /// The examples at `rows`, in that order.
+    pub fn select(&self, rows: &[usize]) -> Self {
+        let mut features = Vec::with_capacity(rows.len() * self.example_len());
+        for &i in rows {
+            features.extend_from_slice(self.example(i));
+        }
+        Self {
+            features,
+            example_shape: self.example_shape.clone(),
+            labels: rows.iter().map(|&i| self.labels[i]).collect(),
+            num_classes: self.num_classes,
+            owners: match self.owners.is_empty() {
+                true => Vec::new(),
+                false => rows.iter().map(|&i| self.owners[i]).collect(),
+            },
+            vocab_size: self.vocab_size,
+        }
+    }
+
+    /// A seeded random `fraction` of the examples held out as the test
+    /// split, the rest training: for sources that come as one file.
+    pub fn holdout(&self, fraction: f64, seed: u64) -> Split {
+        use rand::SeedableRng;
+        use rand::seq::SliceRandom;
+        let mut rows: Vec<usize> = (0..self.len()).collect();
+        rows.shuffle(&mut rand_chacha::ChaCha20Rng::seed_from_u64(seed));
+        let test =
+            ((fraction.clamp(0.0, 1.0) * rows.len() as f64).round() as usize).min(rows.len());
+        let (test_rows, train_rows) = rows.split_at(test);
+        Split {
+            train: Arc::new(self.select(train_rows)),
+            test: Arc::new(self.select(test_rows)),
+        }
+    }
+
     /// The first `n` examples (for quick runs and tests).
     pub fn truncated(mut self, n: usize) -> Self {
         let n = n.min(self.len());
@@ -95,21 +155,60 @@ impl Shard {
     pub fn is_empty(&self) -> bool {
         self.indices.is_empty()
     }
+}
 
-    /// At most `n` of this shard's examples, drawn without replacement
-    /// (seeded); the whole shard when it has no more than `n`.
-    pub fn sample(&self, n: usize, seed: u64) -> Shard {
-        use rand::SeedableRng;
-        use rand::seq::IndexedRandom;
-        let indices = if n >= self.len() {
-            self.indices.clone()
-        } else {
-            let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed);
-            self.indices.sample(&mut rng, n).copied().collect()
-        };
-        Shard {
-            data: Arc::clone(&self.data),
-            indices,
+/// Per-feature means and standard deviations to standardise with: the
+/// same on every party, so that a feature means the same to every model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FeatureStats {
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+}
+
+impl FeatureStats {
+    /// The statistics of `data`'s features (a zero spread counts as 1, so
+    /// a constant feature stays 0 after standardising).
+    pub fn of(data: &Dataset) -> Self {
+        let n = data.example_len();
+        let rows = data.len().max(1) as f64;
+        let mut sum = vec![0f64; n];
+        let mut sq = vec![0f64; n];
+        for row in data.features.chunks(n) {
+            for (j, &x) in row.iter().enumerate() {
+                sum[j] += f64::from(x);
+                sq[j] += f64::from(x) * f64::from(x);
+            }
+        }
+        let mean: Vec<f64> = sum.iter().map(|s| s / rows).collect();
+        let std = sq
+            .iter()
+            .zip(&mean)
+            .map(|(q, m)| {
+                let s = (q / rows - m * m).max(0.0).sqrt();
+                if s > 1e-12 { s as f32 } else { 1.0 }
+            })
+            .collect();
+        Self {
+            mean: mean.into_iter().map(|m| m as f32).collect(),
+            std,
+        }
+    }
+}
+
+/// Where a party's data comes from: a built-in dataset by name, or the
+/// operator's own files (`csv:PATH`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DataSource {
+    Builtin(DatasetName),
+    Csv(PathBuf),
+}
+
+impl DataSource {
+    /// `NAME` of a built-in dataset, or `csv:PATH`.
+    pub fn parse(s: &str) -> Result<Self, DataError> {
+        match s.split_once(':') {
+            Some(("csv", path)) if !path.is_empty() => Ok(Self::Csv(PathBuf::from(path))),
+            _ => DatasetName::parse(s).map(Self::Builtin),
         }
     }
 }
@@ -151,7 +250,7 @@ pub enum DataError {
     },
     #[error("download of {url} failed: {reason}")]
     Download { url: String, reason: String },
-    #[error("unknown dataset '{0}' (known: {known})", known = DatasetName::ALL.map(DatasetName::as_str).join(", "))]
+    #[error("unknown dataset '{0}' (known: {known}, or csv:PATH)", known = DatasetName::ALL.map(DatasetName::as_str).join(", "))]
     Unknown(String),
     #[error("{path}:{line}: {reason}")]
     Malformed {
@@ -285,36 +384,5 @@ pub fn load(
         DatasetName::TinyShakespeare => text::load_tiny_shakespeare(data_dir),
         DatasetName::Sst2 => text::load_sst2(data_dir),
         DatasetName::AgNews => text::load_ag_news(data_dir),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_sample_is_a_seeded_subset_without_repeats() {
-        let data = synthetic::SyntheticConfig {
-            train_examples: 50,
-            test_examples: 1,
-            ..Default::default()
-        }
-        .generate(1)
-        .train;
-        let shard = Shard {
-            data,
-            indices: (10..40).collect(),
-        };
-        let a = shard.sample(8, 3);
-        assert_eq!(a.len(), 8);
-        let mut seen = a.indices.clone();
-        seen.sort_unstable();
-        seen.dedup();
-        assert_eq!(seen.len(), 8, "no repeats");
-        assert!(a.indices.iter().all(|i| (10..40).contains(i)));
-        assert_eq!(a.indices, shard.sample(8, 3).indices, "seeded");
-        assert_ne!(a.indices, shard.sample(8, 4).indices);
-        assert_eq!(shard.sample(30, 3).indices, shard.indices);
-        assert_eq!(shard.sample(99, 3).indices, shard.indices);
     }
 }

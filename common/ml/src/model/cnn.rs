@@ -7,7 +7,10 @@ use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
 use burn::nn::{Linear, LinearConfig, Relu};
 use burn::prelude::*;
 
-use super::classifier::{Classifier, Inputs};
+use burn::nn::loss::CrossEntropyLossConfig;
+
+use super::dense::{DenseBatch, Inputs};
+use super::federated::{BatchMetrics, FederatedModel};
 
 #[derive(Config, Debug)]
 pub struct CnnConfig {
@@ -63,11 +66,27 @@ impl Cnn {
     }
 }
 
-impl Classifier for Cnn {
+impl Cnn {
     fn logits(&self, inputs: Inputs) -> Tensor<2> {
         match inputs {
             Inputs::Images(x) => self.forward(x),
-            Inputs::Tokens(_) => panic!("the CNN takes images, not token ids"),
+            // The factory builds the CNN for image data only.
+            _ => unreachable!("the CNN takes images"),
         }
+    }
+}
+
+impl FederatedModel for Cnn {
+    type Batch = DenseBatch;
+
+    fn train_step(&self, batch: DenseBatch) -> Tensor<1> {
+        let logits = self.logits(batch.inputs);
+        CrossEntropyLossConfig::new()
+            .init(&logits.device())
+            .forward(logits, batch.labels)
+    }
+
+    fn eval_step(&self, batch: DenseBatch) -> BatchMetrics {
+        BatchMetrics::classification(self.logits(batch.inputs), batch.labels)
     }
 }

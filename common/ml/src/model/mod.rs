@@ -1,11 +1,15 @@
-//! Models: a registry by name, the Burn modules, and the flat-vector view.
+//! Models: the contract a user's Burn model implements ([`FederatedModel`]),
+//! the object-safe view the framework holds ([`FlModel`]), factories, the
+//! built-in models, and the flat-vector view.
 //!
 //! Burn 0.22 picks the backend at run time through [`Device`], so model code
 //! names no backend; [`DeviceSpec`] turns `--device cpu|cuda[:N]` into one.
 
-pub mod classifier;
 pub mod cnn;
+pub mod dense;
+pub mod federated;
 pub mod flat;
+pub mod mlp;
 pub mod transformer;
 
 use std::fmt;
@@ -13,13 +17,18 @@ use std::str::FromStr;
 
 use burn::prelude::Device;
 
-pub use classifier::{EvalStats, FlModel, TrainPlan, TrainStats};
+pub use dense::{DenseBatch, DenseBatcher, Example, Inputs};
+pub use federated::{
+    BatchMetrics, EVAL_BATCH_SIZE, EvalStats, Federated, FederatedModel, FlModel, ModelFactory,
+    TrainPlan, TrainStats,
+};
 pub use fedveil_proto::wire::ModelSpec;
 pub use flat::ParamLayout;
 
-/// Names accepted by `--model`. Transformers take sizes after a colon,
-/// e.g. `transformer-cls:d_model=256,n_layers=4,n_heads=8,d_ff=512`.
-pub const MODEL_NAMES: &[&str] = &["cnn", "transformer-cls", "transformer-lm"];
+/// Names of the built-in models (`--model`). Sizes follow a colon, e.g.
+/// `transformer-cls:d_model=256,n_layers=4,n_heads=8,d_ff=512` or
+/// `mlp:hidden=128,layers=3`.
+pub const MODEL_NAMES: &[&str] = &["cnn", "mlp", "transformer-cls", "transformer-lm"];
 
 /// Why a model could not be built, loaded or trained.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -40,6 +49,10 @@ pub enum ModelError {
     Diverged(f32),
     #[error("model file {0}")]
     Store(String),
+    #[error("reading the data: {0}")]
+    Data(String),
+    #[error("model '{model}': {source}")]
+    Options { model: String, source: OptionError },
     #[error("device '{0}' is not available: {1}")]
     Device(String, String),
 }
@@ -63,12 +76,33 @@ impl DataShape {
     }
 }
 
-/// Builds the model registered under `name` for data of `shape`.
+/// The factory of the built-in model `name` (with its options after a
+/// colon), over the dense datasets fedveil loads.
+pub fn builtin(name: &str) -> Result<ModelFactory<Example>, ModelError> {
+    let (base, options) = name.split_once(':').unwrap_or((name, ""));
+    if !MODEL_NAMES.contains(&base) || (base == "cnn" && !options.is_empty()) {
+        return Err(ModelError::Unknown(name.to_owned()));
+    }
+    let full = name.to_owned();
+    Ok(ModelFactory::new(name, move |shape, device| {
+        build_builtin(&full, shape, device)
+    }))
+}
+
+/// Builds the built-in model `name` for data of `shape`.
 pub fn build(
     name: &str,
     shape: &DataShape,
     device: &Device,
-) -> Result<Box<dyn FlModel>, ModelError> {
+) -> Result<Box<dyn FlModel<Example>>, ModelError> {
+    builtin(name)?.build(shape, device)
+}
+
+fn build_builtin(
+    name: &str,
+    shape: &DataShape,
+    device: &Device,
+) -> Result<Box<dyn FlModel<Example>>, ModelError> {
     let (base, options) = name.split_once(':').unwrap_or((name, ""));
     match base {
         "transformer-cls" | "transformer-lm" => {
@@ -88,15 +122,19 @@ pub fn build(
                 shape.num_classes,
             )
             .with_causal(base == "transformer-lm");
-            let cfg = transformer::with_options(cfg, options)
-                .map_err(|reason| incompatible(name, shape, &reason))?;
-            Ok(Box::new(classifier::BurnClassifier::new(
+            let cfg =
+                transformer::with_options(cfg, options).map_err(|source| ModelError::Options {
+                    model: name.to_owned(),
+                    source,
+                })?;
+            Ok(Box::new(Federated::new(
                 name,
                 |d| cfg.init(d),
+                cfg.batcher(),
                 device,
             )))
         }
-        "cnn" if options.is_empty() => {
+        "cnn" => {
             if shape.vocab_size > 0 {
                 return Err(incompatible(
                     name,
@@ -122,14 +160,62 @@ pub fn build(
                 .with_in_channels(c)
                 .with_image_size(h)
                 .with_num_classes(shape.num_classes);
-            Ok(Box::new(classifier::BurnClassifier::new(
+            Ok(Box::new(Federated::new(
                 name,
                 |d| cfg.init(d),
+                DenseBatcher::default(),
+                device,
+            )))
+        }
+        "mlp" => {
+            if shape.vocab_size > 0 {
+                return Err(incompatible(
+                    name,
+                    shape,
+                    "the MLP takes numeric features; use transformer-cls or transformer-lm for text",
+                ));
+            }
+            let inputs: usize = shape.example_shape.iter().product();
+            if inputs == 0 {
+                return Err(incompatible(name, shape, "examples have no features"));
+            }
+            let cfg = mlp::MlpConfig::new(inputs, shape.num_classes)
+                .with_options(options)
+                .map_err(|source| ModelError::Options {
+                    model: name.to_owned(),
+                    source,
+                })?;
+            Ok(Box::new(Federated::new(
+                name,
+                |d| cfg.init(d),
+                DenseBatcher::default(),
                 device,
             )))
         }
         other => Err(ModelError::Unknown(other.to_owned())),
     }
+}
+
+/// A model name's options (after the colon) that cannot be used.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct OptionError(pub String);
+
+/// The `key=N,...` size options of a model name, each a whole number.
+pub fn size_options(options: &str) -> Result<Vec<(&str, usize)>, OptionError> {
+    options
+        .split(',')
+        .filter(|o| !o.is_empty())
+        .map(|option| {
+            let (key, value) = option
+                .split_once('=')
+                .ok_or_else(|| OptionError(format!("option {option:?}: expected key=value")))?;
+            let value = value
+                .parse()
+                .map_err(|_| OptionError(format!("option {option:?}: expected a whole number")))?;
+            Ok((key, value))
+        })
+        .collect()
 }
 
 fn incompatible(name: &str, shape: &DataShape, reason: &str) -> ModelError {

@@ -109,7 +109,7 @@ fn training_learns_the_synthetic_task() {
     .generate(11);
     let mut m = build("cnn", &mnist_shape(), &Device::flex()).unwrap();
     let test = Shard::whole(Arc::clone(&split.test));
-    let before = m.evaluate(&test);
+    let before = m.evaluate(&test).unwrap();
     let stats = m
         .train(
             &Shard::whole(split.train),
@@ -126,7 +126,7 @@ fn training_learns_the_synthetic_task() {
         .unwrap();
     assert_eq!(stats.steps, 100);
     assert_eq!(stats.examples, 1000);
-    let after = m.evaluate(&test);
+    let after = m.evaluate(&test).unwrap();
     assert!(after.loss < before.loss, "{before:?} -> {after:?}");
     assert!(after.accuracy > 0.5, "{after:?}");
     assert_eq!(after.examples, 200);

@@ -20,9 +20,11 @@ use burn::nn::transformer::{
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
 
-use burn::nn::loss::CrossEntropyLoss;
+use burn::nn::loss::CrossEntropyLossConfig;
 
-use super::classifier::{Classifier, Inputs};
+use super::dense::{DenseBatch, DenseBatcher, Inputs};
+use super::federated::{BatchMetrics, FederatedModel};
+use super::{OptionError, size_options};
 use crate::data::text::PAD;
 
 #[derive(Config, Debug)]
@@ -60,38 +62,42 @@ pub struct TextTransformer {
 pub fn with_options(
     mut cfg: TextTransformerConfig,
     options: &str,
-) -> Result<TextTransformerConfig, String> {
-    for option in options.split(',').filter(|o| !o.is_empty()) {
-        let (key, value) = option
-            .split_once('=')
-            .ok_or_else(|| format!("option {option:?}: expected key=value"))?;
-        let value: usize = value
-            .parse()
-            .ok()
-            .filter(|&v| v > 0)
-            .ok_or_else(|| format!("option {option:?}: expected a positive integer"))?;
+) -> Result<TextTransformerConfig, OptionError> {
+    for (key, value) in size_options(options)? {
+        if value == 0 {
+            return Err(OptionError(format!("option {key}: must be positive")));
+        }
         match key {
             "d_model" => cfg.d_model = value,
             "n_layers" => cfg.n_layers = value,
             "n_heads" => cfg.n_heads = value,
             "d_ff" => cfg.d_ff = value,
             _ => {
-                return Err(format!(
+                return Err(OptionError(format!(
                     "unknown option {key:?} (d_model, n_layers, n_heads, d_ff)"
-                ));
+                )));
             }
         }
     }
     if !cfg.d_model.is_multiple_of(cfg.n_heads) {
-        return Err(format!(
+        return Err(OptionError(format!(
             "d_model {} is not a multiple of n_heads {}",
             cfg.d_model, cfg.n_heads
-        ));
+        )));
     }
     Ok(cfg)
 }
 
 impl TextTransformerConfig {
+    /// The batcher that feeds it: the classifier masks padding out of
+    /// attention and out of the pool, so trailing padding may be cut; the
+    /// language model reads out at the last position, so it may not.
+    pub fn batcher(&self) -> DenseBatcher {
+        DenseBatcher {
+            trim_padding: !self.causal,
+        }
+    }
+
     pub fn init(&self, device: &Device) -> TextTransformer {
         TextTransformer {
             token: EmbeddingConfig::new(self.vocab_size, self.d_model).init(device),
@@ -148,45 +154,40 @@ impl TextTransformer {
     }
 }
 
-impl Classifier for TextTransformer {
-    fn logits(&self, inputs: Inputs) -> Tensor<2> {
+impl TextTransformer {
+    fn tokens(inputs: Inputs) -> Tensor<2, Int> {
         match inputs {
-            Inputs::Tokens(t) => self.forward(t),
-            Inputs::Images(_) => panic!("a text transformer takes token ids, not images"),
+            Inputs::Tokens(t) => t,
+            // The factory builds transformers for text data only.
+            _ => unreachable!("a text transformer takes token ids"),
         }
     }
+}
+
+impl FederatedModel for TextTransformer {
+    type Batch = DenseBatch;
 
     /// The language model learns from every position: token i predicts
     /// token i + 1, and the last one predicts the label (the character
     /// after the window). The causal mask keeps each prediction honest.
-    fn training_loss(
-        &self,
-        inputs: Inputs,
-        labels: Tensor<1, Int>,
-        loss: &CrossEntropyLoss,
-    ) -> Tensor<1> {
-        match inputs {
-            Inputs::Tokens(tokens) if self.causal => {
-                let [batch, seq] = tokens.dims();
-                let logits = self.head.forward(self.hidden(tokens.clone()));
-                let classes = logits.dims()[2];
-                let next = Tensor::cat(
-                    vec![tokens.slice([0..batch, 1..seq]), labels.reshape([batch, 1])],
-                    1,
-                );
-                loss.forward(
-                    logits.reshape([batch * seq, classes]),
-                    next.reshape([batch * seq]),
-                )
-            }
-            inputs => loss.forward(self.logits(inputs), labels),
+    fn train_step(&self, batch: DenseBatch) -> Tensor<1> {
+        let tokens = Self::tokens(batch.inputs);
+        let loss = CrossEntropyLossConfig::new().init(&tokens.device());
+        if !self.causal {
+            return loss.forward(self.forward(tokens), batch.labels);
         }
+        let [n, seq] = tokens.dims();
+        let logits = self.head.forward(self.hidden(tokens.clone()));
+        let classes = logits.dims()[2];
+        let next = Tensor::cat(
+            vec![tokens.slice([0..n, 1..seq]), batch.labels.reshape([n, 1])],
+            1,
+        );
+        loss.forward(logits.reshape([n * seq, classes]), next.reshape([n * seq]))
     }
 
-    /// The classifier masks padding out of attention and out of the pool;
-    /// the language model reads out at the last position, so it may not.
-    fn ignores_trailing_padding(&self) -> bool {
-        !self.causal
+    fn eval_step(&self, batch: DenseBatch) -> BatchMetrics {
+        BatchMetrics::classification(self.forward(Self::tokens(batch.inputs)), batch.labels)
     }
 }
 

@@ -111,7 +111,7 @@ fn a_tiny_transformer_overfits_a_tiny_batch_through_the_fl_interface() {
     let device = Device::flex();
     device.seed(7);
     let mut m = build("transformer-cls", &text_shape(8, 3, 20), &device).unwrap();
-    let before = m.evaluate(&shard);
+    let before = m.evaluate(&shard).unwrap();
     let plan = TrainPlan {
         epochs: 60,
         batch_size: 6,
@@ -122,7 +122,7 @@ fn a_tiny_transformer_overfits_a_tiny_batch_through_the_fl_interface() {
         optimizer: LocalOptimizer::Sgd,
     };
     m.train(&shard, &plan).unwrap();
-    let after = m.evaluate(&shard);
+    let after = m.evaluate(&shard).unwrap();
     assert!(after.loss < before.loss * 0.2, "{before:?} -> {after:?}");
     assert_eq!(after.accuracy, 1.0, "{after:?}");
 }
@@ -181,7 +181,8 @@ fn sizes_come_from_the_model_name() {
 
 #[test]
 fn the_language_model_is_trained_on_every_next_token() {
-    use crate::model::classifier::Classifier;
+    use crate::model::dense::DenseBatch;
+    use crate::model::federated::FederatedModel;
     use burn::nn::loss::CrossEntropyLoss;
     let device = Device::flex();
     // A language model: classes are the vocabulary.
@@ -195,10 +196,14 @@ fn the_language_model_is_trained_on_every_next_token() {
         let n = v.len();
         Tensor::<1, Int>::from_data(TensorData::new(v, [n]), &device)
     };
+    let batch = |tokens: Tensor<2, Int>, labels| DenseBatch {
+        inputs: Inputs::Tokens(tokens),
+        labels,
+    };
     let tokens = ids(&[&[3, 4, 5, 6]]);
     let ce = CrossEntropyLoss::new(None, &device);
     let loss = lm
-        .training_loss(Inputs::Tokens(tokens.clone()), int(vec![7]), &ce)
+        .train_step(batch(tokens.clone(), int(vec![7])))
         .into_scalar::<f32>();
     // By hand: position i predicts [4, 5, 6, 7][i]; the mean of the four.
     let logits = lm.head.forward(lm.hidden(tokens.clone())).reshape([4, 10]);
@@ -216,9 +221,7 @@ fn the_language_model_is_trained_on_every_next_token() {
     let plain = ce
         .forward(cls.forward(t.clone()), int(vec![2]))
         .into_scalar::<f32>();
-    let trained = cls
-        .training_loss(Inputs::Tokens(t), int(vec![2]), &ce)
-        .into_scalar::<f32>();
+    let trained = cls.train_step(batch(t, int(vec![2]))).into_scalar::<f32>();
     assert_eq!(plain, trained);
 }
 
@@ -226,8 +229,7 @@ fn the_language_model_is_trained_on_every_next_token() {
 /// must score them exactly as it scores the full padded rows.
 #[test]
 fn cutting_trailing_padding_from_batches_changes_no_score() {
-    use crate::model::FlModel;
-    use crate::model::classifier::BurnClassifier;
+    use crate::model::{Federated, FlModel};
 
     let seq = 12;
     let mut data = tiny_text(10, seq);
@@ -241,8 +243,8 @@ fn cutting_trailing_padding_from_batches_changes_no_score() {
         .with_d_model(16)
         .with_n_heads(2)
         .with_d_ff(32);
-    let m = BurnClassifier::new("transformer-cls", |d| cfg.init(d), &device);
-    let eval = m.evaluate(&Shard::whole(Arc::clone(&data)));
+    let m = Federated::new("transformer-cls", |d| cfg.init(d), cfg.batcher(), &device);
+    let eval = m.evaluate(&Shard::whole(Arc::clone(&data))).unwrap();
 
     let rows: Vec<i32> = data.features.iter().map(|&v| v as i32).collect();
     let full = Tensor::<2, Int>::from_data(TensorData::new(rows, [10, seq]), &device);
