@@ -391,3 +391,77 @@ async fn a_users_csv_table_trains_the_mlp_through_secagg() {
     assert!(last.accuracy > 0.9, "test accuracy {}", last.accuracy);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Images of the user's own, end to end: PNG files in one folder per class
+/// (written here from the synthetic image task), loaded by `--dataset
+/// image-folder:PATH`, resized, split over clients and learned by the CNN
+/// through SecAgg+.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_users_image_folder_trains_the_cnn_through_secagg() {
+    let source = fedveil_ml::data::synthetic::SyntheticConfig {
+        train_examples: 600,
+        test_examples: 1,
+        ..Default::default()
+    }
+    .generate(5)
+    .train;
+    let root = empty_dir("images");
+    let classes: Vec<String> = (0..source.num_classes)
+        .map(|c| format!("class-{c}"))
+        .collect();
+    for class in &classes {
+        std::fs::create_dir_all(root.join(class)).unwrap();
+    }
+    for i in 0..source.len() {
+        let pixels: Vec<u8> = source
+            .example(i)
+            .iter()
+            .map(|&p| (p * 255.0).round() as u8)
+            .collect();
+        // 28x28 stored at 32x32, so the loader's resize is exercised.
+        let image = image::GrayImage::from_raw(28, 28, pixels).unwrap();
+        let image = image::imageops::resize(&image, 32, 32, image::imageops::FilterType::Triangle);
+        let class = &classes[source.labels[i] as usize];
+        image
+            .save(root.join(class).join(format!("{i:04}.png")))
+            .unwrap();
+    }
+    let cfg = SimConfig {
+        sim: Simulation {
+            clients: 4,
+            max_concurrent_training: Some(2),
+            ..Simulation::default()
+        },
+        run: Settings {
+            data: DataSettings {
+                dataset: format!("image-folder:{}", root.display()),
+                classes: Some(classes),
+                image_size: 28,
+                ..DataSettings::default()
+            },
+            rounds: 8,
+            lr: 0.1,
+            seed: 3,
+            ..Settings::default()
+        },
+    };
+    let loaded = load_data(&cfg, true).unwrap();
+    assert_eq!(loaded.split.train.example_shape, vec![1, 28, 28]);
+    assert_eq!(loaded.split.train.len() + loaded.split.test.len(), 600);
+    let report = fedveil_sim::run(&cfg, &loaded.split, &mut QuietObserver)
+        .await
+        .unwrap();
+    assert!(
+        report.clients.iter().all(|c| c.is_ok()),
+        "{:?}",
+        report.clients
+    );
+    let last = report.server.metrics.last().unwrap();
+    assert!(last.secure);
+    assert!(
+        last.accuracy > 0.5,
+        "test accuracy {} (chance 0.1)",
+        last.accuracy
+    );
+    std::fs::remove_dir_all(&root).unwrap();
+}

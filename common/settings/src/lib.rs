@@ -16,7 +16,9 @@ use std::time::Duration;
 
 use clap::builder::Resettable;
 use clap::{ArgAction, ArgMatches, Args, Command, FromArgMatches};
-use fedveil_ml::data::{self, CsvSpec, DataError, DataSource, Download, FeatureStats, Split};
+use fedveil_ml::data::{
+    self, CsvSpec, DataError, DataSource, Download, FeatureStats, ImageFolderSpec, Split,
+};
 use fedveil_ml::model::DeviceSpec;
 use fedveil_proto::dp::adaptive::{DEFAULT_CLIP_LEARNING_RATE, DEFAULT_TARGET_QUANTILE};
 use fedveil_proto::dp::{AdaptiveClipping, DpConfig, DpConfigError, DpPlan, Mechanism, NoiseLevel};
@@ -85,19 +87,27 @@ impl SettingsError {
 pub struct DataSettings {
     /// mnist, fashion-mnist, femnist, synthetic, leaf-shakespeare,
     /// shakespeare-roles, tiny-shakespeare, sst2, ag-news, or the party's
-    /// own table as csv:PATH (relative: from here, else from the data
-    /// directory). The server evaluates on its test split.
+    /// own files: a table as csv:PATH, images as image-folder:PATH (one
+    /// subfolder per class). A relative PATH is looked up from here, else
+    /// in the data directory. The server evaluates on its test split.
     #[arg(long, required = false, help_heading = "Data and model")]
     pub dataset: String,
+    /// image-folder: the side every image is resized to.
+    #[arg(long, required = false, help_heading = "Data and model")]
+    pub image_size: usize,
+    /// image-folder: 1 (grey) or 3 (RGB) channels.
+    #[arg(long, required = false, help_heading = "Data and model")]
+    pub image_channels: usize,
     /// csv: the label column.
     #[arg(long, help_heading = "Data and model")]
     pub label: Option<String>,
-    /// csv: the class names in id order, the same list on every party
-    /// (needed when labels are names) [default: labels are class ids].
+    /// csv, image-folder: the class names in id order, the same list on
+    /// every party (csv: needed when labels are names) [default: csv labels
+    /// are class ids; image folders' sorted subfolder names].
     #[arg(long, value_delimiter = ',', help_heading = "Data and model")]
     pub classes: Option<Vec<String>>,
-    /// csv: the seeded fraction of rows held out as the test split (0: all
-    /// rows train; 1: all rows test, e.g. the server's file).
+    /// csv, image-folder: the seeded fraction of examples held out as the
+    /// test split (0: all train; 1: all test, e.g. the server's own files).
     #[arg(long, required = false, help_heading = "Data and model")]
     pub holdout: f64,
     /// csv: per-feature means to standardise with, one per feature column
@@ -140,6 +150,8 @@ impl Default for DataSettings {
             label: None,
             classes: None,
             holdout: 0.2,
+            image_size: 28,
+            image_channels: 1,
             feature_mean: None,
             feature_std: None,
             data_dir: None,
@@ -161,14 +173,6 @@ impl DataSettings {
                 data::load(name, &dir, Download::IfMissing, seed)?
             }
             DataSource::Csv(path) => {
-                // A relative path not found from here is looked up in the
-                // data directory, so recipes can name shared tables.
-                let in_data_dir = data::resolve_data_dir(self.data_dir.as_deref()).join(&path);
-                let path = if path.is_relative() && !path.exists() && in_data_dir.exists() {
-                    in_data_dir
-                } else {
-                    path
-                };
                 let label = self.label.clone().ok_or_else(|| {
                     SettingsError::invalid(
                         "label",
@@ -176,25 +180,44 @@ impl DataSettings {
                         "csv data needs the name of its label column",
                     )
                 })?;
-                if !(0.0..=1.0).contains(&self.holdout) {
-                    return Err(SettingsError::invalid(
-                        "holdout",
-                        self.holdout,
-                        "must be in [0, 1]",
-                    ));
-                }
                 let spec = CsvSpec {
                     label,
                     classes: self.classes.clone(),
                 };
-                let mut table = data::load_csv(&path, &spec)?;
+                let mut table = data::load_csv(&self.locate(path), &spec)?;
                 if let Some(stats) = self.feature_stats()? {
                     table.standardize(&stats)?;
                 }
-                table.holdout(self.holdout, seed)
+                table.holdout(self.holdout()?, seed)
+            }
+            DataSource::ImageFolder(path) => {
+                let spec = ImageFolderSpec {
+                    side: self.image_size,
+                    channels: self.image_channels,
+                    classes: self.classes.clone(),
+                };
+                data::load_image_folder(&self.locate(path), &spec)?.holdout(self.holdout()?, seed)
             }
         };
         Ok(self.limit_train(split))
+    }
+
+    /// A relative path not found from here is looked up in the data
+    /// directory, so recipes can name shared files.
+    fn locate(&self, path: PathBuf) -> PathBuf {
+        let in_data_dir = data::resolve_data_dir(self.data_dir.as_deref()).join(&path);
+        if path.is_relative() && !path.exists() && in_data_dir.exists() {
+            in_data_dir
+        } else {
+            path
+        }
+    }
+
+    fn holdout(&self) -> Result<f64, SettingsError> {
+        match self.holdout {
+            f if (0.0..=1.0).contains(&f) => Ok(f),
+            f => Err(SettingsError::invalid("holdout", f, "must be in [0, 1]")),
+        }
     }
 
     /// The standardisation statistics, if given (both or neither).

@@ -7,6 +7,7 @@
 pub mod csv;
 pub mod fetch;
 pub mod idx;
+pub mod image_folder;
 pub mod leaf;
 pub mod partition;
 pub mod synthetic;
@@ -16,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use csv::{CsvSpec, load_csv};
+pub use image_folder::{ImageFolderSpec, load_image_folder};
 pub use partition::Partition;
 
 /// Environment variable naming the data directory.
@@ -196,18 +198,22 @@ impl FeatureStats {
 }
 
 /// Where a party's data comes from: a built-in dataset by name, or the
-/// operator's own files (`csv:PATH`).
+/// operator's own files (`csv:PATH`, `image-folder:PATH`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DataSource {
     Builtin(DatasetName),
     Csv(PathBuf),
+    ImageFolder(PathBuf),
 }
 
 impl DataSource {
-    /// `NAME` of a built-in dataset, or `csv:PATH`.
+    /// `NAME` of a built-in dataset, `csv:PATH` or `image-folder:PATH`.
     pub fn parse(s: &str) -> Result<Self, DataError> {
         match s.split_once(':') {
             Some(("csv", path)) if !path.is_empty() => Ok(Self::Csv(PathBuf::from(path))),
+            Some(("image-folder", path)) if !path.is_empty() => {
+                Ok(Self::ImageFolder(PathBuf::from(path)))
+            }
             _ => DatasetName::parse(s).map(Self::Builtin),
         }
     }
@@ -250,7 +256,7 @@ pub enum DataError {
     },
     #[error("download of {url} failed: {reason}")]
     Download { url: String, reason: String },
-    #[error("unknown dataset '{0}' (known: {known}, or csv:PATH)", known = DatasetName::ALL.map(DatasetName::as_str).join(", "))]
+    #[error("unknown dataset '{0}' (known: {known}, or csv:PATH, image-folder:PATH)", known = DatasetName::ALL.map(DatasetName::as_str).join(", "))]
     Unknown(String),
     #[error("{path}:{line}: {reason}")]
     Malformed {
