@@ -10,7 +10,7 @@ use fedveil_client::{ClientOptions, LocalTrainer, Trainer};
 use fedveil_ml::data::{Partition, Shard};
 use fedveil_net::pki::{self, NodeIdentity};
 use fedveil_net::quic;
-use fedveil_settings::{DataSettings, Layered, SettingsFile, recipe_keys};
+use fedveil_settings::{DataSettings, Layered, SettingsFile};
 
 #[derive(Parser)]
 #[command(name = "fedveil-client", version, about = "fedveil client node")]
@@ -111,11 +111,7 @@ fn main() -> Result<()> {
         Command::Run(args) => {
             let mut data_settings = match &args.config {
                 None => DataSettings::default(),
-                Some(path) => {
-                    let file = SettingsFile::read(path)?;
-                    file.check_keys(&recipe_keys())?;
-                    file.get()?
-                }
+                Some(path) => SettingsFile::read_recipe(path)?.get()?,
             };
             data_settings.update_from_flags(matches.subcommand_matches("run").expect("run"))?;
             runtime.block_on(run(args, data_settings))

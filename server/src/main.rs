@@ -19,9 +19,7 @@ use fedveil_server::config_file::{SERVER_CONFIG_FILE, ServerFile};
 use fedveil_server::setup::{MetricsFiles, ModelEvaluator, ServerObserver, initial_model};
 use fedveil_server::store::Store;
 use fedveil_server::{NodeService, Registry, ServeOptions};
-use fedveil_settings::{
-    Deployment, Layered, Population, Settings, SettingsFile, Simulation, recipe_keys,
-};
+use fedveil_settings::{Deployment, Layered, Population, Settings, SettingsFile, Simulation};
 
 #[derive(Parser)]
 #[command(name = "fedveil-server", version, about = "fedveil aggregation server")]
@@ -174,19 +172,8 @@ fn run_settings(args: &RunArgs, matches: &ArgMatches) -> Result<(Settings, Deplo
     let (mut settings, mut deployment) = match &args.config {
         None => (Settings::default(), Deployment::default()),
         Some(path) => {
-            let file = SettingsFile::read(path)?;
-            file.check_keys(&recipe_keys())?;
-            let ignored: Vec<String> = Simulation::keys()
-                .into_iter()
-                .filter(|k| file.sets(k))
-                .collect();
-            if !ignored.is_empty() {
-                tracing::info!(
-                    file = %path.display(),
-                    "ignoring simulation settings in a deployment: {}",
-                    ignored.join(", ")
-                );
-            }
+            let file = SettingsFile::read_recipe(path)?;
+            file.note_ignored(Simulation::keys(), "simulation settings in a deployment");
             (file.get()?, file.get()?)
         }
     };

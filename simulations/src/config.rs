@@ -6,9 +6,7 @@
 use std::path::Path;
 
 use clap::Args;
-use fedveil_settings::{
-    Deployment, Layered, Settings, SettingsError, SettingsFile, Simulation, recipe_keys,
-};
+use fedveil_settings::{Deployment, Layered, Settings, SettingsError, SettingsFile, Simulation};
 use serde::{Deserialize, Serialize};
 
 use crate::faults::{DelayDist, FaultPlan};
@@ -42,19 +40,8 @@ impl SimConfig {
     /// refused. Also says whether the file names a dataset (an explicit
     /// choice never falls back to synthetic data).
     pub fn from_toml_file(path: &Path) -> Result<(Self, bool), SettingsError> {
-        let file = SettingsFile::read(path)?;
-        file.check_keys(&recipe_keys())?;
-        let ignored: Vec<String> = Deployment::keys()
-            .into_iter()
-            .filter(|k| file.sets(k))
-            .collect();
-        if !ignored.is_empty() {
-            tracing::info!(
-                file = %path.display(),
-                "ignoring deployment settings in a simulation: {}",
-                ignored.join(", ")
-            );
-        }
+        let file = SettingsFile::read_recipe(path)?;
+        file.note_ignored(Deployment::keys(), "deployment settings in a simulation");
         Ok((file.get()?, file.sets("dataset")))
     }
 

@@ -859,6 +859,28 @@ impl SettingsFile {
         })
     }
 
+    /// Reads a recipe file: every key must be a setting of some kind of
+    /// run ([`recipe_keys`]).
+    pub fn read_recipe(path: &Path) -> Result<Self, SettingsError> {
+        let file = Self::read(path)?;
+        file.check_keys(&recipe_keys())?;
+        Ok(file)
+    }
+
+    /// Logs, once, which settings of a group this kind of run does not read
+    /// the file sets (`what` names them, e.g. "simulation settings in a
+    /// deployment").
+    pub fn note_ignored(&self, group: BTreeSet<String>, what: &str) {
+        let ignored: Vec<String> = group.into_iter().filter(|k| self.sets(k)).collect();
+        if !ignored.is_empty() {
+            tracing::info!(
+                file = %self.path.display(),
+                "ignoring {what}: {}",
+                ignored.join(", ")
+            );
+        }
+    }
+
     /// Refuses a key that none of `known` defines (a typo must not silently
     /// run with a default).
     pub fn check_keys(&self, known: &BTreeSet<String>) -> Result<(), SettingsError> {

@@ -7,10 +7,8 @@ use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
 use burn::nn::{Linear, LinearConfig, Relu};
 use burn::prelude::*;
 
-use burn::nn::loss::CrossEntropyLossConfig;
-
 use super::dense::{DenseBatch, Inputs};
-use super::federated::{BatchMetrics, FederatedModel};
+use super::federated::{BatchMetrics, FederatedModel, cross_entropy};
 
 #[derive(Config, Debug)]
 pub struct CnnConfig {
@@ -80,10 +78,7 @@ impl FederatedModel for Cnn {
     type Batch = DenseBatch;
 
     fn train_step(&self, batch: DenseBatch) -> Tensor<1> {
-        let logits = self.logits(batch.inputs);
-        CrossEntropyLossConfig::new()
-            .init(&logits.device())
-            .forward(logits, batch.labels)
+        cross_entropy(self.logits(batch.inputs), batch.labels)
     }
 
     fn eval_step(&self, batch: DenseBatch) -> BatchMetrics {

@@ -13,9 +13,9 @@
 //!
 //! ```
 //! use burn::data::dataloader::batcher::Batcher;
-//! use burn::nn::{Linear, LinearConfig, loss::CrossEntropyLossConfig};
+//! use burn::nn::{Linear, LinearConfig};
 //! use burn::prelude::*;
-//! use fedveil_ml::model::{BatchMetrics, Federated, FederatedModel, FlModel};
+//! use fedveil_ml::model::{BatchMetrics, Federated, FederatedModel, FlModel, cross_entropy};
 //!
 //! /// The user's model: any Burn module.
 //! #[derive(Module, Debug)]
@@ -33,10 +33,7 @@
 //!     type Batch = Batch;
 //!
 //!     fn train_step(&self, batch: Batch) -> Tensor<1> {
-//!         let logits = self.linear.forward(batch.features);
-//!         CrossEntropyLossConfig::new()
-//!             .init(&logits.device())
-//!             .forward(logits, batch.labels)
+//!         cross_entropy(self.linear.forward(batch.features), batch.labels)
 //!     }
 //!
 //!     fn eval_step(&self, batch: Batch) -> BatchMetrics {
@@ -108,6 +105,14 @@ pub trait FederatedModel: Module + 'static {
     fn eval_step(&self, batch: Self::Batch) -> BatchMetrics;
 }
 
+/// Mean cross-entropy of class `logits` `[batch, classes]` against
+/// `labels` `[batch]`: the training loss of a classifier.
+pub fn cross_entropy(logits: Tensor<2>, labels: Tensor<1, Int>) -> Tensor<1> {
+    burn::nn::loss::CrossEntropyLossConfig::new()
+        .init(&logits.device())
+        .forward(logits, labels)
+}
+
 /// What one evaluation batch scored, as sums over its examples, so that
 /// batches of any size add up exactly.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -125,9 +130,7 @@ impl BatchMetrics {
     /// against `labels` `[batch]`.
     pub fn classification(logits: Tensor<2>, labels: Tensor<1, Int>) -> Self {
         let [examples, _] = logits.dims();
-        let loss = burn::nn::loss::CrossEntropyLossConfig::new()
-            .init(&logits.device())
-            .forward(logits.clone(), labels.clone());
+        let loss = cross_entropy(logits.clone(), labels.clone());
         let predicted = logits.argmax(1).squeeze_dim::<1>(1);
         Self {
             examples,

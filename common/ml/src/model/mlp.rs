@@ -1,12 +1,11 @@
 //! A multilayer perceptron for tabular data (and flattened images):
 //! `layers` hidden layers of `hidden` units with ReLU, then a linear head.
 
-use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::{Linear, LinearConfig, Relu};
 use burn::prelude::*;
 
 use super::dense::{DenseBatch, Inputs};
-use super::federated::{BatchMetrics, FederatedModel};
+use super::federated::{BatchMetrics, FederatedModel, cross_entropy};
 use super::{OptionError, size_options};
 
 #[derive(Config, Debug)]
@@ -90,10 +89,7 @@ impl FederatedModel for Mlp {
     type Batch = DenseBatch;
 
     fn train_step(&self, batch: DenseBatch) -> Tensor<1> {
-        let logits = self.logits(batch.inputs);
-        CrossEntropyLossConfig::new()
-            .init(&logits.device())
-            .forward(logits, batch.labels)
+        cross_entropy(self.logits(batch.inputs), batch.labels)
     }
 
     fn eval_step(&self, batch: DenseBatch) -> BatchMetrics {

@@ -20,7 +20,7 @@ use burn::prelude::Device;
 pub use dense::{DenseBatch, DenseBatcher, Example, Inputs};
 pub use federated::{
     BatchMetrics, EVAL_BATCH_SIZE, EvalStats, Federated, FederatedModel, FlModel, ModelFactory,
-    TrainPlan, TrainStats,
+    TrainPlan, TrainStats, cross_entropy,
 };
 pub use fedveil_proto::wire::ModelSpec;
 pub use flat::ParamLayout;

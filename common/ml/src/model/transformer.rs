@@ -20,10 +20,8 @@ use burn::nn::transformer::{
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
 
-use burn::nn::loss::CrossEntropyLossConfig;
-
 use super::dense::{DenseBatch, DenseBatcher, Inputs};
-use super::federated::{BatchMetrics, FederatedModel};
+use super::federated::{BatchMetrics, FederatedModel, cross_entropy};
 use super::{OptionError, size_options};
 use crate::data::text::PAD;
 
@@ -172,9 +170,8 @@ impl FederatedModel for TextTransformer {
     /// after the window). The causal mask keeps each prediction honest.
     fn train_step(&self, batch: DenseBatch) -> Tensor<1> {
         let tokens = Self::tokens(batch.inputs);
-        let loss = CrossEntropyLossConfig::new().init(&tokens.device());
         if !self.causal {
-            return loss.forward(self.forward(tokens), batch.labels);
+            return cross_entropy(self.forward(tokens), batch.labels);
         }
         let [n, seq] = tokens.dims();
         let logits = self.head.forward(self.hidden(tokens.clone()));
@@ -183,7 +180,7 @@ impl FederatedModel for TextTransformer {
             vec![tokens.slice([0..n, 1..seq]), batch.labels.reshape([n, 1])],
             1,
         );
-        loss.forward(logits.reshape([n * seq, classes]), next.reshape([n * seq]))
+        cross_entropy(logits.reshape([n * seq, classes]), next.reshape([n * seq]))
     }
 
     fn eval_step(&self, batch: DenseBatch) -> BatchMetrics {
