@@ -18,7 +18,7 @@ use fedveil_net::pki::{self, CertificateAuthority, NodeIdentity};
 use fedveil_net::quic::{self, NodeRegistry, ServerIdentity};
 use fedveil_proto::round::server::SecAggConfig;
 use fedveil_proto::round::{Coordinator, CoordinatorConfig, Event};
-use fedveil_proto::wire::{FrameLimits, LocalOptimizer, RoundConfig};
+use fedveil_proto::wire::{FrameLimits, RoundConfig};
 use fedveil_server::setup::{ModelEvaluator, initial_model};
 use fedveil_server::{LogObserver, NodeService, Observer, Registry, RunReport, ServeOptions};
 use tokio::sync::{Mutex, mpsc};
@@ -100,20 +100,12 @@ pub fn deploy_with(tag: &str, adjust: impl FnOnce(&mut CoordinatorConfig)) -> De
         max_examples_per_update: 100_000,
         seed: 1,
         round: RoundConfig {
-            local_epochs: 1,
-            batch_size: 20,
-            max_local_steps: None,
             learning_rate: 0.1,
             seed: 3,
-            secure_aggregation: false,
-            dp: None,
-            prox_mu: 0.0,
-            local_optimizer: LocalOptimizer::Sgd,
+            ..RoundConfig::default()
         },
-        secagg: None,
         max_failed_rounds: 3,
-        server_optimizer: Default::default(),
-        dp: None,
+        ..CoordinatorConfig::default()
     };
     adjust(&mut config);
     let coordinator = Coordinator::new(config, spec.clone(), initial, 1).unwrap();

@@ -404,7 +404,15 @@ async fn run(args: RunArgs, settings: Settings, deployment: Deployment) -> Resul
                 resumed.rounds_completed,
                 resumed.rounds_failed,
                 fingerprint(&resumed.global_model),
-                fingerprint(&[resumed.optimizer.m.as_slice(), &resumed.optimizer.v].concat()),
+                fingerprint(
+                    &resumed
+                        .strategy
+                        .buffers
+                        .values()
+                        .flatten()
+                        .copied()
+                        .collect::<Vec<f32>>()
+                ),
                 resumed
                     .ledger
                     .as_ref()
@@ -414,6 +422,7 @@ async fn run(args: RunArgs, settings: Settings, deployment: Deployment) -> Resul
         }
     };
     tracing::info!(state = %state_path.display(), run = %args.state.run, "state database");
+    tracing::info!(strategy = %coordinator.strategy_name(), "server strategy");
     let evaluator = ModelEvaluator::new(&settings.data.model, split.test, &device)?;
     let registry = Arc::new(Registry::open(&state_path)?);
     if identity.ca.is_none() {

@@ -4,10 +4,14 @@
 //! - `runs`: the run registry; a run's config is fixed when it is created,
 //!   and a restart with another config is refused rather than mixed in.
 //! - `checkpoint`: one row per run, replaced in a single transaction after
-//!   every round: round counters, global model, optimizer moments and step,
-//!   privacy ledger, clip bound and the cohort-sampling generator. SQLite's
-//!   transaction makes a crash at any instant leave the old row or the new
-//!   one, never a mix.
+//!   every round: round counters, global model, the strategy's step count,
+//!   privacy ledger, clip bound and the cohort-sampling generator; and in
+//!   the same transaction `strategy_buffers`, the strategy's named vectors
+//!   (a server optimizer's moments). SQLite's transaction makes a crash at
+//!   any instant leave the old rows or the new ones, never a mix.
+//!   (Databases written before strategies kept the moments in the
+//!   checkpoint's `opt_m` and `opt_v` columns; those are read as buffers
+//!   `m` and `v`, and new checkpoints leave them empty.)
 //! - `ledger`: one row per charged round (round, epsilon after it) and, in
 //!   the same transaction, `ledger_state`: the whole ledger after it. Both
 //!   are written *before* the round's cohort is told to start, so the
@@ -15,12 +19,13 @@
 //! - `rounds`: each round's metrics, for history (written after
 //!   evaluation; a crash in between loses only that row).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use fedveil_proto::dp::PrivacyLedger;
 use fedveil_proto::metrics::RoundMetrics;
 use fedveil_proto::round::server::{Checkpoint, Durable, RngState};
-use fedveil_proto::server_opt::ServerOptimizerState;
+use fedveil_proto::strategy::StrategyState;
 use rusqlite::{Connection, OptionalExtension, params};
 
 /// File name of the state database in the state directory.
@@ -85,6 +90,12 @@ CREATE TABLE IF NOT EXISTS checkpoint (
     clip_norm REAL,
     rng TEXT NOT NULL,
     committed_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS strategy_buffers (
+    run_id INTEGER NOT NULL REFERENCES runs(id),
+    name TEXT NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (run_id, name)
 );
 CREATE TABLE IF NOT EXISTS ledger (
     run_id INTEGER NOT NULL REFERENCES runs(id),
@@ -223,9 +234,9 @@ impl Store {
                         c.rounds_completed as i64,
                         c.rounds_failed as i64,
                         f32_bytes(&c.global_model),
-                        c.optimizer.step as i64,
-                        f32_bytes(&c.optimizer.m),
-                        f32_bytes(&c.optimizer.v),
+                        c.strategy.step as i64,
+                        Vec::<u8>::new(),
+                        Vec::<u8>::new(),
                         ledger,
                         c.clip_norm,
                         rng,
@@ -233,6 +244,18 @@ impl Store {
                     ],
                 )
                 .map_err(&err)?;
+                tx.execute(
+                    "DELETE FROM strategy_buffers WHERE run_id = ?1",
+                    [self.run_id],
+                )
+                .map_err(&err)?;
+                for (name, values) in &c.strategy.buffers {
+                    tx.execute(
+                        "INSERT INTO strategy_buffers (run_id, name, data) VALUES (?1, ?2, ?3)",
+                        params![self.run_id, name, f32_bytes(values)],
+                    )
+                    .map_err(&err)?;
+                }
                 tx.commit().map_err(&err)?;
             }
         }
@@ -304,15 +327,35 @@ impl Store {
                     .map_err(|e| corrupt(format!("checkpoint ledger: {e}")))?;
                 let sampling_rng: RngState =
                     serde_json::from_str(&rng).map_err(|e| corrupt(format!("rng state: {e}")))?;
+                let mut buffers = BTreeMap::new();
+                let mut query = self
+                    .conn
+                    .prepare("SELECT name, data FROM strategy_buffers WHERE run_id = ?1")
+                    .map_err(&err)?;
+                let rows = query
+                    .query_map([self.run_id], |r| {
+                        Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+                    })
+                    .map_err(&err)?;
+                for row in rows {
+                    let (name, data) = row.map_err(&err)?;
+                    let values = vector(&data, &format!("strategy buffer '{name}'"))?;
+                    buffers.insert(name, values);
+                }
+                // Written before strategies: the moments in their columns.
+                for (name, legacy) in [("m", &m), ("v", &v)] {
+                    if !legacy.is_empty() && !buffers.contains_key(name) {
+                        buffers.insert(name.to_owned(), vector(legacy, "legacy moment")?);
+                    }
+                }
                 Some(Checkpoint {
                     next_round: next as u64,
                     rounds_completed: done as u64,
                     rounds_failed: failed as u64,
                     global_model: vector(&model, "model")?,
-                    optimizer: ServerOptimizerState {
+                    strategy: StrategyState {
                         step: step as u64,
-                        m: vector(&m, "first moment")?,
-                        v: vector(&v, "second moment")?,
+                        buffers,
                     },
                     ledger,
                     clip_norm,

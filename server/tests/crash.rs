@@ -167,7 +167,8 @@ fn committed(db: &Path) -> Option<(Committed, Vec<u64>)> {
         .map(|(r, _)| r)
         .collect();
     let c = saved.checkpoint?;
-    let moments = [c.optimizer.m.as_slice(), &c.optimizer.v].concat();
+    // The strategy's buffers in name order: FedAdam's m, then v.
+    let moments: Vec<f32> = c.strategy.buffers.values().flatten().copied().collect();
     let eps = saved
         .ledger
         .as_ref()

@@ -231,7 +231,7 @@ fn main() -> Result<()> {
         MetricsFiles::create(&out).with_context(|| format!("cannot create {}", out.display()))?;
     std::fs::write(out.join("config.toml"), toml::to_string(&cfg)?)?;
     eprintln!(
-        "fedveil-sim: {} enrolled clients (mutual TLS) on {} ({} train / {} test, {} split), {} rounds, C={}, E={}{}, B={}, {} lr={}, secure aggregation {}, {} trainings at once",
+        "fedveil-sim: {} enrolled clients (mutual TLS) on {} ({} train / {} test, {} split), {} rounds, C={}, E={}{}, B={}, {} lr={}, secure aggregation {}, aggregation {} then {}, {} trainings at once",
         cfg.sim.clients,
         cfg.run.data.dataset,
         loaded.split.train.len(),
@@ -248,6 +248,8 @@ fn main() -> Result<()> {
         cfg.run.local_optimizer,
         cfg.run.lr,
         if cfg.run.secagg { "on" } else { "off" },
+        cfg.run.aggregation,
+        cfg.run.server_optimizer,
         cfg.concurrency()
     );
     if let Some(dp) = cfg.run.dp_config()? {

@@ -103,10 +103,8 @@ fn start_server_on(
         max_examples_per_update: 100_000,
         seed: 1,
         round: round_config(),
-        secagg: None,
         max_failed_rounds: 3,
-        server_optimizer: Default::default(),
-        dp: None,
+        ..CoordinatorConfig::default()
     };
     let coordinator = Coordinator::new(config, spec.clone(), initial.clone(), 1).unwrap();
     let evaluator = ModelEvaluator::new("cnn", Arc::clone(&split.test), &device).unwrap();

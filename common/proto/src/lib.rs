@@ -4,7 +4,8 @@
 //! format ([`wire`]), the server's [`round::Coordinator`] and the node's
 //! [`round::ClientSession`], SecAgg+ ([`secagg`]), differential privacy and
 //! its accountant ([`dp`]), fixed-point aggregation ([`aggregate`]), server
-//! optimizers ([`server_opt`]) and round metrics ([`metrics`]).
+//! strategies ([`strategy`]) with the server optimizers ([`server_opt`]),
+//! and round metrics ([`metrics`]).
 //!
 //! The crate performs no I/O. It opens no socket and no file, spawns no
 //! task, and never reads the clock: drivers hand in bytes, messages and the
@@ -22,4 +23,5 @@ pub mod metrics;
 pub mod round;
 pub mod secagg;
 pub mod server_opt;
+pub mod strategy;
 pub mod wire;

@@ -15,7 +15,11 @@
 //! Arithmetic is in f32, element by element, in a fixed order: the same
 //! inputs give the same bits on every machine, which resuming relies on.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
+
+use crate::strategy::{Strategy, StrategyError, StrategyState};
 
 /// The paper's defaults.
 pub const DEFAULT_BETA1: f64 = 0.9;
@@ -40,8 +44,8 @@ pub enum ServerOptimizerKind {
 }
 
 impl std::str::FromStr for ServerOptimizerKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = StrategyError;
+    fn from_str(s: &str) -> Result<Self, StrategyError> {
         Ok(match s {
             "fedavg" => Self::FedAvg,
             "fedavgm" => Self::FedAvgM,
@@ -49,15 +53,27 @@ impl std::str::FromStr for ServerOptimizerKind {
             "fedyogi" => Self::FedYogi,
             "fedadam" => Self::FedAdam,
             other => {
-                return Err(format!(
-                    "unknown server optimizer {other:?} (expected fedavg, fedavgm, fedadagrad, fedyogi or fedadam)"
-                ));
+                return Err(StrategyError::BadSetting {
+                    setting: "server_optimizer",
+                    value: other.to_owned(),
+                    expected: "one of fedavg, fedavgm, fedadagrad, fedyogi, fedadam".into(),
+                });
             }
         })
     }
 }
 
 impl ServerOptimizerKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::FedAvg => "fedavg",
+            Self::FedAvgM => "fedavgm",
+            Self::FedAdagrad => "fedadagrad",
+            Self::FedYogi => "fedyogi",
+            Self::FedAdam => "fedadam",
+        }
+    }
+
     pub fn is_adaptive(self) -> bool {
         matches!(self, Self::FedAdagrad | Self::FedYogi | Self::FedAdam)
     }
@@ -110,7 +126,7 @@ impl ServerOptimizerConfig {
         beta1: f64,
         beta2: f64,
         tau: f64,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, StrategyError> {
         let kind: ServerOptimizerKind = name.parse()?;
         let c = Self {
             lr: lr.unwrap_or(kind.default_lr()),
@@ -124,25 +140,32 @@ impl ServerOptimizerConfig {
         Ok(c)
     }
 
-    pub fn validate(&self) -> Result<(), String> {
-        let positive = |name: &str, v: f64| {
+    pub fn validate(&self) -> Result<(), StrategyError> {
+        let bad = |setting: &'static str, v: f64, expected: &str| {
+            Err(StrategyError::BadSetting {
+                setting,
+                value: v.to_string(),
+                expected: expected.to_owned(),
+            })
+        };
+        let positive = |setting, v: f64| {
             if v > 0.0 && v.is_finite() {
                 Ok(())
             } else {
-                Err(format!("{name} must be positive and finite, got {v}"))
+                bad(setting, v, "must be positive and finite")
             }
         };
-        let unit = |name: &str, v: f64| {
+        let unit = |setting, v: f64| {
             if (0.0..1.0).contains(&v) {
                 Ok(())
             } else {
-                Err(format!("{name} must be in [0, 1), got {v}"))
+                bad(setting, v, "must be in [0, 1)")
             }
         };
-        positive("server learning rate", self.lr)?;
+        positive("server_lr", self.lr)?;
         match self.kind {
             ServerOptimizerKind::FedAvg => Ok(()),
-            ServerOptimizerKind::FedAvgM => unit("server momentum", self.momentum),
+            ServerOptimizerKind::FedAvgM => unit("server_momentum", self.momentum),
             _ => {
                 unit("beta1", self.beta1)?;
                 unit("beta2", self.beta2)?;
@@ -152,23 +175,21 @@ impl ServerOptimizerConfig {
     }
 }
 
-/// The optimizer's state: what must survive a restart.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ServerOptimizerState {
-    /// Steps taken (rounds that changed the model).
-    pub step: u64,
-    /// First moment (FedAvgM: the momentum buffer); empty for FedAvg.
-    pub m: Vec<f32>,
-    /// Second moment; empty unless adaptive.
-    pub v: Vec<f32>,
-}
-
 /// A server optimizer and its state.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServerOptimizer {
     config: ServerOptimizerConfig,
-    state: ServerOptimizerState,
+    /// Steps taken (rounds that changed the model).
+    step: u64,
+    /// First moment (FedAvgM: the momentum buffer); empty for FedAvg.
+    m: Vec<f32>,
+    /// Second moment; empty unless adaptive.
+    v: Vec<f32>,
 }
+
+/// Names of the moments in [`StrategyState::buffers`].
+const FIRST_MOMENT: &str = "m";
+const SECOND_MOMENT: &str = "v";
 
 impl ServerOptimizer {
     /// A fresh optimizer for a model of `dim` parameters.
@@ -186,45 +207,22 @@ impl ServerOptimizer {
         };
         Self {
             config,
-            state: ServerOptimizerState { step: 0, m, v },
+            step: 0,
+            m,
+            v,
         }
-    }
-
-    /// Continues from saved state; refused if its shape does not fit.
-    pub fn resume(
-        config: ServerOptimizerConfig,
-        dim: usize,
-        state: ServerOptimizerState,
-    ) -> Result<Self, String> {
-        let fresh = Self::new(config, dim);
-        if state.m.len() != fresh.state.m.len() || state.v.len() != fresh.state.v.len() {
-            return Err(format!(
-                "saved optimizer state has moments of {} and {} values; {:?} on {dim} parameters needs {} and {}",
-                state.m.len(),
-                state.v.len(),
-                config.kind,
-                fresh.state.m.len(),
-                fresh.state.v.len()
-            ));
-        }
-        Ok(Self { config, state })
     }
 
     pub fn config(&self) -> &ServerOptimizerConfig {
         &self.config
     }
 
-    pub fn state(&self) -> &ServerOptimizerState {
-        &self.state
-    }
-
     /// One server step with pseudo-gradient `delta` (the round's mean update).
-    pub fn step(&mut self, global: &mut [f32], delta: &[f32]) {
+    pub fn apply(&mut self, global: &mut [f32], delta: &[f32]) {
         debug_assert_eq!(global.len(), delta.len());
         let c = &self.config;
         let lr = c.lr as f32;
-        let s = &mut self.state;
-        s.step += 1;
+        self.step += 1;
         match c.kind {
             ServerOptimizerKind::FedAvg => {
                 for (x, d) in global.iter_mut().zip(delta) {
@@ -233,7 +231,7 @@ impl ServerOptimizer {
             }
             ServerOptimizerKind::FedAvgM => {
                 let beta = c.momentum as f32;
-                for ((x, d), m) in global.iter_mut().zip(delta).zip(&mut s.m) {
+                for ((x, d), m) in global.iter_mut().zip(delta).zip(&mut self.m) {
                     *m = beta * *m + d;
                     *x += lr * *m;
                 }
@@ -243,7 +241,7 @@ impl ServerOptimizer {
                 let it = global
                     .iter_mut()
                     .zip(delta)
-                    .zip(s.m.iter_mut().zip(&mut s.v));
+                    .zip(self.m.iter_mut().zip(&mut self.v));
                 for ((x, &d), (m, v)) in it {
                     *m = b1 * *m + (1.0 - b1) * d;
                     let d2 = d * d;
@@ -256,6 +254,58 @@ impl ServerOptimizer {
                 }
             }
         }
+    }
+}
+
+impl Strategy for ServerOptimizer {
+    fn name(&self) -> String {
+        self.config.kind.name().to_owned()
+    }
+
+    fn step(&mut self, _round: u64, global: &mut [f32], aggregate: &[f32]) {
+        self.apply(global, aggregate);
+    }
+
+    fn state(&self) -> StrategyState {
+        let mut buffers = BTreeMap::new();
+        for (name, values) in [(FIRST_MOMENT, &self.m), (SECOND_MOMENT, &self.v)] {
+            if !values.is_empty() {
+                buffers.insert(name.to_owned(), values.clone());
+            }
+        }
+        StrategyState {
+            step: self.step,
+            buffers,
+        }
+    }
+
+    /// Continues from saved moments; refused if their shape does not fit
+    /// this optimizer and model.
+    fn restore(&mut self, mut state: StrategyState) -> Result<(), StrategyError> {
+        let mut take = |name: &str, expected: usize| {
+            let values = state.buffers.remove(name).unwrap_or_default();
+            if values.len() == expected {
+                Ok(values)
+            } else {
+                Err(StrategyError::StateMismatch {
+                    strategy: self.config.kind.name().to_owned(),
+                    detail: format!(
+                        "moment '{name}' has {} values, this model needs {expected}",
+                        values.len()
+                    ),
+                })
+            }
+        };
+        let m = take(FIRST_MOMENT, self.m.len())?;
+        let v = take(SECOND_MOMENT, self.v.len())?;
+        if let Some(extra) = state.buffers.keys().next() {
+            return Err(StrategyError::StateMismatch {
+                strategy: self.name(),
+                detail: format!("it keeps no buffer named '{extra}'"),
+            });
+        }
+        (self.step, self.m, self.v) = (state.step, m, v);
+        Ok(())
     }
 }
 
@@ -274,16 +324,35 @@ fn sign(x: f32) -> f32 {
 mod tests {
     use super::*;
 
-    fn run(kind: ServerOptimizerKind, deltas: &[[f32; 2]]) -> (Vec<f32>, ServerOptimizerState) {
+    /// The optimizer's state, as tests look at it.
+    struct Moments {
+        step: u64,
+        m: Vec<f32>,
+        v: Vec<f32>,
+    }
+
+    impl Moments {
+        fn of(opt: &ServerOptimizer) -> Self {
+            let mut state = Strategy::state(opt);
+            let mut take = |n: &str| state.buffers.remove(n).unwrap_or_default();
+            Self {
+                m: take(FIRST_MOMENT),
+                v: take(SECOND_MOMENT),
+                step: state.step,
+            }
+        }
+    }
+
+    fn run(kind: ServerOptimizerKind, deltas: &[[f32; 2]]) -> (Vec<f32>, Moments) {
         let mut config = ServerOptimizerConfig::new(kind);
         config.lr = 0.1;
         config.tau = 0.01;
         let mut opt = ServerOptimizer::new(config, 2);
         let mut x = vec![1.0f32, -1.0];
         for d in deltas {
-            opt.step(&mut x, d);
+            opt.apply(&mut x, d);
         }
-        (x, opt.state().clone())
+        (x, Moments::of(&opt))
     }
 
     fn close(got: &[f32], want: &[f64]) {
@@ -380,23 +449,33 @@ mod tests {
         };
         let mut first = ServerOptimizer::new(config, 2);
         let mut x = vec![1.0f32, -1.0];
-        first.step(&mut x, &DELTAS[0]);
-        let saved = first.state().clone();
-        let mut second = ServerOptimizer::resume(config, 2, saved).unwrap();
-        second.step(&mut x, &DELTAS[1]);
-        second.step(&mut x, &DELTAS[2]);
+        first.apply(&mut x, &DELTAS[0]);
+        let saved = Strategy::state(&first);
+        assert_eq!(saved.buffers.len(), 2);
+        let mut second = ServerOptimizer::new(config, 2);
+        second.restore(saved).unwrap();
+        second.apply(&mut x, &DELTAS[1]);
+        second.apply(&mut x, &DELTAS[2]);
         assert_eq!(x, all);
-        assert!(ServerOptimizer::resume(config, 3, second.state().clone()).is_err());
+        let mut larger = ServerOptimizer::new(config, 3);
+        let err = larger.restore(Strategy::state(&second)).unwrap_err();
+        assert!(err.to_string().contains("moment 'm' has 2 values"), "{err}");
+        let mut plain =
+            ServerOptimizer::new(ServerOptimizerConfig::new(ServerOptimizerKind::FedAvg), 2);
+        assert!(
+            plain.restore(Strategy::state(&second)).is_err(),
+            "FedAvg keeps no moments"
+        );
     }
 
     #[test]
     fn bad_settings_are_named() {
         let mut c = ServerOptimizerConfig::new(ServerOptimizerKind::FedAdam);
         c.beta2 = 1.0;
-        assert!(c.validate().unwrap_err().contains("beta2"));
+        assert!(c.validate().unwrap_err().to_string().contains("beta2"));
         c = ServerOptimizerConfig::new(ServerOptimizerKind::FedAvgM);
         c.lr = -1.0;
-        assert!(c.validate().unwrap_err().contains("learning rate"));
+        assert!(c.validate().unwrap_err().to_string().contains("server_lr"));
         assert!("fedsgd".parse::<ServerOptimizerKind>().is_err());
         assert_eq!("fedyogi".parse(), Ok(ServerOptimizerKind::FedYogi));
     }

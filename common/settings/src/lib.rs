@@ -23,6 +23,7 @@ use fedveil_ml::model::DeviceSpec;
 use fedveil_proto::dp::adaptive::{DEFAULT_CLIP_LEARNING_RATE, DEFAULT_TARGET_QUANTILE};
 use fedveil_proto::dp::{AdaptiveClipping, DpConfig, DpConfigError, DpPlan, Mechanism, NoiseLevel};
 use fedveil_proto::round::CoordinatorConfig;
+use fedveil_proto::round::server::DEFAULT_MAX_BUFFERED_VALUES;
 use fedveil_proto::round::server::{
     DEFAULT_MAX_CLIENTS, DEFAULT_MAX_EXAMPLES_PER_UPDATE, DEFAULT_MAX_FAILED_ROUNDS,
     DEFAULT_ROUND_TIMEOUT, DEFAULT_SECAGG_STAGE_TIMEOUT, MIN_SECAGG_COHORT, SecAggConfig,
@@ -31,6 +32,7 @@ use fedveil_proto::secagg::{
     DEFAULT_BITS, DEFAULT_CLIP, DEFAULT_EXPECTED_DROPOUT, DEFAULT_MAX_WEIGHT,
 };
 use fedveil_proto::server_opt::{self, ServerOptimizerConfig};
+use fedveil_proto::strategy::{AggregationRule, StrategyError};
 use fedveil_proto::wire::{LocalOptimizer, RoundConfig};
 use serde::{Deserialize, Serialize};
 
@@ -67,6 +69,18 @@ pub enum SettingsError {
 }
 
 impl SettingsError {
+    /// A strategy setting refused: named by the setting the error names.
+    fn of_strategy(setting: &'static str, value: &str, err: StrategyError) -> Self {
+        match err {
+            StrategyError::BadSetting {
+                setting,
+                value,
+                expected,
+            } => Self::invalid(setting, value, expected),
+            other => Self::invalid(setting, value, other.to_string()),
+        }
+    }
+
     fn invalid(
         setting: &'static str,
         value: impl std::fmt::Display,
@@ -400,8 +414,30 @@ pub struct Settings {
     #[arg(long, help_heading = "Differential privacy")]
     pub clip_count_noise: Option<f64>,
 
+    // --- strategy ---
+    /// How updates are combined: mean (FedAvg; the only one under secure
+    /// aggregation or central/distributed DP), median (FedMedian),
+    /// trimmed-mean, krum or multi-krum.
+    #[arg(long, required = false, help_heading = "Server strategy")]
+    pub aggregation: String,
+    /// Trimmed mean: fraction of values dropped at each end, per coordinate.
+    #[arg(long, required = false, help_heading = "Server strategy")]
+    pub trim_fraction: f64,
+    /// Krum / Multi-Krum: faulty clients tolerated (a round needs 2f + 3
+    /// updates).
+    #[arg(long, required = false, help_heading = "Server strategy")]
+    pub byzantine: usize,
+    /// Multi-Krum: updates averaged [default: the updates less --byzantine].
+    #[arg(long, help_heading = "Server strategy")]
+    pub krum_keep: Option<usize>,
+    /// Most values held for a strategy that needs every update (cohort ×
+    /// model size).
+    #[arg(long, required = false, help_heading = "Server strategy")]
+    pub max_buffered_values: usize,
+
     // --- server optimizer ---
-    /// fedavg, fedavgm, fedadagrad, fedyogi or fedadam (Reddi et al. 2021).
+    /// fedavg, fedavgm, fedadagrad, fedyogi or fedadam (Reddi et al. 2021):
+    /// the step the aggregate takes.
     #[arg(long, required = false, help_heading = "Server optimizer")]
     pub server_optimizer: String,
     /// Server learning rate [default: 1 for fedavg/fedavgm, 0.01 for the
@@ -460,6 +496,11 @@ impl Default for Settings {
             clip_quantile: DEFAULT_TARGET_QUANTILE,
             clip_lr: DEFAULT_CLIP_LEARNING_RATE,
             clip_count_noise: None,
+            aggregation: "mean".into(),
+            trim_fraction: fedveil_proto::strategy::DEFAULT_TRIM_FRACTION,
+            byzantine: fedveil_proto::strategy::DEFAULT_BYZANTINE,
+            krum_keep: None,
+            max_buffered_values: DEFAULT_MAX_BUFFERED_VALUES,
             server_optimizer: "fedavg".into(),
             server_lr: None,
             server_momentum: server_opt::DEFAULT_SERVER_MOMENTUM,
@@ -689,7 +730,9 @@ impl Settings {
             secagg: self
                 .secagg_config(population.secagg_max_weight, population.expected_dropout)?,
             max_failed_rounds: self.max_failed_rounds,
+            aggregation: self.aggregation()?,
             server_optimizer: self.server_optimizer()?,
+            max_buffered_values: self.max_buffered_values,
             dp,
         })
     }
@@ -708,6 +751,7 @@ impl Settings {
             "max_failed_rounds",
             "max_clients",
             "max_examples_per_update",
+            "max_buffered_values",
             "secagg_stage_timeout",
         ];
         let mut map = match serde_json::to_value(self) {
@@ -716,6 +760,17 @@ impl Settings {
         };
         map.retain(|k, _| !OPERATIONAL.contains(&k.as_str()));
         map
+    }
+
+    /// The aggregation rule, validated.
+    pub fn aggregation(&self) -> Result<AggregationRule, SettingsError> {
+        AggregationRule::from_settings(
+            &self.aggregation,
+            self.trim_fraction,
+            self.byzantine,
+            self.krum_keep,
+        )
+        .map_err(|e| SettingsError::of_strategy("aggregation", &self.aggregation, e))
     }
 
     /// The server optimizer, validated.
@@ -728,9 +783,7 @@ impl Settings {
             self.beta2,
             self.tau,
         )
-        .map_err(|reason| {
-            SettingsError::invalid("server_optimizer", &self.server_optimizer, reason)
-        })
+        .map_err(|e| SettingsError::of_strategy("server_optimizer", &self.server_optimizer, e))
     }
 }
 

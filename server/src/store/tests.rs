@@ -13,10 +13,12 @@ fn checkpoint(next_round: u64, ledger: Option<PrivacyLedger>) -> Checkpoint {
         rounds_completed: next_round - 1,
         rounds_failed: 0,
         global_model: vec![1.5, -2.25, f32::MIN_POSITIVE, next_round as f32],
-        optimizer: ServerOptimizerState {
+        strategy: StrategyState {
             step: next_round - 1,
-            m: vec![0.1, 0.2, 0.3, 0.4],
-            v: vec![1e-6, 2e-6, 3e-6, 4e-6],
+            buffers: BTreeMap::from([
+                ("m".to_owned(), vec![0.1, 0.2, 0.3, 0.4]),
+                ("v".to_owned(), vec![1e-6, 2e-6, 3e-6, 4e-6]),
+            ]),
         },
         ledger,
         clip_norm: Some(0.75),
@@ -143,4 +145,42 @@ fn the_round_history_keeps_metrics_and_costs() {
         })
         .unwrap();
     assert_eq!(serde_json::from_str::<RoundMetrics>(&json).unwrap(), m);
+}
+
+#[test]
+fn strategy_buffers_are_replaced_with_each_checkpoint() {
+    let path = temp_db("buffers");
+    let mut store = Store::open(&path, "default", "{}").unwrap();
+    let mut c = checkpoint(2, None);
+    store
+        .persist(&Durable::Checkpoint(Box::new(c.clone())))
+        .unwrap();
+    c.next_round = 3;
+    c.strategy.buffers = BTreeMap::from([("control".to_owned(), vec![9.0; 3])]);
+    store
+        .persist(&Durable::Checkpoint(Box::new(c.clone())))
+        .unwrap();
+    assert_eq!(store.load().unwrap().checkpoint, Some(c));
+}
+
+#[test]
+fn moments_saved_before_strategies_are_read_as_buffers() {
+    let path = temp_db("legacy");
+    let mut store = Store::open(&path, "default", "{}").unwrap();
+    let c = checkpoint(2, None);
+    store
+        .persist(&Durable::Checkpoint(Box::new(c.clone())))
+        .unwrap();
+    // What an older fedveil wrote: the moments in the checkpoint row.
+    store
+        .conn
+        .execute_batch(
+            "DELETE FROM strategy_buffers;
+             UPDATE checkpoint SET opt_m = x'0000803f00000040', opt_v = x'0000403f';",
+        )
+        .unwrap();
+    let loaded = store.load().unwrap().checkpoint.unwrap();
+    assert_eq!(loaded.strategy.buffers["m"], vec![1.0, 2.0]);
+    assert_eq!(loaded.strategy.buffers["v"], vec![0.75]);
+    assert_eq!(loaded.strategy.step, c.strategy.step);
 }

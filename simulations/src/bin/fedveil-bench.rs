@@ -255,20 +255,15 @@ fn checkpoint(commits: usize, dir: &std::path::Path) -> Result<()> {
         max_examples_per_update: 1000,
         seed: 1,
         round: RoundConfig {
-            local_epochs: 1,
             batch_size: 10,
-            max_local_steps: None,
             learning_rate: 0.1,
             seed: 1,
-            secure_aggregation: false,
-            dp: None,
-            prox_mu: 0.0,
-            local_optimizer: LocalOptimizer::Sgd,
+            ..RoundConfig::default()
         },
-        secagg: None,
         max_failed_rounds: 1,
         dp: Some(plan.clone()),
         server_optimizer: ServerOptimizerConfig::new(ServerOptimizerKind::FedAdam),
+        ..CoordinatorConfig::default()
     };
     let coordinator = Coordinator::new(config, spec, initial, 1)?;
     let _ = std::fs::remove_dir_all(dir);
@@ -292,8 +287,12 @@ fn checkpoint(commits: usize, dir: &std::path::Path) -> Result<()> {
     let secs = start.elapsed().as_secs_f64() / commits as f64;
     let blob_bytes = 4
         * (checkpoint.global_model.len()
-            + checkpoint.optimizer.m.len()
-            + checkpoint.optimizer.v.len());
+            + checkpoint
+                .strategy
+                .buffers
+                .values()
+                .map(Vec::len)
+                .sum::<usize>());
     let db_bytes: u64 = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok()?.metadata().ok())
         .map(|m| m.len())

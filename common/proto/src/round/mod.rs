@@ -7,8 +7,8 @@ pub mod server;
 
 pub use client::{ClientEvent, ClientSession, SessionError};
 pub use server::{
-    ClientId, ConfigError, Coordinator, CoordinatorConfig, Event, PeerIdentity, RoundSummary,
-    Transmit,
+    ClientId, ConfigError, Coordinator, CoordinatorBuilder, CoordinatorConfig, Event, PeerIdentity,
+    RoundSummary, Transmit,
 };
 
 #[cfg(test)]

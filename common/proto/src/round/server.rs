@@ -18,7 +18,6 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rand::seq::IndexedRandom;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
@@ -26,7 +25,11 @@ use crate::aggregate::{AggregateError, ExactSum, MAX_WEIGHTED_MAGNITUDE, Weighte
 use crate::dp::{self, DpPlan, Mechanism, PrivacyLedger};
 use crate::secagg::server::{Outcome, SecAggServer, Stage as SecAggStage};
 use crate::secagg::{DEFAULT_BITS, DEFAULT_CLIP, DEFAULT_EXPECTED_DROPOUT, DEFAULT_MAX_WEIGHT};
-use crate::server_opt::{ServerOptimizer, ServerOptimizerConfig, ServerOptimizerState};
+use crate::server_opt::ServerOptimizerConfig;
+use crate::strategy::{
+    AggregationInput, AggregationRule, Candidate, ClientEvalSummary, ClientEvaluation,
+    ClientUpdate, RoundUpdates, Strategy, StrategyError, StrategyState,
+};
 use crate::wire::{
     CodecError, Evaluation, Goodbye, Hello, Message, ModelSpec, PROTOCOL_VERSION, ReasonCode,
     RoundConfig, RoundStart, SecAgg, SecAggParams, Update, Welcome,
@@ -47,6 +50,9 @@ pub const DEFAULT_MAX_FAILED_ROUNDS: u64 = 10;
 pub const MIN_SECAGG_COHORT: usize = 3;
 /// Default time for each secure-aggregation stage other than training.
 pub const DEFAULT_SECAGG_STAGE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default cap on the values a round may hold when its strategy needs every
+/// update on its own (cohort × model length): 2^28 `f32`s, 1 GiB.
+pub const DEFAULT_MAX_BUFFERED_VALUES: usize = 1 << 28;
 
 /// Secure aggregation settings. Unset degree and threshold are derived per
 /// round from the cohort size and the expected dropout rate.
@@ -126,13 +132,46 @@ pub struct CoordinatorConfig {
     /// independently with probability `fraction`, from OS randomness),
     /// updates unweighted, and every round charged to the privacy ledger.
     pub dp: Option<DpPlan>,
-    /// How the round's mean update moves the global model.
+    /// How the round's updates are combined (the built-in strategies; a
+    /// user strategy replaces this and `server_optimizer`, see
+    /// [`CoordinatorBuilder::strategy`]).
+    pub aggregation: AggregationRule,
+    /// How the round's aggregate moves the global model.
     pub server_optimizer: ServerOptimizerConfig,
+    /// Most values a round holds for a strategy that needs every update
+    /// (cohort size × update length); a larger round fails, naming this.
+    pub max_buffered_values: usize,
+}
+
+impl Default for CoordinatorConfig {
+    /// Five plaintext FedAvg rounds of 3 or more clients, all sampled.
+    fn default() -> Self {
+        Self {
+            rounds: 5,
+            min_clients: MIN_SECAGG_COHORT,
+            fraction: 1.0,
+            round_timeout: DEFAULT_ROUND_TIMEOUT,
+            max_clients: DEFAULT_MAX_CLIENTS,
+            max_examples_per_update: DEFAULT_MAX_EXAMPLES_PER_UPDATE,
+            seed: 0,
+            round: RoundConfig::default(),
+            secagg: None,
+            max_failed_rounds: DEFAULT_MAX_FAILED_ROUNDS,
+            dp: None,
+            aggregation: AggregationRule::Mean,
+            server_optimizer: ServerOptimizerConfig::default(),
+            max_buffered_values: DEFAULT_MAX_BUFFERED_VALUES,
+        }
+    }
 }
 
 impl CoordinatorConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.server_optimizer.validate().map_err(ConfigError)?;
+        self.server_optimizer
+            .validate()
+            .map_err(ConfigError::strategy)?;
+        self.aggregation.validate().map_err(ConfigError::strategy)?;
+        self.check_strategy(self.aggregation.name(), self.aggregation.input())?;
         if self.min_clients == 0 {
             return Err(ConfigError("min_clients must be at least 1".into()));
         }
@@ -219,6 +258,17 @@ impl CoordinatorConfig {
         Ok(())
     }
 
+    /// Refuses a strategy this run's privacy settings rule out.
+    fn check_strategy(&self, name: &str, input: AggregationInput) -> Result<(), ConfigError> {
+        crate::strategy::check_fits(
+            name,
+            input,
+            self.secagg.is_some(),
+            self.dp.as_ref().map(|p| p.config.mechanism),
+        )
+        .map_err(|e| ConfigError(e.to_string()))
+    }
+
     /// Cohort size for `admitted` clients.
     pub fn cohort_size(&self, admitted: usize) -> usize {
         ((self.fraction * admitted as f64).round() as usize).clamp(1, admitted.max(1))
@@ -229,6 +279,12 @@ impl CoordinatorConfig {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("invalid server configuration: {0}")]
 pub struct ConfigError(pub String);
+
+impl ConfigError {
+    fn strategy(err: StrategyError) -> Self {
+        Self(err.to_string())
+    }
+}
 
 /// A message for the driver to send, then optionally close the connection.
 #[derive(Debug, Clone)]
@@ -266,13 +322,6 @@ pub struct RoundSummary {
     pub timed_out: bool,
     pub started_at: Instant,
     pub finished_at: Instant,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ClientEvalSummary {
-    pub examples: u64,
-    pub loss: f32,
-    pub accuracy: f32,
 }
 
 /// Things the driver may want to log or act on.
@@ -340,10 +389,21 @@ pub struct PeerIdentity {
 
 /// How a round's updates are combined.
 enum Aggregation {
-    /// Updates arrive in the clear and are folded into a weighted mean.
-    Plain(WeightedMean),
+    /// Updates arrive in the clear and are folded into a weighted mean;
+    /// kept as well when the strategy needs each one.
+    Plain {
+        mean: WeightedMean,
+        kept: Option<Vec<KeptUpdate>>,
+    },
     /// SecAgg+: the server sees only the masked sum.
     Secure(Box<SecAggServer>),
+}
+
+/// An accepted update, held for a strategy that aggregates individually.
+struct KeptUpdate {
+    client: ClientId,
+    values: Vec<f32>,
+    weight: f64,
 }
 
 struct RoundState {
@@ -352,12 +412,12 @@ struct RoundState {
     pending: BTreeSet<ClientId>,
     contributors: Vec<ClientId>,
     dropped: Vec<ClientId>,
-    evaluated: BTreeSet<ClientId>,
+    /// Federated evaluation reports, one per cohort member at most.
+    evaluations: BTreeMap<ClientId, ClientEvaluation>,
     agg: Aggregation,
-    /// Example-weighted sums, exact so that arrival order cannot change
-    /// them: training loss; evaluation loss, accuracy and examples.
+    /// Example-weighted training loss, exact so that arrival order cannot
+    /// change it.
     loss_sum: ExactSum,
-    eval: (ExactSum, ExactSum, u64),
     started_at: Instant,
     deadline: Instant,
     /// Some stage ended by timeout rather than by everyone answering.
@@ -405,7 +465,8 @@ pub struct Checkpoint {
     pub rounds_completed: u64,
     pub rounds_failed: u64,
     pub global_model: Vec<f32>,
-    pub optimizer: ServerOptimizerState,
+    /// What the strategy keeps between rounds (optimizer moments...).
+    pub strategy: StrategyState,
     pub ledger: Option<PrivacyLedger>,
     /// The clip bound in force (with DP; it moves under adaptive clipping).
     pub clip_norm: Option<f64>,
@@ -455,22 +516,78 @@ pub struct Coordinator {
     ledger: Option<PrivacyLedger>,
     /// The clip bound in force (with DP on; it moves under adaptive clipping).
     clip_norm: Option<f64>,
-    optimizer: ServerOptimizer,
+    strategy: Box<dyn Strategy>,
     durable: VecDeque<Durable>,
     phase: Phase,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
 }
 
-impl Coordinator {
-    /// A coordinator that starts at round `first_round` (1 for a new run)
-    /// with `global_model` as the current global model.
-    pub fn new(
-        mut cfg: CoordinatorConfig,
-        spec: ModelSpec,
+/// Sets up a [`Coordinator`]: the run's config and model spec, optionally
+/// a user strategy, then a fresh start or a resume.
+///
+/// ```
+/// use fedveil_proto::round::{CoordinatorConfig, Coordinator};
+/// use fedveil_proto::strategy::{Strategy, AggregationInput};
+/// use fedveil_proto::wire::ModelSpec;
+///
+/// /// Moves the model halfway to the clients' mean.
+/// #[derive(Debug)]
+/// struct Half;
+/// impl Strategy for Half {
+///     fn name(&self) -> String { "half".into() }
+///     fn step(&mut self, _: u64, global: &mut [f32], mean: &[f32]) {
+///         for (x, d) in global.iter_mut().zip(mean) { *x += d / 2.0; }
+///     }
+/// }
+///
+/// let spec = ModelSpec { name: "linear".into(), param_count: 3, shape_signature: [0; 32] };
+/// let coordinator = Coordinator::builder(CoordinatorConfig::default(), spec)
+///     .strategy(Box::new(Half))
+///     .start(vec![0.0; 3])
+///     .unwrap();
+/// assert_eq!(coordinator.strategy_name(), "half");
+/// ```
+#[derive(Debug)]
+pub struct CoordinatorBuilder {
+    cfg: CoordinatorConfig,
+    spec: ModelSpec,
+    strategy: Option<Box<dyn Strategy>>,
+    secret_seed: Option<u64>,
+}
+
+impl CoordinatorBuilder {
+    /// Runs `strategy` instead of the config's built-in aggregation and
+    /// server optimizer. It is checked against the privacy settings when
+    /// the coordinator is built.
+    pub fn strategy(mut self, strategy: Box<dyn Strategy>) -> Self {
+        self.strategy = Some(strategy);
+        self
+    }
+
+    /// See [`Coordinator::with_secret_seed`]: simulations only.
+    pub fn secret_seed(mut self, seed: u64) -> Self {
+        self.secret_seed = Some(seed);
+        self
+    }
+
+    /// A new run from `global_model`, at round 1.
+    pub fn start(self, global_model: Vec<f32>) -> Result<Coordinator, ConfigError> {
+        self.start_at(global_model, 1)
+    }
+
+    /// A run that starts at round `first_round` with `global_model`.
+    pub fn start_at(
+        self,
         global_model: Vec<f32>,
         first_round: u64,
-    ) -> Result<Self, ConfigError> {
+    ) -> Result<Coordinator, ConfigError> {
+        let Self {
+            mut cfg,
+            spec,
+            strategy,
+            secret_seed,
+        } = self;
         cfg.validate()?;
         cfg.round.dp = cfg.dp.as_ref().map(|p| p.round.clone());
         let ledger = cfg.dp.as_ref().map(DpPlan::ledger);
@@ -482,9 +599,21 @@ impl Coordinator {
                 spec.param_count
             )));
         }
+        let strategy = match strategy {
+            Some(s) => {
+                cfg.check_strategy(&s.name(), s.input())?;
+                s
+            }
+            None => cfg
+                .aggregation
+                .strategy(cfg.server_optimizer, global_model.len()),
+        };
         let rng = ChaCha20Rng::seed_from_u64(cfg.seed);
-        let optimizer = ServerOptimizer::new(cfg.server_optimizer, global_model.len());
-        Ok(Self {
+        let secret_rng = match secret_seed {
+            Some(seed) => ChaCha20Rng::seed_from_u64(seed),
+            None => rand::make_rng(),
+        };
+        Ok(Coordinator {
             cfg,
             spec,
             global: global_model,
@@ -494,15 +623,95 @@ impl Coordinator {
             clients: BTreeMap::new(),
             next_id: 1,
             rng,
-            secret_rng: rand::make_rng(),
+            secret_rng,
             ledger,
             clip_norm,
-            optimizer,
+            strategy,
             durable: VecDeque::new(),
             phase: Phase::Waiting,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
         })
+    }
+
+    /// Continues a run from `checkpoint` (after a restart). `ledger` is the
+    /// latest one made durable, which may hold rounds charged after the
+    /// checkpoint (started, then lost in a crash): the run continues after
+    /// them, so no round number is charged twice.
+    pub fn resume(
+        self,
+        checkpoint: Checkpoint,
+        ledger: Option<PrivacyLedger>,
+    ) -> Result<Coordinator, ConfigError> {
+        let Checkpoint {
+            next_round,
+            rounds_completed,
+            rounds_failed,
+            global_model,
+            strategy,
+            ledger: checkpoint_ledger,
+            clip_norm,
+            sampling_rng,
+        } = checkpoint;
+        let mut c = self.start_at(global_model, next_round)?;
+        c.rounds_completed = rounds_completed;
+        c.rounds_failed = rounds_failed;
+        c.strategy
+            .restore(strategy)
+            .map_err(ConfigError::strategy)?;
+        c.rng = sampling_rng.rng();
+        if c.cfg.dp.is_some() {
+            c.clip_norm = clip_norm.or(c.clip_norm);
+        }
+        let newest = match (ledger, checkpoint_ledger) {
+            (Some(a), Some(b)) => Some(if a.rounds_charged() >= b.rounds_charged() {
+                a
+            } else {
+                b
+            }),
+            (a, b) => a.or(b),
+        };
+        if let Some(ledger) = newest {
+            let last = ledger.entries.last().map_or(0, |e| e.round);
+            c.restore_ledger(ledger)?;
+            c.next_round = c.next_round.max(last + 1);
+        }
+        Ok(c)
+    }
+}
+
+impl Coordinator {
+    /// Sets up a coordinator; see [`CoordinatorBuilder`].
+    pub fn builder(cfg: CoordinatorConfig, spec: ModelSpec) -> CoordinatorBuilder {
+        CoordinatorBuilder {
+            cfg,
+            spec,
+            strategy: None,
+            secret_seed: None,
+        }
+    }
+
+    /// A coordinator with the config's built-in strategy that starts at
+    /// round `first_round` (1 for a new run) with `global_model` as the
+    /// current global model.
+    pub fn new(
+        cfg: CoordinatorConfig,
+        spec: ModelSpec,
+        global_model: Vec<f32>,
+        first_round: u64,
+    ) -> Result<Self, ConfigError> {
+        Self::builder(cfg, spec).start_at(global_model, first_round)
+    }
+
+    /// Continues a run with the config's built-in strategy; see
+    /// [`CoordinatorBuilder::resume`].
+    pub fn resume(
+        cfg: CoordinatorConfig,
+        spec: ModelSpec,
+        checkpoint: Checkpoint,
+        ledger: Option<PrivacyLedger>,
+    ) -> Result<Self, ConfigError> {
+        Self::builder(cfg, spec).resume(checkpoint, ledger)
     }
 
     /// Seeds the generator behind DP noise and Poisson cohort sampling,
@@ -512,6 +721,11 @@ impl Coordinator {
     pub fn with_secret_seed(mut self, seed: u64) -> Self {
         self.secret_rng = ChaCha20Rng::seed_from_u64(seed);
         self
+    }
+
+    /// The strategy's name, for logs.
+    pub fn strategy_name(&self) -> String {
+        self.strategy.name()
     }
 
     pub fn config(&self) -> &CoordinatorConfig {
@@ -561,51 +775,6 @@ impl Coordinator {
                 .map_or(0, dp::DpRound::extra_values)
     }
 
-    /// Continues a run from `checkpoint` (after a restart). `ledger` is the
-    /// latest one made durable, which may hold rounds charged after the
-    /// checkpoint (started, then lost in a crash): the run continues after
-    /// them, so no round number is charged twice.
-    pub fn resume(
-        cfg: CoordinatorConfig,
-        spec: ModelSpec,
-        checkpoint: Checkpoint,
-        ledger: Option<PrivacyLedger>,
-    ) -> Result<Self, ConfigError> {
-        let Checkpoint {
-            next_round,
-            rounds_completed,
-            rounds_failed,
-            global_model,
-            optimizer,
-            ledger: checkpoint_ledger,
-            clip_norm,
-            sampling_rng,
-        } = checkpoint;
-        let mut c = Self::new(cfg, spec, global_model, next_round)?;
-        c.rounds_completed = rounds_completed;
-        c.rounds_failed = rounds_failed;
-        c.optimizer = ServerOptimizer::resume(c.cfg.server_optimizer, c.global.len(), optimizer)
-            .map_err(ConfigError)?;
-        c.rng = sampling_rng.rng();
-        if c.cfg.dp.is_some() {
-            c.clip_norm = clip_norm.or(c.clip_norm);
-        }
-        let newest = match (ledger, checkpoint_ledger) {
-            (Some(a), Some(b)) => Some(if a.rounds_charged() >= b.rounds_charged() {
-                a
-            } else {
-                b
-            }),
-            (a, b) => a.or(b),
-        };
-        if let Some(ledger) = newest {
-            let last = ledger.entries.last().map_or(0, |e| e.round);
-            c.restore_ledger(ledger)?;
-            c.next_round = c.next_round.max(last + 1);
-        }
-        Ok(c)
-    }
-
     /// The state a restart continues from.
     pub fn checkpoint(&self) -> Checkpoint {
         Checkpoint {
@@ -613,7 +782,7 @@ impl Coordinator {
             rounds_completed: self.rounds_completed,
             rounds_failed: self.rounds_failed,
             global_model: self.global.clone(),
-            optimizer: self.optimizer.state().clone(),
+            strategy: self.strategy.state(),
             ledger: self.ledger.clone(),
             clip_norm: self.clip_norm,
             sampling_rng: RngState::of(&self.rng),
@@ -725,7 +894,7 @@ impl Coordinator {
                     sa.drop_client(id);
                     self.maybe_advance_secagg(now);
                 }
-                Aggregation::Plain(_) => {
+                Aggregation::Plain { .. } => {
                     if r.pending.remove(&id) {
                         r.dropped.push(id);
                         self.maybe_finish(now);
@@ -913,7 +1082,7 @@ impl Coordinator {
             let detail = format!("client {id} was not sampled for round {}", r.round);
             return self.refuse(id, ReasonCode::NotInCohort, detail, false);
         }
-        let Aggregation::Plain(sum) = &mut r.agg else {
+        let Aggregation::Plain { mean: sum, kept } = &mut r.agg else {
             let detail = "this round uses secure aggregation; plain updates are refused".to_owned();
             return self.refuse(id, ReasonCode::UnexpectedMessage, detail, false);
         };
@@ -955,6 +1124,15 @@ impl Coordinator {
                 }
             };
             sum.add(&delta, weight)
+                .map(|()| {
+                    if let Some(kept) = kept {
+                        kept.push(KeptUpdate {
+                            client: id,
+                            values: delta,
+                            weight,
+                        });
+                    }
+                })
                 .map_err(|e| (reason_for(&e), e.to_string()))
         };
         r.pending.remove(&id);
@@ -1077,8 +1255,16 @@ impl Coordinator {
             return;
         };
         let clip_norm = self.clip_norm;
-        let update = self.dp_update(outcome.mean, Some(&outcome.sum), outcome.survivors.len());
-        self.optimizer.step(&mut self.global, &update);
+        let contributors = outcome.survivors.len();
+        let mean = self.dp_update(outcome.mean, Some(&outcome.sum), contributors);
+        let updates = RoundUpdates::Mean {
+            mean: &mean,
+            contributors,
+            total_weight: outcome.total_weight,
+        };
+        if let Err(err) = self.apply_strategy(r.round, updates) {
+            return self.fail_round(r.round, err.to_string());
+        }
         self.rounds_completed += 1;
         self.next_round = r.round + 1;
         let epsilon = self.epsilon();
@@ -1117,11 +1303,16 @@ impl Coordinator {
             && (0.0..=1.0).contains(&eval.accuracy)
             && eval.num_examples <= self.cfg.max_examples_per_update
             && (f64::from(eval.loss) * eval.num_examples as f64).abs() < MAX_WEIGHTED_MAGNITUDE;
-        if valid && r.evaluated.insert(id) {
-            let n = eval.num_examples as f64;
-            r.eval.0.add(f64::from(eval.loss) * n);
-            r.eval.1.add(f64::from(eval.accuracy) * n);
-            r.eval.2 += eval.num_examples;
+        if valid && !r.evaluations.contains_key(&id) {
+            r.evaluations.insert(
+                id,
+                ClientEvaluation {
+                    client: id,
+                    num_examples: eval.num_examples,
+                    loss: eval.loss,
+                    accuracy: eval.accuracy,
+                },
+            );
         } else {
             tracing::debug!(
                 client = id,
@@ -1172,10 +1363,20 @@ impl Coordinator {
             }
             None => {
                 let k = self.cfg.cohort_size(candidates.len());
-                candidates
-                    .sample(&mut self.rng, k)
-                    .map(|&(_, id)| id)
-                    .collect()
+                let offered: Vec<Candidate<'_>> = candidates
+                    .iter()
+                    .map(|&(node_name, id)| Candidate { id, node_name })
+                    .collect();
+                let chosen =
+                    self.strategy
+                        .select_cohort(self.next_round, &offered, k, &mut self.rng);
+                // Only admitted clients, each once.
+                let admitted: BTreeSet<ClientId> = offered.iter().map(|c| c.id).collect();
+                let chosen: BTreeSet<ClientId> = chosen
+                    .into_iter()
+                    .filter(|id| admitted.contains(id))
+                    .collect();
+                chosen.into_iter().collect()
             }
         };
         cohort.sort_unstable();
@@ -1193,9 +1394,26 @@ impl Coordinator {
                 );
             }
         }
+        let individual = self.strategy.input() == AggregationInput::Individual;
+        let buffered = cohort.len().saturating_mul(self.aggregate_len());
+        if individual && self.cfg.secagg.is_none() && buffered > self.cfg.max_buffered_values {
+            return self.fail_round(
+                round,
+                format!(
+                    "{} needs each of the cohort's {} updates of {} values, {buffered} in all, over the limit of {} (max_buffered_values)",
+                    self.strategy.name(),
+                    cohort.len(),
+                    self.aggregate_len(),
+                    self.cfg.max_buffered_values
+                ),
+            );
+        }
         let (agg, setups) = match &self.cfg.secagg {
             None => (
-                Aggregation::Plain(WeightedMean::new(self.aggregate_len())),
+                Aggregation::Plain {
+                    mean: WeightedMean::new(self.aggregate_len()),
+                    kept: individual.then(Vec::new),
+                },
                 Vec::new(),
             ),
             Some(sa) => {
@@ -1285,10 +1503,9 @@ impl Coordinator {
             cohort,
             contributors: Vec::new(),
             dropped: Vec::new(),
-            evaluated: BTreeSet::new(),
+            evaluations: BTreeMap::new(),
             agg,
             loss_sum: ExactSum::default(),
-            eval: (ExactSum::default(), ExactSum::default(), 0),
             started_at: now,
             deadline,
             timed_out: false,
@@ -1354,6 +1571,34 @@ impl Coordinator {
         sum.iter().map(|&s| (s / denominator) as f32).collect()
     }
 
+    /// The strategy combines the round's updates and takes its step. A
+    /// result of the wrong length, or one that would make the model
+    /// non-finite, leaves the model as it was.
+    fn apply_strategy(
+        &mut self,
+        round: u64,
+        updates: RoundUpdates<'_>,
+    ) -> Result<(), StrategyError> {
+        let aggregate = self.strategy.aggregate(round, updates)?;
+        let expected = self.global.len();
+        if aggregate.len() != expected {
+            return Err(StrategyError::WrongLength {
+                got: aggregate.len(),
+                expected,
+            });
+        }
+        if let Some(index) = aggregate.iter().position(|v| !v.is_finite()) {
+            return Err(StrategyError::NonFinite { index });
+        }
+        let before = self.global.clone();
+        self.strategy.step(round, &mut self.global, &aggregate);
+        if let Some(index) = self.global.iter().position(|v| !v.is_finite()) {
+            self.global = before;
+            return Err(StrategyError::StepNonFinite { index });
+        }
+        Ok(())
+    }
+
     fn epsilon(&self) -> Option<f64> {
         self.ledger.as_ref().map(PrivacyLedger::epsilon)
     }
@@ -1372,7 +1617,7 @@ impl Coordinator {
         };
         let mut r = *r;
         r.dropped.extend(r.pending.iter().copied());
-        let Aggregation::Plain(sum) = &r.agg else {
+        let Aggregation::Plain { mean: sum, kept } = &mut r.agg else {
             unreachable!("secure rounds finish through finish_secure")
         };
         let Some(mean) = sum.mean() else {
@@ -1389,16 +1634,38 @@ impl Coordinator {
         };
         let total = sum.total_weight();
         let clip_norm = self.clip_norm;
-        let update = self.dp_update(mean, None, r.contributors.len());
-        self.optimizer.step(&mut self.global, &update);
+        let applied = match kept.take() {
+            Some(mut kept) => {
+                kept.sort_unstable_by_key(|k| k.client);
+                let updates: Vec<ClientUpdate<'_>> = kept
+                    .iter()
+                    .map(|k| ClientUpdate {
+                        client: k.client,
+                        values: &k.values,
+                        weight: k.weight,
+                    })
+                    .collect();
+                self.apply_strategy(r.round, RoundUpdates::Individual(&updates))
+            }
+            None => {
+                let contributors = r.contributors.len();
+                let mean = self.dp_update(mean, None, contributors);
+                let updates = RoundUpdates::Mean {
+                    mean: &mean,
+                    contributors,
+                    total_weight: total,
+                };
+                self.apply_strategy(r.round, updates)
+            }
+        };
+        if let Err(err) = applied {
+            return self.fail_round(r.round, err.to_string());
+        }
         self.rounds_completed += 1;
         self.next_round = r.round + 1;
         let epsilon = self.epsilon();
-        let client_eval = (r.eval.2 > 0).then(|| ClientEvalSummary {
-            examples: r.eval.2,
-            loss: (r.eval.0.value() / r.eval.2 as f64) as f32,
-            accuracy: (r.eval.1.value() / r.eval.2 as f64) as f32,
-        });
+        let reports: Vec<ClientEvaluation> = r.evaluations.values().copied().collect();
+        let client_eval: Option<ClientEvalSummary> = self.strategy.aggregate_evaluations(&reports);
         r.dropped.sort_unstable();
         self.commit();
         self.events.push_back(Event::RoundCompleted(RoundSummary {

@@ -41,8 +41,7 @@ fn cfg(rounds: u64, min_clients: usize, fraction: f64) -> CoordinatorConfig {
         },
         secagg: None,
         max_failed_rounds: 5,
-        server_optimizer: Default::default(),
-        dp: None,
+        ..CoordinatorConfig::default()
     }
 }
 
@@ -1257,7 +1256,8 @@ fn a_resumed_coordinator_continues_bit_for_bit() {
     }
     let saved = checkpoints(&mut first).pop().unwrap();
     assert_eq!((saved.next_round, saved.rounds_completed), (3, 2));
-    assert_eq!(saved.optimizer.step, 2);
+    assert_eq!(saved.strategy.step, 2);
+    assert_eq!(saved.strategy.buffers.len(), 2, "FedAdam keeps m and v");
     assert_eq!(saved.global_model, first.server.global_model());
     let resumed = Coordinator::resume(c, spec(), saved, None).unwrap();
     let mut second = Harness::with_server(resumed, 3);
@@ -1270,8 +1270,8 @@ fn a_resumed_coordinator_continues_bit_for_bit() {
     assert_eq!(cohorts(&whole)[2..], cohorts(&second)[..]);
     assert_eq!(whole.server.global_model(), second.server.global_model());
     assert_eq!(
-        whole.server.checkpoint().optimizer,
-        second.server.checkpoint().optimizer
+        whole.server.checkpoint().strategy,
+        second.server.checkpoint().strategy
     );
     assert_eq!(second.server.rounds_completed(), 4);
 }
@@ -1324,4 +1324,283 @@ fn a_round_is_charged_durably_before_its_cohort_hears_of_it() {
     assert_eq!(rounds[..2], [1, 2]);
     resumed = h.server;
     assert!(resumed.ledger().unwrap().epsilon() > ledger.epsilon());
+}
+
+// ---- Strategies -------------------------------------------------------------
+
+use crate::strategy::{
+    AggregationRule, Candidate, ClientEvalSummary, ClientEvaluation, RoundUpdates, SamplingRng,
+    Strategy, StrategyError, StrategyState,
+};
+
+/// Plays round `round`: every cohort member sends `delta(i)` (in client id
+/// order) with weight 1, the last one through `send_raw` when `rogue` is
+/// given, so no session shapes it.
+fn play_with(
+    h: &mut Harness,
+    round: u64,
+    delta: impl Fn(usize) -> Vec<f32>,
+    rogue: Option<Vec<f32>>,
+) {
+    let mut reqs = h.train_requests();
+    reqs.sort_by_key(|r| r.0);
+    let last = reqs.len() - 1;
+    for (i, (id, r, _)) in reqs.into_iter().enumerate() {
+        assert_eq!(r, round);
+        match &rogue {
+            Some(poison) if i == last => h.send_raw(
+                id,
+                Message::Update(Update {
+                    round,
+                    num_examples: 1,
+                    train_loss: 0.5,
+                    delta: poison.clone(),
+                }),
+            ),
+            _ => h.submit(id, round, delta(i), 1),
+        }
+    }
+}
+
+fn failures(h: &Harness) -> Vec<String> {
+    h.events
+        .iter()
+        .filter_map(|e| match e {
+            Event::RoundFailed { reason, .. } => Some(reason.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn robust_rules_resist_a_poisoned_update_that_moves_the_mean() {
+    let honest = |i: usize| vec![1.0 + 0.01 * i as f32; D];
+    let poison = vec![1000.0; D];
+    let run = |rule: AggregationRule| {
+        let mut c = cfg(1, 5, 1.0);
+        c.aggregation = rule;
+        let mut h = Harness::new(c, 5);
+        play_with(&mut h, 1, honest, Some(poison.clone()));
+        assert_eq!(h.completed().len(), 1, "{rule:?}: {:?}", failures(&h));
+        h.server.global_model().to_vec()
+    };
+    let mean = run(AggregationRule::Mean);
+    assert!(mean[0] > 200.0, "the mean follows the attacker: {mean:?}");
+    for rule in [
+        AggregationRule::Median,
+        AggregationRule::TrimmedMean { trim_fraction: 0.2 },
+        AggregationRule::Krum { byzantine: 1 },
+        AggregationRule::MultiKrum {
+            byzantine: 1,
+            keep: None,
+        },
+    ] {
+        let model = run(rule);
+        assert!(
+            model.iter().all(|&v| (1.0..=1.04).contains(&v)),
+            "{rule:?} let the attacker through: {model:?}"
+        );
+    }
+    // Median of 1.00, 1.01, 1.02, 1.03 and 1000: 1.02.
+    assert_eq!(run(AggregationRule::Median), vec![1.02; D]);
+}
+
+#[test]
+fn strategies_that_see_each_update_are_refused_where_the_server_sees_only_the_sum() {
+    let mut c = secure_cfg(3);
+    c.aggregation = AggregationRule::Median;
+    let err = Coordinator::new(c, spec(), vec![0.0; D], 1).unwrap_err();
+    assert!(err.0.contains("only sees their sum"), "{err}");
+    for mechanism in [Mechanism::Central, Mechanism::Distributed] {
+        let mut c = if mechanism == Mechanism::Distributed {
+            let mut c = secure_cfg(3);
+            c.secagg.as_mut().unwrap().bits = crate::dp::DEFAULT_DP_BITS;
+            c
+        } else {
+            cfg(1, 3, 1.0)
+        };
+        c.dp = Some(dp_plan(mechanism, 1.0, 3, 1.0, 1, None, None));
+        c.aggregation = AggregationRule::Krum { byzantine: 0 };
+        let err = Coordinator::new(c, spec(), vec![0.0; D], 1).unwrap_err();
+        assert!(
+            err.0.contains("only sees their sum") || err.0.contains("calibrate their noise"),
+            "{mechanism:?}: {err}"
+        );
+    }
+    // Local DP noises every update on its node: robust rules may run.
+    let mut c = cfg(1, 3, 1.0);
+    c.dp = Some(dp_plan(Mechanism::Local, 1.0, 3, 1.0, 1, None, None));
+    c.aggregation = AggregationRule::Median;
+    assert!(Coordinator::new(c, spec(), vec![0.0; D], 1).is_ok());
+    // A user strategy is held to the same rule.
+    #[derive(Debug)]
+    struct Sees;
+    impl Strategy for Sees {
+        fn name(&self) -> String {
+            "sees-all".into()
+        }
+        fn input(&self) -> crate::strategy::AggregationInput {
+            crate::strategy::AggregationInput::Individual
+        }
+        fn step(&mut self, _: u64, _: &mut [f32], _: &[f32]) {}
+    }
+    let err = Coordinator::builder(secure_cfg(3), spec())
+        .strategy(Box::new(Sees))
+        .start(vec![0.0; D])
+        .unwrap_err();
+    assert!(
+        err.0.contains("sees-all aggregates each client's update"),
+        "{err}"
+    );
+}
+
+#[test]
+fn krum_without_enough_updates_fails_the_round_and_keeps_the_model() {
+    let mut c = cfg(1, 3, 1.0);
+    c.aggregation = AggregationRule::Krum { byzantine: 1 };
+    let mut h = Harness::new(c, 3);
+    play_with(&mut h, 1, |_| vec![1.0; D], None);
+    assert!(h.completed().is_empty());
+    let reasons = failures(&h);
+    assert!(
+        reasons[0].contains("needs at least 5 updates, the round has 3"),
+        "{reasons:?}"
+    );
+    assert_eq!(h.server.global_model(), &[0.0; D]);
+}
+
+#[test]
+fn rounds_over_the_buffer_limit_fail_naming_it() {
+    let mut c = cfg(1, 3, 1.0);
+    c.aggregation = AggregationRule::Median;
+    c.max_buffered_values = 3 * D - 1;
+    let h = Harness::new(c, 3);
+    let reasons = failures(&h);
+    assert!(reasons[0].contains("max_buffered_values"), "{reasons:?}");
+}
+
+/// A user strategy: picks the first `target` candidates by node name, moves
+/// the model by twice the median, reports the worst client accuracy, and
+/// counts its steps in its state.
+#[derive(Debug, Default)]
+struct Custom {
+    steps: u64,
+    seen: Vec<usize>,
+}
+
+impl Strategy for Custom {
+    fn name(&self) -> String {
+        "custom".into()
+    }
+    fn input(&self) -> crate::strategy::AggregationInput {
+        crate::strategy::AggregationInput::Individual
+    }
+    fn select_cohort(
+        &mut self,
+        _: u64,
+        candidates: &[Candidate<'_>],
+        target: usize,
+        _: &mut SamplingRng,
+    ) -> Vec<ClientId> {
+        let mut ids: Vec<ClientId> = candidates.iter().take(target).map(|c| c.id).collect();
+        ids.push(999); // not a candidate: ignored
+        ids.push(ids[0]); // a repeat: ignored
+        ids
+    }
+    fn aggregate(&mut self, _: u64, updates: RoundUpdates<'_>) -> Result<Vec<f32>, StrategyError> {
+        let RoundUpdates::Individual(updates) = updates else {
+            unreachable!("asked for individual updates")
+        };
+        self.seen.push(updates.len());
+        let values: Vec<&[f32]> = updates.iter().map(|u| u.values).collect();
+        Ok(crate::strategy::robust::median(&values))
+    }
+    fn step(&mut self, _: u64, global: &mut [f32], aggregate: &[f32]) {
+        for (x, d) in global.iter_mut().zip(aggregate) {
+            *x += 2.0 * d;
+        }
+        self.steps += 1;
+    }
+    fn aggregate_evaluations(&self, reports: &[ClientEvaluation]) -> Option<ClientEvalSummary> {
+        reports
+            .iter()
+            .map(|r| r.accuracy)
+            .reduce(f32::min)
+            .map(|accuracy| ClientEvalSummary {
+                examples: reports.iter().map(|r| r.num_examples).sum(),
+                loss: 0.0,
+                accuracy,
+            })
+    }
+    fn state(&self) -> StrategyState {
+        StrategyState {
+            step: self.steps,
+            ..Default::default()
+        }
+    }
+    fn restore(&mut self, state: StrategyState) -> Result<(), StrategyError> {
+        self.steps = state.step;
+        Ok(())
+    }
+}
+
+#[test]
+fn a_user_strategy_selects_aggregates_steps_and_resumes() {
+    let c = cfg(2, 4, 0.5);
+    let server = Coordinator::builder(c.clone(), spec())
+        .strategy(Box::new(Custom::default()))
+        .start(vec![0.0; D])
+        .unwrap();
+    let mut h = Harness::with_server(server, 4);
+    // node-0 and node-1 come first by name; the stray ids were dropped.
+    let mut cohort: Vec<ClientId> = h.train_requests().iter().map(|r| r.0).collect();
+    cohort.sort_unstable();
+    assert_eq!(cohort, vec![1, 2]);
+    for id in cohort {
+        h.submit(id, 1, vec![id as f32; D], 1);
+    }
+    // Median of 1 and 2 is 1.5, doubled.
+    assert_eq!(h.server.global_model(), &[3.0; D]);
+    let s = h.completed()[0];
+    assert_eq!(s.client_eval.unwrap().accuracy, 0.5);
+    let saved = checkpoints(&mut h).pop().unwrap();
+    assert_eq!(saved.strategy.step, 1);
+    // A restart with the same strategy continues its count.
+    let resumed = Coordinator::builder(c, spec())
+        .strategy(Box::new(Custom::default()))
+        .resume(saved, None)
+        .unwrap();
+    assert_eq!(resumed.checkpoint().strategy.step, 1);
+    assert_eq!(resumed.strategy_name(), "custom");
+}
+
+#[test]
+fn a_strategy_that_breaks_the_model_fails_the_round_instead() {
+    #[derive(Debug)]
+    struct Broken(usize);
+    impl Strategy for Broken {
+        fn name(&self) -> String {
+            "broken".into()
+        }
+        fn aggregate(&mut self, _: u64, _: RoundUpdates<'_>) -> Result<Vec<f32>, StrategyError> {
+            Ok(vec![1.0; self.0])
+        }
+        fn step(&mut self, _: u64, global: &mut [f32], _: &[f32]) {
+            global[1] = f32::NAN;
+        }
+    }
+    for (len, expected) in [
+        (D + 1, "has 5 values, the model has 4"),
+        (D, "parameter 1 non-finite"),
+    ] {
+        let server = Coordinator::builder(cfg(1, 3, 1.0), spec())
+            .strategy(Box::new(Broken(len)))
+            .start(vec![0.0; D])
+            .unwrap();
+        let mut h = Harness::with_server(server, 3);
+        play_with(&mut h, 1, |_| vec![1.0; D], None);
+        let reasons = failures(&h);
+        assert!(reasons[0].contains(expected), "{reasons:?}");
+        assert_eq!(h.server.global_model(), &[0.0; D], "the model is untouched");
+    }
 }

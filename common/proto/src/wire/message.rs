@@ -51,6 +51,24 @@ pub struct RoundConfig {
     pub local_optimizer: LocalOptimizer,
 }
 
+impl Default for RoundConfig {
+    /// One epoch of plain SGD, batches of 20 at learning rate 0.05, seed 0,
+    /// no secure aggregation, no DP.
+    fn default() -> Self {
+        Self {
+            local_epochs: 1,
+            batch_size: 20,
+            max_local_steps: None,
+            learning_rate: 0.05,
+            seed: 0,
+            secure_aggregation: false,
+            dp: None,
+            prox_mu: 0.0,
+            local_optimizer: LocalOptimizer::Sgd,
+        }
+    }
+}
+
 /// The optimizer a client trains with locally. Its state (Adam's moments)
 /// starts fresh every round, so nothing but the model crosses rounds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,0 +1,331 @@
+//! Server strategies: how a round's cohort is chosen, how its updates are
+//! combined, how the combination moves the global model, and how the
+//! clients' evaluation reports become one figure.
+//!
+//! The [`round::Coordinator`](crate::round::Coordinator) runs the protocol
+//! and a [`Strategy`] makes these four decisions. The five server
+//! optimizers ([`ServerOptimizer`]: FedAvg, FedAvgM, FedAdagrad, FedYogi,
+//! FedAdam) are strategies over the round's mean; [`Robust`] adds FedMedian,
+//! trimmed mean, Krum and Multi-Krum, which need every update on its own.
+//!
+//! Privacy is not the strategy's to weaken:
+//! - Under secure aggregation the server only ever holds the sum, so a
+//!   strategy that asks for [`AggregationInput::Individual`] is refused
+//!   when the run is configured ([`check_fits`]).
+//! - Under central or distributed DP the noise is calibrated to the sum of
+//!   clipped, unweighted updates over a fixed denominator. The coordinator
+//!   computes that noisy mean itself and hands the strategy only the result
+//!   (post-processing keeps the guarantee); strategies that need the
+//!   individual updates are refused. Local DP noises every update on its
+//!   node, so robust aggregation of those updates is allowed.
+//! - With DP on, cohorts are Poisson-sampled by the coordinator, as the
+//!   accountant assumes: [`Strategy::select_cohort`] is not called.
+//!
+//! A user strategy implements the trait; every method but
+//! [`Strategy::name`] and [`Strategy::step`] has a default:
+//!
+//! ```
+//! use fedveil_proto::strategy::{Strategy, StrategyState, StrategyError};
+//!
+//! /// Plain averaging with a server learning rate that decays each round.
+//! #[derive(Debug)]
+//! struct Decaying { lr: f32, steps: u64 }
+//!
+//! impl Strategy for Decaying {
+//!     fn name(&self) -> String { "decaying-fedavg".into() }
+//!     fn step(&mut self, _round: u64, global: &mut [f32], mean: &[f32]) {
+//!         let lr = self.lr / (1.0 + self.steps as f32);
+//!         for (x, d) in global.iter_mut().zip(mean) { *x += lr * d; }
+//!         self.steps += 1;
+//!     }
+//!     // The step count must survive a server restart.
+//!     fn state(&self) -> StrategyState {
+//!         StrategyState { step: self.steps, ..Default::default() }
+//!     }
+//!     fn restore(&mut self, state: StrategyState) -> Result<(), StrategyError> {
+//!         self.steps = state.step;
+//!         Ok(())
+//!     }
+//! }
+//!
+//! let mut s = Decaying { lr: 1.0, steps: 0 };
+//! let mut model = vec![0.0f32; 2];
+//! s.step(1, &mut model, &[1.0, -1.0]);
+//! s.step(2, &mut model, &[1.0, -1.0]);
+//! assert_eq!(model, vec![1.5, -1.5]);
+//! ```
+
+mod builtin;
+pub mod robust;
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use rand::seq::IndexedRandom;
+use serde::{Deserialize, Serialize};
+
+use crate::aggregate::{ExactSum, MAX_WEIGHTED_MAGNITUDE, WeightedMean};
+use crate::dp::Mechanism;
+use crate::round::ClientId;
+
+pub use crate::server_opt::ServerOptimizer;
+pub use builtin::{
+    AGGREGATION_NAMES, AggregationRule, DEFAULT_BYZANTINE, DEFAULT_TRIM_FRACTION, Robust,
+};
+
+/// The generator cohort selection draws from. It is seeded from the run's
+/// seed and saved in every checkpoint, so a restarted server continues the
+/// same sequence of cohorts.
+pub type SamplingRng = rand_chacha::ChaCha20Rng;
+
+/// What a strategy needs to see of a round's updates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AggregationInput {
+    /// Only their (weighted) mean: works under secure aggregation and DP.
+    Mean,
+    /// Every update on its own: plaintext rounds only.
+    Individual,
+}
+
+/// An admitted client the cohort may be drawn from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Candidate<'a> {
+    pub id: ClientId,
+    /// The node's name (from its enrolled certificate when mTLS is on).
+    pub node_name: &'a str,
+}
+
+/// One client's update, as the server received and checked it: the right
+/// length, finite, and (under central DP) clipped.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientUpdate<'a> {
+    pub client: ClientId,
+    pub values: &'a [f32],
+    /// Its FedAvg weight: the examples it trained on, or 1 under DP.
+    pub weight: f64,
+}
+
+/// A round's updates, as the strategy's [`AggregationInput`] asked.
+#[derive(Debug, Clone, Copy)]
+pub enum RoundUpdates<'a> {
+    /// The contributors' mean. Under DP: the noisy sum over the plan's
+    /// fixed denominator.
+    Mean {
+        mean: &'a [f32],
+        contributors: usize,
+        total_weight: f64,
+    },
+    /// Every accepted update, sorted by client id.
+    Individual(&'a [ClientUpdate<'a>]),
+}
+
+/// One client's evaluation of the round's incoming global model on its own
+/// data, as reported (checked: finite, accuracy within 0..=1).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ClientEvaluation {
+    pub client: ClientId,
+    pub num_examples: u64,
+    pub loss: f32,
+    pub accuracy: f32,
+}
+
+/// The federated evaluation of one round: the clients' reports combined.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ClientEvalSummary {
+    pub examples: u64,
+    pub loss: f32,
+    pub accuracy: f32,
+}
+
+/// What a strategy carries across a server restart: a step count and named
+/// vectors (an optimizer's moments, control variates...). The coordinator
+/// puts it in every checkpoint and hands it back through
+/// [`Strategy::restore`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StrategyState {
+    pub step: u64,
+    pub buffers: BTreeMap<String, Vec<f32>>,
+}
+
+/// Why a strategy could not run, aggregate or resume.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum StrategyError {
+    #[error("{strategy} needs at least {needed} updates, the round has {got}")]
+    TooFewUpdates {
+        strategy: String,
+        got: usize,
+        needed: usize,
+    },
+    #[error("{strategy} aggregates individual updates but was given only their mean")]
+    NeedsIndividualUpdates { strategy: String },
+    #[error("the aggregate has {got} values, the model has {expected}")]
+    WrongLength { got: usize, expected: usize },
+    #[error("the aggregate has a non-finite value at index {index}")]
+    NonFinite { index: usize },
+    #[error("the step would make parameter {index} non-finite; the model is left as it was")]
+    StepNonFinite { index: usize },
+    #[error("{setting} = {value}: {expected}")]
+    BadSetting {
+        setting: &'static str,
+        value: String,
+        expected: String,
+    },
+    #[error("saved strategy state does not fit {strategy}: {detail}")]
+    StateMismatch { strategy: String, detail: String },
+}
+
+/// A server strategy. See the [module docs](self) for what the coordinator
+/// guarantees around it.
+pub trait Strategy: Send + fmt::Debug {
+    /// Shown in logs and errors.
+    fn name(&self) -> String;
+
+    /// Whether the strategy needs each update or only their mean.
+    fn input(&self) -> AggregationInput {
+        AggregationInput::Mean
+    }
+
+    /// Chooses `target` clients from `candidates` (sorted by node name).
+    /// Ids that are not candidates are ignored, and so are repeats. Not
+    /// called with DP on. The default samples uniformly without
+    /// replacement.
+    fn select_cohort(
+        &mut self,
+        round: u64,
+        candidates: &[Candidate<'_>],
+        target: usize,
+        rng: &mut SamplingRng,
+    ) -> Vec<ClientId> {
+        let _ = round;
+        candidates.sample(rng, target).map(|c| c.id).collect()
+    }
+
+    /// Combines the round's updates into one vector of the model's length:
+    /// the pseudo-gradient [`Strategy::step`] applies. The default returns
+    /// the mean (the weighted mean of individual updates).
+    fn aggregate(
+        &mut self,
+        round: u64,
+        updates: RoundUpdates<'_>,
+    ) -> Result<Vec<f32>, StrategyError> {
+        let _ = round;
+        match updates {
+            RoundUpdates::Mean { mean, .. } => Ok(mean.to_vec()),
+            RoundUpdates::Individual(updates) => Ok(weighted_mean(updates)),
+        }
+    }
+
+    /// Moves the global model by the round's aggregate.
+    fn step(&mut self, round: u64, global: &mut [f32], aggregate: &[f32]);
+
+    /// Combines the clients' evaluation reports (sorted by client id). The
+    /// default weighs each by its examples, exactly, so the figure does not
+    /// depend on the order in which reports arrived.
+    fn aggregate_evaluations(&self, reports: &[ClientEvaluation]) -> Option<ClientEvalSummary> {
+        example_weighted(reports)
+    }
+
+    /// The state to save in a checkpoint. The default: none.
+    fn state(&self) -> StrategyState {
+        StrategyState::default()
+    }
+
+    /// Continues from a saved state. The default accepts only an empty one.
+    fn restore(&mut self, state: StrategyState) -> Result<(), StrategyError> {
+        if state == StrategyState::default() {
+            Ok(())
+        } else {
+            Err(StrategyError::StateMismatch {
+                strategy: self.name(),
+                detail: "it keeps no state, the checkpoint holds some".into(),
+            })
+        }
+    }
+}
+
+/// Refuses a strategy the run's privacy settings do not allow: one that
+/// needs individual updates, under secure aggregation or under central or
+/// distributed DP (`dp` is the run's mechanism, if any).
+///
+/// ```
+/// use fedveil_proto::dp::Mechanism;
+/// use fedveil_proto::strategy::{check_fits, AggregationInput::*};
+///
+/// assert!(check_fits("fedmedian", Individual, true, None).is_err());
+/// assert!(check_fits("fedmedian", Individual, false, Some(Mechanism::Central)).is_err());
+/// assert!(check_fits("fedmedian", Individual, false, Some(Mechanism::Local)).is_ok());
+/// assert!(check_fits("fedadam", Mean, true, Some(Mechanism::Distributed)).is_ok());
+/// ```
+pub fn check_fits(
+    strategy: &str,
+    input: AggregationInput,
+    secure_aggregation: bool,
+    dp: Option<Mechanism>,
+) -> Result<(), StrategyFitError> {
+    if input == AggregationInput::Mean {
+        return Ok(());
+    }
+    if secure_aggregation {
+        return Err(StrategyFitError::SecureAggregation(strategy.to_owned()));
+    }
+    match dp {
+        Some(Mechanism::Central | Mechanism::Distributed) => {
+            Err(StrategyFitError::SumCalibratedDp(strategy.to_owned()))
+        }
+        Some(Mechanism::Local) | None => Ok(()),
+    }
+}
+
+/// A strategy the run's privacy settings rule out.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StrategyFitError {
+    #[error(
+        "{0} aggregates each client's update, but under secure aggregation the server only sees their sum: turn secure aggregation off (--secagg false) or use a strategy over the mean"
+    )]
+    SecureAggregation(String),
+    #[error(
+        "{0} aggregates each client's update, but central and distributed DP calibrate their noise to the sum of clipped updates: use local DP (--dp local) or a strategy over the mean"
+    )]
+    SumCalibratedDp(String),
+}
+
+/// The weighted mean of `updates`, exactly (see [`WeightedMean`]).
+///
+/// # Panics
+/// If the updates differ in length or a weight is not positive; the
+/// coordinator checked both before.
+pub fn weighted_mean(updates: &[ClientUpdate<'_>]) -> Vec<f32> {
+    let len = updates.first().map_or(0, |u| u.values.len());
+    let mut mean = WeightedMean::new(len);
+    for u in updates {
+        mean.add(u.values, u.weight)
+            .expect("updates were checked when they arrived");
+    }
+    mean.mean().unwrap_or_default()
+}
+
+/// Example-weighted means of the reports' loss and accuracy, or `None`
+/// when no report covers an example.
+pub fn example_weighted(reports: &[ClientEvaluation]) -> Option<ClientEvalSummary> {
+    let mut loss = ExactSum::default();
+    let mut accuracy = ExactSum::default();
+    let mut examples = 0u64;
+    for r in reports {
+        let n = r.num_examples as f64;
+        let (l, a) = (f64::from(r.loss) * n, f64::from(r.accuracy) * n);
+        let in_range = |x: f64| x.is_finite() && x.abs() < MAX_WEIGHTED_MAGNITUDE;
+        if in_range(l) && in_range(a) {
+            loss.add(l);
+            accuracy.add(a);
+            examples += r.num_examples;
+        }
+    }
+    (examples > 0).then(|| ClientEvalSummary {
+        examples,
+        loss: (loss.value() / examples as f64) as f32,
+        accuracy: (accuracy.value() / examples as f64) as f32,
+    })
+}
+
+#[cfg(test)]
+mod tests;
