@@ -86,7 +86,7 @@ impl Observer for LogObserver {
     fn on_round(&mut self, m: &RoundMetrics, _global_model: &[f32]) {
         tracing::info!(
             round = m.round,
-            accuracy = format_args!("{:.4}", m.accuracy),
+            scores = %m.score_text(),
             loss = format_args!("{:.4}", m.loss),
             contributors = m.contributors,
             dropped = m.dropped,
@@ -463,10 +463,13 @@ impl Driver<'_> {
             self.traffic.down.load(Ordering::Relaxed),
         );
         let (last_up, last_down) = std::mem::replace(&mut self.last_traffic, (up, down));
+        let client = s.client_eval.map(|e| e.scores).unwrap_or_default();
         RoundMetrics {
             round: s.round,
-            accuracy: stats.accuracy,
+            accuracy: stats.scores.accuracy,
             loss: stats.loss,
+            mse: stats.scores.mse,
+            mae: stats.scores.mae,
             bytes_up: up - last_up,
             bytes_down: down - last_down,
             round_secs: s.started_at.elapsed().as_secs_f64(),
@@ -477,8 +480,10 @@ impl Driver<'_> {
             examples: s.total_examples,
             train_loss: s.train_loss,
             secure: s.secure,
-            client_accuracy: s.client_eval.map(|e| e.accuracy),
+            client_accuracy: client.accuracy,
             client_loss: s.client_eval.map(|e| e.loss),
+            client_mse: client.mse,
+            client_mae: client.mae,
             epsilon: s.epsilon,
             clip_norm: s.clip_norm,
         }

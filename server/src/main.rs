@@ -469,8 +469,11 @@ async fn run(args: RunArgs, settings: Settings, deployment: Deployment) -> Resul
     .await;
     match report.metrics.last() {
         Some(last) => println!(
-            "{} rounds completed ({} failed); final test accuracy {:.4}, loss {:.4}",
-            report.rounds_completed, report.rounds_failed, last.accuracy, last.loss
+            "{} rounds completed ({} failed); final test {}, loss {:.4}",
+            report.rounds_completed,
+            report.rounds_failed,
+            last.score_text(),
+            last.loss
         ),
         None => println!("no round completed"),
     }

@@ -73,11 +73,7 @@ impl<I: 'static> Evaluator for ModelEvaluator<I> {
             .and_then(|()| self.model.evaluate(self.test.as_ref()));
         stats.unwrap_or_else(|err| {
             tracing::error!(%err, "cannot evaluate global model");
-            EvalStats {
-                examples: 0,
-                loss: f32::NAN,
-                accuracy: 0.0,
-            }
+            EvalStats::failed()
         })
     }
 }

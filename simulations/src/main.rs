@@ -10,6 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 use fedveil_proto::dp::rdp;
+use fedveil_proto::metrics::RoundMetrics;
 use fedveil_server::setup::MetricsFiles;
 use fedveil_settings::Layered;
 use fedveil_sim::progress::{ProgressObserver, human_bytes};
@@ -62,6 +63,9 @@ struct FeatureStatsArgs {
     /// Class names in id order, when labels are names.
     #[arg(long, value_delimiter = ',')]
     classes: Option<Vec<String>>,
+    /// classification or regression (the label column is then a number).
+    #[arg(long, default_value = "classification")]
+    task: fedveil_ml::data::Task,
 }
 
 impl FeatureStatsArgs {
@@ -69,6 +73,7 @@ impl FeatureStatsArgs {
         let spec = fedveil_ml::data::CsvSpec {
             label: self.label.clone(),
             classes: self.classes.clone(),
+            task: self.task,
         };
         let table = fedveil_ml::data::load_csv(&self.path, &spec)?;
         let stats = fedveil_ml::data::FeatureStats::of(&table);
@@ -291,18 +296,25 @@ fn main() -> Result<()> {
             ""
         }
     );
-    if let (Some(last), Some(best)) = (
-        m.last(),
-        m.iter().max_by(|a, b| a.accuracy.total_cmp(&b.accuracy)),
-    ) {
-        println!(
-            "  final accuracy     {:.4} (loss {:.4})",
-            last.accuracy, last.loss
-        );
-        println!(
-            "  best accuracy      {:.4} (round {})",
-            best.accuracy, best.round
-        );
+    // The headline figure: accuracy (higher is better), or a regression's
+    // MSE (lower is better).
+    let headline = |r: &RoundMetrics| match (r.accuracy, r.mse) {
+        (Some(a), _) => Some(("accuracy", a, f64::from(a))),
+        (None, Some(e)) => Some(("mse", e, -f64::from(e))),
+        (None, None) => None,
+    };
+    let best = m
+        .iter()
+        .filter_map(|r| headline(r).map(|h| (h, r.round)))
+        .max_by(|a, b| a.0.2.total_cmp(&b.0.2));
+    if let (Some(last), Some(((name, value, _), round))) = (m.last(), best) {
+        let detail = match last.mae {
+            Some(mae) => format!("mae {mae:.4}, loss {:.4}", last.loss),
+            None => format!("loss {:.4}", last.loss),
+        };
+        let last_value = headline(last).map_or(f32::NAN, |h| h.1);
+        println!("  final {name:<13}{last_value:.4} ({detail})");
+        println!("  best {name:<14}{value:.4} (round {round})");
     }
     let (up, down): (u64, u64) = (
         m.iter().map(|r| r.bytes_up).sum(),

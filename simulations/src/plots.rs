@@ -162,19 +162,41 @@ fn charts(heading: &str, runs: &[Run]) -> Vec<Chart> {
     } else {
         per_run(&|m| Some((m.bytes_up + m.bytes_down) as f64 / MB))
     };
-    vec![
+    // A regression (no run reports accuracy) charts its absolute error.
+    let regression = runs
+        .iter()
+        .flat_map(|r| &r.metrics)
+        .all(|m| m.accuracy.is_none() && m.mae.is_some())
+        && runs.iter().any(|r| !r.metrics.is_empty());
+    let score = if regression {
+        Chart {
+            file: "mae",
+            title: format!("{heading}: test mean absolute error"),
+            y_label: "MAE (target units)",
+            series: per_run(&|m| m.mae.map(f64::from)),
+            legend: SeriesLabelPosition::UpperRight,
+            from_zero: true,
+        }
+    } else {
         Chart {
             file: "accuracy",
             title: format!("{heading}: test accuracy"),
             y_label: "accuracy (fraction of the test set)",
-            series: per_run(&|m| Some(f64::from(m.accuracy))),
+            series: per_run(&|m| m.accuracy.map(f64::from)),
             legend: SeriesLabelPosition::LowerRight,
             from_zero: false,
-        },
+        }
+    };
+    vec![
+        score,
         Chart {
             file: "loss",
             title: format!("{heading}: test loss"),
-            y_label: "loss (mean cross-entropy, nats)",
+            y_label: if regression {
+                "loss (mean squared error)"
+            } else {
+                "loss (mean cross-entropy, nats)"
+            },
             series: per_run(&|m| Some(f64::from(m.loss))),
             legend: SeriesLabelPosition::UpperRight,
             from_zero: false,

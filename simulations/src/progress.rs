@@ -133,11 +133,11 @@ impl Observer for ProgressObserver {
     fn on_round(&mut self, m: &RoundMetrics, _global_model: &[f32]) {
         self.overall.inc(1);
         self.overall
-            .set_message(format!("acc {:.4}  loss {:.4}", m.accuracy, m.loss));
+            .set_message(format!("{}  loss {:.4}", m.score_text(), m.loss));
         let mut line = format!(
-            "round {:>4}  accuracy {:.4}  loss {:.4}  clients {}/{}  up {}  down {}  {:.2}s",
+            "round {:>4}  {}  loss {:.4}  clients {}/{}  up {}  down {}  {:.2}s",
             m.round,
-            m.accuracy,
+            m.score_text(),
             m.loss,
             m.contributors,
             m.cohort,

@@ -93,7 +93,7 @@ async fn distributed_dp_under_secagg_spends_epsilon_and_tiny_noise_keeps_the_mod
         r.server
             .metrics
             .iter()
-            .map(|m| (m.contributors, m.accuracy))
+            .map(|m| (m.contributors, m.accuracy.unwrap()))
             .collect::<Vec<_>>()
     };
     assert!(

@@ -245,7 +245,7 @@ async fn fedavg_over_quic_is_the_weighted_mean_and_accuracy_rises() {
     }
     assert_eq!(previous, report.final_model);
 
-    let acc: Vec<f32> = rec.metrics.iter().map(|m| m.accuracy).collect();
+    let acc: Vec<f32> = rec.metrics.iter().map(|m| m.accuracy.unwrap()).collect();
     assert!(
         acc[2] > acc[0] + 0.1 && acc[2] > 0.4,
         "accuracy should rise: {acc:?}"

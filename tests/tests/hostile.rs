@@ -62,12 +62,19 @@ fn marked(len: usize) -> String {
     "m".repeat(len)
 }
 
-/// The 32-byte frame of the report: an enrolment request whose token
-/// claims 2^50 bytes.
-const REPORTED_FRAME: [u8; 32] = [
-    0x46, 0x56, 0x4c, 0x00, 0x04, 0x00, 0x0e, 0x00, 0x00, 0x00, 0, 0, 0, 0, 0, 0, 0, 0, 0x08, 0x00,
-    0x00, 0x00, 0x04, 0x00, 0, 0, 0, 0, 0, 0, 0x04, 0x00,
-];
+/// The 32-byte frame of the report (an enrolment request whose token
+/// claims 2^50 bytes), in this build's protocol version: it was sent in
+/// version 4, which a current peer refuses before reading the header.
+const REPORTED_FRAME: [u8; 32] = {
+    let mut frame = [
+        0x46, 0x56, 0x4c, 0x00, 0x04, 0x00, 0x0e, 0x00, 0x00, 0x00, 0, 0, 0, 0, 0, 0, 0, 0, 0x08,
+        0x00, 0x00, 0x00, 0x04, 0x00, 0, 0, 0, 0, 0, 0, 0x04, 0x00,
+    ];
+    let version = PROTOCOL_VERSION.to_le_bytes();
+    frame[4] = version[0];
+    frame[5] = version[1];
+    frame
+};
 
 fn model_spec() -> ModelSpec {
     ModelSpec {

@@ -64,8 +64,8 @@ async fn secagg_matches_plain_fedavg_over_quic() {
         "secure and plain models differ by {max_diff}"
     );
     let (a, b) = (
-        plain.server.metrics[1].accuracy,
-        secure.server.metrics[1].accuracy,
+        plain.server.metrics[1].accuracy.unwrap(),
+        secure.server.metrics[1].accuracy.unwrap(),
     );
     assert!((a - b).abs() <= 0.02, "accuracy plain {a} vs secure {b}");
     // Masked traffic: each client sends about one model of u32s plus keys and shares.

@@ -92,7 +92,12 @@ async fn short_real_mnist_run_secure_matches_plain() {
             report.clients
         );
         assert!(report.server.metrics.iter().all(|m| m.secure == secagg));
-        let acc: Vec<f32> = report.server.metrics.iter().map(|m| m.accuracy).collect();
+        let acc: Vec<f32> = report
+            .server
+            .metrics
+            .iter()
+            .map(|m| m.accuracy.unwrap())
+            .collect();
         assert_eq!(acc.len(), 3);
         assert!(
             acc[2] > acc[0] && acc[2] > 0.7,
@@ -227,7 +232,13 @@ async fn clients_vanish_at_every_secagg_stage_and_rounds_still_complete() {
         .map(|c| c.as_ref().unwrap().rounds_trained)
         .sum();
     assert_eq!(trained, sent as u64, "rounds trained add up over rejoins");
-    assert!(report.server.metrics.iter().all(|m| m.accuracy.is_finite()));
+    assert!(
+        report
+            .server
+            .metrics
+            .iter()
+            .all(|m| m.accuracy.is_some_and(f32::is_finite))
+    );
 }
 
 /// The same seed and config give the same metrics files, byte for byte:
@@ -346,6 +357,7 @@ async fn a_users_csv_table_trains_the_mlp_through_secagg() {
         &fedveil_ml::data::CsvSpec {
             label: "outcome".into(),
             classes: Some(classes.clone()),
+            ..Default::default()
         },
     )
     .unwrap();
@@ -388,7 +400,77 @@ async fn a_users_csv_table_trains_the_mlp_through_secagg() {
     assert_eq!(report.server.rounds_completed, 5);
     let last = report.server.metrics.last().unwrap();
     assert!(last.secure, "aggregated through SecAgg+");
-    assert!(last.accuracy > 0.9, "test accuracy {}", last.accuracy);
+    let accuracy = last.accuracy.unwrap();
+    assert!(accuracy > 0.9, "test accuracy {accuracy}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A regression on the user's own table: a numeric label column
+/// (`--task regression`), the MLP's one output trained on squared error
+/// through SecAgg+, and the task's metrics (MSE, MAE) reported instead of
+/// accuracy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_regression_table_trains_through_secagg_and_reports_mse_and_mae() {
+    use rand::SeedableRng;
+    use rand_distr::{Distribution, Normal};
+
+    let dir = empty_dir("regression");
+    let path = dir.join("homes.csv");
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(11);
+    let normal = Normal::new(0.0f64, 1.0).unwrap();
+    let mut text = String::from("rooms,age,price\n");
+    for _ in 0..400 {
+        let (rooms, age) = (normal.sample(&mut rng), normal.sample(&mut rng));
+        let price = 50.0 + 20.0 * rooms - 10.0 * age + 2.0 * normal.sample(&mut rng);
+        text.push_str(&format!("{rooms},{age},{price}\n"));
+    }
+    std::fs::write(&path, text).unwrap();
+    let cfg = SimConfig {
+        sim: Simulation {
+            clients: 4,
+            max_concurrent_training: Some(2),
+            ..Simulation::default()
+        },
+        run: Settings {
+            data: DataSettings {
+                dataset: format!("csv:{}", path.display()),
+                label: Some("price".into()),
+                task: fedveil_ml::data::Task::Regression,
+                model: "mlp".into(),
+                ..DataSettings::default()
+            },
+            rounds: 8,
+            lr: 0.01,
+            local_optimizer: fedveil_proto::wire::LocalOptimizer::Adam,
+            seed: 5,
+            ..Settings::default()
+        },
+    };
+    let loaded = load_data(&cfg, true).unwrap();
+    let report = fedveil_sim::run(&cfg, &loaded.split, &mut QuietObserver)
+        .await
+        .unwrap();
+    assert!(
+        report.clients.iter().all(|c| c.is_ok()),
+        "{:?}",
+        report.clients
+    );
+    let metrics = &report.server.metrics;
+    assert_eq!(metrics.len(), 8);
+    let (first, last) = (&metrics[0], metrics.last().unwrap());
+    assert!(last.secure && last.accuracy.is_none());
+    let (mse, mae) = (last.mse.unwrap(), last.mae.unwrap());
+    assert_eq!(mse, last.loss, "the loss of a regression is its MSE");
+    // The targets vary by about 500 (squared units); the noise is 4.
+    assert!(
+        mse < 0.1 * first.mse.unwrap(),
+        "MSE {} -> {mse}",
+        first.mse.unwrap()
+    );
+    assert!(
+        mae > 0.0 && mae * mae <= mse * 1.0001,
+        "MAE {mae}, MSE {mse}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -458,10 +540,7 @@ async fn a_users_image_folder_trains_the_cnn_through_secagg() {
     );
     let last = report.server.metrics.last().unwrap();
     assert!(last.secure);
-    assert!(
-        last.accuracy > 0.5,
-        "test accuracy {} (chance 0.1)",
-        last.accuracy
-    );
+    let accuracy = last.accuracy.unwrap();
+    assert!(accuracy > 0.5, "test accuracy {accuracy} (chance 0.1)");
     std::fs::remove_dir_all(&root).unwrap();
 }

@@ -234,7 +234,7 @@ impl<I: 'static> LocalTrainer for Trainer<I> {
                 round,
                 num_examples: eval.examples as u64,
                 loss: eval.loss,
-                accuracy: eval.accuracy,
+                scores: eval.scores,
             },
         ))
     }

@@ -9,14 +9,96 @@
 
 use serde::{Deserialize, Serialize};
 
+/// The task's metrics of one evaluation, besides its loss: accuracy for a
+/// classification, mean squared and mean absolute error for a regression.
+/// A metric the task does not have is `None`. (It travels in the wire's
+/// `Evaluation`, so no field may be skipped when serialized.)
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct TaskScores {
+    /// Fraction of examples classified correctly, 0..=1.
+    pub accuracy: Option<f32>,
+    /// Mean squared error of the predictions.
+    pub mse: Option<f32>,
+    /// Mean absolute error of the predictions.
+    pub mae: Option<f32>,
+}
+
+impl TaskScores {
+    /// A classification's scores.
+    pub fn classification(accuracy: f32) -> Self {
+        Self {
+            accuracy: Some(accuracy),
+            ..Self::default()
+        }
+    }
+
+    /// A regression's scores.
+    pub fn regression(mse: f32, mae: f32) -> Self {
+        Self {
+            mse: Some(mse),
+            mae: Some(mae),
+            ..Self::default()
+        }
+    }
+
+    /// Whether every score present is in its range: accuracy in 0..=1,
+    /// errors finite and non-negative. What a server checks before it
+    /// counts a client's report.
+    ///
+    /// ```
+    /// use fedveil_proto::metrics::TaskScores;
+    /// assert!(TaskScores::classification(0.9).is_valid());
+    /// assert!(!TaskScores::classification(1.5).is_valid());
+    /// assert!(!TaskScores::regression(f32::INFINITY, 1.0).is_valid());
+    /// ```
+    pub fn is_valid(&self) -> bool {
+        let error = |e: Option<f32>| e.is_none_or(|e| e.is_finite() && e >= 0.0);
+        self.accuracy.is_none_or(|a| (0.0..=1.0).contains(&a)) && error(self.mse) && error(self.mae)
+    }
+
+    /// The scores as (name, value) pairs, in a fixed order.
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, f32)> + '_ {
+        [
+            ("accuracy", self.accuracy),
+            ("mse", self.mse),
+            ("mae", self.mae),
+        ]
+        .into_iter()
+        .filter_map(|(name, v)| v.map(|v| (name, v)))
+    }
+}
+
+impl std::fmt::Display for TaskScores {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut first = true;
+        for (name, value) in self.iter() {
+            if !first {
+                f.write_str(" ")?;
+            }
+            write!(f, "{name} {value:.4}")?;
+            first = false;
+        }
+        Ok(())
+    }
+}
+
 /// One completed round.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct RoundMetrics {
     pub round: u64,
-    /// Server-side test accuracy of the new global model, 0..1.
-    pub accuracy: f32,
-    /// Server-side test loss (mean cross-entropy) of the new global model.
+    /// Server-side test accuracy of the new global model, 0..1
+    /// (classification).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accuracy: Option<f32>,
+    /// Server-side test loss of the new global model (the model's loss:
+    /// mean cross-entropy for the built-in classifiers, MSE for
+    /// regression).
     pub loss: f32,
+    /// Server-side test errors of the new global model (regression).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mse: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mae: Option<f32>,
     /// Bytes received by the server during the round (all clients).
     /// A cost: written to `costs.jsonl`, not `metrics.jsonl`.
     #[serde(default, skip_serializing)]
@@ -43,6 +125,12 @@ pub struct RoundMetrics {
     /// clients' own data (federated evaluation), when reported.
     pub client_accuracy: Option<f32>,
     pub client_loss: Option<f32>,
+    /// Regression: example-weighted errors of the incoming global model on
+    /// the clients' own data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_mse: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_mae: Option<f32>,
     /// Privacy spent so far (epsilon at the run's delta), with DP on.
     #[serde(default)]
     pub epsilon: Option<f64>,
@@ -74,8 +162,33 @@ impl RoundCosts {
 }
 
 impl RoundMetrics {
+    /// The server-side test scores.
+    pub fn scores(&self) -> TaskScores {
+        TaskScores {
+            accuracy: self.accuracy,
+            mse: self.mse,
+            mae: self.mae,
+        }
+    }
+
+    /// The round's test scores as text, for logs and progress lines:
+    /// `accuracy 0.9825`, or `mse 2980.5 mae 44.1`.
+    ///
+    /// ```
+    /// use fedveil_proto::metrics::TaskScores;
+    /// assert_eq!(TaskScores::regression(2.5, 1.25).to_string(), "mse 2.5000 mae 1.2500");
+    /// ```
+    pub fn score_text(&self) -> String {
+        self.scores().to_string()
+    }
+
+    /// Sets the server-side test scores.
+    pub fn set_scores(&mut self, scores: TaskScores) {
+        (self.accuracy, self.mse, self.mae) = (scores.accuracy, scores.mse, scores.mae);
+    }
+
     /// Column names of [`RoundMetrics::csv_row`].
-    pub const CSV_HEADER: &'static str = "round,accuracy,loss,cohort,contributors,dropped,timed_out,examples,train_loss,client_accuracy,client_loss,secure,epsilon,clip_norm";
+    pub const CSV_HEADER: &'static str = "round,accuracy,loss,cohort,contributors,dropped,timed_out,examples,train_loss,client_accuracy,client_loss,secure,epsilon,clip_norm,mse,mae,client_mse,client_mae";
 
     pub fn costs(&self) -> RoundCosts {
         RoundCosts {
@@ -107,9 +220,9 @@ impl RoundMetrics {
     pub fn csv_row(&self) -> String {
         let opt = |v: Option<f32>| v.map(|x| x.to_string()).unwrap_or_default();
         format!(
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
             self.round,
-            self.accuracy,
+            opt(self.accuracy),
             self.loss,
             self.cohort,
             self.contributors,
@@ -121,7 +234,11 @@ impl RoundMetrics {
             opt(self.client_loss),
             self.secure,
             self.epsilon.map(|e| e.to_string()).unwrap_or_default(),
-            self.clip_norm.map(|c| c.to_string()).unwrap_or_default()
+            self.clip_norm.map(|c| c.to_string()).unwrap_or_default(),
+            opt(self.mse),
+            opt(self.mae),
+            opt(self.client_mse),
+            opt(self.client_mae),
         )
     }
 }
@@ -134,8 +251,10 @@ mod tests {
     fn csv_row_matches_header() {
         let m = RoundMetrics {
             round: 1,
-            accuracy: 0.5,
+            accuracy: Some(0.5),
             loss: 1.0,
+            mse: None,
+            mae: None,
             bytes_up: 10,
             bytes_down: 20,
             round_secs: 1.5,
@@ -148,6 +267,8 @@ mod tests {
             secure: false,
             client_accuracy: None,
             client_loss: Some(0.9),
+            client_mse: None,
+            client_mae: None,
             epsilon: Some(1.25),
             clip_norm: Some(0.5),
         };
@@ -170,5 +291,29 @@ mod tests {
         let full = m.to_json_with_costs();
         assert_eq!(full["round_secs"], 1.5);
         assert_eq!(serde_json::from_value::<RoundMetrics>(full).unwrap(), m);
+        // A classification line has no regression keys, and the reverse.
+        assert!(
+            !json.contains("mse") && json.contains("\"accuracy\":0.5"),
+            "{json}"
+        );
+        let mut r = RoundMetrics {
+            client_accuracy: None,
+            client_mse: Some(3.0),
+            client_mae: Some(1.5),
+            ..m
+        };
+        r.set_scores(TaskScores::regression(2.0, 1.0));
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(
+            json.contains("\"mse\":2.0,\"mae\":1.0") && !json.contains("\"accuracy\""),
+            "{json}"
+        );
+        assert_eq!(
+            serde_json::from_str::<RoundMetrics>(&json)
+                .unwrap()
+                .scores(),
+            r.scores()
+        );
+        assert!(r.csv_row().ends_with(",2,1,3,1.5"), "{}", r.csv_row());
     }
 }

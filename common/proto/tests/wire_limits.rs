@@ -355,14 +355,20 @@ fn message() -> impl Strategy<Value = Message> {
                 delta,
             })
         }),
-        (any::<u64>(), any::<u64>(), any::<f32>(), any::<f32>()).prop_map(|(round, n, l, a)| {
-            Message::Evaluation(Evaluation {
-                round,
-                num_examples: n,
-                loss: l,
-                accuracy: a,
-            })
-        }),
+        (
+            any::<u64>(),
+            any::<u64>(),
+            any::<f32>(),
+            any::<(Option<f32>, Option<f32>, Option<f32>)>()
+        )
+            .prop_map(|(round, n, l, (accuracy, mse, mae))| {
+                Message::Evaluation(Evaluation {
+                    round,
+                    num_examples: n,
+                    loss: l,
+                    scores: fedveil_proto::metrics::TaskScores { accuracy, mse, mae },
+                })
+            }),
         (0..REASONS.len(), text()).prop_map(|(i, detail)| Message::error(REASONS[i], detail)),
         (any::<u64>(), text()).prop_map(|(rounds_completed, reason)| Message::Goodbye(Goodbye {
             rounds_completed,
@@ -629,7 +635,7 @@ fn one_of_each() -> Vec<Message> {
             round: 1,
             num_examples: 5,
             loss: 0.5,
-            accuracy: 0.5,
+            scores: fedveil_proto::metrics::TaskScores::classification(0.5),
         }),
         Message::error(ReasonCode::Internal, "detail"),
         Message::Goodbye(Goodbye {
@@ -734,11 +740,13 @@ fn no_forged_length_in_any_message_allocates() {
 }
 
 /// The frame from the report: an enrolment request whose token claims
-/// 2^50 bytes, 32 bytes in all. It aborted the server.
+/// 2^50 bytes, 32 bytes in all. It aborted the server. It was sent in
+/// protocol version 4; a current peer refuses that version outright, and
+/// the same frame in the current version fails on its header.
 #[test]
 fn the_reported_32_byte_frame_is_an_error_not_an_allocation() {
     let hex = "46564c00 0400 0e000000 0000000000000000 08000000 0400 0000000000000400";
-    let bytes: Vec<u8> = hex
+    let mut bytes: Vec<u8> = hex
         .split_whitespace()
         .flat_map(|group| {
             (0..group.len())
@@ -747,6 +755,11 @@ fn the_reported_32_byte_frame_is_an_error_not_an_allocation() {
         })
         .collect();
     assert_eq!(bytes.len(), 32);
+    assert_eq!(
+        decode_one(&bytes, FrameLimits::enrolment()),
+        Err(CodecError::UnsupportedVersion { got: 4 })
+    );
+    bytes[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
     for limits in [FrameLimits::enrolment(), FrameLimits::default()] {
         let (result, peak) = peak_allocation(|| decode_one(&bytes, limits));
         assert_eq!(result, Err(CodecError::HeaderOverrun { header_len: 14 }));

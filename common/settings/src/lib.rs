@@ -17,7 +17,7 @@ use std::time::Duration;
 use clap::builder::Resettable;
 use clap::{ArgAction, ArgMatches, Args, Command, FromArgMatches};
 use fedveil_ml::data::{
-    self, CsvSpec, DataError, DataSource, Download, FeatureStats, ImageFolderSpec, Split,
+    self, CsvSpec, DataError, DataSource, Download, FeatureStats, ImageFolderSpec, Split, Task,
 };
 use fedveil_ml::model::DeviceSpec;
 use fedveil_proto::dp::adaptive::{DEFAULT_CLIP_LEARNING_RATE, DEFAULT_TARGET_QUANTILE};
@@ -115,6 +115,10 @@ pub struct DataSettings {
     /// csv: the label column.
     #[arg(long, help_heading = "Data and model")]
     pub label: Option<String>,
+    /// csv: classification (labels are classes) or regression (labels are
+    /// numbers; the task's metrics are MSE and MAE).
+    #[arg(long, required = false, help_heading = "Data and model")]
+    pub task: Task,
     /// csv, image-folder: the class names in id order, the same list on
     /// every party (csv: needed when labels are names) [default: csv labels
     /// are class ids; image folders' sorted subfolder names].
@@ -148,8 +152,8 @@ pub struct DataSettings {
     /// Use only the first N training examples; 0 = all of them.
     #[arg(long, required = false, help_heading = "Data and model")]
     pub train_limit: usize,
-    /// Model name: cnn, transformer-cls or transformer-lm (sizes after a
-    /// colon, e.g. transformer-cls:d_model=256).
+    /// Model name: cnn, mlp, transformer-cls or transformer-lm (sizes after
+    /// a colon, e.g. transformer-cls:d_model=256 or mlp:hidden=128).
     #[arg(long, required = false, help_heading = "Data and model")]
     pub model: String,
     /// cpu, cuda or cuda:N (cuda needs a build with the `cuda` feature).
@@ -162,6 +166,7 @@ impl Default for DataSettings {
         Self {
             dataset: "mnist".into(),
             label: None,
+            task: Task::Classification,
             classes: None,
             holdout: 0.2,
             image_size: 28,
@@ -197,6 +202,7 @@ impl DataSettings {
                 let spec = CsvSpec {
                     label,
                     classes: self.classes.clone(),
+                    task: self.task,
                 };
                 let mut table = data::load_csv(&self.locate(path), &spec)?;
                 if let Some(stats) = self.feature_stats()? {

@@ -120,7 +120,7 @@ fn the_round_history_keeps_metrics_and_costs() {
     let mut store = Store::open(&path, "default", "{\"a\":1}").unwrap();
     let m = RoundMetrics {
         round: 3,
-        accuracy: 0.5,
+        accuracy: Some(0.5),
         loss: 1.25,
         bytes_up: 1234,
         bytes_down: 5678,
@@ -136,6 +136,7 @@ fn the_round_history_keeps_metrics_and_costs() {
         client_loss: None,
         epsilon: Some(1.5),
         clip_norm: Some(1.0),
+        ..RoundMetrics::default()
     };
     store.record_round(&m).unwrap();
     let json: String = store

@@ -94,6 +94,7 @@ fn random_tokens(n: usize, seq_len: usize, vocab: usize, classes: usize) -> Data
             .map(|_| rng.random_range(0..classes as u32))
             .collect(),
         num_classes: classes,
+        targets: Vec::new(),
         owners: Vec::new(),
         vocab_size: vocab,
     }

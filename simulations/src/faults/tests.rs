@@ -109,7 +109,7 @@ fn the_hook_vanishes_at_the_drawn_stage_and_delays_only_the_update() {
         round,
         num_examples: 1,
         loss: 0.0,
-        accuracy: 0.0,
+        scores: fedveil_proto::metrics::TaskScores::classification(0.0),
     });
     assert_eq!(hook.before_send(&eval), Fault::Send);
     assert_eq!(

@@ -4,7 +4,7 @@ fn metrics(rounds: u64, dp: bool) -> Vec<RoundMetrics> {
     (1..=rounds)
         .map(|round| RoundMetrics {
             round,
-            accuracy: 0.5 + 0.04 * round as f32,
+            accuracy: Some(0.5 + 0.04 * round as f32),
             loss: 2.0 / round as f32,
             bytes_up: 1_000_000 * round,
             bytes_down: 2_000_000,
@@ -16,10 +16,8 @@ fn metrics(rounds: u64, dp: bool) -> Vec<RoundMetrics> {
             examples: 600,
             train_loss: None,
             secure: true,
-            client_accuracy: None,
-            client_loss: None,
             epsilon: dp.then_some(0.5 * round as f64),
-            clip_norm: None,
+            ..RoundMetrics::default()
         })
         .collect()
 }
@@ -66,7 +64,7 @@ fn runs_without_dp_skip_the_epsilon_chart_and_compare_draws_both_runs() {
         metrics: metrics(4, false),
     };
     let mut b_metrics = metrics(6, false);
-    b_metrics[2].accuracy = f32::NAN; // a bad point is left out, not drawn
+    b_metrics[2].accuracy = Some(f32::NAN); // a bad point is left out, not drawn
     let b = Run {
         name: "fedadam".into(),
         metrics: b_metrics,

@@ -1,5 +1,6 @@
 //! CSV tables as datasets: a header row, numeric feature columns and one
-//! label column, chosen by name.
+//! label column, chosen by name: a class for a classification, a number
+//! for a regression.
 //!
 //! Class labels are numbered the same way on every party, or the models
 //! would disagree on what an output means: labels that are names map to
@@ -10,16 +11,21 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{DataError, Dataset};
+use super::{DataError, Dataset, Task};
 
-/// Which column holds the label, and the class names in their order.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Which column holds the label, what it means, and the class names in
+/// their order.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct CsvSpec {
     /// Name of the label column.
     pub label: String,
     /// Class names in id order, when labels are names; with whole-number
-    /// labels, the number of names is the number of classes.
+    /// labels, the number of names is the number of classes. Not for a
+    /// regression.
     pub classes: Option<Vec<String>>,
+    /// Classification (labels are classes) or regression (labels are
+    /// numbers to predict).
+    pub task: Task,
 }
 
 /// Reads a CSV file into a dataset of feature rows (`example_shape` is
@@ -58,7 +64,14 @@ pub fn load_csv(path: &Path, spec: &CsvSpec) -> Result<Dataset, DataError> {
     if features == 0 {
         return Err(malformed(1, "no feature columns besides the label".into()));
     }
-    let (mut values, mut labels) = (Vec::new(), Vec::new());
+    let regression = spec.task == Task::Regression;
+    if regression && spec.classes.is_some() {
+        return Err(DataError::Invalid(format!(
+            "{}: a regression has no classes; drop --classes or use --task classification",
+            path.display()
+        )));
+    }
+    let (mut values, mut labels, mut targets) = (Vec::new(), Vec::new(), Vec::new());
     let mut record = csv::StringRecord::new();
     // Line numbers as an editor shows them: the header is line 1.
     let mut line = 1;
@@ -81,6 +94,19 @@ pub fn load_csv(path: &Path, spec: &CsvSpec) -> Result<Dataset, DataError> {
                         format!("column '{}': '{cell}' is {what}", header[column]),
                     )
                 })?);
+                continue;
+            }
+            if regression {
+                targets.push(number(cell).map_err(|what| {
+                    malformed(
+                        line,
+                        format!(
+                            "label column '{}': '{cell}' is {what} (a regression predicts numbers)",
+                            spec.label
+                        ),
+                    )
+                })?);
+                labels.push(0);
                 continue;
             }
             match class_id(cell, spec.classes.as_deref()) {
@@ -110,6 +136,17 @@ pub fn load_csv(path: &Path, spec: &CsvSpec) -> Result<Dataset, DataError> {
     if labels.is_empty() {
         return Err(malformed(2, "no data rows".into()));
     }
+    if regression {
+        return Ok(Dataset {
+            features: values,
+            example_shape: vec![features],
+            labels,
+            num_classes: 0,
+            targets,
+            owners: Vec::new(),
+            vocab_size: 0,
+        });
+    }
     let num_classes = match &spec.classes {
         Some(names) => names.len(),
         None => labels.iter().max().map_or(0, |&m| m as usize + 1),
@@ -125,6 +162,7 @@ pub fn load_csv(path: &Path, spec: &CsvSpec) -> Result<Dataset, DataError> {
         example_shape: vec![features],
         labels,
         num_classes,
+        targets: Vec::new(),
         owners: Vec::new(),
         vocab_size: 0,
     })
@@ -231,7 +269,34 @@ mod tests {
         CsvSpec {
             label: label.into(),
             classes: classes.map(|c| c.iter().map(|s| s.to_string()).collect()),
+            task: Task::Classification,
         }
+    }
+
+    #[test]
+    fn a_regression_reads_numbers_as_targets() {
+        let path = write("regr.csv", "a,y,b\n1,0.5,2\n3,-7,4\n");
+        let regression = CsvSpec {
+            task: Task::Regression,
+            ..spec("y", None)
+        };
+        let d = load_csv(&path, &regression).unwrap();
+        assert_eq!(d.targets, vec![0.5, -7.0]);
+        assert_eq!((d.labels.clone(), d.num_classes), (vec![0, 0], 0));
+        assert_eq!(d.task(), Task::Regression);
+        assert_eq!(d.features, vec![1.0, 2.0, 3.0, 4.0]);
+        let path = write("regr-bad.csv", "a,y\n1,0.5\n3,high\n");
+        let err = load_csv(&path, &regression).unwrap_err().to_string();
+        assert!(
+            err.contains(":3: label column 'y': 'high' is not a number"),
+            "{err}"
+        );
+        let with_classes = CsvSpec {
+            classes: Some(vec!["a".into()]),
+            ..regression
+        };
+        let err = load_csv(&path, &with_classes).unwrap_err().to_string();
+        assert!(err.contains("a regression has no classes"), "{err}");
     }
 
     #[test]

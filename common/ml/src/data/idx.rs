@@ -192,6 +192,7 @@ fn read_pair(
         example_shape: vec![1, dims[1], dims[2]],
         labels: label_bytes.into_iter().map(u32::from).collect(),
         num_classes,
+        targets: Vec::new(),
         owners: Vec::new(),
         vocab_size: 0,
     })

@@ -117,6 +117,7 @@ pub fn load_image_folder(root: &Path, spec: &ImageFolderSpec) -> Result<Dataset,
         example_shape: vec![spec.channels, spec.side, spec.side],
         labels,
         num_classes: classes.len(),
+        targets: Vec::new(),
         owners: Vec::new(),
         vocab_size: 0,
     })

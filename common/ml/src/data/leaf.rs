@@ -126,6 +126,7 @@ fn load_split(dir: &Path) -> Result<Dataset, DataError> {
         example_shape: vec![1, FEMNIST_SIDE, FEMNIST_SIDE],
         labels,
         num_classes: FEMNIST_CLASSES,
+        targets: Vec::new(),
         owners,
         vocab_size: 0,
     })

@@ -17,8 +17,55 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use csv::{CsvSpec, load_csv};
+
 pub use image_folder::{ImageFolderSpec, load_image_folder};
 pub use partition::Partition;
+
+/// What a model learns from the data: which of the task's metrics the
+/// framework reports (accuracy for a classification; mean squared and mean
+/// absolute error for a regression).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Task {
+    /// Class ids; loss: cross-entropy.
+    #[default]
+    Classification,
+    /// Real-valued targets; loss: mean squared error.
+    Regression,
+}
+
+impl Task {
+    /// The task of data with `num_classes` classes (0: regression).
+    pub fn of_classes(num_classes: usize) -> Self {
+        if num_classes == 0 {
+            Self::Regression
+        } else {
+            Self::Classification
+        }
+    }
+}
+
+impl std::fmt::Display for Task {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Classification => "classification",
+            Self::Regression => "regression",
+        })
+    }
+}
+
+impl std::str::FromStr for Task {
+    type Err = DataError;
+    fn from_str(s: &str) -> Result<Self, DataError> {
+        match s {
+            "classification" => Ok(Self::Classification),
+            "regression" => Ok(Self::Regression),
+            other => Err(DataError::Invalid(format!(
+                "unknown task '{other}' (classification or regression)"
+            ))),
+        }
+    }
+}
 
 /// Environment variable naming the data directory.
 pub const DATA_DIR_ENV: &str = "FEDVEIL_DATA";
@@ -26,6 +73,11 @@ pub const DATA_DIR_ENV: &str = "FEDVEIL_DATA";
 pub const OFFLINE_ENV: &str = "FEDVEIL_OFFLINE";
 
 /// A labelled dataset of fixed-shape examples, stored densely.
+///
+/// Classification data has `num_classes >= 2` and a class id per example in
+/// `labels`. Regression data has `num_classes == 0`, its values in
+/// `targets`, and every label 0 (one stratum, so partitioners and shards
+/// treat it like one class).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Dataset {
     /// Row-major features, `len() * example_len()` values.
@@ -33,7 +85,10 @@ pub struct Dataset {
     /// Shape of one example, e.g. `[1, 28, 28]` for MNIST.
     pub example_shape: Vec<usize>,
     pub labels: Vec<u32>,
+    /// Classes of a classification; 0 for regression.
     pub num_classes: usize,
+    /// Regression targets, one per example; empty for classification.
+    pub targets: Vec<f32>,
     /// The natural owner of each example (a LEAF writer), or empty when the
     /// dataset has none.
     pub owners: Vec<u32>,
@@ -51,6 +106,11 @@ impl Dataset {
         self.labels.is_empty()
     }
 
+    /// The learning task this data poses.
+    pub fn task(&self) -> Task {
+        Task::of_classes(self.num_classes)
+    }
+
     pub fn example_len(&self) -> usize {
         self.example_shape.iter().product()
     }
@@ -60,8 +120,11 @@ impl Dataset {
         &self.features[i * n..(i + 1) * n]
     }
 
-    /// Examples per class.
+    /// Examples per class (regression: one count, of all examples).
     pub fn class_counts(&self) -> Vec<usize> {
+        if self.task() == Task::Regression {
+            return vec![self.len()];
+        }
         let mut counts = vec![0; self.num_classes];
         for &l in &self.labels {
             counts[l as usize] += 1;
@@ -103,6 +166,10 @@ impl Dataset {
             example_shape: self.example_shape.clone(),
             labels: rows.iter().map(|&i| self.labels[i]).collect(),
             num_classes: self.num_classes,
+            targets: match self.targets.is_empty() {
+                true => Vec::new(),
+                false => rows.iter().map(|&i| self.targets[i]).collect(),
+            },
             owners: match self.owners.is_empty() {
                 true => Vec::new(),
                 false => rows.iter().map(|&i| self.owners[i]).collect(),
@@ -132,6 +199,7 @@ impl Dataset {
         let n = n.min(self.len());
         self.features.truncate(n * self.example_len());
         self.labels.truncate(n);
+        self.targets.truncate(n);
         self.owners.truncate(n);
         self
     }

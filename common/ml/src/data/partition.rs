@@ -80,6 +80,12 @@ impl Partition {
         clients: usize,
         seed: u64,
     ) -> Result<Vec<Vec<usize>>, DataError> {
+        let label_skew = matches!(self, Partition::Dirichlet { .. } | Partition::Shards { .. });
+        if label_skew && data.task() == super::Task::Regression {
+            return Err(DataError::Invalid(format!(
+                "the {self} partition skews clients by class, and regression data has none: use iid (or natural)"
+            )));
+        }
         if *self != Partition::Natural {
             return self.split(&data.labels, data.num_classes, clients, seed);
         }

@@ -107,6 +107,7 @@ impl SyntheticConfig {
             example_shape: vec![1, h, w],
             labels,
             num_classes: self.num_classes,
+            targets: Vec::new(),
             owners: Vec::new(),
             vocab_size: 0,
         }

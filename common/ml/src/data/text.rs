@@ -264,6 +264,7 @@ fn sentence_split(train: Vec<Row>, test: Vec<Row>, num_classes: usize, seq_len: 
         example_shape: vec![seq_len],
         labels: rows.iter().map(|r| r.label).collect(),
         num_classes,
+        targets: Vec::new(),
         owners: Vec::new(),
         vocab_size: vocab.len(),
     };
@@ -324,6 +325,7 @@ fn char_windows(ids: &[u32], seq_len: usize, stride: usize, vocab: usize) -> Dat
         example_shape: vec![seq_len],
         labels,
         num_classes: vocab,
+        targets: Vec::new(),
         owners: Vec::new(),
         vocab_size: vocab,
     }
@@ -446,6 +448,7 @@ pub fn load_leaf_shakespeare(data_dir: &Path) -> Result<Split, DataError> {
             example_shape: vec![SHAKESPEARE_SEQ_LEN],
             labels: Vec::new(),
             num_classes: vocab.len(),
+            targets: Vec::new(),
             owners: Vec::new(),
             vocab_size: vocab.len(),
         };

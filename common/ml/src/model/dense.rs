@@ -32,6 +32,11 @@ impl Example {
     pub fn label(&self) -> u32 {
         self.data.labels[self.index]
     }
+
+    /// Its regression target (regression data only).
+    pub fn target(&self) -> Option<f32> {
+        self.data.targets.get(self.index).copied()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,10 +76,14 @@ pub enum Inputs {
     Features(Tensor<2>),
 }
 
-/// A batch of dense examples and their class labels.
+/// A batch of dense examples and what the model should predict: class
+/// labels, or (regression data) target values.
 pub struct DenseBatch {
     pub inputs: Inputs,
+    /// Class ids `[batch]` (all 0 for regression data).
     pub labels: Tensor<1, Int>,
+    /// Regression targets `[batch]`; `None` for classification data.
+    pub targets: Option<Tensor<1>>,
 }
 
 /// Batches dense examples by their dataset's kind: token ids for text
@@ -111,6 +120,10 @@ impl Batcher<Example, DenseBatch> for DenseBatcher {
         }
         let labels: Vec<i32> = items.iter().map(|e| e.label() as i32).collect();
         let labels = Tensor::<1, Int>::from_data(TensorData::new(labels, [n]), device);
+        let targets = (!data.targets.is_empty()).then(|| {
+            let values: Vec<f32> = items.iter().filter_map(Example::target).collect();
+            Tensor::<1>::from_data(TensorData::new(values, [n]), device)
+        });
         let inputs = match data.example_shape[..] {
             _ if text => {
                 // Token ids are stored as exact f32s.
@@ -126,7 +139,11 @@ impl Batcher<Example, DenseBatch> for DenseBatcher {
                 device,
             )),
         };
-        DenseBatch { inputs, labels }
+        DenseBatch {
+            inputs,
+            labels,
+            targets,
+        }
     }
 }
 

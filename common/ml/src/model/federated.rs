@@ -84,6 +84,7 @@ use rand_chacha::ChaCha20Rng;
 
 use super::flat::{ParamLayout, load_flat, to_flat};
 use super::{DataShape, ModelError, ModelSpec};
+use fedveil_proto::metrics::TaskScores;
 use fedveil_proto::wire::LocalOptimizer;
 
 /// Examples per batch when evaluating (no gradients, so larger is fine).
@@ -101,7 +102,7 @@ pub trait FederatedModel: Module + 'static {
 
     /// What the model scores on `batch`; called on the model without
     /// autodiff ([`Module::valid`]). Build it with
-    /// [`BatchMetrics::classification`].
+    /// [`BatchMetrics::classification`] or [`BatchMetrics::regression`].
     fn eval_step(&self, batch: Self::Batch) -> BatchMetrics;
 }
 
@@ -113,16 +114,27 @@ pub fn cross_entropy(logits: Tensor<2>, labels: Tensor<1, Int>) -> Tensor<1> {
         .forward(logits, labels)
 }
 
+/// Mean squared error of `predictions` against `targets` (both `[batch]`):
+/// the training loss of a regression.
+pub fn mean_squared_error(predictions: Tensor<1>, targets: Tensor<1>) -> Tensor<1> {
+    (predictions - targets).powi_scalar(2).mean()
+}
+
 /// What one evaluation batch scored, as sums over its examples, so that
-/// batches of any size add up exactly.
+/// batches of any size add up exactly. A classification counts correct
+/// predictions; a regression sums squared and absolute errors.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 #[non_exhaustive]
 pub struct BatchMetrics {
     pub examples: usize,
     /// Sum of the per-example loss.
     pub loss_sum: f64,
-    /// Correctly classified examples.
-    pub correct: u64,
+    /// Classification: correctly classified examples.
+    pub correct: Option<u64>,
+    /// Regression: sum of squared errors.
+    pub squared_error_sum: Option<f64>,
+    /// Regression: sum of absolute errors.
+    pub absolute_error_sum: Option<f64>,
 }
 
 impl BatchMetrics {
@@ -135,14 +147,39 @@ impl BatchMetrics {
         Self {
             examples,
             loss_sum: f64::from(loss.into_scalar::<f32>()) * examples as f64,
-            correct: predicted.equal(labels).int().sum().into_scalar::<i64>() as u64,
+            correct: Some(predicted.equal(labels).int().sum().into_scalar::<i64>() as u64),
+            ..Self::default()
+        }
+    }
+
+    /// Squared and absolute errors of `predictions` against `targets`
+    /// (both `[batch]`); the loss is the squared error.
+    pub fn regression(predictions: Tensor<1>, targets: Tensor<1>) -> Self {
+        let [examples] = predictions.dims();
+        let error = predictions - targets;
+        let squared = f64::from(error.clone().powi_scalar(2).sum().into_scalar::<f32>());
+        let absolute = f64::from(error.abs().sum().into_scalar::<f32>());
+        Self {
+            examples,
+            loss_sum: squared,
+            correct: None,
+            squared_error_sum: Some(squared),
+            absolute_error_sum: Some(absolute),
         }
     }
 
     fn add(&mut self, other: &Self) {
+        fn sum<T: std::ops::Add<Output = T>>(a: Option<T>, b: Option<T>) -> Option<T> {
+            match (a, b) {
+                (Some(a), Some(b)) => Some(a + b),
+                (a, b) => a.or(b),
+            }
+        }
         self.examples += other.examples;
         self.loss_sum += other.loss_sum;
-        self.correct += other.correct;
+        self.correct = sum(self.correct, other.correct);
+        self.squared_error_sum = sum(self.squared_error_sum, other.squared_error_sum);
+        self.absolute_error_sum = sum(self.absolute_error_sum, other.absolute_error_sum);
     }
 }
 
@@ -196,21 +233,44 @@ pub struct TrainStats {
     pub last_epoch_loss: f32,
 }
 
-/// Loss and accuracy over a set of examples.
+/// Loss and the task's scores over a set of examples.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct EvalStats {
     pub examples: usize,
     pub loss: f32,
-    pub accuracy: f32,
+    /// Accuracy for a classification; MSE and MAE for a regression.
+    pub scores: TaskScores,
+}
+
+impl EvalStats {
+    /// What an evaluation that could not run reports: no examples, a NaN
+    /// loss, no scores.
+    pub fn failed() -> Self {
+        Self {
+            examples: 0,
+            loss: f32::NAN,
+            scores: TaskScores::default(),
+        }
+    }
+
+    /// Classification accuracy (`None` for a regression).
+    pub fn accuracy(&self) -> Option<f32> {
+        self.scores.accuracy
+    }
 }
 
 impl From<BatchMetrics> for EvalStats {
     fn from(m: BatchMetrics) -> Self {
         let n = m.examples.max(1) as f64;
+        let mean = |sum: Option<f64>| sum.map(|s| (s / n) as f32);
         Self {
             examples: m.examples,
             loss: (m.loss_sum / n) as f32,
-            accuracy: (m.correct as f64 / n) as f32,
+            scores: TaskScores {
+                accuracy: mean(m.correct.map(|c| c as f64)),
+                mse: mean(m.squared_error_sum),
+                mae: mean(m.absolute_error_sum),
+            },
         }
     }
 }

@@ -1,17 +1,20 @@
 //! A multilayer perceptron for tabular data (and flattened images):
-//! `layers` hidden layers of `hidden` units with ReLU, then a linear head.
+//! `layers` hidden layers of `hidden` units with ReLU, then a linear head:
+//! one logit per class for a classification, one value for a regression
+//! (`num_classes` 0), trained on cross-entropy or on squared error.
 
 use burn::nn::{Linear, LinearConfig, Relu};
 use burn::prelude::*;
 
 use super::dense::{DenseBatch, Inputs};
-use super::federated::{BatchMetrics, FederatedModel, cross_entropy};
+use super::federated::{BatchMetrics, FederatedModel, cross_entropy, mean_squared_error};
 use super::{OptionError, size_options};
 
 #[derive(Config, Debug)]
 pub struct MlpConfig {
     /// Input features per example.
     pub inputs: usize,
+    /// Classes of a classification; 0 for a regression (one output).
     pub num_classes: usize,
     #[config(default = 64)]
     pub hidden: usize,
@@ -42,7 +45,7 @@ impl MlpConfig {
         };
         Mlp {
             hidden,
-            head: LinearConfig::new(last, self.num_classes).init(device),
+            head: LinearConfig::new(last, self.num_classes.max(1)).init(device),
             relu: Relu::new(),
         }
     }
@@ -89,10 +92,18 @@ impl FederatedModel for Mlp {
     type Batch = DenseBatch;
 
     fn train_step(&self, batch: DenseBatch) -> Tensor<1> {
-        cross_entropy(self.logits(batch.inputs), batch.labels)
+        let outputs = self.logits(batch.inputs);
+        match batch.targets {
+            Some(targets) => mean_squared_error(outputs.flatten(0, 1), targets),
+            None => cross_entropy(outputs, batch.labels),
+        }
     }
 
     fn eval_step(&self, batch: DenseBatch) -> BatchMetrics {
-        BatchMetrics::classification(self.logits(batch.inputs), batch.labels)
+        let outputs = self.logits(batch.inputs);
+        match batch.targets {
+            Some(targets) => BatchMetrics::regression(outputs.flatten(0, 1), targets),
+            None => BatchMetrics::classification(outputs, batch.labels),
+        }
     }
 }

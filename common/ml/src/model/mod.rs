@@ -20,7 +20,7 @@ use burn::prelude::Device;
 pub use dense::{DenseBatch, DenseBatcher, Example, Inputs};
 pub use federated::{
     BatchMetrics, EVAL_BATCH_SIZE, EvalStats, Federated, FederatedModel, FlModel, ModelFactory,
-    TrainPlan, TrainStats, cross_entropy,
+    TrainPlan, TrainStats, cross_entropy, mean_squared_error,
 };
 pub use fedveil_proto::wire::ModelSpec;
 pub use flat::ParamLayout;
@@ -104,6 +104,13 @@ fn build_builtin(
     device: &Device,
 ) -> Result<Box<dyn FlModel<Example>>, ModelError> {
     let (base, options) = name.split_once(':').unwrap_or((name, ""));
+    if shape.num_classes == 0 && base != "mlp" {
+        return Err(incompatible(
+            name,
+            shape,
+            "it is a classifier and the data is a regression (no classes): use mlp or your own model",
+        ));
+    }
     match base {
         "transformer-cls" | "transformer-lm" => {
             let [seq_len] = shape.example_shape[..] else {

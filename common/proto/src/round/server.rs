@@ -1300,7 +1300,7 @@ impl Coordinator {
         let valid = eval.round == r.round
             && r.cohort.contains(&id)
             && eval.loss.is_finite()
-            && (0.0..=1.0).contains(&eval.accuracy)
+            && eval.scores.is_valid()
             && eval.num_examples <= self.cfg.max_examples_per_update
             && (f64::from(eval.loss) * eval.num_examples as f64).abs() < MAX_WEIGHTED_MAGNITUDE;
         if valid && !r.evaluations.contains_key(&id) {
@@ -1310,7 +1310,7 @@ impl Coordinator {
                     client: id,
                     num_examples: eval.num_examples,
                     loss: eval.loss,
-                    accuracy: eval.accuracy,
+                    scores: eval.scores,
                 },
             );
         } else {

@@ -145,7 +145,7 @@ impl Harness {
                 round,
                 num_examples: n,
                 loss: 1.0,
-                accuracy: 0.5,
+                scores: TaskScores::classification(0.5),
             }),
         )
         .unwrap();
@@ -184,7 +184,7 @@ fn fedavg_is_the_example_weighted_mean() {
     assert_eq!(s.contributors.len(), 3);
     assert!(!s.timed_out);
     let eval = s.client_eval.unwrap();
-    assert_eq!((eval.examples, eval.accuracy), (8, 0.5));
+    assert_eq!((eval.examples, eval.scores.accuracy), (8, Some(0.5)));
 
     // Round 2 starts only when the driver says so, from the new model.
     assert!(h.train_requests().is_empty());
@@ -1328,6 +1328,7 @@ fn a_round_is_charged_durably_before_its_cohort_hears_of_it() {
 
 // ---- Strategies -------------------------------------------------------------
 
+use crate::metrics::TaskScores;
 use crate::strategy::{
     AggregationRule, Candidate, ClientEvalSummary, ClientEvaluation, RoundUpdates, SamplingRng,
     Strategy, StrategyError, StrategyState,
@@ -1524,12 +1525,12 @@ impl Strategy for Custom {
     fn aggregate_evaluations(&self, reports: &[ClientEvaluation]) -> Option<ClientEvalSummary> {
         reports
             .iter()
-            .map(|r| r.accuracy)
+            .filter_map(|r| r.scores.accuracy)
             .reduce(f32::min)
             .map(|accuracy| ClientEvalSummary {
                 examples: reports.iter().map(|r| r.num_examples).sum(),
                 loss: 0.0,
-                accuracy,
+                scores: TaskScores::classification(accuracy),
             })
     }
     fn state(&self) -> StrategyState {
@@ -1562,7 +1563,7 @@ fn a_user_strategy_selects_aggregates_steps_and_resumes() {
     // Median of 1 and 2 is 1.5, doubled.
     assert_eq!(h.server.global_model(), &[3.0; D]);
     let s = h.completed()[0];
-    assert_eq!(s.client_eval.unwrap().accuracy, 0.5);
+    assert_eq!(s.client_eval.unwrap().scores.accuracy, Some(0.5));
     let saved = checkpoints(&mut h).pop().unwrap();
     assert_eq!(saved.strategy.step, 1);
     // A restart with the same strategy continues its count.

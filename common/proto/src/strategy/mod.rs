@@ -66,6 +66,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::aggregate::{ExactSum, MAX_WEIGHTED_MAGNITUDE, WeightedMean};
 use crate::dp::Mechanism;
+use crate::metrics::TaskScores;
 use crate::round::ClientId;
 
 pub use crate::server_opt::ServerOptimizer;
@@ -120,13 +121,13 @@ pub enum RoundUpdates<'a> {
 }
 
 /// One client's evaluation of the round's incoming global model on its own
-/// data, as reported (checked: finite, accuracy within 0..=1).
+/// data, as reported (checked: a finite loss, scores in range).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ClientEvaluation {
     pub client: ClientId,
     pub num_examples: u64,
     pub loss: f32,
-    pub accuracy: f32,
+    pub scores: TaskScores,
 }
 
 /// The federated evaluation of one round: the clients' reports combined.
@@ -134,7 +135,7 @@ pub struct ClientEvaluation {
 pub struct ClientEvalSummary {
     pub examples: u64,
     pub loss: f32,
-    pub accuracy: f32,
+    pub scores: TaskScores,
 }
 
 /// What a strategy carries across a server restart: a step count and named
@@ -304,26 +305,52 @@ pub fn weighted_mean(updates: &[ClientUpdate<'_>]) -> Vec<f32> {
     mean.mean().unwrap_or_default()
 }
 
-/// Example-weighted means of the reports' loss and accuracy, or `None`
-/// when no report covers an example.
+/// Example-weighted means of the reports' loss and of each score, or
+/// `None` when no report covers an example. A score is averaged over the
+/// reports that carry it; a report whose weighted values leave the exact
+/// range is left out whole.
 pub fn example_weighted(reports: &[ClientEvaluation]) -> Option<ClientEvalSummary> {
-    let mut loss = ExactSum::default();
-    let mut accuracy = ExactSum::default();
-    let mut examples = 0u64;
-    for r in reports {
-        let n = r.num_examples as f64;
-        let (l, a) = (f64::from(r.loss) * n, f64::from(r.accuracy) * n);
-        let in_range = |x: f64| x.is_finite() && x.abs() < MAX_WEIGHTED_MAGNITUDE;
-        if in_range(l) && in_range(a) {
-            loss.add(l);
-            accuracy.add(a);
-            examples += r.num_examples;
+    /// An exact weighted sum and the examples behind it.
+    #[derive(Default)]
+    struct Mean(ExactSum, u64);
+    impl Mean {
+        fn value(&self) -> Option<f32> {
+            (self.1 > 0).then(|| (self.0.value() / self.1 as f64) as f32)
         }
     }
-    (examples > 0).then(|| ClientEvalSummary {
-        examples,
-        loss: (loss.value() / examples as f64) as f32,
-        accuracy: (accuracy.value() / examples as f64) as f32,
+    let [mut loss, mut accuracy, mut mse, mut mae] = std::array::from_fn(|_| Mean::default());
+    for r in reports {
+        let n = r.num_examples as f64;
+        let terms = [
+            (Some(r.loss), &mut loss),
+            (r.scores.accuracy, &mut accuracy),
+            (r.scores.mse, &mut mse),
+            (r.scores.mae, &mut mae),
+        ];
+        let in_range = |v: Option<f32>| {
+            v.is_none_or(|v| {
+                let x = f64::from(v) * n;
+                x.is_finite() && x.abs() < MAX_WEIGHTED_MAGNITUDE
+            })
+        };
+        if r.num_examples == 0 || !terms.iter().all(|(v, _)| in_range(*v)) {
+            continue;
+        }
+        for (v, mean) in terms {
+            if let Some(v) = v {
+                mean.0.add(f64::from(v) * n);
+                mean.1 += r.num_examples;
+            }
+        }
+    }
+    Some(ClientEvalSummary {
+        examples: loss.1,
+        loss: loss.value()?,
+        scores: TaskScores {
+            accuracy: accuracy.value(),
+            mse: mse.value(),
+            mae: mae.value(),
+        },
     })
 }
 

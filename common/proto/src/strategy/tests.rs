@@ -1,18 +1,20 @@
 use super::*;
+use crate::metrics::TaskScores;
 use crate::server_opt::{ServerOptimizerConfig, ServerOptimizerKind};
 
 #[test]
 fn evaluations_are_weighted_by_examples_in_any_order() {
-    let report = |client, num_examples, accuracy| ClientEvaluation {
+    let report = |client, num_examples, accuracy: f32| ClientEvaluation {
         client,
         num_examples,
         loss: 1.0 - accuracy,
-        accuracy,
+        scores: TaskScores::classification(accuracy),
     };
     let reports = [report(1, 10, 0.9), report(2, 30, 0.5), report(3, 0, 0.0)];
     let s = example_weighted(&reports).unwrap();
     assert_eq!(s.examples, 40);
-    assert!((s.accuracy - 0.6).abs() < 1e-7);
+    assert!((s.scores.accuracy.unwrap() - 0.6).abs() < 1e-7);
+    assert_eq!((s.scores.mse, s.scores.mae), (None, None));
     let mut reversed = reports;
     reversed.reverse();
     assert_eq!(example_weighted(&reversed), Some(s));
@@ -26,6 +28,17 @@ fn evaluations_are_weighted_by_examples_in_any_order() {
         10,
         "a report beyond the exact range is left out, not mixed in"
     );
+    // Regression reports average their errors the same way.
+    let regression = |client, num_examples, mse: f32| ClientEvaluation {
+        client,
+        num_examples,
+        loss: mse,
+        scores: TaskScores::regression(mse, mse.sqrt()),
+    };
+    let s = example_weighted(&[regression(1, 1, 4.0), regression(2, 3, 16.0)]).unwrap();
+    assert_eq!(s.scores.mse, Some(13.0));
+    assert_eq!(s.scores.mae, Some(3.5));
+    assert_eq!(s.scores.accuracy, None);
 }
 
 #[test]

@@ -628,7 +628,7 @@ mod tests {
                 round: 1,
                 num_examples: 5,
                 loss: 0.5,
-                accuracy: 0.9,
+                scores: crate::metrics::TaskScores::classification(0.9),
             }),
             Message::error(ReasonCode::WrongLength, "nope"),
             Message::Goodbye(Goodbye {

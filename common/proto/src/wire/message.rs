@@ -14,7 +14,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change to the messages or the frame layout.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// Identifies a model architecture and its exact parameter layout.
 ///
@@ -181,7 +181,8 @@ pub struct Evaluation {
     pub round: u64,
     pub num_examples: u64,
     pub loss: f32,
-    pub accuracy: f32,
+    /// The task's metrics (accuracy, or MSE and MAE).
+    pub scores: crate::metrics::TaskScores,
 }
 
 /// A client's public keys for one round: one for share encryption, one for
