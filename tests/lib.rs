@@ -108,7 +108,11 @@ pub fn deploy_with(tag: &str, adjust: impl FnOnce(&mut CoordinatorConfig)) -> De
         ..CoordinatorConfig::default()
     };
     adjust(&mut config);
-    let coordinator = Coordinator::new(config, spec.clone(), initial, 1).unwrap();
+    // As fedveil-server does: nodes must have the server's kind of data.
+    let coordinator = Coordinator::builder(config, spec.clone())
+        .expect_data(split.test.spec())
+        .start(initial)
+        .unwrap();
     let evaluator = ModelEvaluator::new("cnn", Arc::clone(&split.test), &device).unwrap();
     let identity = ServerIdentity::generate(&["localhost".into()]).unwrap();
     let ca_copy = {

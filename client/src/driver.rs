@@ -211,6 +211,7 @@ pub async fn run(
                 <rand_chacha::ChaCha20Rng as rand::SeedableRng>::seed_from_u64(seed)
             }),
     );
+    session = session.with_data(trainer.data_spec());
     if let Some(attestor) = &opts.attestor {
         session = session.with_attestor(Arc::clone(attestor));
     }

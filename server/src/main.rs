@@ -378,7 +378,9 @@ async fn run(args: RunArgs, settings: Settings, deployment: Deployment) -> Resul
     let mut store = Store::open(&state_path, &args.state.run, &record)?;
     let saved = store.load()?;
     let coordinator = match saved.checkpoint {
-        None if saved.ledger.is_none() => Coordinator::new(config, spec.clone(), initial, 1)?,
+        None if saved.ledger.is_none() => Coordinator::builder(config, spec.clone())
+            .expect_data(split.test.spec())
+            .start(initial)?,
         checkpoint => {
             // Nothing committed yet but a round was charged: continue from
             // the initial state, after that round.
@@ -386,7 +388,9 @@ async fn run(args: RunArgs, settings: Settings, deployment: Deployment) -> Resul
                 Some(c) => c,
                 None => Coordinator::new(config.clone(), spec.clone(), initial, 1)?.checkpoint(),
             };
-            let c = Coordinator::resume(config, spec.clone(), checkpoint, saved.ledger)?;
+            let c = Coordinator::builder(config, spec.clone())
+                .expect_data(split.test.spec())
+                .resume(checkpoint, saved.ledger)?;
             let resumed = c.checkpoint();
             if resumed.rounds_completed >= settings.rounds {
                 println!(

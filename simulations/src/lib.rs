@@ -137,9 +137,11 @@ pub async fn run(cfg: &SimConfig, split: &Split, observer: &mut dyn Observer) ->
     if let Some(plan) = &config.dp {
         plan.log();
     }
-    let coordinator = Coordinator::new(config, spec.clone(), initial, 1)?
+    let coordinator = Coordinator::builder(config, spec.clone())
+        .expect_data(split.test.spec())
         // Reproducible runs: DP noise and Poisson sampling follow the seed.
-        .with_secret_seed(mix_seed(&[cfg.run.seed, SERVER_SECRETS_SEED]));
+        .secret_seed(mix_seed(&[cfg.run.seed, SERVER_SECRETS_SEED]))
+        .start(initial)?;
     let evaluator = ModelEvaluator::new(&cfg.run.data.model, Arc::clone(&split.test), &device)?;
 
     // The deployment's PKI, in process: a CA, a node registry in memory,

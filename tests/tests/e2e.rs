@@ -274,6 +274,7 @@ async fn rogue(
         node_name: name.into(),
         model: server.spec.clone(),
         num_examples: 10,
+        data: Default::default(),
     });
     quic::write_message(&mut send, &hello).await.unwrap();
     let mut reader = MessageReader::new(recv, FrameLimits::for_model(server.spec.param_count));

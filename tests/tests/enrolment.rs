@@ -248,3 +248,51 @@ async fn renewal_replaces_key_and_certificate_but_not_for_a_revoked_node() {
         "{err}"
     );
 }
+
+/// A node whose data is not the server's kind (here the same images with
+/// its classes named in another order) is refused at join with a message
+/// naming both sides, and the run goes on for the nodes that match.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_other_data_is_refused_naming_both_sides() {
+    use std::sync::Arc;
+
+    use fedveil_ml::data::Shard;
+    use fedveil_ml::train::Trainer;
+    use fedveil_proto::round::SessionError;
+
+    let d = deploy("data-mismatch", 1, 1, false);
+    let id = d.enrol(&d.token("odd")).await.unwrap();
+    let mut relabelled = (*d.split.train).clone();
+    relabelled.class_names = (0..relabelled.num_classes)
+        .rev()
+        .map(|c| format!("class-{c}"))
+        .collect();
+    let shard = Shard {
+        data: Arc::new(relabelled),
+        indices: (0..150).collect(),
+    };
+    let odd = Arc::new(Trainer::new("cnn", shard, burn::prelude::Device::flex(), 1).unwrap());
+    let opts = ClientOptions::enrolled(d.addr, "localhost", &id).unwrap();
+    let err = fedveil_client::run(&endpoint(), &opts, odd)
+        .await
+        .expect_err("other data is refused");
+    let ClientError::Session(SessionError::Refused { code, detail }) = &err else {
+        panic!("expected a refusal, got {err:?}");
+    };
+    assert_eq!(*code, ReasonCode::DataMismatch);
+    let classes = d.split.test.num_classes;
+    assert!(
+        detail.contains(&format!("{classes} classes (class-{}, ", classes - 1))
+            && detail.contains(&format!(
+                "the server's model is for examples [1, 28, 28], {classes} classes"
+            )),
+        "{detail}"
+    );
+    // A node with the server's data trains.
+    let ok = d.enrol(&d.token("even")).await.unwrap();
+    let opts = ClientOptions::enrolled(d.addr, "localhost", &ok).unwrap();
+    let report = fedveil_client::run(&endpoint(), &opts, d.trainer(2))
+        .await
+        .expect("matching data is admitted");
+    assert_eq!(report.server_rounds_completed, 1);
+}

@@ -121,6 +121,7 @@ fn forged_lengths() -> Vec<(String, Vec<u8>)> {
                 node_name: marked(83),
                 model: model_spec(),
                 num_examples: 1,
+                data: Default::default(),
             }),
             83,
         ),
@@ -130,8 +131,35 @@ fn forged_lengths() -> Vec<(String, Vec<u8>)> {
                 node_name: "n".into(),
                 model: model_spec(),
                 num_examples: 1,
+                data: Default::default(),
             }),
             77,
+        ),
+        (
+            Message::Hello(Hello {
+                version: PROTOCOL_VERSION,
+                node_name: "n".into(),
+                model: model_spec(),
+                num_examples: 1,
+                data: fedveil_proto::wire::DataSpec {
+                    class_names: vec![fedveil_proto::wire::ClassName(marked(101))],
+                    ..Default::default()
+                },
+            }),
+            101,
+        ),
+        (
+            Message::Hello(Hello {
+                version: PROTOCOL_VERSION,
+                node_name: "n".into(),
+                model: model_spec(),
+                num_examples: 1,
+                data: fedveil_proto::wire::DataSpec {
+                    example_shape: vec![1; 103],
+                    ..Default::default()
+                },
+            }),
+            103,
         ),
         (Message::error(ReasonCode::Internal, marked(89)), 89),
         (
@@ -484,6 +512,8 @@ async fn an_enrolled_node_sending_hostile_frames_is_dropped_alone() {
         node_name: "mallory".into(),
         model: model_spec(),
         num_examples: 10,
+        // The server's kind of data, so that the model is what differs.
+        data: d.split.test.spec(),
     });
     let param_count = {
         // The server's model: what a real node of this deployment trains.
@@ -509,6 +539,7 @@ async fn an_enrolled_node_sending_hostile_frames_is_dropped_alone() {
                     node_name: marked(83),
                     model: model_spec(),
                     num_examples: 1,
+                    data: Default::default(),
                 }),
                 83,
                 1 << 50,

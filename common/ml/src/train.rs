@@ -10,13 +10,18 @@ use crate::data::Shard;
 use crate::model::{
     self, DataShape, Example, FlModel, ModelError, ModelFactory, ModelSpec, TrainPlan,
 };
-use fedveil_proto::wire::{Evaluation, RoundConfig, Update};
+use fedveil_proto::wire::{DataSpec, Evaluation, RoundConfig, Update};
 
 /// What the client driver needs from local training. [`Trainer`] is the
 /// real one; wrappers (recording, DP, faults) implement it around another.
 pub trait LocalTrainer: Send + Sync + 'static {
     fn spec(&self) -> &ModelSpec;
     fn num_examples(&self) -> usize;
+    /// What the local data is, for the server's check at join (default:
+    /// unspecified, which a server that expects some data refuses).
+    fn data_spec(&self) -> DataSpec {
+        DataSpec::default()
+    }
     /// Trains from `global_model`; returns the update and the global model's
     /// evaluation on the local data.
     fn train_round(
@@ -134,6 +139,7 @@ impl<I> Drop for PooledModel<I> {
 pub struct Trainer<I: 'static = Example> {
     models: Arc<ModelPool<I>>,
     data: Arc<dyn Dataset<I>>,
+    data_spec: DataSpec,
     /// Mixed into shuffling seeds so clients shuffle differently.
     node_seed: u64,
 }
@@ -165,7 +171,8 @@ impl Trainer<Example> {
                 reason: format!("the model pool was built for {:?}", models.shape),
             });
         }
-        Ok(Self::with_data(models, Arc::new(shard), node_seed))
+        let data_spec = shard.data.spec();
+        Ok(Self::with_data(models, Arc::new(shard), node_seed).describing(data_spec))
     }
 }
 
@@ -176,8 +183,15 @@ impl<I: 'static> Trainer<I> {
         Self {
             models,
             data,
+            data_spec: DataSpec::default(),
             node_seed,
         }
+    }
+
+    /// Describes the data to the server (see [`LocalTrainer::data_spec`]).
+    pub fn describing(mut self, data_spec: DataSpec) -> Self {
+        self.data_spec = data_spec;
+        self
     }
 }
 
@@ -188,6 +202,10 @@ impl<I: 'static> LocalTrainer for Trainer<I> {
 
     fn num_examples(&self) -> usize {
         self.data.len()
+    }
+
+    fn data_spec(&self) -> DataSpec {
+        self.data_spec.clone()
     }
 
     fn train_round(

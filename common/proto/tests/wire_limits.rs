@@ -139,7 +139,7 @@ fn kind_of(m: &Message) -> &'static str {
     }
 }
 
-const REASONS: [ReasonCode; 26] = [
+const REASONS: [ReasonCode; 27] = [
     ReasonCode::VersionMismatch,
     ReasonCode::ModelMismatch,
     ReasonCode::MalformedFrame,
@@ -165,12 +165,30 @@ const REASONS: [ReasonCode; 26] = [
     ReasonCode::IdentityMismatch,
     ReasonCode::AlreadyConnected,
     ReasonCode::EnrolmentDisabled,
+    ReasonCode::DataMismatch,
     ReasonCode::Internal,
 ];
 
 fn text() -> impl Strategy<Value = String> {
     // Multi-byte characters included: lengths are in bytes.
     "[a-zA-Z0-9 _.ä€-]{0,40}"
+}
+
+fn data_spec() -> impl Strategy<Value = DataSpec> {
+    (
+        prop::collection::vec(any::<u32>(), 0..4),
+        any::<u32>(),
+        prop::collection::vec(text().prop_map(ClassName), 0..4),
+        any::<u32>(),
+    )
+        .prop_map(
+            |(example_shape, num_classes, class_names, vocab_size)| DataSpec {
+                example_shape,
+                num_classes,
+                class_names,
+                vocab_size,
+            },
+        )
 }
 
 fn blob() -> impl Strategy<Value = Vec<u8>> {
@@ -325,14 +343,17 @@ fn secagg() -> impl Strategy<Value = SecAgg> {
 fn message() -> impl Strategy<Value = Message> {
     let v = any::<u16>;
     prop_oneof![
-        (v(), text(), spec(), any::<u64>()).prop_map(|(version, node_name, model, n)| {
-            Message::Hello(Hello {
-                version,
-                node_name,
-                model,
-                num_examples: n,
-            })
-        }),
+        (v(), text(), spec(), any::<u64>(), data_spec()).prop_map(
+            |(version, node_name, model, n, data)| {
+                Message::Hello(Hello {
+                    version,
+                    node_name,
+                    model,
+                    num_examples: n,
+                    data,
+                })
+            }
+        ),
         (v(), any::<u64>(), spec()).prop_map(|(version, client_id, model)| Message::Welcome(
             Welcome {
                 version,
@@ -614,6 +635,7 @@ fn one_of_each() -> Vec<Message> {
             node_name: "node-a".into(),
             model: spec.clone(),
             num_examples: 10,
+            data: DataSpec::default(),
         }),
         Message::Welcome(Welcome {
             version: PROTOCOL_VERSION,

@@ -95,6 +95,7 @@ fn random_tokens(n: usize, seq_len: usize, vocab: usize, classes: usize) -> Data
             .collect(),
         num_classes: classes,
         targets: Vec::new(),
+        class_names: Vec::new(),
         owners: Vec::new(),
         vocab_size: vocab,
     }

@@ -143,6 +143,7 @@ pub fn load_csv(path: &Path, spec: &CsvSpec) -> Result<Dataset, DataError> {
             labels,
             num_classes: 0,
             targets,
+            class_names: Vec::new(),
             owners: Vec::new(),
             vocab_size: 0,
         });
@@ -163,6 +164,7 @@ pub fn load_csv(path: &Path, spec: &CsvSpec) -> Result<Dataset, DataError> {
         labels,
         num_classes,
         targets: Vec::new(),
+        class_names: spec.classes.clone().unwrap_or_default(),
         owners: Vec::new(),
         vocab_size: 0,
     })

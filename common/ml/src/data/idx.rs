@@ -193,6 +193,7 @@ fn read_pair(
         labels: label_bytes.into_iter().map(u32::from).collect(),
         num_classes,
         targets: Vec::new(),
+        class_names: Vec::new(),
         owners: Vec::new(),
         vocab_size: 0,
     })

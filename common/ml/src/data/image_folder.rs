@@ -118,6 +118,7 @@ pub fn load_image_folder(root: &Path, spec: &ImageFolderSpec) -> Result<Dataset,
         labels,
         num_classes: classes.len(),
         targets: Vec::new(),
+        class_names: classes.clone(),
         owners: Vec::new(),
         vocab_size: 0,
     })

@@ -127,6 +127,7 @@ fn load_split(dir: &Path) -> Result<Dataset, DataError> {
         labels,
         num_classes: FEMNIST_CLASSES,
         targets: Vec::new(),
+        class_names: Vec::new(),
         owners,
         vocab_size: 0,
     })

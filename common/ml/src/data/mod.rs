@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 pub use csv::{CsvSpec, load_csv};
 
+pub use fedveil_proto::wire::{ClassName, DataSpec};
 pub use image_folder::{ImageFolderSpec, load_image_folder};
 pub use partition::Partition;
 
@@ -89,6 +90,9 @@ pub struct Dataset {
     pub num_classes: usize,
     /// Regression targets, one per example; empty for classification.
     pub targets: Vec<f32>,
+    /// Class names in id order, when the source names them (CSV
+    /// `--classes`, image-folder subfolders); empty otherwise.
+    pub class_names: Vec<String>,
     /// The natural owner of each example (a LEAF writer), or empty when the
     /// dataset has none.
     pub owners: Vec<u32>,
@@ -104,6 +108,18 @@ impl Dataset {
 
     pub fn is_empty(&self) -> bool {
         self.labels.is_empty()
+    }
+
+    /// What the data is, as the server checks it at join: example shape,
+    /// classes (0 for a regression), their names, the vocabulary.
+    pub fn spec(&self) -> DataSpec {
+        let to_u32 = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        DataSpec {
+            example_shape: self.example_shape.iter().map(|&d| to_u32(d)).collect(),
+            num_classes: to_u32(self.num_classes),
+            class_names: self.class_names.iter().cloned().map(ClassName).collect(),
+            vocab_size: to_u32(self.vocab_size),
+        }
     }
 
     /// The learning task this data poses.
@@ -166,6 +182,7 @@ impl Dataset {
             example_shape: self.example_shape.clone(),
             labels: rows.iter().map(|&i| self.labels[i]).collect(),
             num_classes: self.num_classes,
+            class_names: self.class_names.clone(),
             targets: match self.targets.is_empty() {
                 true => Vec::new(),
                 false => rows.iter().map(|&i| self.targets[i]).collect(),

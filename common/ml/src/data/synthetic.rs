@@ -108,6 +108,7 @@ impl SyntheticConfig {
             labels,
             num_classes: self.num_classes,
             targets: Vec::new(),
+            class_names: Vec::new(),
             owners: Vec::new(),
             vocab_size: 0,
         }

@@ -265,6 +265,7 @@ fn sentence_split(train: Vec<Row>, test: Vec<Row>, num_classes: usize, seq_len: 
         labels: rows.iter().map(|r| r.label).collect(),
         num_classes,
         targets: Vec::new(),
+        class_names: Vec::new(),
         owners: Vec::new(),
         vocab_size: vocab.len(),
     };
@@ -326,6 +327,7 @@ fn char_windows(ids: &[u32], seq_len: usize, stride: usize, vocab: usize) -> Dat
         labels,
         num_classes: vocab,
         targets: Vec::new(),
+        class_names: Vec::new(),
         owners: Vec::new(),
         vocab_size: vocab,
     }
@@ -449,6 +451,7 @@ pub fn load_leaf_shakespeare(data_dir: &Path) -> Result<Split, DataError> {
             labels: Vec::new(),
             num_classes: vocab.len(),
             targets: Vec::new(),
+            class_names: Vec::new(),
             owners: Vec::new(),
             vocab_size: vocab.len(),
         };

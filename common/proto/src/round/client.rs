@@ -13,8 +13,8 @@ use rand_chacha::ChaCha20Rng;
 use crate::dp::{DpRound, PrivatizeError, Privatized};
 use crate::secagg::client::{ClientError as SecAggError, SecAggClient};
 use crate::wire::{
-    Evaluation, Hello, Message, ModelSpec, PROTOCOL_VERSION, ReasonCode, RoundConfig, SecAgg,
-    Update,
+    DataSpec, Evaluation, Hello, Message, ModelSpec, PROTOCOL_VERSION, ReasonCode, RoundConfig,
+    SecAgg, Update,
 };
 
 /// What the driver should do or know.
@@ -127,6 +127,7 @@ impl ClientSession {
             node_name: node_name.to_owned(),
             model: spec.clone(),
             num_examples,
+            data: DataSpec::default(),
         });
         Self {
             spec,
@@ -141,6 +142,17 @@ impl ClientSession {
             round_dp: None,
             attestor: None,
         }
+    }
+
+    /// Describes the node's data in its hello, so that the server can
+    /// refuse a node whose data does not match its own.
+    pub fn with_data(mut self, data: DataSpec) -> Self {
+        for m in &mut self.outbox {
+            if let Message::Hello(hello) = m {
+                hello.data = data.clone();
+            }
+        }
+        self
     }
 
     /// Binds this session's SecAgg keys to an enrolled identity: ours are

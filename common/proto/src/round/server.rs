@@ -31,8 +31,8 @@ use crate::strategy::{
     ClientUpdate, RoundUpdates, Strategy, StrategyError, StrategyState,
 };
 use crate::wire::{
-    CodecError, Evaluation, Goodbye, Hello, Message, ModelSpec, PROTOCOL_VERSION, ReasonCode,
-    RoundConfig, RoundStart, SecAgg, SecAggParams, Update, Welcome,
+    CodecError, DataSpec, Evaluation, Goodbye, Hello, Message, ModelSpec, PROTOCOL_VERSION,
+    ReasonCode, RoundConfig, RoundStart, SecAgg, SecAggParams, Update, Welcome,
 };
 
 /// A connection's identity within one server run.
@@ -504,6 +504,8 @@ impl RngState {
 pub struct Coordinator {
     cfg: CoordinatorConfig,
     spec: ModelSpec,
+    /// The data nodes must have, when the driver said.
+    data: Option<DataSpec>,
     global: Vec<f32>,
     rounds_completed: u64,
     rounds_failed: u64,
@@ -554,6 +556,7 @@ pub struct CoordinatorBuilder {
     spec: ModelSpec,
     strategy: Option<Box<dyn Strategy>>,
     secret_seed: Option<u64>,
+    data: Option<DataSpec>,
 }
 
 impl CoordinatorBuilder {
@@ -562,6 +565,15 @@ impl CoordinatorBuilder {
     /// the coordinator is built.
     pub fn strategy(mut self, strategy: Box<dyn Strategy>) -> Self {
         self.strategy = Some(strategy);
+        self
+    }
+
+    /// Admits only nodes whose hello describes this data (shape, task,
+    /// classes in order); others are refused with
+    /// [`ReasonCode::DataMismatch`], naming both sides. Without it, any
+    /// data the model fits is admitted.
+    pub fn expect_data(mut self, data: DataSpec) -> Self {
+        self.data = Some(data);
         self
     }
 
@@ -587,6 +599,7 @@ impl CoordinatorBuilder {
             spec,
             strategy,
             secret_seed,
+            data,
         } = self;
         cfg.validate()?;
         cfg.round.dp = cfg.dp.as_ref().map(|p| p.round.clone());
@@ -616,6 +629,7 @@ impl CoordinatorBuilder {
         Ok(Coordinator {
             cfg,
             spec,
+            data,
             global: global_model,
             rounds_completed: first_round.saturating_sub(1),
             rounds_failed: 0,
@@ -688,6 +702,7 @@ impl Coordinator {
             spec,
             strategy: None,
             secret_seed: None,
+            data: None,
         }
     }
 
@@ -1016,6 +1031,14 @@ impl Coordinator {
                 format!(
                     "client speaks protocol {}, server speaks {PROTOCOL_VERSION}",
                     hello.version
+                ),
+            ))
+        } else if let Some(expected) = self.data.as_ref().filter(|d| **d != hello.data) {
+            Some((
+                ReasonCode::DataMismatch,
+                format!(
+                    "node '{}' has {}; the server's model is for {expected}",
+                    hello.node_name, hello.data
                 ),
             ))
         } else if hello.model != self.spec {

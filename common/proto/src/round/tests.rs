@@ -1605,3 +1605,73 @@ fn a_strategy_that_breaks_the_model_fails_the_round_instead() {
         assert_eq!(h.server.global_model(), &[0.0; D], "the model is untouched");
     }
 }
+
+// ---- Data check at join -----------------------------------------------------
+
+use crate::wire::{ClassName, DataSpec};
+
+#[test]
+fn a_node_whose_data_differs_is_refused_naming_both_sides() {
+    let server_data = DataSpec {
+        example_shape: vec![30],
+        num_classes: 2,
+        class_names: vec![ClassName("malignant".into()), ClassName("benign".into())],
+        vocab_size: 0,
+    };
+    let server = Coordinator::builder(cfg(1, 3, 1.0), spec())
+        .expect_data(server_data.clone())
+        .start(vec![0.0; D])
+        .unwrap();
+    let mut h = Harness::with_server(server, 0);
+    let try_join = |h: &mut Harness, name: &str, data: DataSpec| {
+        let id = h.server.connect();
+        let mut session = ClientSession::new(name, spec(), 10, rng()).with_data(data);
+        while let Some(m) = session.poll_transmit() {
+            h.server.handle_message(id, m, h.now);
+        }
+        h.pump();
+        id
+    };
+    // The classes in the other order: the same shape, another meaning.
+    let mut swapped = server_data.clone();
+    swapped.class_names.reverse();
+    let regression = DataSpec {
+        example_shape: vec![10],
+        num_classes: 0,
+        class_names: Vec::new(),
+        vocab_size: 0,
+    };
+    for (name, data, node_side) in [
+        ("swapped", swapped, "2 classes (benign, malignant)"),
+        ("regression", regression, "examples [10], regression"),
+        ("silent", DataSpec::default(), "unspecified data"),
+    ] {
+        let id = try_join(&mut h, name, data);
+        let detail = h
+            .events
+            .iter()
+            .find_map(|e| match e {
+                Event::Rejected {
+                    id: r,
+                    code,
+                    detail,
+                } if *r == id => Some((*code, detail.clone())),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("{name} was admitted"));
+        assert_eq!(detail.0, ReasonCode::DataMismatch);
+        assert!(detail.1.contains(node_side), "{}", detail.1);
+        assert!(
+            detail
+                .1
+                .contains("examples [30], 2 classes (malignant, benign)"),
+            "{}",
+            detail.1
+        );
+        assert!(h.closed.contains(&id));
+    }
+    assert_eq!(h.server.admitted(), 0);
+    let id = try_join(&mut h, "same", server_data);
+    assert!(!h.closed.contains(&id));
+    assert_eq!(h.server.admitted(), 1);
+}

@@ -602,6 +602,12 @@ mod tests {
                 node_name: "node-a".into(),
                 model: spec.clone(),
                 num_examples: 10,
+                data: DataSpec {
+                    example_shape: vec![1, 28, 28],
+                    num_classes: 2,
+                    class_names: vec![ClassName("cat".into()), ClassName("dog".into())],
+                    vocab_size: 0,
+                },
             }),
             Message::Welcome(Welcome {
                 version: PROTOCOL_VERSION,

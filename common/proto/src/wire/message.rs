@@ -114,6 +114,62 @@ pub struct Hello {
     pub model: ModelSpec,
     /// Number of local training examples (informational; weights come with updates).
     pub num_examples: u64,
+    /// What the client's data looks like; the server refuses a node whose
+    /// data does not match its own.
+    pub data: DataSpec,
+}
+
+/// What a party's data is, as far as the model is concerned: the shape of
+/// an example, the task and its classes. Two parties must agree on all of
+/// it, class order included, or their models would disagree on what an
+/// output means. The default is "unspecified" (a user's own data that
+/// describes nothing), which matches only itself.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct DataSpec {
+    /// Shape of one example, e.g. `[1, 28, 28]` or `[30]`.
+    #[serde(deserialize_with = "crate::wire::bounded::vec")]
+    pub example_shape: Vec<u32>,
+    /// Classes of a classification; 0 for a regression.
+    pub num_classes: u32,
+    /// Class names in id order, when the data names them.
+    #[serde(deserialize_with = "crate::wire::bounded::vec")]
+    pub class_names: Vec<ClassName>,
+    /// Token vocabulary of text data; 0 otherwise.
+    pub vocab_size: u32,
+}
+
+/// A class name, bounded like every string from the wire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ClassName(#[serde(deserialize_with = "crate::wire::bounded::string")] pub String);
+
+impl std::fmt::Display for DataSpec {
+    /// `examples [30], 2 classes (malignant, benign)`, `examples [10],
+    /// regression`, `token sequences [64] over 80 tokens, 4 classes`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if *self == Self::default() {
+            return f.write_str("unspecified data");
+        }
+        match self.vocab_size {
+            0 => write!(f, "examples {:?}", self.example_shape)?,
+            v => write!(
+                f,
+                "token sequences {:?} over {v} tokens",
+                self.example_shape
+            )?,
+        }
+        match self.num_classes {
+            0 => f.write_str(", regression"),
+            n => {
+                write!(f, ", {n} classes")?;
+                if !self.class_names.is_empty() {
+                    let names: Vec<&str> = self.class_names.iter().map(|c| c.0.as_str()).collect();
+                    write!(f, " ({})", names.join(", "))?;
+                }
+                Ok(())
+            }
+        }
+    }
 }
 
 /// Server → client: the client is admitted; `client_id` names it in this run.
@@ -360,6 +416,8 @@ pub enum ReasonCode {
     AlreadyConnected = 24,
     /// The server cannot enrol nodes (its CA key is not on this machine).
     EnrolmentDisabled = 25,
+    /// The node's data (shape, task or classes) differs from the server's.
+    DataMismatch = 26,
     /// Anything else; see the detail text.
     Internal = 100,
 }

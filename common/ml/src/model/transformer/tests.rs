@@ -100,6 +100,7 @@ fn tiny_text(n: usize, seq: usize) -> Dataset {
         labels,
         num_classes: 3,
         targets: Vec::new(),
+        class_names: Vec::new(),
         owners: Vec::new(),
         vocab_size: 20,
     }
