@@ -12,14 +12,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use burn::data::dataset::Dataset as BurnDataset;
 use fedveil_client::{ClientError, ClientOptions, ClientReport, FaultHook, LocalTrainer, Trainer};
-use fedveil_ml::data::{self, DatasetName, Download, Partition, Shard, Split};
-use fedveil_ml::model::DataShape;
+use fedveil_ml::data::{self, DataSpec, DatasetName, Download, Partition, Shard, Split};
+use fedveil_ml::model::{DataShape, Example, ModelFactory};
 use fedveil_ml::train::ModelPool;
 use fedveil_ml::train::mix_seed;
 use fedveil_net::pki;
 use fedveil_net::quic::{self, NodeRegistry, ServerIdentity};
 use fedveil_proto::round::Coordinator;
+use fedveil_proto::strategy::Strategy;
 use fedveil_proto::wire::FrameLimits;
 use fedveil_server::setup::{ModelEvaluator, initial_model};
 use fedveil_server::{NodeService, Observer, Registry, RunReport, ServeOptions};
@@ -95,25 +97,89 @@ pub fn load_data(cfg: &SimConfig, explicit: bool) -> Result<LoadedData> {
     })
 }
 
-/// Runs one simulation on `split`.
-pub async fn run(cfg: &SimConfig, split: &Split, observer: &mut dyn Observer) -> Result<SimReport> {
-    let started = Instant::now();
-    if cfg.sim.clients == 0 {
-        bail!("clients must be at least 1");
+/// What a simulation federates: the model every party builds, each
+/// client's data and the server's test data, and optionally a strategy of
+/// the user's. [`Federation::builtin`] makes one from the settings (a
+/// built-in model on fedveil's datasets, split by the configured
+/// partition); a user's own model and data go in as a
+/// [`ModelFactory`] and Burn datasets of any item type.
+pub struct Federation<I> {
+    /// Builds the model, on every party, for data of `shape`.
+    pub model: ModelFactory<I>,
+    pub shape: DataShape,
+    /// What every party's data is, as the server checks at join
+    /// ([`DataSpec::default`] when the data does not say).
+    pub data: DataSpec,
+    /// One training set per simulated client: as many clients as sets.
+    pub clients: Vec<Arc<dyn BurnDataset<I>>>,
+    /// The server's test data, on which it evaluates each global model.
+    pub test: Arc<dyn BurnDataset<I>>,
+    /// Runs instead of the settings' built-in aggregation and server
+    /// optimizer (the privacy rules hold it the same way).
+    pub strategy: Option<Box<dyn Strategy>>,
+}
+
+impl Federation<Example> {
+    /// The configured built-in model on `split`, its training set split
+    /// among `cfg.sim.clients` clients by `cfg.sim.partition`.
+    pub fn builtin(cfg: &SimConfig, split: &Split) -> Result<Self> {
+        if cfg.sim.clients == 0 {
+            bail!("clients must be at least 1");
+        }
+        let partition: Partition = cfg.sim.partition.parse()?;
+        let shards = partition
+            .split_dataset(&split.train, cfg.sim.clients, cfg.run.seed)
+            .context("partitioning the training set")?;
+        Ok(Self {
+            model: fedveil_ml::model::builtin(&cfg.run.data.model)?,
+            shape: DataShape::of(&split.train),
+            data: split.test.spec(),
+            clients: shards
+                .into_iter()
+                .map(|indices| {
+                    Arc::new(Shard {
+                        data: Arc::clone(&split.train),
+                        indices,
+                    }) as Arc<dyn BurnDataset<Example>>
+                })
+                .collect(),
+            test: Arc::new(Shard::whole(Arc::clone(&split.test))),
+            strategy: None,
+        })
     }
-    let partition: Partition = cfg.sim.partition.parse()?;
+}
+
+/// Runs one simulation of the configured built-in model on `split`.
+pub async fn run(cfg: &SimConfig, split: &Split, observer: &mut dyn Observer) -> Result<SimReport> {
+    run_federation(cfg, Federation::builtin(cfg, split)?, observer).await
+}
+
+/// Runs one simulation of `federation`: a real server and one real client
+/// per training set, over QUIC on loopback, with the settings of `cfg`
+/// (rounds, local training, secure aggregation, DP, strategy, faults).
+/// `cfg.sim.clients` and `cfg.sim.partition` are not used: the federation
+/// already has its clients.
+pub async fn run_federation<I: Send + Sync + 'static>(
+    cfg: &SimConfig,
+    federation: Federation<I>,
+    observer: &mut dyn Observer,
+) -> Result<SimReport> {
+    let started = Instant::now();
+    let Federation {
+        model: factory,
+        shape,
+        data,
+        clients: client_data,
+        test,
+        strategy,
+    } = federation;
+    if client_data.is_empty() {
+        bail!("a federation needs at least one client");
+    }
+    let clients_n = client_data.len();
     let device = cfg.run.data.device()?.device()?;
-    let shards = partition
-        .split_dataset(&split.train, cfg.sim.clients, cfg.run.seed)
-        .context("partitioning the training set")?;
-    let shape = DataShape::of(&split.train);
-    let (spec, initial) = initial_model(
-        &fedveil_ml::model::builtin(&cfg.run.data.model)?,
-        &shape,
-        &device,
-        cfg.run.seed,
-    )?;
-    let largest_shard = shards.iter().map(Vec::len).max().unwrap_or(1) as u64;
+    let (spec, initial) = initial_model(&factory, &shape, &device, cfg.run.seed)?;
+    let largest_shard = client_data.iter().map(|d| d.len()).max().unwrap_or(1) as u64;
     let fault_plan = cfg.fault_plan()?;
     let fault_log = Arc::new(faults::FaultLog::default());
     // Set when the server's run is over: a client that vanished in the last
@@ -123,9 +189,9 @@ pub async fn run(cfg: &SimConfig, split: &Split, observer: &mut dyn Observer) ->
     // the whole simulated population, also the largest cohort the
     // distributed encoding must fit.
     let population = Population {
-        min_clients: cfg.sim.clients,
-        max_clients: cfg.sim.clients,
-        dp_population: cfg.run.dp_population.unwrap_or(cfg.sim.clients),
+        min_clients: clients_n,
+        max_clients: clients_n,
+        dp_population: cfg.run.dp_population.unwrap_or(clients_n),
         // Weights are example counts over the largest shard: full resolution.
         secagg_max_weight: cfg.run.secagg_max_weight.unwrap_or(largest_shard.max(1)),
         // The Shamir threshold must survive the dropout the run injects.
@@ -137,12 +203,15 @@ pub async fn run(cfg: &SimConfig, split: &Split, observer: &mut dyn Observer) ->
     if let Some(plan) = &config.dp {
         plan.log();
     }
-    let coordinator = Coordinator::builder(config, spec.clone())
-        .expect_data(split.test.spec())
+    let mut coordinator = Coordinator::builder(config, spec.clone())
+        .expect_data(data.clone())
         // Reproducible runs: DP noise and Poisson sampling follow the seed.
-        .secret_seed(mix_seed(&[cfg.run.seed, SERVER_SECRETS_SEED]))
-        .start(initial)?;
-    let evaluator = ModelEvaluator::new(&cfg.run.data.model, Arc::clone(&split.test), &device)?;
+        .secret_seed(mix_seed(&[cfg.run.seed, SERVER_SECRETS_SEED]));
+    if let Some(strategy) = strategy {
+        coordinator = coordinator.strategy(strategy);
+    }
+    let coordinator = coordinator.start(initial)?;
+    let evaluator = ModelEvaluator::of(&factory, &shape, test, &device)?;
 
     // The deployment's PKI, in process: a CA, a node registry in memory,
     // and one token per client. Clients enrol over QUIC like real nodes,
@@ -157,8 +226,8 @@ pub async fn run(cfg: &SimConfig, split: &Split, observer: &mut dyn Observer) ->
     let server = quinn::Endpoint::server(tls, "127.0.0.1:0".parse()?)?;
     let server_addr = server.local_addr()?;
     let now = pki::unix_now();
-    let mut tokens = Vec::with_capacity(shards.len());
-    for i in 0..shards.len() {
+    let mut tokens = Vec::with_capacity(clients_n);
+    for i in 0..clients_n {
         tokens.push(
             registry
                 .issue_token(&client_name(i), pki::DEFAULT_TOKEN_TTL, now)?
@@ -178,18 +247,17 @@ pub async fn run(cfg: &SimConfig, split: &Split, observer: &mut dyn Observer) ->
     // Every trainer is built before any client dials, so no handshake waits
     // on model construction. They share one device and one pool of model
     // instances: as many exist as train at once, however many clients.
-    let models = ModelPool::new(&cfg.run.data.model, shape.clone(), device.clone())?;
-    let mut trainers = Vec::with_capacity(shards.len());
-    for (i, indices) in shards.into_iter().enumerate() {
-        let shard = Shard {
-            data: Arc::clone(&split.train),
-            indices,
-        };
-        let trainer: Arc<dyn LocalTrainer> = Arc::new(Trainer::pooled(
-            Arc::clone(&models),
-            shard,
-            mix_seed(&[cfg.run.seed, i as u64]),
-        )?);
+    let models = ModelPool::of(factory, shape, device.clone())?;
+    let mut trainers = Vec::with_capacity(clients_n);
+    for (i, dataset) in client_data.into_iter().enumerate() {
+        let trainer: Arc<dyn LocalTrainer> = Arc::new(
+            Trainer::with_data(
+                Arc::clone(&models),
+                dataset,
+                mix_seed(&[cfg.run.seed, i as u64]),
+            )
+            .describing(data.clone()),
+        );
         trainers.push(trainer);
     }
     let mut clients = tokio::task::JoinSet::new();

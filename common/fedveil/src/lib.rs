@@ -3,7 +3,7 @@
 //! Nodes train a [Burn](https://burn.dev) model on their own data, clip
 //! their update, add differential-privacy noise and mask it for secure
 //! aggregation (SecAgg+); the server only ever sees the sum, applies a
-//! server optimizer and keeps model, optimizer state and privacy ledger
+//! server strategy and keeps model, optimizer state and privacy ledger
 //! durable across crashes. Everything travels over QUIC with mutual TLS 1.3
 //! under the deployment's own certificate authority.
 //!
@@ -11,7 +11,7 @@
 //!
 //! | layer | crate | modules |
 //! |---|---|---|
-//! | protocol core, sans-IO | `fedveil-proto` | [`wire`], [`round`], [`secagg`], [`dp`], [`aggregate`], [`server_opt`], [`metrics`] |
+//! | protocol core, sans-IO | `fedveil-proto` | [`wire`], [`round`], [`secagg`], [`dp`], [`aggregate`], [`strategy`], [`server_opt`], [`metrics`] |
 //! | machine learning (Burn): [`model::FederatedModel`] for your own model | `fedveil-ml` | [`model`], [`data`], [`train`] |
 //! | transport and PKI | `fedveil-net` | [`quic`], [`pki`] |
 //! | run settings, defined once | `fedveil-settings` | [`settings`] |
@@ -31,7 +31,7 @@
 pub use burn;
 pub use fedveil_ml::{data, model, train};
 pub use fedveil_net::{pki, quic};
-pub use fedveil_proto::{aggregate, dp, metrics, round, secagg, server_opt, wire};
+pub use fedveil_proto::{aggregate, dp, metrics, round, secagg, server_opt, strategy, wire};
 pub use fedveil_settings as settings;
 
 #[cfg(feature = "client")]
