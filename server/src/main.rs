@@ -17,7 +17,7 @@ use fedveil_proto::round::server::MIN_SECAGG_COHORT;
 use fedveil_proto::wire::FrameLimits;
 use fedveil_server::config_file::{SERVER_CONFIG_FILE, ServerFile};
 use fedveil_server::setup::{MetricsFiles, ModelEvaluator, ServerObserver, initial_model};
-use fedveil_server::store::Store;
+use fedveil_server::store::{Opened, Store};
 use fedveil_server::{NodeService, Registry, ServeOptions};
 use fedveil_settings::{Deployment, Layered, Population, Settings, SettingsFile, Simulation};
 
@@ -376,31 +376,20 @@ async fn run(args: RunArgs, settings: Settings, deployment: Deployment) -> Resul
     let record = serde_json::Value::Object(record).to_string();
     let state_path = args.state.path(&args.identity.dir);
     let mut store = Store::open(&state_path, &args.state.run, &record)?;
-    let saved = store.load()?;
-    let coordinator = match saved.checkpoint {
-        None if saved.ledger.is_none() => Coordinator::builder(config, spec.clone())
-            .expect_data(split.test.spec())
-            .start(initial)?,
-        checkpoint => {
-            // Nothing committed yet but a round was charged: continue from
-            // the initial state, after that round.
-            let checkpoint = match checkpoint {
-                Some(c) => c,
-                None => Coordinator::new(config.clone(), spec.clone(), initial, 1)?.checkpoint(),
-            };
-            let c = Coordinator::builder(config, spec.clone())
-                .expect_data(split.test.spec())
-                .resume(checkpoint, saved.ledger)?;
+    let data = split.test.spec();
+    let builder = || Coordinator::builder(config.clone(), spec.clone()).expect_data(data.clone());
+    let coordinator = match store.start_or_resume(builder, initial)? {
+        Opened::Started(c) => c,
+        Opened::Complete { rounds_completed } => {
+            println!(
+                "run '{}' already completed its {rounds_completed} rounds (state in {}); export its model with `fedveil-server export`, or start a new run with --run NAME",
+                args.state.run,
+                state_path.display()
+            );
+            return Ok(());
+        }
+        Opened::Resumed(c) => {
             let resumed = c.checkpoint();
-            if resumed.rounds_completed >= settings.rounds {
-                println!(
-                    "run '{}' already completed its {} rounds (state in {}); export its model with `fedveil-server export`, or start a new run with --run NAME",
-                    args.state.run,
-                    resumed.rounds_completed,
-                    state_path.display()
-                );
-                return Ok(());
-            }
             println!(
                 "resumed run '{}' at round {} ({} completed, {} failed); model sha256 {}; moments sha256 {}; epsilon {}",
                 args.state.run,

@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 use fedveil_proto::dp::PrivacyLedger;
 use fedveil_proto::metrics::RoundMetrics;
 use fedveil_proto::round::server::{Checkpoint, Durable, RngState};
+use fedveil_proto::round::{ConfigError, Coordinator, CoordinatorBuilder};
 use fedveil_proto::strategy::StrategyState;
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -440,6 +441,58 @@ pub(crate) fn open_database(path: &Path) -> Result<Connection, StoreError> {
     conn.busy_timeout(std::time::Duration::from_secs(5))
         .map_err(&err)?;
     Ok(conn)
+}
+
+/// How a run opened from its durable state.
+#[derive(Debug)]
+pub enum Opened {
+    /// A new run, at round 1.
+    Started(Coordinator),
+    /// A run continued where its committed state left it.
+    Resumed(Coordinator),
+    /// The run had already completed its rounds; nothing is left to do.
+    Complete { rounds_completed: u64 },
+}
+
+/// Why a run could not be started or resumed.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+}
+
+impl Store {
+    /// Starts the run from `initial`, or resumes it from what this store
+    /// holds: the newest checkpoint and the newest charged ledger, so that
+    /// a round charged and then lost in a crash stays spent and is never
+    /// charged twice. `coordinator` sets up the run's coordinator (config,
+    /// model spec, data, strategy); it is called once, or twice when only a
+    /// charged round and no checkpoint survived.
+    pub fn start_or_resume(
+        &self,
+        coordinator: impl Fn() -> CoordinatorBuilder,
+        initial: Vec<f32>,
+    ) -> Result<Opened, OpenError> {
+        let saved = self.load()?;
+        let checkpoint = match saved.checkpoint {
+            None if saved.ledger.is_none() => {
+                return Ok(Opened::Started(coordinator().start(initial)?));
+            }
+            Some(c) => c,
+            // Nothing committed yet but a round was charged: continue from
+            // the initial state, after that round.
+            None => coordinator().start(initial)?.checkpoint(),
+        };
+        let resumed = coordinator().resume(checkpoint, saved.ledger)?;
+        if resumed.rounds_completed() >= resumed.config().rounds {
+            return Ok(Opened::Complete {
+                rounds_completed: resumed.rounds_completed(),
+            });
+        }
+        Ok(Opened::Resumed(resumed))
+    }
 }
 
 pub(crate) fn sqlite_err(path: &Path) -> impl Fn(rusqlite::Error) -> StoreError + '_ {

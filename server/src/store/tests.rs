@@ -185,3 +185,66 @@ fn moments_saved_before_strategies_are_read_as_buffers() {
     assert_eq!(loaded.strategy.buffers["v"], vec![0.75]);
     assert_eq!(loaded.strategy.step, c.strategy.step);
 }
+
+#[test]
+fn a_run_starts_resumes_or_is_already_complete() {
+    use fedveil_proto::round::{Coordinator, CoordinatorConfig};
+    use fedveil_proto::wire::ModelSpec;
+
+    let spec = ModelSpec {
+        name: "m".into(),
+        param_count: 4,
+        shape_signature: [0; 32],
+    };
+    let config = CoordinatorConfig {
+        rounds: 3,
+        ..CoordinatorConfig::default()
+    };
+    let builder = || Coordinator::builder(config.clone(), spec.clone());
+    let path = temp_db("open");
+    let mut store = Store::open(&path, "default", "{}").unwrap();
+    let Opened::Started(fresh) = store.start_or_resume(builder, vec![0.5; 4]).unwrap() else {
+        panic!("a new run starts")
+    };
+    assert_eq!(
+        (fresh.next_round(), fresh.global_model()),
+        (1, &[0.5; 4][..])
+    );
+    // Two rounds committed: the run continues at round 3 from that model.
+    let mut saved = fresh.checkpoint();
+    (saved.next_round, saved.rounds_completed) = (3, 2);
+    saved.global_model = vec![2.0; 4];
+    store
+        .persist(&Durable::Checkpoint(Box::new(saved.clone())))
+        .unwrap();
+    let Opened::Resumed(resumed) = store.start_or_resume(builder, vec![0.5; 4]).unwrap() else {
+        panic!("a started run resumes")
+    };
+    assert_eq!(resumed.next_round(), 3);
+    assert_eq!(resumed.global_model(), &[2.0; 4]);
+    // All three done: nothing is left to run.
+    (saved.next_round, saved.rounds_completed) = (4, 3);
+    store
+        .persist(&Durable::Checkpoint(Box::new(saved)))
+        .unwrap();
+    assert!(matches!(
+        store.start_or_resume(builder, vec![0.5; 4]).unwrap(),
+        Opened::Complete {
+            rounds_completed: 3
+        }
+    ));
+    // A config the checkpoint does not fit is an error, not a fresh start.
+    let wrong = || {
+        Coordinator::builder(
+            config.clone(),
+            ModelSpec {
+                param_count: 5,
+                ..spec.clone()
+            },
+        )
+    };
+    assert!(matches!(
+        store.start_or_resume(wrong, vec![0.5; 5]),
+        Err(OpenError::Config(_))
+    ));
+}
