@@ -1324,6 +1324,10 @@ impl Coordinator {
             && r.cohort.contains(&id)
             && eval.loss.is_finite()
             && eval.scores.is_valid()
+            && self
+                .data
+                .as_ref()
+                .is_none_or(|d| scores_fit(d, &eval.scores))
             && eval.num_examples <= self.cfg.max_examples_per_update
             && (f64::from(eval.loss) * eval.num_examples as f64).abs() < MAX_WEIGHTED_MAGNITUDE;
         if valid && !r.evaluations.contains_key(&id) {
@@ -1404,6 +1408,18 @@ impl Coordinator {
         };
         cohort.sort_unstable();
         let round = self.next_round;
+        if cohort.is_empty() && self.cfg.dp.is_none() {
+            // Only a strategy's selection can be empty here; waiting out the
+            // round timeout for nobody would only delay the failure.
+            return self.fail_round(
+                round,
+                format!(
+                    "strategy {} selected none of the {} admitted clients",
+                    self.strategy.name(),
+                    self.admitted()
+                ),
+            );
+        }
         if let Some(plan) = &self.cfg.dp {
             let needed = plan.min_contributors.max(1);
             if cohort.len() < needed {
@@ -1743,6 +1759,16 @@ impl Coordinator {
             close,
         });
         self.events.push_back(Event::Rejected { id, code, detail });
+    }
+}
+
+/// Whether a report's scores are the ones the data's task has: accuracy
+/// for a classification, errors for a regression (`num_classes` 0).
+fn scores_fit(data: &DataSpec, scores: &crate::metrics::TaskScores) -> bool {
+    if data.num_classes == 0 {
+        scores.accuracy.is_none()
+    } else {
+        scores.mse.is_none() && scores.mae.is_none()
     }
 }
 

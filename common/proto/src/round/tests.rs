@@ -1675,3 +1675,94 @@ fn a_node_whose_data_differs_is_refused_naming_both_sides() {
     assert!(!h.closed.contains(&id));
     assert_eq!(h.server.admitted(), 1);
 }
+
+#[test]
+fn a_strategy_that_selects_nobody_fails_the_round_at_once() {
+    #[derive(Debug)]
+    struct Nobody;
+    impl Strategy for Nobody {
+        fn name(&self) -> String {
+            "nobody".into()
+        }
+        fn select_cohort(
+            &mut self,
+            _: u64,
+            _: &[Candidate<'_>],
+            _: usize,
+            _: &mut SamplingRng,
+        ) -> Vec<ClientId> {
+            vec![12345] // not a candidate: ignored, leaving no one
+        }
+        fn step(&mut self, _: u64, _: &mut [f32], _: &[f32]) {}
+    }
+    let server = Coordinator::builder(cfg(1, 3, 1.0), spec())
+        .strategy(Box::new(Nobody))
+        .start(vec![0.0; D])
+        .unwrap();
+    let mut h = Harness::with_server(server, 3);
+    assert!(h.train_requests().is_empty(), "nobody is asked to train");
+    let reasons = failures(&h);
+    assert!(
+        reasons[0].contains("strategy nobody selected none of the 3 admitted clients"),
+        "{reasons:?}"
+    );
+    assert_eq!(
+        h.server.poll_timeout(),
+        None,
+        "no round waits for a timeout"
+    );
+}
+
+#[test]
+fn evaluations_with_another_tasks_scores_are_left_out() {
+    let regression = DataSpec {
+        example_shape: vec![10],
+        ..DataSpec::default()
+    };
+    let server = Coordinator::builder(cfg(1, 3, 1.0), spec())
+        .expect_data(regression.clone())
+        .start(vec![0.0; D])
+        .unwrap();
+    let mut h = Harness::with_server(server, 0);
+    for i in 0..3 {
+        let id = h.server.connect();
+        let mut session = ClientSession::new(&format!("node-{i}"), spec(), 10, rng())
+            .with_data(regression.clone());
+        while let Some(m) = session.poll_transmit() {
+            h.server.handle_message(id, m, h.now);
+        }
+        h.clients.insert(id, session);
+        h.pump();
+    }
+    let reqs = h.train_requests();
+    assert_eq!(reqs.len(), 3);
+    for (i, (id, round, _)) in reqs.into_iter().enumerate() {
+        // Two report a regression's errors; one claims an accuracy.
+        let scores = if i == 0 {
+            TaskScores::classification(0.99)
+        } else {
+            TaskScores::regression(4.0, 2.0)
+        };
+        h.send_raw(
+            id,
+            Message::Evaluation(Evaluation {
+                round,
+                num_examples: 5,
+                loss: 4.0,
+                scores,
+            }),
+        );
+        h.send_raw(
+            id,
+            Message::Update(Update {
+                round,
+                num_examples: 5,
+                train_loss: 1.0,
+                delta: vec![0.1; D],
+            }),
+        );
+    }
+    let eval = h.completed()[0].client_eval.unwrap();
+    assert_eq!(eval.examples, 10, "the accuracy report is not counted");
+    assert_eq!(eval.scores, TaskScores::regression(4.0, 2.0));
+}
