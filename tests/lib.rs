@@ -13,14 +13,13 @@ use fedveil_client::enrol::{self, EnrolmentError};
 use fedveil_client::{ClientError, ClientOptions, ClientReport, LocalTrainer, Trainer};
 use fedveil_ml::data::synthetic::SyntheticConfig;
 use fedveil_ml::data::{Shard, Split};
-use fedveil_ml::model::DataShape;
 use fedveil_net::pki::{self, CertificateAuthority, NodeIdentity};
-use fedveil_net::quic::{self, NodeRegistry, ServerIdentity};
+use fedveil_net::quic::ServerIdentity;
 use fedveil_proto::round::server::SecAggConfig;
-use fedveil_proto::round::{Coordinator, CoordinatorConfig, Event};
-use fedveil_proto::wire::{FrameLimits, RoundConfig};
-use fedveil_server::setup::{ModelEvaluator, initial_model};
-use fedveil_server::{LogObserver, NodeService, Observer, Registry, RunReport, ServeOptions};
+use fedveil_proto::round::{CoordinatorConfig, Event};
+use fedveil_proto::wire::RoundConfig;
+use fedveil_server::{LogObserver, Observer, Registry, RunReport, Server};
+use fedveil_settings::Settings;
 use tokio::sync::{Mutex, mpsc};
 
 /// A small synthetic image task: 600 training and 100 test examples.
@@ -67,7 +66,7 @@ impl Observer for Forward {
 /// A server for `rounds` rounds of CNN training, starting once
 /// `min_clients` nodes are in.
 pub fn deploy(tag: &str, rounds: u64, min_clients: usize, secagg: bool) -> Deployment {
-    deploy_with(tag, |config| {
+    deploy_with(tag, move |config| {
         config.rounds = rounds;
         config.min_clients = min_clients;
         config.round.secure_aggregation = secagg;
@@ -75,82 +74,63 @@ pub fn deploy(tag: &str, rounds: u64, min_clients: usize, secagg: bool) -> Deplo
     })
 }
 
-/// A server whose coordinator settings `adjust` changes first.
-pub fn deploy_with(tag: &str, adjust: impl FnOnce(&mut CoordinatorConfig)) -> Deployment {
+/// A server whose coordinator settings `adjust` changes first. The tests
+/// state the coordinator's config exactly, so it replaces what the
+/// settings would make.
+pub fn deploy_with(
+    tag: &str,
+    adjust: impl FnOnce(&mut CoordinatorConfig) + Send + 'static,
+) -> Deployment {
     let dir = std::env::temp_dir().join(format!("fedveil-enrol-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let db = dir.join("state.db");
     let split = synthetic();
-    let device = Device::flex();
-    let shape = DataShape::of(&split.train);
-    let (spec, initial) = initial_model(
-        &fedveil_ml::model::builtin("cnn").unwrap(),
-        &shape,
-        &device,
-        1,
-    )
-    .unwrap();
-    let mut config = CoordinatorConfig {
-        rounds: 1,
-        min_clients: 1,
-        fraction: 1.0,
-        round_timeout: Duration::from_secs(120),
-        max_clients: 100,
-        max_examples_per_update: 100_000,
-        seed: 1,
-        round: RoundConfig {
-            learning_rate: 0.1,
-            seed: 3,
-            ..RoundConfig::default()
-        },
-        max_failed_rounds: 3,
-        ..CoordinatorConfig::default()
-    };
-    adjust(&mut config);
-    // As fedveil-server does: nodes must have the server's kind of data.
-    let coordinator = Coordinator::builder(config, spec.clone())
-        .expect_data(split.test.spec())
-        .start(initial)
-        .unwrap();
-    let evaluator = ModelEvaluator::new("cnn", Arc::clone(&split.test), &device).unwrap();
     let identity = ServerIdentity::generate(&["localhost".into()]).unwrap();
     let ca_copy = {
         let ca = identity.ca.as_ref().unwrap();
         CertificateAuthority::from_pem(&ca.cert_pem(), &ca.key_pem()).unwrap()
     };
-    let fingerprint = pki::parse_fingerprint(&identity.ca_fingerprint()).unwrap();
     let registry = Arc::new(Registry::open(&db).unwrap());
-    let tls = quic::server_config(
-        &identity,
-        Some(Arc::clone(&registry) as Arc<dyn NodeRegistry>),
-    )
-    .unwrap();
-    let endpoint = quinn::Endpoint::server(tls, "127.0.0.1:0".parse().unwrap()).unwrap();
-    let addr = endpoint.local_addr().unwrap();
-    let nodes = Arc::new(NodeService {
-        registry: Arc::clone(&registry),
-        ca: identity.ca,
-        cert_ttl: pki::DEFAULT_CLIENT_CERT_TTL,
-    });
-    let limits = FrameLimits::for_model(spec.param_count);
     let (events_tx, events) = mpsc::unbounded_channel();
-    let run = tokio::spawn(async move {
-        let mut observer = Forward(events_tx);
-        fedveil_server::serve(
-            endpoint,
-            coordinator,
-            evaluator,
-            ServeOptions {
-                limits,
-                observer: &mut observer,
-                state: None,
-                nodes: Some(nodes),
-            },
-            std::future::pending(),
+    let settings = Settings {
+        seed: 1,
+        ..Settings::default()
+    };
+    // As fedveil-server does: nodes must have the server's kind of data.
+    let server = Server::builder(settings)
+        .model(
+            fedveil_ml::model::builtin("cnn").unwrap(),
+            Arc::clone(&split.test),
         )
-        .await
-    });
+        .identity(identity)
+        .registry(Arc::clone(&registry))
+        .listen("127.0.0.1:0".parse().unwrap())
+        .observer(Box::new(Forward(events_tx)))
+        .tune(move |config| {
+            *config = CoordinatorConfig {
+                rounds: 1,
+                min_clients: 1,
+                fraction: 1.0,
+                round_timeout: Duration::from_secs(120),
+                max_clients: 100,
+                max_examples_per_update: 100_000,
+                seed: 1,
+                round: RoundConfig {
+                    learning_rate: 0.1,
+                    seed: 3,
+                    ..RoundConfig::default()
+                },
+                max_failed_rounds: 3,
+                ..CoordinatorConfig::default()
+            };
+            adjust(config);
+        })
+        .build()
+        .unwrap();
+    let addr = server.local_addr();
+    let fingerprint = pki::parse_fingerprint(server.ca_fingerprint()).unwrap();
+    let run = tokio::spawn(server.run(std::future::pending()));
     Deployment {
         addr,
         fingerprint,

@@ -25,14 +25,17 @@ pub const MAX_CONNECT_BACKOFF: Duration = Duration::from_secs(30);
 /// Where and how to connect.
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
+    /// The server's address.
     pub server: SocketAddr,
     /// Name checked against the server certificate (a DNS name or an IP).
     pub server_name: String,
+    /// This node's name (from its certificate when enrolled).
     pub node_name: String,
     /// Bounds concurrent local training (simulations share one pool).
     pub training_slots: Option<Arc<Semaphore>>,
     /// Bounds concurrent handshakes (simulations: no connection storm).
     pub connect_slots: Option<Arc<Semaphore>>,
+    /// How connecting is retried.
     pub retry: RetryPolicy,
     /// TLS config for this client (its own client certificate); `None`
     /// uses the endpoint's default.
@@ -51,12 +54,14 @@ pub struct ClientOptions {
 /// Fault injection for simulations: decides, before each message this node
 /// sends, whether it goes out now, late, or never (the node vanishes).
 pub trait FaultHook: Send + Sync + std::fmt::Debug {
+    /// What happens to `message`, which is about to be sent.
     fn before_send(&self, message: &Message) -> Fault;
 }
 
 /// What a [`FaultHook`] does to one outgoing message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
+    /// Send it now.
     Send,
     /// Send after this delay (a straggler).
     Delay(Duration),
@@ -107,9 +112,13 @@ impl ClientOptions {
 /// arriving as a second storm.
 #[derive(Debug, Clone, Copy)]
 pub struct RetryPolicy {
+    /// Connection attempts before giving up.
     pub attempts: u32,
+    /// How long one attempt (QUIC and TLS handshake) may take.
     pub timeout: Duration,
+    /// The longest wait before the first retry.
     pub initial_backoff: Duration,
+    /// The longest wait between any two attempts.
     pub max_backoff: Duration,
 }
 
@@ -138,31 +147,48 @@ impl RetryPolicy {
 /// What a client did in a run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClientReport {
+    /// The id the server gave this client, once it joined.
     pub client_id: Option<u64>,
+    /// Rounds whose update this client sent.
     pub rounds_trained: u64,
     /// Rounds the server completed, from its goodbye.
     pub server_rounds_completed: u64,
+    /// Bytes written to the server.
     pub bytes_sent: u64,
+    /// Bytes read from the server.
     pub bytes_received: u64,
 }
 
+/// Why a client's run ended early.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    /// The connection failed.
     #[error(transparent)]
     Net(#[from] NetError),
+    /// The server broke the protocol, or asked what this node refuses.
     #[error(transparent)]
     Session(#[from] SessionError),
+    /// Local training or evaluation failed.
     #[error("local model: {0}")]
     Model(#[from] ModelError),
+    /// The server closed the connection before saying goodbye.
     #[error("the server closed the connection before the run ended")]
     ServerClosed,
+    /// No connection could be made.
     #[error("could not connect after {attempts} attempts: {last}")]
-    Unreachable { attempts: u32, last: String },
+    Unreachable {
+        /// Attempts made.
+        attempts: u32,
+        /// The last attempt's error.
+        last: String,
+    },
+    /// The server refused this node (its certificate, revocation, or data).
     #[error("{0}")]
     Rejected(Rejection),
     /// A [`FaultHook`] made this node vanish in `round`.
     #[error("vanished in round {round} (injected fault)")]
     Vanished {
+        /// The round it vanished in.
         round: u64,
         /// Rounds whose update this connection had sent before.
         rounds_trained: u64,

@@ -18,20 +18,33 @@ use fedveil_proto::wire::{
 /// How long one enrolment exchange may take, handshake included.
 pub const ENROL_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Why enrolment or renewal failed.
 #[derive(Debug, thiserror::Error)]
 pub enum EnrolmentError {
+    /// The connection failed.
     #[error("{0}")]
     Net(#[from] NetError),
+    /// TLS refused one side (a pin mismatch, or this node's certificate).
     #[error("{0}")]
     Rejected(Rejection),
+    /// The server answered with a refusal.
     #[error("{}", refusal_advice(*code, detail))]
-    Refused { code: ReasonCode, detail: String },
+    Refused {
+        /// Why, as a reason code.
+        code: ReasonCode,
+        /// The server's explanation.
+        detail: String,
+    },
+    /// A key or certificate could not be made or checked.
     #[error("{0}")]
     Pki(#[from] PkiError),
+    /// The server's answer made no sense.
     #[error("unexpected answer from the server: {0}")]
     Protocol(String),
+    /// The server did not answer in time.
     #[error("the server did not answer within {0:?}")]
     Timeout(Duration),
+    /// Connecting failed for another reason.
     #[error("{0}")]
     Connect(crate::ClientError),
 }

@@ -6,10 +6,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
-use fedveil_client::{ClientOptions, LocalTrainer, Trainer};
+use fedveil_client::{Node, Trainer};
 use fedveil_ml::data::{Partition, Shard};
-use fedveil_net::pki::{self, NodeIdentity};
-use fedveil_net::quic;
+use fedveil_net::pki::{self, Invitation};
 use fedveil_settings::{DataSettings, Layered, SettingsFile};
 
 #[derive(Parser)]
@@ -116,79 +115,20 @@ fn main() -> Result<()> {
             data_settings.update_from_flags(matches.subcommand_matches("run").expect("run"))?;
             runtime.block_on(run(args, data_settings))
         }
-        Command::Renew(args) => runtime.block_on(async {
-            let (server, identity) = load_node(&args).await?;
-            renew(&server, &args.dir, &identity).await.map(|_| ())
-        }),
+        Command::Renew(args) => runtime.block_on(renew(args)),
     }
-}
-
-/// Settings saved at enrolment next to the identity.
-const NODE_SETTINGS_FILE: &str = "client.toml";
-
-#[derive(serde::Serialize, serde::Deserialize)]
-struct NodeSettings {
-    /// HOST:PORT of the server this node enrolled with.
-    server: String,
-}
-
-/// A resolved server address and the name its certificate must carry.
-struct Server {
-    addr: std::net::SocketAddr,
-    name: String,
-}
-
-async fn resolve(server: &str) -> Result<Server> {
-    let addr = tokio::net::lookup_host(server)
-        .await
-        .with_context(|| format!("cannot resolve {server}"))?
-        .next()
-        .with_context(|| format!("{server} has no address"))?;
-    let host = server.rsplit_once(':').map_or(server, |(h, _)| h);
-    Ok(Server {
-        addr,
-        name: quic::server_name(host).to_owned(),
-    })
-}
-
-fn endpoint_for(server: &Server) -> Result<quinn::Endpoint> {
-    let local = if server.addr.is_ipv6() {
-        "[::]:0"
-    } else {
-        "0.0.0.0:0"
-    };
-    Ok(quinn::Endpoint::client(local.parse()?)?)
 }
 
 async fn enroll(args: EnrollArgs) -> Result<()> {
-    let pin = pki::parse_fingerprint(&args.ca_fingerprint)?;
-    if let Some(name) = &args.name {
-        pki::validate_node_name(name)?;
-    }
-    if args.dir.join(pki::NODE_IDENTITY_FILE).exists() {
-        bail!(
-            "{} already holds a node identity; use another directory, or `fedveil-client renew` to refresh it",
-            args.dir.display()
-        );
-    }
-    let server = resolve(&args.server).await?;
-    let endpoint = endpoint_for(&server)?;
-    let identity = fedveil_client::enrol::enrol(
-        &endpoint,
-        server.addr,
-        &server.name,
-        pin,
-        &args.token,
-        args.name.as_deref(),
-    )
-    .await
-    .context("enrolment failed")?;
-    identity.save(&args.dir)?;
-    let settings = toml::to_string(&NodeSettings {
+    let invitation = Invitation {
         server: args.server.clone(),
-    })?;
-    std::fs::write(args.dir.join(NODE_SETTINGS_FILE), settings)?;
-    endpoint.wait_idle().await;
+        ca_fingerprint: args.ca_fingerprint.clone(),
+        token: args.token.clone(),
+        node: args.name.clone(),
+    };
+    let node = Node::enrol_into(&args.dir, &invitation).await?;
+    node.wait_idle().await;
+    let identity = node.identity();
     println!(
         "enrolled as '{}' with {} (certificate {}, valid until {}); identity in {}\n\
          next: `fedveil-client run --dir {}`",
@@ -202,63 +142,27 @@ async fn enroll(args: EnrollArgs) -> Result<()> {
     Ok(())
 }
 
-/// The node's identity and its server (from --server or client.toml).
-async fn load_node(args: &NodeArgs) -> Result<(Server, NodeIdentity)> {
-    let identity = NodeIdentity::load(&args.dir).with_context(|| {
-        format!(
-            "no node identity in {}: enrol first (`fedveil-client enroll`)",
-            args.dir.display()
-        )
-    })?;
-    let server = match &args.server {
-        Some(s) => s.clone(),
-        None => {
-            let path = args.dir.join(NODE_SETTINGS_FILE);
-            let text = std::fs::read_to_string(&path)
-                .with_context(|| format!("{}: pass --server HOST:PORT", path.display()))?;
-            toml::from_str::<NodeSettings>(&text)
-                .with_context(|| format!("{}", path.display()))?
-                .server
-        }
-    };
-    Ok((resolve(&server).await?, identity))
-}
-
-/// Renews `current` and saves the new identity over it.
-async fn renew(
-    server: &Server,
-    dir: &std::path::Path,
-    current: &NodeIdentity,
-) -> Result<NodeIdentity> {
-    let endpoint = endpoint_for(server)?;
-    let renewed = fedveil_client::enrol::renew(&endpoint, server.addr, &server.name, current)
-        .await
-        .context("certificate renewal failed")?;
-    renewed.save(dir)?;
-    endpoint.wait_idle().await;
+async fn renew(args: NodeArgs) -> Result<()> {
+    let mut node = Node::open_at(&args.dir, args.server.as_deref()).await?;
+    node.renew().await?;
+    node.wait_idle().await;
     println!(
         "renewed the certificate of '{}': {} valid until {}",
-        renewed.name(),
-        renewed.info().serial,
-        pki::format_time(renewed.info().not_after)
+        node.name(),
+        node.identity().info().serial,
+        pki::format_time(node.identity().info().not_after)
     );
-    Ok(renewed)
+    Ok(())
 }
 
 async fn run(args: RunArgs, data_settings: DataSettings) -> Result<()> {
-    let (server, mut identity) = load_node(&args.node).await?;
-    let now = pki::unix_now();
-    if identity.remaining(now) <= 0 {
-        bail!(
-            "this node's certificate expired at {}; it cannot be renewed any more: ask the operator for a new token (`fedveil-server enroll --name {}`), then enrol again into a new directory",
-            pki::format_time(identity.info().not_after),
-            identity.name()
-        );
+    let mut node = Node::open_at(&args.node.dir, args.node.server.as_deref())
+        .await?
+        .connect_attempts(args.connect_attempts);
+    if let Some(lead) = args.renew_before {
+        node = node.renew_before(lead);
     }
-    if identity.renewal_due(now, args.renew_before) {
-        identity = renew(&server, &args.node.dir, &identity).await?;
-    }
-    let name = identity.name().to_owned();
+    let name = node.name().to_owned();
     let device = data_settings.device()?.device()?;
     let split = data_settings.load(args.seed)?;
     let shard = match &args.shard {
@@ -284,53 +188,16 @@ async fn run(args: RunArgs, data_settings: DataSettings) -> Result<()> {
         device,
         fedveil_ml::train::mix_seed(&[args.seed, hash_name(&name)]),
     )?);
-    let endpoint = endpoint_for(&server)?;
-    let mut opts = ClientOptions::enrolled(server.addr, &server.name, &identity)?;
-    opts.retry.attempts = args.connect_attempts;
-    tracing::info!(server = %server.addr, node = %name, examples = trainer.num_examples(), "connecting");
-    // A run can outlast the certificate's renewal point: renew in the
-    // background (the live connection stays authenticated; the next one
-    // uses the new certificate).
-    let renewer = tokio::spawn(renew_when_due(
-        server.addr,
-        server.name.clone(),
-        args.node.dir.clone(),
-        identity,
-        args.renew_before,
-    ));
-    let result = fedveil_client::run(&endpoint, &opts, trainer).await;
-    renewer.abort();
-    match result {
+    match node.run(trainer).await {
         Ok(report) => {
             println!(
                 "{name}: trained {} rounds; server completed {}",
                 report.rounds_trained, report.server_rounds_completed
             );
-            endpoint.wait_idle().await;
+            node.wait_idle().await;
             Ok(())
         }
         Err(err) => bail!("{name}: {err}"),
-    }
-}
-
-/// Sleeps until renewal is due, renews, and repeats.
-async fn renew_when_due(
-    addr: std::net::SocketAddr,
-    name: String,
-    dir: PathBuf,
-    mut identity: NodeIdentity,
-    renew_before: Option<Duration>,
-) {
-    let server = Server { addr, name };
-    loop {
-        let lifetime = identity.info().not_after - identity.info().not_before;
-        let lead = renew_before.map_or(lifetime / 3, |d| d.as_secs() as i64);
-        let wait = (identity.remaining(pki::unix_now()) - lead).max(60);
-        tokio::time::sleep(Duration::from_secs(wait as u64)).await;
-        match renew(&server, &dir, &identity).await {
-            Ok(renewed) => identity = renewed,
-            Err(err) => tracing::warn!(%err, "certificate renewal failed; will retry"),
-        }
     }
 }
 

@@ -13,20 +13,28 @@ pub const SERVER_CONFIG_FILE: &str = "server.toml";
 /// Port `fedveil-server run` listens on unless told otherwise.
 pub const DEFAULT_PORT: u16 = 4433;
 
+/// Why `server.toml` cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigFileError {
+    /// The file cannot be read or written.
     #[error("{path}: {source}")]
     Io {
+        /// The file.
         path: std::path::PathBuf,
+        /// The I/O error.
         source: std::io::Error,
     },
+    /// The file's content is invalid.
     #[error("{path}: {detail}")]
     Invalid {
+        /// The file.
         path: std::path::PathBuf,
+        /// What is wrong with it.
         detail: String,
     },
 }
 
+/// The contents of `server.toml`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerFile {
@@ -73,9 +81,9 @@ impl ServerFile {
             detail: e.to_string(),
         })?;
         for ttl in [&file.client_cert_ttl, &file.token_ttl] {
-            pki::parse_duration(ttl).map_err(|detail| ConfigFileError::Invalid {
+            pki::parse_duration(ttl).map_err(|e| ConfigFileError::Invalid {
                 path: path.clone(),
-                detail,
+                detail: e.to_string(),
             })?;
         }
         Ok(Some(file))
@@ -105,10 +113,12 @@ impl ServerFile {
         std::fs::write(&path, text).map_err(|source| ConfigFileError::Io { path, source })
     }
 
+    /// Lifetime of the client certificates enrolment issues.
     pub fn client_cert_ttl(&self) -> Duration {
         pki::parse_duration(&self.client_cert_ttl).expect("validated on load")
     }
 
+    /// Default lifetime of enrolment tokens.
     pub fn token_ttl(&self) -> Duration {
         pki::parse_duration(&self.token_ttl).expect("validated on load")
     }

@@ -39,6 +39,7 @@ use crate::enrol::NodeService;
 
 /// Evaluates a global model on the server's held-out data.
 pub trait Evaluator: Send + 'static {
+    /// Test loss and scores of `global_model`.
     fn evaluate(&mut self, global_model: &[f32]) -> EvalStats;
 }
 
@@ -50,7 +51,9 @@ impl<F: FnMut(&[f32]) -> EvalStats + Send + 'static> Evaluator for F {
 
 /// Told what happens during a run (logging, metrics files, progress bars).
 pub trait Observer: Send {
+    /// A coordinator event (a join, a round's start, a rejection...).
     fn on_event(&mut self, _event: &Event) {}
+    /// A completed round, with the new global model.
     fn on_round(&mut self, _metrics: &RoundMetrics, _global_model: &[f32]) {}
 }
 
@@ -58,14 +61,14 @@ pub trait Observer: Send {
 /// simulations keep none).
 pub trait StateSink: Send {
     /// Returns once `d` is on disk; an error stops the run.
-    fn persist(&mut self, d: &Durable) -> Result<(), String>;
+    fn persist(&mut self, d: &Durable) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
     /// Round history (best effort).
     fn record_round(&mut self, _metrics: &RoundMetrics) {}
 }
 
 impl StateSink for crate::store::Store {
-    fn persist(&mut self, d: &Durable) -> Result<(), String> {
-        crate::store::Store::persist(self, d).map_err(|e| e.to_string())
+    fn persist(&mut self, d: &Durable) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        Ok(crate::store::Store::persist(self, d)?)
     }
 
     fn record_round(&mut self, metrics: &RoundMetrics) {
@@ -142,9 +145,13 @@ pub fn log_event(event: &Event) {
 /// What a finished run reports.
 #[derive(Debug, Clone)]
 pub struct RunReport {
+    /// Rounds completed by this start of the server.
     pub rounds_completed: u64,
+    /// Rounds that failed and were retried.
     pub rounds_failed: u64,
+    /// The global model at the end.
     pub final_model: Vec<f32>,
+    /// Each completed round's metrics.
     pub metrics: Vec<RoundMetrics>,
     /// True if the run ended because of a shutdown request.
     pub interrupted: bool,
@@ -187,7 +194,9 @@ struct Traffic {
 
 /// What a run is served with besides the coordinator.
 pub struct ServeOptions<'a> {
+    /// Frame size limits (sized for the model).
     pub limits: FrameLimits,
+    /// Told what happens.
     pub observer: &'a mut dyn Observer,
     /// Where durable state goes (none in simulations).
     pub state: Option<&'a mut dyn StateSink>,

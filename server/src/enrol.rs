@@ -18,7 +18,9 @@ pub const ENROL_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Everything the server needs to admit nodes: the registry, and the CA
 /// that signs certificates (absent when its key is kept elsewhere).
 pub struct NodeService {
+    /// Tokens, nodes and certificates.
     pub registry: Arc<Registry>,
+    /// Signs node certificates; `None` disables enrolment and renewal here.
     pub ca: Option<CertificateAuthority>,
     /// Lifetime of the client certificates it issues.
     pub cert_ttl: Duration,

@@ -2,13 +2,17 @@
 //! round coordinator from `fedveil-proto` over QUIC; [`setup`] builds the
 //! pieces a run needs.
 
+#![warn(missing_docs)]
+
 pub mod config_file;
+pub mod deploy;
 pub mod driver;
 pub mod enrol;
 pub mod registry;
 pub mod setup;
 pub mod store;
 
+pub use deploy::{DeployError, RunStatus, Server, ServerBuilder};
 pub use driver::{Evaluator, LogObserver, Observer, RunReport, ServeOptions, StateSink, serve};
 pub use enrol::NodeService;
 pub use registry::Registry;

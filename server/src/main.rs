@@ -5,21 +5,17 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use std::sync::Arc;
-
 use anyhow::{Context, Result, bail};
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use fedveil_ml::model::DataShape;
 use fedveil_net::pki;
-use fedveil_net::quic::{self, NodeRegistry, ServerIdentity};
-use fedveil_proto::round::Coordinator;
+use fedveil_net::quic::{self, ServerIdentity};
 use fedveil_proto::round::server::MIN_SECAGG_COHORT;
-use fedveil_proto::wire::FrameLimits;
 use fedveil_server::config_file::{SERVER_CONFIG_FILE, ServerFile};
-use fedveil_server::setup::{MetricsFiles, ModelEvaluator, ServerObserver, initial_model};
-use fedveil_server::store::{Opened, Store};
-use fedveil_server::{NodeService, Registry, ServeOptions};
-use fedveil_settings::{Deployment, Layered, Population, Settings, SettingsFile, Simulation};
+use fedveil_server::deploy::sha256_hex;
+use fedveil_server::store::Store;
+use fedveil_server::{Registry, RunStatus, Server};
+use fedveil_settings::{Deployment, Layered, Settings, SettingsFile, Simulation};
 
 #[derive(Parser)]
 #[command(name = "fedveil-server", version, about = "fedveil aggregation server")]
@@ -320,67 +316,36 @@ fn revoke(args: &RevokeArgs) -> Result<()> {
 }
 
 async fn run(args: RunArgs, settings: Settings, deployment: Deployment) -> Result<()> {
-    let identity = ServerIdentity::load_or_create(&args.identity.dir, &args.identity.name)?;
-    let file = match ServerFile::load(&args.identity.dir)? {
-        Some(f) => f,
-        None => {
-            let f = ServerFile::new(&args.identity.name);
-            f.save(&args.identity.dir)?;
-            f
-        }
-    };
-    let listen = args.listen.unwrap_or(file.listen);
-    let device = settings.data.device()?.device()?;
-    let split = settings.data.load(settings.seed)?;
-    let shape = DataShape::of(&split.test);
-    let (spec, initial) = initial_model(
-        &fedveil_ml::model::builtin(&settings.data.model)?,
-        &shape,
-        &device,
-        settings.seed,
-    )?;
     if settings.secagg && deployment.min_clients < MIN_SECAGG_COHORT {
         bail!(
             "secure aggregation needs cohorts of at least {MIN_SECAGG_COHORT} (with 2, each node could subtract its own update from the sum): run with --min-clients {MIN_SECAGG_COHORT} or more, or turn it off with --secagg false"
         );
     }
-    let config = settings.coordinator_config(
-        &Population::deployment(&settings, &deployment),
-        spec.param_count as usize,
-    )?;
-    if let Some(plan) = &config.dp {
-        plan.log();
+    let dir = &args.identity.dir;
+    let file = match ServerFile::load(dir)? {
+        Some(f) => f,
+        None => {
+            let f = ServerFile::new(&args.identity.name);
+            f.save(dir)?;
+            f
+        }
+    };
+    let state_path = args.state.path(dir);
+    let mut builder = Server::builder(settings.clone())
+        .min_clients(deployment.min_clients)
+        .identity_dir(dir)
+        .names(args.identity.name.clone())
+        .listen(args.listen.unwrap_or(file.listen))
+        .client_cert_ttl(args.client_cert_ttl.unwrap_or(file.client_cert_ttl()))
+        .state(&state_path, &args.state.run);
+    if let Some(out) = &settings.out {
+        builder = builder.metrics_dir(out);
     }
-    let limits = FrameLimits::for_model(spec.param_count);
-    // The run's identity: what must not change between restarts.
-    let mut record = settings.run_identity();
-    record.extend([
-        (
-            "example_shape".to_owned(),
-            serde_json::json!(shape.example_shape),
-        ),
-        (
-            "num_classes".to_owned(),
-            serde_json::json!(shape.num_classes),
-        ),
-        ("vocab_size".to_owned(), serde_json::json!(shape.vocab_size)),
-        (
-            "param_count".to_owned(),
-            serde_json::json!(spec.param_count),
-        ),
-        (
-            "min_clients".to_owned(),
-            serde_json::json!(deployment.min_clients),
-        ),
-    ]);
-    let record = serde_json::Value::Object(record).to_string();
-    let state_path = args.state.path(&args.identity.dir);
-    let mut store = Store::open(&state_path, &args.state.run, &record)?;
-    let data = split.test.spec();
-    let builder = || Coordinator::builder(config.clone(), spec.clone()).expect_data(data.clone());
-    let coordinator = match store.start_or_resume(builder, initial)? {
-        Opened::Started(c) => c,
-        Opened::Complete { rounds_completed } => {
+    let server = builder.build()?;
+    match server.status() {
+        RunStatus::Complete {
+            rounds_completed, ..
+        } => {
             println!(
                 "run '{}' already completed its {rounds_completed} rounds (state in {}); export its model with `fedveil-server export`, or start a new run with --run NAME",
                 args.state.run,
@@ -388,78 +353,32 @@ async fn run(args: RunArgs, settings: Settings, deployment: Deployment) -> Resul
             );
             return Ok(());
         }
-        Opened::Resumed(c) => {
-            let resumed = c.checkpoint();
-            println!(
-                "resumed run '{}' at round {} ({} completed, {} failed); model sha256 {}; moments sha256 {}; epsilon {}",
-                args.state.run,
-                c.next_round(),
-                resumed.rounds_completed,
-                resumed.rounds_failed,
-                fingerprint(&resumed.global_model),
-                fingerprint(
-                    &resumed
-                        .strategy
-                        .buffers
-                        .values()
-                        .flatten()
-                        .copied()
-                        .collect::<Vec<f32>>()
-                ),
-                resumed
-                    .ledger
-                    .as_ref()
-                    .map_or("-".to_owned(), |l| format!("{:.6}", l.epsilon())),
-            );
-            c
-        }
-    };
-    tracing::info!(state = %state_path.display(), run = %args.state.run, "state database");
-    tracing::info!(strategy = %coordinator.strategy_name(), "server strategy");
-    let evaluator = ModelEvaluator::new(&settings.data.model, split.test, &device)?;
-    let registry = Arc::new(Registry::open(&state_path)?);
-    if identity.ca.is_none() {
-        tracing::warn!("no CA key in the server directory: nodes cannot enrol or renew here");
+        RunStatus::Resumed {
+            next_round,
+            rounds_completed,
+            rounds_failed,
+            model_sha256,
+            strategy_sha256,
+            epsilon,
+        } => println!(
+            "resumed run '{}' at round {next_round} ({rounds_completed} completed, {rounds_failed} failed); model sha256 {model_sha256}; moments sha256 {strategy_sha256}; epsilon {}",
+            args.state.run,
+            epsilon.map_or("-".to_owned(), |e| format!("{e:.6}")),
+        ),
+        RunStatus::Started => {}
     }
-    let tls = quic::server_config(
-        &identity,
-        Some(Arc::clone(&registry) as Arc<dyn NodeRegistry>),
-    )?;
-    let ca_fingerprint = identity.ca_fingerprint();
-    let nodes = Arc::new(NodeService {
-        registry,
-        ca: identity.ca,
-        cert_ttl: args.client_cert_ttl.unwrap_or(file.client_cert_ttl()),
-    });
-    let endpoint = quinn::Endpoint::server(tls, listen)
-        .with_context(|| format!("cannot listen on {listen}"))?;
+    tracing::info!(state = %state_path.display(), run = %args.state.run, "state database");
+    if let Some(c) = server.coordinator() {
+        tracing::info!(strategy = %c.strategy_name(), "server strategy");
+    }
     tracing::info!(
-        listen = %endpoint.local_addr()?,
-        model = %spec.name,
-        params = spec.param_count,
-        %ca_fingerprint,
+        listen = %server.local_addr(),
+        model = %server.spec().name,
+        params = server.spec().param_count,
+        ca_fingerprint = %server.ca_fingerprint(),
         "server ready; waiting for {} enrolled clients", deployment.min_clients
     );
-    let mut observer = ServerObserver {
-        files: settings
-            .out
-            .as_deref()
-            .map(MetricsFiles::create)
-            .transpose()?,
-    };
-    let report = fedveil_server::serve(
-        endpoint,
-        coordinator,
-        evaluator,
-        ServeOptions {
-            limits,
-            observer: &mut observer,
-            state: Some(&mut store),
-            nodes: Some(nodes),
-        },
-        shutdown_signal(),
-    )
-    .await;
+    let report = server.run(shutdown_signal()).await;
     match report.metrics.last() {
         Some(last) => println!(
             "{} rounds completed ({} failed); final test {}, loss {:.4}",
@@ -477,16 +396,6 @@ async fn run(args: RunArgs, settings: Settings, deployment: Deployment) -> Resul
         );
     }
     Ok(())
-}
-
-/// SHA-256 of values' little-endian bytes, in hex (to compare states).
-fn fingerprint(values: &[f32]) -> String {
-    use sha2::Digest;
-    let mut h = sha2::Sha256::new();
-    for v in values {
-        h.update(v.to_le_bytes());
-    }
-    hex::encode(h.finalize())
 }
 
 fn export(args: &ExportArgs) -> Result<()> {
@@ -520,7 +429,7 @@ fn export(args: &ExportArgs) -> Result<()> {
         "wrote the global model after round {} ({} parameters, sha256 {}) to {}",
         checkpoint.next_round - 1,
         checkpoint.global_model.len(),
-        fingerprint(&checkpoint.global_model),
+        sha256_hex(&checkpoint.global_model),
         args.out.display()
     );
     Ok(())

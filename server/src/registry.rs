@@ -52,35 +52,53 @@ CREATE TABLE IF NOT EXISTS tokens (
 /// [`ReasonCode`], so the node can say what to do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum EnrolError {
+    /// No token like this was issued.
     #[error("unknown enrolment token (mistyped, or issued by another server)")]
     TokenUnknown,
+    /// The token was already used.
     #[error("this enrolment token was already used; ask the operator for a new one")]
     TokenUsed,
+    /// The token has expired.
     #[error("this enrolment token has expired; ask the operator for a new one")]
     TokenExpired,
+    /// The node asked for another name than the token's.
     #[error("this token was issued for node '{expected}', not '{requested}'")]
-    TokenNameMismatch { expected: String, requested: String },
+    TokenNameMismatch {
+        /// The token's name.
+        expected: String,
+        /// The name asked for.
+        requested: String,
+    },
+    /// A live node already has this name.
     #[error(
         "node name '{0}' is already enrolled; revoke it first (`fedveil-server revoke {0}`) or choose another name"
     )]
     NameTaken(String),
+    /// The CSR or the certificate is invalid.
     #[error("{0}")]
     Pki(#[from] PkiError),
+    /// Renewal without an enrolled certificate.
     #[error("renewal needs the node's current client certificate")]
     NotEnrolled,
+    /// The node is revoked.
     #[error("node '{0}' is revoked")]
     Revoked(String),
+    /// No node has this name.
     #[error("no node named '{0}' is enrolled (see `fedveil-server nodes`)")]
     NoSuchNode(String),
+    /// The registry never issued this certificate.
     #[error("certificate {0} is not in the node registry")]
     UnknownCertificate(String),
+    /// This server holds no CA key.
     #[error("this server cannot enrol nodes: its CA key is not on this machine")]
     Disabled,
+    /// The database failed.
     #[error(transparent)]
     Store(#[from] StoreError),
 }
 
 impl EnrolError {
+    /// The reason code the node receives.
     pub fn code(&self) -> ReasonCode {
         match self {
             EnrolError::TokenUnknown => ReasonCode::TokenUnknown,
@@ -104,20 +122,28 @@ impl EnrolError {
 /// A node as `fedveil-server nodes` lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeRecord {
+    /// The node's name.
     pub name: String,
     /// The newest certificate's serial and expiry.
     pub serial: Option<String>,
+    /// When its certificate expires (Unix seconds).
     pub not_after: Option<i64>,
+    /// When it enrolled (Unix seconds).
     pub enrolled_at: i64,
+    /// When it was revoked, if it was.
     pub revoked_at: Option<i64>,
+    /// When it last connected to train.
     pub last_seen: Option<i64>,
 }
 
 /// A pending enrolment token as the operator sees it (never the token).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IssuedToken {
+    /// The token itself (shown once; only its hash is stored).
     pub token: String,
+    /// The node name it is for.
     pub node: String,
+    /// When it expires (Unix seconds).
     pub expires_at: i64,
 }
 
@@ -159,6 +185,7 @@ impl Registry {
         })
     }
 
+    /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -16,7 +16,7 @@ use fedveil_proto::metrics::{RoundCosts, RoundMetrics};
 use fedveil_proto::round::Event;
 use std::sync::Arc;
 
-use crate::driver::{Evaluator, Observer, log_event};
+use crate::driver::{Evaluator, Observer};
 
 /// The model's shape signature and a freshly initialised parameter vector.
 /// The device RNG is seeded, so the same seed gives the same initial model.
@@ -84,10 +84,12 @@ impl<I: 'static> Evaluator for ModelEvaluator<I> {
 pub struct MetricsFiles {
     metrics: (BufWriter<File>, BufWriter<File>),
     costs: (BufWriter<File>, BufWriter<File>),
+    /// The directory the files are in.
     pub dir: PathBuf,
 }
 
 impl MetricsFiles {
+    /// Creates (truncates) the four files in `dir`, with CSV headers.
     pub fn create(dir: &Path) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let open = |stem: &str, header: &str| -> std::io::Result<_> {
@@ -104,6 +106,7 @@ impl MetricsFiles {
         })
     }
 
+    /// Appends `m`'s line to each file and flushes.
     pub fn write(&mut self, m: &RoundMetrics) -> std::io::Result<()> {
         let costs = m.costs();
         append(&mut self.metrics, m, &m.csv_row())?;
@@ -123,18 +126,32 @@ fn append(
     csv.flush()
 }
 
-/// Logs events and writes metrics files (the `fedveil-server run` observer).
+/// Writes metrics files and passes everything on to another observer
+/// (the `fedveil-server run` observer: logs, and files with `--out`).
 pub struct ServerObserver {
+    /// Where metrics go (none: only `inner` is told).
     pub files: Option<MetricsFiles>,
+    /// Told every event and round too.
+    pub inner: Box<dyn Observer>,
+}
+
+impl ServerObserver {
+    /// Logs through `tracing` and writes `files`.
+    pub fn logging(files: Option<MetricsFiles>) -> Self {
+        Self {
+            files,
+            inner: Box::new(crate::driver::LogObserver),
+        }
+    }
 }
 
 impl Observer for ServerObserver {
     fn on_event(&mut self, event: &Event) {
-        log_event(event);
+        self.inner.on_event(event);
     }
 
     fn on_round(&mut self, m: &RoundMetrics, global_model: &[f32]) {
-        crate::driver::LogObserver.on_round(m, global_model);
+        self.inner.on_round(m, global_model);
         if let Some(files) = &mut self.files
             && let Err(err) = files.write(m)
         {

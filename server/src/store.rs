@@ -32,26 +32,43 @@ use rusqlite::{Connection, OptionalExtension, params};
 /// File name of the state database in the state directory.
 pub const STATE_DB_FILE: &str = "state.db";
 
+/// Why the state database cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// SQLite failed.
     #[error("state database {path}: {source}")]
     Sqlite {
+        /// The database file.
         path: PathBuf,
+        /// SQLite's error.
         source: rusqlite::Error,
     },
+    /// The run was started with other settings.
     #[error(
         "run '{run}' in {path} was started with another configuration; resume it with the same flags, or start a new run with --run NAME\n  saved:   {saved}\n  current: {current}"
     )]
     ConfigChanged {
+        /// The run's name.
         run: String,
+        /// The database file.
         path: PathBuf,
+        /// The settings recorded when the run started (JSON).
         saved: String,
+        /// The settings given now (JSON).
         current: String,
     },
+    /// The database holds something this code cannot read.
     #[error("state database {path} is corrupt: {detail}")]
-    Corrupt { path: PathBuf, detail: String },
+    Corrupt {
+        /// The database file.
+        path: PathBuf,
+        /// What cannot be read.
+        detail: String,
+    },
+    /// No run has this name.
     #[error("no run named '{0}' in the state database")]
     NoSuchRun(String),
+    /// The run has no committed round yet.
     #[error("run '{0}' has no committed round yet")]
     NothingCommitted(String),
 }
@@ -59,6 +76,7 @@ pub enum StoreError {
 /// What a run resumes from.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Saved {
+    /// The newest checkpoint, if a round was committed.
     pub checkpoint: Option<Checkpoint>,
     /// The newest charged ledger (may be ahead of the checkpoint's).
     pub ledger: Option<PrivacyLedger>,
@@ -195,6 +213,7 @@ impl Store {
         Ok(conn)
     }
 
+    /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -451,14 +470,19 @@ pub enum Opened {
     /// A run continued where its committed state left it.
     Resumed(Coordinator),
     /// The run had already completed its rounds; nothing is left to do.
-    Complete { rounds_completed: u64 },
+    Complete {
+        /// Rounds the run completed.
+        rounds_completed: u64,
+    },
 }
 
 /// Why a run could not be started or resumed.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
+    /// The state database failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The saved state does not fit the configuration.
     #[error(transparent)]
     Config(#[from] ConfigError),
 }
@@ -467,25 +491,21 @@ impl Store {
     /// Starts the run from `initial`, or resumes it from what this store
     /// holds: the newest checkpoint and the newest charged ledger, so that
     /// a round charged and then lost in a crash stays spent and is never
-    /// charged twice. `coordinator` sets up the run's coordinator (config,
-    /// model spec, data, strategy); it is called once, or twice when only a
-    /// charged round and no checkpoint survived.
+    /// charged twice. `coordinator` carries the run's config, model spec,
+    /// data and strategy.
     pub fn start_or_resume(
         &self,
-        coordinator: impl Fn() -> CoordinatorBuilder,
+        coordinator: CoordinatorBuilder,
         initial: Vec<f32>,
     ) -> Result<Opened, OpenError> {
         let saved = self.load()?;
-        let checkpoint = match saved.checkpoint {
-            None if saved.ledger.is_none() => {
-                return Ok(Opened::Started(coordinator().start(initial)?));
-            }
-            Some(c) => c,
+        let resumed = match (saved.checkpoint, saved.ledger) {
+            (None, None) => return Ok(Opened::Started(coordinator.start(initial)?)),
             // Nothing committed yet but a round was charged: continue from
             // the initial state, after that round.
-            None => coordinator().start(initial)?.checkpoint(),
+            (None, Some(ledger)) => coordinator.start_after(initial, ledger)?,
+            (Some(checkpoint), ledger) => coordinator.resume(checkpoint, ledger)?,
         };
-        let resumed = coordinator().resume(checkpoint, saved.ledger)?;
         if resumed.rounds_completed() >= resumed.config().rounds {
             return Ok(Opened::Complete {
                 rounds_completed: resumed.rounds_completed(),

@@ -9,15 +9,17 @@ use clap::Args;
 use fedveil_settings::{Deployment, Layered, Settings, SettingsError, SettingsFile, Simulation};
 use serde::{Deserialize, Serialize};
 
-use crate::faults::{DelayDist, FaultPlan};
+use crate::faults::{DelayDist, FaultError, FaultPlan};
 
 /// Everything a simulation run needs. TOML keys are the field names of
 /// [`Settings`] and [`Simulation`]; flags use the same names with dashes.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, Args)]
 pub struct SimConfig {
+    /// The simulated population, partition and faults.
     #[serde(flatten)]
     #[command(flatten)]
     pub sim: Simulation,
+    /// The run's settings, shared with deployments.
     #[serde(flatten)]
     #[command(flatten)]
     pub run: Settings,
@@ -27,12 +29,15 @@ pub struct SimConfig {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SimConfigError {
+    /// A shared setting is invalid.
     #[error(transparent)]
     Settings(#[from] SettingsError),
+    /// The straggler delay does not parse.
     #[error("straggler_delay {0}")]
-    StragglerDelay(String),
-    #[error("{0}")]
-    Faults(String),
+    StragglerDelay(FaultError),
+    /// The fault settings are invalid.
+    #[error(transparent)]
+    Faults(FaultError),
 }
 
 impl SimConfig {

@@ -46,7 +46,9 @@ pub enum Stage {
 }
 
 impl Stage {
+    /// The stages a client can vanish at in a plaintext round.
     pub const PLAIN: [Stage; 1] = [Stage::Update];
+    /// The stages a client can vanish at in a SecAgg+ round.
     pub const SECURE: [Stage; 4] = [
         Stage::AdvertiseKeys,
         Stage::ShareKeys,
@@ -66,6 +68,7 @@ impl Stage {
         }
     }
 
+    /// The stage's name in logs and summaries.
     pub fn as_str(self) -> &'static str {
         match self {
             Stage::Update => "update",
@@ -87,9 +90,20 @@ impl Stage {
 /// `uniform:LO..HI`, durations as `250ms`, `2s` or `1.5m`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum DelayDist {
+    /// Always this delay.
     Fixed(Duration),
-    Exponential { mean: Duration },
-    Uniform { low: Duration, high: Duration },
+    /// Exponentially distributed delays.
+    Exponential {
+        /// The mean delay.
+        mean: Duration,
+    },
+    /// Uniformly distributed delays.
+    Uniform {
+        /// The shortest delay.
+        low: Duration,
+        /// The longest delay.
+        high: Duration,
+    },
 }
 
 impl DelayDist {
@@ -107,51 +121,78 @@ impl DelayDist {
     }
 }
 
+/// A fault setting that cannot be used.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FaultError {
+    /// A delay or delay distribution that does not parse.
+    #[error("{input:?}: {reason}")]
+    BadDelay {
+        /// What was given.
+        input: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A dropout rate outside [0, 1).
+    #[error("dropout {0} must be in [0, 1)")]
+    BadDropout(f64),
+}
+
+fn bad_delay(input: &str, reason: impl Into<String>) -> FaultError {
+    FaultError::BadDelay {
+        input: input.to_owned(),
+        reason: reason.into(),
+    }
+}
+
 /// `250ms`, `2s`, `1.5m`: a non-negative number and a unit.
-fn parse_delay(s: &str) -> Result<Duration, String> {
+fn parse_delay(s: &str) -> Result<Duration, FaultError> {
     let s = s.trim();
     let split = s
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .ok_or_else(|| format!("{s:?}: add a unit (ms, s or m)"))?;
+        .ok_or_else(|| bad_delay(s, "add a unit (ms, s or m)"))?;
     let (number, unit) = s.split_at(split);
     let value: f64 = number
         .parse()
-        .map_err(|_| format!("{s:?}: expected a number followed by ms, s or m"))?;
+        .map_err(|_| bad_delay(s, "expected a number followed by ms, s or m"))?;
     let secs = match unit {
         "ms" => value / 1000.0,
         "s" => value,
         "m" => value * 60.0,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s or m)")),
+        _ => {
+            return Err(bad_delay(
+                s,
+                format!("unknown unit {unit:?} (use ms, s or m)"),
+            ));
+        }
     };
-    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
+    Duration::try_from_secs_f64(secs).map_err(|e| bad_delay(s, e.to_string()))
 }
 
 impl FromStr for DelayDist {
-    type Err = String;
+    type Err = FaultError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let usage = "expected fixed:D, exp:MEAN or uniform:LO..HI (e.g. exp:2s)";
-        let (kind, arg) = s.split_once(':').ok_or_else(|| format!("{s:?}: {usage}"))?;
+        let (kind, arg) = s.split_once(':').ok_or_else(|| bad_delay(s, usage))?;
         match kind {
             "fixed" => Ok(DelayDist::Fixed(parse_delay(arg)?)),
             "exp" => {
                 let mean = parse_delay(arg)?;
                 if mean.is_zero() {
-                    return Err(format!("{s:?}: the mean must be positive"));
+                    return Err(bad_delay(s, "the mean must be positive"));
                 }
                 Ok(DelayDist::Exponential { mean })
             }
             "uniform" => {
-                let (low, high) = arg
-                    .split_once("..")
-                    .ok_or_else(|| format!("{s:?}: {usage}"))?;
+                let (low, high) = arg.split_once("..").ok_or_else(|| bad_delay(s, usage))?;
                 let (low, high) = (parse_delay(low)?, parse_delay(high)?);
                 if low > high {
-                    return Err(format!("{s:?}: the low end is above the high end"));
+                    return Err(bad_delay(s, "the low end is above the high end"));
                 }
                 Ok(DelayDist::Uniform { low, high })
             }
-            _ => Err(format!("{s:?}: {usage}")),
+            _ => Err(bad_delay(s, usage)),
         }
     }
 }
@@ -173,26 +214,30 @@ impl fmt::Display for DelayDist {
 pub struct FaultPlan {
     /// Probability that a sampled client vanishes in a round.
     pub dropout: f64,
+    /// How late stragglers' updates are.
     pub straggler_delay: Option<DelayDist>,
+    /// Seeds every client's fate.
     pub seed: u64,
 }
 
 /// What happens to one client in one round.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Fate {
+    /// The stage it vanishes at, if it does.
     pub vanish_at: Option<Stage>,
     /// Added before the update leaves.
     pub delay: Duration,
 }
 
 impl FaultPlan {
+    /// A plan, with `dropout` checked to be in [0, 1).
     pub fn new(
         dropout: f64,
         straggler_delay: Option<DelayDist>,
         seed: u64,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, FaultError> {
         if !(0.0..1.0).contains(&dropout) {
-            return Err(format!("dropout {dropout} must be in [0, 1)"));
+            return Err(FaultError::BadDropout(dropout));
         }
         Ok(Self {
             dropout,
@@ -201,6 +246,7 @@ impl FaultPlan {
         })
     }
 
+    /// Whether the plan injects anything.
     pub fn is_active(&self) -> bool {
         self.dropout > 0.0 || self.straggler_delay.is_some()
     }
@@ -240,6 +286,7 @@ pub struct FaultLog {
     inner: Mutex<FaultTally>,
 }
 
+/// Counts of the faults a run injected.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct FaultTally {
     /// Vanishings by stage.
@@ -248,20 +295,24 @@ pub struct FaultTally {
     pub rejoined: u64,
     /// Updates sent late, and their total delay.
     pub delayed: u64,
+    /// Delay added, summed over all updates.
     pub total_delay: Duration,
 }
 
 impl FaultTally {
+    /// Vanishings at every stage together.
     pub fn vanished_total(&self) -> u64 {
         self.vanished.values().sum()
     }
 }
 
 impl FaultLog {
+    /// What has been counted so far.
     pub fn tally(&self) -> FaultTally {
         self.inner.lock().expect("fault log").clone()
     }
 
+    /// Counts a vanished client that came back.
     pub fn rejoined(&self) {
         self.inner.lock().expect("fault log").rejoined += 1;
     }

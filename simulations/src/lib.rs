@@ -3,6 +3,8 @@
 //! connection, its own shard and its own training run; only the machine is
 //! shared.
 
+#![warn(missing_docs)]
+
 pub mod config;
 pub mod faults;
 pub mod plots;
@@ -19,12 +21,9 @@ use fedveil_ml::model::{DataShape, Example, ModelFactory};
 use fedveil_ml::train::ModelPool;
 use fedveil_ml::train::mix_seed;
 use fedveil_net::pki;
-use fedveil_net::quic::{self, NodeRegistry, ServerIdentity};
-use fedveil_proto::round::Coordinator;
+use fedveil_net::quic;
 use fedveil_proto::strategy::Strategy;
-use fedveil_proto::wire::FrameLimits;
-use fedveil_server::setup::{ModelEvaluator, initial_model};
-use fedveil_server::{NodeService, Observer, Registry, RunReport, ServeOptions};
+use fedveil_server::{Observer, RunReport, Server};
 use fedveil_settings::Population;
 use tokio::sync::Semaphore;
 
@@ -45,11 +44,47 @@ const CLIENT_SECRETS_SEED: u64 = 0x636c_6965_6e74;
 /// is simply over.
 pub const SIM_SERVER_END_WAIT: Duration = Duration::from_secs(5);
 
+/// Why one simulated client did not finish its run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SimClientError {
+    /// The client could not enrol.
+    #[error("{name}: enrolment: {source}")]
+    Enrolment {
+        /// The client's name.
+        name: String,
+        /// Why enrolment failed.
+        source: fedveil_client::enrol::EnrolmentError,
+    },
+    /// The client's TLS configuration could not be made.
+    #[error("{name}: {source}")]
+    Tls {
+        /// The client's name.
+        name: String,
+        /// Why.
+        source: fedveil_net::quic::NetError,
+    },
+    /// The client's run failed.
+    #[error("{name}: {source}")]
+    Run {
+        /// The client's name.
+        name: String,
+        /// Why.
+        source: ClientError,
+    },
+    /// The client's task panicked or was cancelled.
+    #[error("client task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
 /// What a simulation produced.
 #[derive(Debug)]
 pub struct SimReport {
+    /// What the server reported.
     pub server: RunReport,
-    pub clients: Vec<Result<ClientReport, String>>,
+    /// Each client's report, or why it failed.
+    pub clients: Vec<Result<ClientReport, SimClientError>>,
+    /// Wall-clock time of the whole simulation.
     pub wall: Duration,
     /// Faults injected (see [`faults`]).
     pub faults: faults::FaultTally,
@@ -61,7 +96,9 @@ pub struct SimReport {
 /// Where the data came from, for the run summary.
 #[derive(Debug, Clone)]
 pub struct LoadedData {
+    /// Training and test sets.
     pub split: Split,
+    /// The dataset's name, as loaded.
     pub dataset: String,
     /// Set when the default dataset was unavailable and synthetic data is used.
     pub fallback_note: Option<String>,
@@ -106,6 +143,7 @@ pub fn load_data(cfg: &SimConfig, explicit: bool) -> Result<LoadedData> {
 pub struct Federation<I> {
     /// Builds the model, on every party, for data of `shape`.
     pub model: ModelFactory<I>,
+    /// What the model is built for.
     pub shape: DataShape,
     /// What every party's data is, as the server checks at join
     /// ([`DataSpec::default`] when the data does not say).
@@ -178,7 +216,6 @@ pub async fn run_federation<I: Send + Sync + 'static>(
     }
     let clients_n = client_data.len();
     let device = cfg.run.data.device()?.device()?;
-    let (spec, initial) = initial_model(&factory, &shape, &device, cfg.run.seed)?;
     let largest_shard = client_data.iter().map(|d| d.len()).max().unwrap_or(1) as u64;
     let fault_plan = cfg.fault_plan()?;
     let fault_log = Arc::new(faults::FaultLog::default());
@@ -197,48 +234,26 @@ pub async fn run_federation<I: Send + Sync + 'static>(
         // The Shamir threshold must survive the dropout the run injects.
         expected_dropout: cfg.run.secagg_expected_dropout.max(cfg.sim.dropout),
     };
-    let config = cfg
-        .run
-        .coordinator_config(&population, spec.param_count as usize)?;
-    if let Some(plan) = &config.dp {
-        plan.log();
-    }
-    let mut coordinator = Coordinator::builder(config, spec.clone())
-        .expect_data(data.clone())
+    // A real server, with the deployment's PKI in process: a CA, a node
+    // registry in memory, and one token per client. Clients enrol over QUIC
+    // like real nodes, then train over mutual TLS with SecAgg keys bound to
+    // their identity.
+    let mut server = Server::builder(cfg.run.clone())
+        .population(population)
+        .model_on(factory.clone(), shape.clone(), data.clone(), test)
+        .listen("127.0.0.1:0".parse()?)
         // Reproducible runs: DP noise and Poisson sampling follow the seed.
         .secret_seed(mix_seed(&[cfg.run.seed, SERVER_SECRETS_SEED]));
     if let Some(strategy) = strategy {
-        coordinator = coordinator.strategy(strategy);
+        server = server.strategy(strategy);
     }
-    let coordinator = coordinator.start(initial)?;
-    let evaluator = ModelEvaluator::of(&factory, &shape, test, &device)?;
-
-    // The deployment's PKI, in process: a CA, a node registry in memory,
-    // and one token per client. Clients enrol over QUIC like real nodes,
-    // then train over mutual TLS with SecAgg keys bound to their identity.
-    let identity = ServerIdentity::generate(&["localhost".to_owned()])?;
-    let ca_fingerprint = pki::parse_fingerprint(&identity.ca_fingerprint())?;
-    let registry = Arc::new(Registry::in_memory()?);
-    let tls = quic::server_config(
-        &identity,
-        Some(Arc::clone(&registry) as Arc<dyn NodeRegistry>),
-    )?;
-    let server = quinn::Endpoint::server(tls, "127.0.0.1:0".parse()?)?;
-    let server_addr = server.local_addr()?;
-    let now = pki::unix_now();
+    let server = server.build()?;
+    let server_addr = server.local_addr();
+    let ca_fingerprint = pki::parse_fingerprint(server.ca_fingerprint())?;
     let mut tokens = Vec::with_capacity(clients_n);
     for i in 0..clients_n {
-        tokens.push(
-            registry
-                .issue_token(&client_name(i), pki::DEFAULT_TOKEN_TTL, now)?
-                .token,
-        );
+        tokens.push(server.invite(&client_name(i))?.token);
     }
-    let nodes = Arc::new(NodeService {
-        registry,
-        ca: identity.ca,
-        cert_ttl: pki::DEFAULT_CLIENT_CERT_TTL,
-    });
     // One client endpoint (one UDP socket) carries every simulated client.
     let client_endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
 
@@ -284,10 +299,16 @@ pub async fn run_federation<I: Send + Sync + 'static>(
                     None,
                 )
                 .await
-                .map_err(|e| format!("{name}: enrolment: {e}"))?
+                .map_err(|source| SimClientError::Enrolment {
+                    name: name.clone(),
+                    source,
+                })?
             };
             let mut opts = ClientOptions::enrolled(server_addr, "localhost", &identity)
-                .map_err(|e| format!("{name}: {e}"))?;
+                .map_err(|source| SimClientError::Tls {
+                    name: name.clone(),
+                    source,
+                })?;
             opts.training_slots = Some(slots);
             opts.connect_slots = Some(connect_slots);
             opts.faults = faults;
@@ -344,7 +365,7 @@ pub async fn run_federation<I: Send + Sync + 'static>(
                         if vanished && run_over {
                             return Ok(gone_report(rounds_trained));
                         }
-                        return Err(format!("{name}: {e}"));
+                        return Err(SimClientError::Run { name, source: e });
                     }
                 }
             }
@@ -357,29 +378,18 @@ pub async fn run_federation<I: Send + Sync + 'static>(
     let collector = tokio::spawn(async move {
         let mut reports = Vec::new();
         while let Some(joined) = clients.join_next().await {
-            reports.push(joined.unwrap_or_else(|e| Err(format!("client task failed: {e}"))));
+            reports.push(joined.unwrap_or_else(|e| Err(SimClientError::Task(e))));
         }
         let _ = all_gone.send(());
         reports
     });
-    let limits = FrameLimits::for_model(spec.param_count);
-    let server_report = fedveil_server::serve(
-        server,
-        coordinator,
-        evaluator,
-        ServeOptions {
-            limits,
-            observer,
-            state: None,
-            nodes: Some(nodes),
-        },
-        async {
+    let server_report = server
+        .run_observed(observer, async {
             if gone.await.is_ok() {
                 tracing::warn!("every client has ended; stopping the server");
             }
-        },
-    )
-    .await;
+        })
+        .await;
     let _ = server_done.send(true);
     let client_reports = collector.await.context("collecting client reports")?;
     client_endpoint.close(quic::CLOSE_OK.into(), b"done");

@@ -277,7 +277,7 @@ fn main() -> Result<()> {
     observer.finish();
 
     let m = &report.server.metrics;
-    let failed_clients: Vec<&String> = report
+    let failed_clients: Vec<&fedveil_sim::SimClientError> = report
         .clients
         .iter()
         .filter_map(|r| r.as_ref().err())

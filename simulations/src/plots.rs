@@ -22,7 +22,9 @@ const FONT: &str = "sans-serif";
 /// One run to draw: its name (legend and titles) and its rounds.
 #[derive(Debug, Clone)]
 pub struct Run {
+    /// The run's name, in legends.
     pub name: String,
+    /// Its rounds.
     pub metrics: Vec<RoundMetrics>,
 }
 

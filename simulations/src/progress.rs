@@ -19,6 +19,7 @@ pub struct ProgressObserver {
     overall: ProgressBar,
     round: ProgressBar,
     files: MetricsFiles,
+    /// Every completed round's metrics so far.
     pub metrics: Vec<RoundMetrics>,
     status: RoundStatus,
 }
@@ -46,6 +47,7 @@ impl RoundStatus {
 }
 
 impl ProgressObserver {
+    /// Progress over `rounds` rounds, writing `files`; `quiet` hides the bars.
     pub fn new(rounds: u64, files: MetricsFiles, quiet: bool) -> Self {
         let target = if quiet {
             ProgressDrawTarget::hidden()
@@ -82,6 +84,7 @@ impl ProgressObserver {
         }
     }
 
+    /// Clears the progress bars.
     pub fn finish(&self) {
         self.round.finish_and_clear();
         self.overall.finish();

@@ -288,9 +288,7 @@ async fn the_same_seed_reproduces_the_metrics_files_exactly() {
     let run = async |cfg: SimConfig, tag: &str| {
         let dir = root.join(tag);
         let loaded = load_data(&cfg, true).unwrap();
-        let mut observer = ServerObserver {
-            files: Some(MetricsFiles::create(&dir).unwrap()),
-        };
+        let mut observer = ServerObserver::logging(Some(MetricsFiles::create(&dir).unwrap()));
         let report = fedveil_sim::run(&cfg, &loaded.split, &mut observer)
             .await
             .unwrap();

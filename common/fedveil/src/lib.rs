@@ -20,6 +20,13 @@
 //! and [`burn`] itself, so a model is written against the same Burn the
 //! framework trains it with.
 //!
+//! A deployment starts from two builders: `server::Server::builder` (CA,
+//! node registry, durable state, model, strategy; started or resumed) and
+//! `client::Node` (enrols into a directory, reloads and renews its
+//! identity, takes part in runs). A simulation starts from
+//! `sim::Federation` and `sim::run_federation`. `examples/` in the
+//! repository shows each.
+//!
 //! ```
 //! // What a run's privacy costs: 1,000 rounds sampling 1% of the nodes,
 //! // with noise 1.1 times the clipping bound.
@@ -27,6 +34,8 @@
 //! assert!(epsilon > 1.0 && epsilon < 3.0, "epsilon = {epsilon}");
 //! # Ok::<(), fedveil::dp::rdp::AccountingError>(())
 //! ```
+
+#![warn(missing_docs)]
 
 pub use burn;
 pub use fedveil_ml::{data, model, train};

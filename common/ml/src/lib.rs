@@ -6,6 +6,8 @@
 //! loop a client runs each round. Protocol types come from
 //! [`fedveil_proto`]; nothing here touches the network.
 
+#![warn(missing_docs)]
+
 pub mod data;
 pub mod model;
 pub mod train;

@@ -15,7 +15,9 @@ use fedveil_proto::wire::{DataSpec, Evaluation, RoundConfig, Update};
 /// What the client driver needs from local training. [`Trainer`] is the
 /// real one; wrappers (recording, DP, faults) implement it around another.
 pub trait LocalTrainer: Send + Sync + 'static {
+    /// The model this node trains.
     fn spec(&self) -> &ModelSpec;
+    /// Examples in the node's training data.
     fn num_examples(&self) -> usize;
     /// What the local data is, for the server's check at join (default:
     /// unspecified, which a server that expects some data refuses).
@@ -74,6 +76,7 @@ impl<I: 'static> ModelPool<I> {
         }))
     }
 
+    /// The model the pool's instances are.
     pub fn spec(&self) -> &ModelSpec {
         &self.spec
     }

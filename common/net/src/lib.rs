@@ -6,5 +6,7 @@
 //! identities and the signatures that bind SecAgg keys to them. The server
 //! and client drivers share both.
 
+#![warn(missing_docs)]
+
 pub mod pki;
 pub mod quic;

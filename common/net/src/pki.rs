@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 
 pub use rcgen::KeyPair;
 
-use fedveil_proto::secagg::{KeyAttestor, keys_message};
+use fedveil_proto::secagg::{AttestationError, KeyAttestor, keys_message};
 use fedveil_proto::wire::{KeyAttestation, PeerKeys};
 
 /// Default lifetime of a client certificate; nodes renew before it ends.
@@ -42,21 +42,37 @@ const KEYS_SIGNATURE_CONTEXT: &[u8] = b"fedveil secagg keys v1\0";
 /// What can go wrong with keys, certificates and requests.
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
+    /// The certificate or key could not be generated.
     #[error("certificate generation: {0}")]
     Generate(String),
+    /// The certificate signing request is malformed or not self-signed.
     #[error("invalid certificate signing request: {0}")]
     BadCsr(String),
+    /// A certificate does not parse, verify or match its key.
     #[error("invalid certificate: {0}")]
     BadCertificate(String),
+    /// A node name outside the allowed characters or length.
     #[error(
         "invalid node name {0:?}: use 1-{MAX_NODE_NAME_LEN} letters, digits, '.', '-' or '_', starting with a letter or digit"
     )]
     BadName(String),
+    /// A CA fingerprint that is not 32 hex bytes.
     #[error("invalid CA fingerprint {0:?}: expected 64 hex digits (SHA-256), colons allowed")]
     BadFingerprint(String),
+    /// A lifetime that does not parse.
+    #[error("invalid duration {input:?}: {reason}")]
+    BadDuration {
+        /// What was given.
+        input: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// A key or certificate file cannot be read or written.
     #[error("{path}: {source}")]
     File {
+        /// The file.
         path: PathBuf,
+        /// The I/O error.
         source: std::io::Error,
     },
 }
@@ -65,32 +81,49 @@ fn gen_err(e: impl std::fmt::Display) -> PkiError {
     PkiError::Generate(e.to_string())
 }
 
+/// What a node needs to enrol, as its operator receives it: where the
+/// server is, the fingerprint of the CA to pin, and a one-time token.
+/// `fedveil-server enroll` prints these three; an embedded server hands
+/// them over in process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invitation {
+    /// HOST:PORT; HOST must be a name in the server certificate.
+    pub server: String,
+    /// SHA-256 fingerprint of the CA certificate (see [`fingerprint`]).
+    pub ca_fingerprint: String,
+    /// The one-time enrolment token.
+    pub token: String,
+    /// The node name the token was issued for, when known: a node that
+    /// gives it has it checked against the token.
+    pub node: Option<String>,
+}
+
 /// Parses a lifetime such as `90s`, `30m`, `24h`, `30d` or `2w`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub fn parse_duration(s: &str) -> Result<Duration, PkiError> {
     let s = s.trim();
+    let bad = |reason| PkiError::BadDuration {
+        input: s.to_owned(),
+        reason,
+    };
     let split = s
         .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("{s:?}: add a unit (s, m, h, d or w)"))?;
+        .ok_or_else(|| bad("add a unit (s, m, h, d or w)"))?;
     let (digits, unit) = s.split_at(split);
     let n: u64 = digits
         .parse()
-        .map_err(|_| format!("{s:?}: expected a number followed by s, m, h, d or w"))?;
+        .map_err(|_| bad("expected a number followed by s, m, h, d or w"))?;
     let unit_secs = match unit {
         "s" => 1,
         "m" => 60,
         "h" => 3600,
         "d" => 24 * 3600,
         "w" => 7 * 24 * 3600,
-        _ => {
-            return Err(format!(
-                "{s:?}: unknown unit {unit:?} (use s, m, h, d or w)"
-            ));
-        }
+        _ => return Err(bad("unknown unit (use s, m, h, d or w)")),
     };
     match n.checked_mul(unit_secs) {
         Some(secs) if secs > 0 => Ok(Duration::from_secs(secs)),
-        Some(_) => Err(format!("{s:?}: must be positive")),
-        None => Err(format!("{s:?}: too long")),
+        Some(_) => Err(bad("must be positive")),
+        None => Err(bad("too long")),
     }
 }
 
@@ -183,11 +216,14 @@ pub struct CertInfo {
     pub serial: String,
     /// Subject common name: the node name.
     pub name: String,
+    /// Start of validity (Unix seconds).
     pub not_before: i64,
+    /// End of validity (Unix seconds).
     pub not_after: i64,
 }
 
 impl CertInfo {
+    /// Reads what a DER certificate says.
     pub fn parse(der: &[u8]) -> Result<Self, PkiError> {
         use x509_parser::prelude::{FromDer, X509Certificate};
         let bad = |e: &dyn std::fmt::Display| PkiError::BadCertificate(e.to_string());
@@ -243,7 +279,9 @@ impl std::fmt::Debug for CertificateAuthority {
 /// A certificate the CA issued to a node.
 #[derive(Debug, Clone)]
 pub struct IssuedCert {
+    /// The certificate, DER.
     pub der: Vec<u8>,
+    /// What it says.
     pub info: CertInfo,
 }
 
@@ -278,14 +316,17 @@ impl CertificateAuthority {
         Ok(Self { cert, issuer })
     }
 
+    /// The CA certificate, DER.
     pub fn cert_der(&self) -> &CertificateDer<'static> {
         &self.cert
     }
 
+    /// The CA certificate, PEM.
     pub fn cert_pem(&self) -> String {
         pem_block("CERTIFICATE", &self.cert)
     }
 
+    /// The CA's private key, PEM (secret: save with mode 0600).
     pub fn key_pem(&self) -> String {
         self.issuer.key().serialize_pem()
     }
@@ -368,6 +409,7 @@ pub fn new_key_and_csr(name: &str) -> Result<(KeyPair, Vec<u8>), PkiError> {
 
 /// File names inside a node's directory.
 pub const NODE_IDENTITY_FILE: &str = "node.pem";
+/// The CA certificate a node trusts, in its directory.
 pub const NODE_CA_FILE: &str = "ca.pem";
 
 /// An enrolled node: its private key, the certificate the CA issued for
@@ -424,22 +466,27 @@ impl NodeIdentity {
         })
     }
 
+    /// What the node's certificate says.
     pub fn info(&self) -> &CertInfo {
         &self.info
     }
 
+    /// The node's name, from its certificate.
     pub fn name(&self) -> &str {
         &self.info.name
     }
 
+    /// The node's certificate, DER.
     pub fn cert_der(&self) -> &CertificateDer<'static> {
         &self.cert
     }
 
+    /// The CA certificate the node trusts, DER.
     pub fn ca_der(&self) -> &CertificateDer<'static> {
         &self.ca
     }
 
+    /// The CA certificate the node trusts, PEM.
     pub fn ca_pem(&self) -> String {
         pem_block("CERTIFICATE", &self.ca)
     }
@@ -528,16 +575,18 @@ pub struct PeerVerifier {
 }
 
 impl PeerVerifier {
+    /// Trusts node certificates issued by `ca`.
     pub fn new(ca: CertificateDer<'static>) -> Self {
         Self { ca }
     }
 
     /// Verifies that `cert` is a client certificate of our CA valid at
     /// `now`, and returns its node name.
-    pub fn verify_cert(&self, cert: &[u8], now: i64) -> Result<String, String> {
-        let anchor = webpki::anchor_from_trusted_cert(&self.ca).map_err(|e| e.to_string())?;
+    pub fn verify_cert(&self, cert: &[u8], now: i64) -> Result<String, PkiError> {
+        let bad = |e: webpki::Error| PkiError::BadCertificate(e.to_string());
+        let anchor = webpki::anchor_from_trusted_cert(&self.ca).map_err(bad)?;
         let der = CertificateDer::from(cert);
-        let ee = webpki::EndEntityCert::try_from(&der).map_err(|e| e.to_string())?;
+        let ee = webpki::EndEntityCert::try_from(&der).map_err(bad)?;
         ee.verify_for_usage(
             webpki::ALL_VERIFICATION_ALGS,
             &[anchor],
@@ -547,10 +596,8 @@ impl PeerVerifier {
             None,
             None,
         )
-        .map_err(|e| format!("certificate does not chain to the CA: {e}"))?;
-        CertInfo::parse(cert)
-            .map(|i| i.name)
-            .map_err(|e| e.to_string())
+        .map_err(|e| PkiError::BadCertificate(format!("it does not chain to the CA: {e}")))?;
+        CertInfo::parse(cert).map(|i| i.name)
     }
 }
 
@@ -595,19 +642,21 @@ impl KeyAttestor for NodeAttestor {
         }
     }
 
-    fn verify(&self, round: u64, keys: &PeerKeys) -> Result<String, String> {
+    fn verify(&self, round: u64, keys: &PeerKeys) -> Result<String, AttestationError> {
         let att = keys
             .attestation
             .as_ref()
-            .ok_or("the keys carry no signature")?;
+            .ok_or(AttestationError::Unsigned)?;
         let name = self
             .verifier
-            .verify_cert(&att.certificate, (self.clock)())?;
+            .verify_cert(&att.certificate, (self.clock)())
+            .map_err(|e| AttestationError::Certificate(e.to_string()))?;
         let der = CertificateDer::from(att.certificate.as_slice());
-        let ee = webpki::EndEntityCert::try_from(&der).map_err(|e| e.to_string())?;
+        let ee = webpki::EndEntityCert::try_from(&der)
+            .map_err(|e| AttestationError::Certificate(e.to_string()))?;
         let msg = keys_message(KEYS_SIGNATURE_CONTEXT, round, keys);
         ee.verify_signature(webpki::ring::ECDSA_P256_SHA256, &msg, &att.signature)
-            .map_err(|_| format!("bad signature from node {name}"))?;
+            .map_err(|_| AttestationError::BadSignature(name.clone()))?;
         Ok(name)
     }
 

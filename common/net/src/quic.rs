@@ -44,21 +44,30 @@ pub const CLOSE_UNAUTHORIZED: u32 = 2;
 /// What can go wrong at the transport level.
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
+    /// A frame that does not decode, or exceeds its limit.
     #[error("{0}")]
     Codec(#[from] CodecError),
+    /// The connection was lost or closed.
     #[error("connection: {0}")]
     Connection(#[from] quinn::ConnectionError),
+    /// A connection could not be started.
     #[error("connect: {0}")]
     Connect(#[from] quinn::ConnectError),
+    /// Reading a stream failed.
     #[error("read: {0}")]
     Read(#[from] quinn::ReadError),
+    /// Writing a stream failed.
     #[error("write: {0}")]
     Write(#[from] quinn::WriteError),
+    /// The TLS configuration could not be built.
     #[error("tls: {0}")]
     Tls(String),
+    /// A key or certificate file cannot be read or written.
     #[error("{path}: {source}")]
     File {
+        /// The file.
         path: PathBuf,
+        /// The I/O error.
         source: std::io::Error,
     },
 }
@@ -90,19 +99,24 @@ fn tls_err(e: impl std::fmt::Display) -> NetError {
 
 /// File names inside a server's identity directory.
 pub const CA_CERT_FILE: &str = "ca.pem";
+/// The CA's private key in the server directory (mode 0600).
 pub const CA_KEY_FILE: &str = "ca.key";
+/// The server certificate chain in the server directory.
 pub const SERVER_CERT_FILE: &str = "server.pem";
+/// The server's private key in the server directory (mode 0600).
 pub const SERVER_KEY_FILE: &str = "server.key";
 
 /// The server's TLS identity: its own CA and a server certificate it signed.
 /// Nodes pin the CA certificate (by fingerprint when they enrol).
 pub struct ServerIdentity {
+    /// The CA certificate, PEM.
     pub ca_cert_pem: String,
     /// The CA with its signing key; `None` when `ca.key` is not on this
     /// machine (then the server cannot enrol nodes).
     pub ca: Option<CertificateAuthority>,
     /// Server certificate, then the CA certificate.
     pub cert_chain: Vec<CertificateDer<'static>>,
+    /// The server certificate's private key.
     pub key: PrivateKeyDer<'static>,
 }
 
@@ -217,10 +231,23 @@ fn transport() -> Arc<quinn::TransportConfig> {
 /// Why the node registry refuses a certificate our CA signed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RegistryRejection {
+    /// The registry never issued this certificate.
     #[error("certificate {serial} of node '{name}' is not in the node registry")]
-    Unknown { name: String, serial: String },
+    Unknown {
+        /// The certificate's node name.
+        name: String,
+        /// The certificate's serial.
+        serial: String,
+    },
+    /// The certificate, or its node, is revoked.
     #[error("certificate {serial} of node '{name}' was revoked")]
-    Revoked { name: String, serial: String },
+    Revoked {
+        /// The certificate's node name.
+        name: String,
+        /// The certificate's serial.
+        serial: String,
+    },
+    /// The registry could not be asked.
     #[error("the node registry cannot be read: {0}")]
     Unavailable(String),
 }
@@ -228,6 +255,7 @@ pub enum RegistryRejection {
 /// The server's list of enrolled nodes, consulted on every handshake so a
 /// revocation takes effect for the next connection.
 pub trait NodeRegistry: Send + Sync {
+    /// Accepts `cert` or says why not.
     fn check(&self, cert: &CertInfo) -> Result<(), RegistryRejection>;
 }
 
@@ -507,30 +535,38 @@ pub fn peer_certificate(connection: &quinn::Connection) -> Option<(Vec<u8>, Cert
 /// close with [`CLOSE_UNAUTHORIZED`], or a local verification failure.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Rejection {
+    /// The server wants a client certificate and got none.
     #[error(
         "the server requires a client certificate: enrol this node first (`fedveil-client enroll`)"
     )]
     NoCertificate,
+    /// The certificate is from another CA.
     #[error(
         "the server does not trust this node's certificate (issued by another CA): enrol with this server (`fedveil-client enroll`)"
     )]
     UnknownCa,
+    /// The certificate is outside its validity.
     #[error(
         "the server says this node's certificate has expired or is not yet valid (check both clocks); an expired certificate cannot be renewed: ask the operator for a new token and enrol again"
     )]
     Expired,
+    /// The node was revoked.
     #[error(
         "this node's certificate was revoked by the server's operator: ask them to enrol it again (`fedveil-server enroll`)"
     )]
     Revoked,
+    /// The registry never issued the certificate.
     #[error(
         "the server does not know this node's certificate (not in its node registry): ask the operator for a token and enrol again"
     )]
     NotInRegistry,
+    /// Another TLS alert.
     #[error("the server refused this node's certificate (TLS alert {0})")]
     OtherAlert(u8),
+    /// An application close with a reason.
     #[error("the server refused this node: {0}")]
     Refused(String),
+    /// The server's certificate failed this node's checks.
     #[error("this node does not trust the server: {0}")]
     ServerUntrusted(String),
 }
@@ -630,6 +666,7 @@ pub struct MessageReader {
 }
 
 impl MessageReader {
+    /// Reads frames from `recv`, none larger than `limits` allow.
     pub fn new(recv: quinn::RecvStream, limits: FrameLimits) -> Self {
         Self {
             recv,

@@ -8,14 +8,29 @@
 /// Why an update could not be added.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum AggregateError {
+    /// The update has the wrong length.
     #[error("update has {got} values, the model has {expected}")]
-    WrongLength { got: usize, expected: usize },
+    WrongLength {
+        /// Its length.
+        got: usize,
+        /// The model's.
+        expected: usize,
+    },
+    /// The update has a NaN or an infinity.
     #[error("update contains a non-finite value at index {index}")]
-    NonFinite { index: usize },
+    NonFinite {
+        /// Where.
+        index: usize,
+    },
+    /// A weighted value beyond any real model update.
     #[error(
         "update value at index {index} times its weight exceeds {MAX_WEIGHTED_MAGNITUDE:e}, beyond any model update"
     )]
-    OutOfRange { index: usize },
+    OutOfRange {
+        /// Where.
+        index: usize,
+    },
+    /// A weight that is not positive and finite.
     #[error("weight {0} is not a positive finite number")]
     BadWeight(f64),
 }
@@ -45,6 +60,7 @@ impl ExactSum {
         }
     }
 
+    /// The sum, correctly rounded.
     pub fn value(&self) -> f64 {
         self.0 as f64 / 2f64.powi(FRAC_BITS)
     }
@@ -92,6 +108,7 @@ pub struct WeightedMean {
 }
 
 impl WeightedMean {
+    /// An empty mean of `len` values.
     pub fn new(len: usize) -> Self {
         Self {
             sum: vec![ExactSum::default(); len],
@@ -136,10 +153,12 @@ impl WeightedMean {
         Ok(())
     }
 
+    /// Updates added.
     pub fn count(&self) -> usize {
         self.count
     }
 
+    /// Sum of their weights.
     pub fn total_weight(&self) -> f64 {
         self.total_weight.value()
     }

@@ -17,6 +17,8 @@
 //! expansions use scoped threads internally; they return before the call
 //! does.)
 
+#![warn(missing_docs)]
+
 pub mod aggregate;
 pub mod dp;
 pub mod metrics;

@@ -85,6 +85,7 @@ impl std::fmt::Display for TaskScores {
 /// One completed round.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct RoundMetrics {
+    /// The round number.
     pub round: u64,
     /// Server-side test accuracy of the new global model, 0..1
     /// (classification).
@@ -97,6 +98,7 @@ pub struct RoundMetrics {
     /// Server-side test errors of the new global model (regression).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mse: Option<f32>,
+    /// Server-side mean absolute error of the new global model (regression).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mae: Option<f32>,
     /// Bytes received by the server during the round (all clients).
@@ -110,9 +112,13 @@ pub struct RoundMetrics {
     /// A cost.
     #[serde(default, skip_serializing)]
     pub round_secs: f64,
+    /// Clients sampled.
     pub cohort: usize,
+    /// Clients whose update is in the aggregate.
     pub contributors: usize,
+    /// Cohort members that left, timed out or were refused.
     pub dropped: usize,
+    /// Whether the round ended at its deadline.
     pub timed_out: bool,
     /// Examples behind the aggregate (sum of FedAvg weights).
     pub examples: u64,
@@ -124,11 +130,13 @@ pub struct RoundMetrics {
     /// Example-weighted accuracy of the incoming global model on the
     /// clients' own data (federated evaluation), when reported.
     pub client_accuracy: Option<f32>,
+    /// Example-weighted loss of the incoming global model on the clients' own data, when reported.
     pub client_loss: Option<f32>,
     /// Regression: example-weighted errors of the incoming global model on
     /// the clients' own data.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_mse: Option<f32>,
+    /// Regression: the clients' mean absolute error, when reported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_mae: Option<f32>,
     /// Privacy spent so far (epsilon at the run's delta), with DP on.
@@ -143,9 +151,13 @@ pub struct RoundMetrics {
 /// What one round cost on this machine (`costs.jsonl`, `costs.csv`).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct RoundCosts {
+    /// The round number.
     pub round: u64,
+    /// Wall time of the round.
     pub round_secs: f64,
+    /// Bytes the server received.
     pub bytes_up: u64,
+    /// Bytes the server sent.
     pub bytes_down: u64,
 }
 
@@ -153,6 +165,7 @@ impl RoundCosts {
     /// Column names of [`RoundCosts::csv_row`].
     pub const CSV_HEADER: &'static str = "round,round_secs,bytes_up,bytes_down";
 
+    /// The round as a line of `costs.csv`.
     pub fn csv_row(&self) -> String {
         format!(
             "{},{:.3},{},{}",
@@ -190,6 +203,7 @@ impl RoundMetrics {
     /// Column names of [`RoundMetrics::csv_row`].
     pub const CSV_HEADER: &'static str = "round,accuracy,loss,cohort,contributors,dropped,timed_out,examples,train_loss,client_accuracy,client_loss,secure,epsilon,clip_norm,mse,mae,client_mse,client_mae";
 
+    /// The round's costs.
     pub fn costs(&self) -> RoundCosts {
         RoundCosts {
             round: self.round,
@@ -217,6 +231,7 @@ impl RoundMetrics {
         self.bytes_down = costs.bytes_down;
     }
 
+    /// The round as a line of `metrics.csv`.
     pub fn csv_row(&self) -> String {
         let opt = |v: Option<f32>| v.map(|x| x.to_string()).unwrap_or_default();
         format!(

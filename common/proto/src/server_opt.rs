@@ -21,9 +21,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::strategy::{Strategy, StrategyError, StrategyState};
 
-/// The paper's defaults.
+/// First-moment decay (Reddi et al.'s default).
 pub const DEFAULT_BETA1: f64 = 0.9;
+/// Adam's second-moment decay (Reddi et al.'s default).
 pub const DEFAULT_BETA2: f64 = 0.99;
+/// The adaptive optimizers' epsilon (Reddi et al.'s default).
 pub const DEFAULT_TAU: f64 = 1e-3;
 /// FedAvgM's default server momentum.
 pub const DEFAULT_SERVER_MOMENTUM: f64 = 0.9;
@@ -33,13 +35,19 @@ pub const DEFAULT_SERVER_LR: f64 = 1.0;
 /// tune it per task; 1e-2 is a common middle of their grids).
 pub const DEFAULT_ADAPTIVE_SERVER_LR: f64 = 1e-2;
 
+/// The server optimizers of Reddi et al., "Adaptive Federated Optimization" (2021).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ServerOptimizerKind {
+    /// Plain FedAvg: the global model moves by the mean update times the server learning rate.
     FedAvg,
+    /// FedAvg with server momentum.
     FedAvgM,
+    /// Adagrad on the server.
     FedAdagrad,
+    /// Yogi on the server.
     FedYogi,
+    /// Adam on the server.
     FedAdam,
 }
 
@@ -64,6 +72,7 @@ impl std::str::FromStr for ServerOptimizerKind {
 }
 
 impl ServerOptimizerKind {
+    /// The optimizer's name, as `--server-optimizer` takes it.
     pub fn name(self) -> &'static str {
         match self {
             Self::FedAvg => "fedavg",
@@ -74,10 +83,12 @@ impl ServerOptimizerKind {
         }
     }
 
+    /// Whether it keeps second moments (Adagrad, Yogi, Adam).
     pub fn is_adaptive(self) -> bool {
         matches!(self, Self::FedAdagrad | Self::FedYogi | Self::FedAdam)
     }
 
+    /// Its default server learning rate.
     pub fn default_lr(self) -> f64 {
         if self.is_adaptive() {
             DEFAULT_ADAPTIVE_SERVER_LR
@@ -90,11 +101,17 @@ impl ServerOptimizerKind {
 /// The operator's choice of server optimizer.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct ServerOptimizerConfig {
+    /// Which optimizer.
     pub kind: ServerOptimizerKind,
+    /// Server learning rate.
     pub lr: f64,
+    /// Momentum (FedAvgM).
     pub momentum: f64,
+    /// First-moment decay (adaptive optimizers).
     pub beta1: f64,
+    /// Second-moment decay (FedYogi, FedAdam).
     pub beta2: f64,
+    /// Adaptivity epsilon (adaptive optimizers).
     pub tau: f64,
 }
 
@@ -140,6 +157,7 @@ impl ServerOptimizerConfig {
         Ok(c)
     }
 
+    /// Checks the settings are in range.
     pub fn validate(&self) -> Result<(), StrategyError> {
         let bad = |setting: &'static str, v: f64, expected: &str| {
             Err(StrategyError::BadSetting {
@@ -213,6 +231,7 @@ impl ServerOptimizer {
         }
     }
 
+    /// Its settings.
     pub fn config(&self) -> &ServerOptimizerConfig {
         &self.config
     }

@@ -10,6 +10,8 @@
 //! command line ([`Layered`]). A flag the user did not type never overwrites
 //! a value from the file, because the flags carry no clap defaults at all.
 
+#![warn(missing_docs)]
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -40,30 +42,49 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SettingsError {
+    /// The file cannot be read.
     #[error("cannot read settings file {path}: {source}")]
     Read {
+        /// The file.
         path: PathBuf,
+        /// The I/O error.
         source: std::io::Error,
     },
+    /// The file is not valid TOML, or a value has the wrong type.
     #[error("settings file {path}: {detail}")]
-    Parse { path: PathBuf, detail: String },
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+    /// A key no settings group knows.
     #[error("settings file {path}: unknown setting '{key}'{hint}")]
     Unknown {
+        /// The file.
         path: PathBuf,
+        /// The key.
         key: String,
         /// ", did you mean '...'?" when one is close.
         hint: String,
     },
+    /// A value that cannot be used.
     #[error("{setting} = {value}: {reason}")]
     Invalid {
+        /// The setting's name.
         setting: &'static str,
+        /// The value given.
         value: String,
+        /// Why it cannot be used.
         reason: String,
     },
+    /// The data cannot be loaded.
     #[error(transparent)]
     Data(#[from] DataError),
+    /// The DP settings are inconsistent.
     #[error("differential privacy: {0}")]
     Dp(#[from] DpConfigError),
+    /// The command line is invalid.
     #[error("{0}")]
     Flags(#[from] clap::Error),
 }
@@ -287,6 +308,7 @@ impl DataSettings {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Args)]
 #[serde(default)]
 pub struct Settings {
+    /// What the party trains or evaluates on.
     #[serde(flatten)]
     #[command(flatten)]
     pub data: DataSettings,
@@ -617,6 +639,7 @@ impl Population {
 }
 
 impl Settings {
+    /// The round timeout, checked positive.
     pub fn round_timeout(&self) -> Result<Duration, SettingsError> {
         positive_seconds("round_timeout", self.round_timeout)
     }
@@ -896,11 +919,14 @@ impl<T> Layered for T where
 /// checked against the groups that may read it.
 #[derive(Debug, Clone)]
 pub struct SettingsFile {
+    /// Where it was read from.
     pub path: PathBuf,
+    /// Its parsed contents.
     pub table: toml::Table,
 }
 
 impl SettingsFile {
+    /// Reads and parses a settings file.
     pub fn read(path: &Path) -> Result<Self, SettingsError> {
         let text = std::fs::read_to_string(path).map_err(|source| SettingsError::Read {
             path: path.to_owned(),
@@ -960,6 +986,7 @@ impl SettingsFile {
         self.table.contains_key(key)
     }
 
+    /// Reads group `T` from the file (missing keys keep `T`'s defaults).
     pub fn get<T: Layered>(&self) -> Result<T, SettingsError> {
         T::from_table(&self.table, &self.path)
     }

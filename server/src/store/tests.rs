@@ -203,7 +203,7 @@ fn a_run_starts_resumes_or_is_already_complete() {
     let builder = || Coordinator::builder(config.clone(), spec.clone());
     let path = temp_db("open");
     let mut store = Store::open(&path, "default", "{}").unwrap();
-    let Opened::Started(fresh) = store.start_or_resume(builder, vec![0.5; 4]).unwrap() else {
+    let Opened::Started(fresh) = store.start_or_resume(builder(), vec![0.5; 4]).unwrap() else {
         panic!("a new run starts")
     };
     assert_eq!(
@@ -217,7 +217,7 @@ fn a_run_starts_resumes_or_is_already_complete() {
     store
         .persist(&Durable::Checkpoint(Box::new(saved.clone())))
         .unwrap();
-    let Opened::Resumed(resumed) = store.start_or_resume(builder, vec![0.5; 4]).unwrap() else {
+    let Opened::Resumed(resumed) = store.start_or_resume(builder(), vec![0.5; 4]).unwrap() else {
         panic!("a started run resumes")
     };
     assert_eq!(resumed.next_round(), 3);
@@ -228,7 +228,7 @@ fn a_run_starts_resumes_or_is_already_complete() {
         .persist(&Durable::Checkpoint(Box::new(saved)))
         .unwrap();
     assert!(matches!(
-        store.start_or_resume(builder, vec![0.5; 4]).unwrap(),
+        store.start_or_resume(builder(), vec![0.5; 4]).unwrap(),
         Opened::Complete {
             rounds_completed: 3
         }
@@ -244,7 +244,7 @@ fn a_run_starts_resumes_or_is_already_complete() {
         )
     };
     assert!(matches!(
-        store.start_or_resume(wrong, vec![0.5; 5]),
+        store.start_or_resume(wrong(), vec![0.5; 5]),
         Err(OpenError::Config(_))
     ));
 }

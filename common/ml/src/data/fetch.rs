@@ -22,8 +22,11 @@ pub const DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(600);
 /// Download settings.
 #[derive(Debug, Clone)]
 pub struct Fetch {
+    /// How long connecting may take.
     pub connect_timeout: Duration,
+    /// How long the whole download may take.
     pub timeout: Duration,
+    /// The most bytes accepted; a larger file is refused.
     pub max_bytes: u64,
 }
 

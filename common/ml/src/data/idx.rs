@@ -21,23 +21,33 @@ const fn idx_magic(dims: u8) -> u32 {
 /// One pinned file of a dataset.
 #[derive(Debug, Clone, Copy)]
 pub struct IdxFile {
+    /// File name (gzip-compressed IDX).
     pub name: &'static str,
+    /// Its pinned SHA-256, hex.
     pub sha256: &'static str,
 }
 
 /// An IDX dataset: where to fetch it and what its files must hash to.
 #[derive(Debug, Clone, Copy)]
 pub struct IdxDataset {
+    /// The dataset's name.
     pub name: &'static str,
+    /// Base URLs to fetch the files from, tried in order.
     pub mirrors: &'static [&'static str],
+    /// Training images.
     pub train_images: IdxFile,
+    /// Training labels.
     pub train_labels: IdxFile,
+    /// Test images.
     pub test_images: IdxFile,
+    /// Test labels.
     pub test_labels: IdxFile,
+    /// Number of classes.
     pub num_classes: usize,
 }
 
 impl IdxDataset {
+    /// The four files, training images first.
     pub fn files(&self) -> [IdxFile; 4] {
         [
             self.train_images,
@@ -48,6 +58,7 @@ impl IdxDataset {
     }
 }
 
+/// MNIST: handwritten digits, 60,000 training and 10,000 test images.
 pub const MNIST: IdxDataset = IdxDataset {
     name: "mnist",
     mirrors: &[
@@ -73,6 +84,7 @@ pub const MNIST: IdxDataset = IdxDataset {
     num_classes: 10,
 };
 
+/// Fashion-MNIST: clothing, in MNIST's format and sizes.
 pub const FASHION_MNIST: IdxDataset = IdxDataset {
     name: "fashion-mnist",
     mirrors: &["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
@@ -209,27 +221,53 @@ pub fn read_idx_gz(path: &Path) -> Result<(Vec<usize>, Vec<u8>), DataError> {
             path: path.to_owned(),
             reason: format!("gzip: {e}"),
         })?;
-    parse_idx(&raw).map_err(|reason| DataError::BadIdx {
+    parse_idx(&raw).map_err(|e| DataError::BadIdx {
         path: path.to_owned(),
-        reason,
+        reason: e.to_string(),
     })
 }
 
+/// Why a buffer is not an unsigned-byte IDX file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum IdxError {
+    /// Shorter than the 4-byte magic.
+    #[error("{0} bytes, too short for a header")]
+    TooShort(usize),
+    /// Not the unsigned-byte IDX magic.
+    #[error("magic 0x{0:08x} is not unsigned-byte IDX (0x0000080N)")]
+    BadMagic(u32),
+    /// The dimensions are cut short.
+    #[error("header is cut short")]
+    HeaderCut,
+    /// The dimensions' product overflows.
+    #[error("dimensions overflow")]
+    Overflow,
+    /// The body's length does not match the dimensions.
+    #[error("body has {have} bytes, dimensions {dims:?} need {need}")]
+    BodySize {
+        /// Bytes present.
+        have: usize,
+        /// The dimensions.
+        dims: Vec<usize>,
+        /// Bytes the dimensions need.
+        need: usize,
+    },
+}
+
 /// Parses an unsigned-byte IDX buffer.
-pub fn parse_idx(raw: &[u8]) -> Result<(Vec<usize>, Vec<u8>), String> {
+pub fn parse_idx(raw: &[u8]) -> Result<(Vec<usize>, Vec<u8>), IdxError> {
     if raw.len() < 4 {
-        return Err(format!("{} bytes, too short for a header", raw.len()));
+        return Err(IdxError::TooShort(raw.len()));
     }
     let magic = u32::from_be_bytes(raw[0..4].try_into().expect("4 bytes"));
     let ndims = raw[3];
     if ndims == 0 || magic != idx_magic(ndims) {
-        return Err(format!(
-            "magic 0x{magic:08x} is not unsigned-byte IDX (0x0000080N)"
-        ));
+        return Err(IdxError::BadMagic(magic));
     }
     let header_len = 4 + 4 * ndims as usize;
     if raw.len() < header_len {
-        return Err("header is cut short".into());
+        return Err(IdxError::HeaderCut);
     }
     let dims: Vec<usize> = raw[4..header_len]
         .chunks_exact(4)
@@ -238,13 +276,14 @@ pub fn parse_idx(raw: &[u8]) -> Result<(Vec<usize>, Vec<u8>), String> {
     let expected = dims
         .iter()
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-        .ok_or("dimensions overflow")?;
+        .ok_or(IdxError::Overflow)?;
     let body = &raw[header_len..];
     if body.len() != expected {
-        return Err(format!(
-            "body has {} bytes, dimensions {dims:?} need {expected}",
-            body.len()
-        ));
+        return Err(IdxError::BodySize {
+            have: body.len(),
+            dims,
+            need: expected,
+        });
     }
     Ok((dims, body.to_vec()))
 }
@@ -272,13 +311,15 @@ mod tests {
 
     #[test]
     fn idx_rejects_bad_magic_and_short_body() {
-        assert!(
-            parse_idx(&[0, 0, 0x0d, 1, 0, 0, 0, 1, 5])
-                .unwrap_err()
-                .contains("magic")
+        assert_eq!(
+            parse_idx(&[0, 0, 0x0d, 1, 0, 0, 0, 1, 5]),
+            Err(IdxError::BadMagic(0x0000_0d01))
         );
         let raw = encode_idx(&[2, 3], &[0; 5]);
-        assert!(parse_idx(&raw).unwrap_err().contains("need 6"));
+        assert!(matches!(
+            parse_idx(&raw).unwrap_err(),
+            IdxError::BodySize { need: 6, .. }
+        ));
     }
 
     #[test]

@@ -85,6 +85,7 @@ pub struct Dataset {
     pub features: Vec<f32>,
     /// Shape of one example, e.g. `[1, 28, 28]` for MNIST.
     pub example_shape: Vec<usize>,
+    /// Class id of each example (0 for regression data).
     pub labels: Vec<u32>,
     /// Classes of a classification; 0 for regression.
     pub num_classes: usize,
@@ -102,10 +103,12 @@ pub struct Dataset {
 }
 
 impl Dataset {
+    /// Number of examples.
     pub fn len(&self) -> usize {
         self.labels.len()
     }
 
+    /// Whether there are no examples.
     pub fn is_empty(&self) -> bool {
         self.labels.is_empty()
     }
@@ -127,10 +130,12 @@ impl Dataset {
         Task::of_classes(self.num_classes)
     }
 
+    /// Values per example (the product of the example shape).
     pub fn example_len(&self) -> usize {
         self.example_shape.iter().product()
     }
 
+    /// Example `i`'s values.
     pub fn example(&self, i: usize) -> &[f32] {
         let n = self.example_len();
         &self.features[i * n..(i + 1) * n]
@@ -225,20 +230,25 @@ impl Dataset {
 /// One client's view of a shared dataset.
 #[derive(Debug, Clone)]
 pub struct Shard {
+    /// The whole dataset.
     pub data: Arc<Dataset>,
+    /// The examples of it this shard holds.
     pub indices: Vec<usize>,
 }
 
 impl Shard {
+    /// A shard of every example.
     pub fn whole(data: Arc<Dataset>) -> Self {
         let indices = (0..data.len()).collect();
         Self { data, indices }
     }
 
+    /// Number of examples in the shard.
     pub fn len(&self) -> usize {
         self.indices.len()
     }
 
+    /// Whether the shard is empty.
     pub fn is_empty(&self) -> bool {
         self.indices.is_empty()
     }
@@ -248,7 +258,9 @@ impl Shard {
 /// same on every party, so that a feature means the same to every model.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FeatureStats {
+    /// Each feature's mean.
     pub mean: Vec<f32>,
+    /// Each feature's standard deviation.
     pub std: Vec<f32>,
 }
 
@@ -286,8 +298,11 @@ impl FeatureStats {
 /// operator's own files (`csv:PATH`, `image-folder:PATH`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DataSource {
+    /// A dataset fedveil knows by name.
     Builtin(DatasetName),
+    /// A CSV table.
     Csv(PathBuf),
+    /// A folder of images, one subfolder per class.
     ImageFolder(PathBuf),
 }
 
@@ -307,48 +322,80 @@ impl DataSource {
 /// A train/test pair.
 #[derive(Debug, Clone)]
 pub struct Split {
+    /// Training examples.
     pub train: Arc<Dataset>,
+    /// Held-out test examples.
     pub test: Arc<Dataset>,
 }
 
 /// Why a dataset could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
+    /// The dataset's files are not in the data directory.
     #[error(
         "dataset '{dataset}' is missing from {dir}: put {files} there \
          (or point --data-dir / {DATA_DIR_ENV} at a folder that has {dataset}/){hint}"
     )]
     Missing {
+        /// The dataset.
         dataset: String,
+        /// Where they were looked for.
         dir: PathBuf,
+        /// The files missing.
         files: String,
+        /// How to get them.
         hint: String,
     },
+    /// A file's SHA-256 is not the pinned one.
     #[error(
         "{path}: checksum mismatch (sha256 {actual}, expected {expected}); delete it and fetch it again"
     )]
     Checksum {
+        /// The file.
         path: PathBuf,
+        /// The pinned hash.
         expected: String,
+        /// The file's hash.
         actual: String,
     },
+    /// A file is not valid IDX.
     #[error("{path}: not a valid IDX file: {reason}")]
-    BadIdx { path: PathBuf, reason: String },
-    #[error("{path}: {source}")]
-    Io {
+    BadIdx {
+        /// The file.
         path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("download of {url} failed: {reason}")]
-    Download { url: String, reason: String },
-    #[error("unknown dataset '{0}' (known: {known}, or csv:PATH, image-folder:PATH)", known = DatasetName::ALL.map(DatasetName::as_str).join(", "))]
-    Unknown(String),
-    #[error("{path}:{line}: {reason}")]
-    Malformed {
-        path: PathBuf,
-        line: usize,
+        /// What is wrong with it.
         reason: String,
     },
+    /// A file cannot be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A download failed.
+    #[error("download of {url} failed: {reason}")]
+    Download {
+        /// What was fetched.
+        url: String,
+        /// Why it failed.
+        reason: String,
+    },
+    /// No dataset has this name.
+    #[error("unknown dataset '{0}' (known: {known}, or csv:PATH, image-folder:PATH)", known = DatasetName::ALL.map(DatasetName::as_str).join(", "))]
+    Unknown(String),
+    /// A line of a data file cannot be read.
+    #[error("{path}:{line}: {reason}")]
+    Malformed {
+        /// The file.
+        path: PathBuf,
+        /// The line (1-based).
+        line: usize,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Data that cannot be used as asked.
     #[error("{0}")]
     Invalid(String),
 }
@@ -380,10 +427,13 @@ pub fn resolve_data_dir(explicit: Option<&Path>) -> PathBuf {
 /// Datasets this build can load by name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DatasetName {
+    /// Handwritten digits (IDX).
     Mnist,
+    /// Clothing images in MNIST's format (IDX).
     FashionMnist,
     /// LEAF FEMNIST, split by writer.
     Femnist,
+    /// Generated image data, for tests and demos without files.
     Synthetic,
     /// LEAF Shakespeare, split by speaking role (next character).
     LeafShakespeare,
@@ -398,6 +448,7 @@ pub enum DatasetName {
 }
 
 impl DatasetName {
+    /// Every built-in dataset.
     pub const ALL: [Self; 9] = [
         Self::Mnist,
         Self::FashionMnist,
@@ -410,6 +461,7 @@ impl DatasetName {
         Self::AgNews,
     ];
 
+    /// The dataset named `name` (as in `--dataset`).
     pub fn parse(name: &str) -> Result<Self, DataError> {
         Self::ALL
             .into_iter()
@@ -417,6 +469,7 @@ impl DatasetName {
             .ok_or_else(|| DataError::Unknown(name.to_owned()))
     }
 
+    /// The dataset's name, as `--dataset` takes it.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Mnist => "mnist",

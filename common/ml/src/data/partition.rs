@@ -24,10 +24,16 @@ pub enum Partition {
     /// Uniformly at random, equal sizes (±1).
     Iid,
     /// For each class, client proportions ~ Dirichlet(alpha); small alpha = skewed.
-    Dirichlet { alpha: f64 },
+    Dirichlet {
+        /// Concentration: small values give few classes per client.
+        alpha: f64,
+    },
     /// Sort by label, cut into `clients * per_client` shards, deal each client
     /// `per_client` random shards (McMahan et al. 2017 use 2).
-    Shards { per_client: usize },
+    Shards {
+        /// Label-sorted shards each client gets.
+        per_client: usize,
+    },
     /// The dataset's own owners (LEAF writers): each client gets one
     /// owner's examples; with fewer clients than owners, a seeded random
     /// choice of owners takes part.

@@ -16,10 +16,15 @@ use super::{Dataset, Split};
 /// Shape and size of the synthetic dataset.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SyntheticConfig {
+    /// Training examples to generate.
     pub train_examples: usize,
+    /// Test examples to generate.
     pub test_examples: usize,
+    /// Number of classes.
     pub num_classes: usize,
+    /// Image height.
     pub height: usize,
+    /// Image width.
     pub width: usize,
     /// Standard deviation of the per-pixel Gaussian noise.
     pub noise: f32,

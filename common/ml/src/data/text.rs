@@ -59,8 +59,11 @@ pub const AG_NEWS_CLASSES: [&str; 4] = ["World", "Sports", "Business", "Sci/Tech
 
 /// Folders in the data directory.
 pub const SST2_DIR: &str = "sst2";
+/// AG News's folder in the data directory.
 pub const AG_NEWS_DIR: &str = "ag-news";
+/// Tiny Shakespeare's folder in the data directory.
 pub const TINY_SHAKESPEARE_DIR: &str = "tiny-shakespeare";
+/// LEAF Shakespeare's folder in the data directory.
 pub const LEAF_SHAKESPEARE_DIR: &str = "leaf-shakespeare";
 
 fn malformed(path: &Path, line: usize, reason: impl Into<String>) -> DataError {
@@ -147,6 +150,7 @@ impl WordVocab {
         self.ids.len() + 2
     }
 
+    /// Always false: PAD and UNK are always there.
     pub fn is_empty(&self) -> bool {
         false
     }
@@ -169,6 +173,7 @@ pub struct CharVocab {
 }
 
 impl CharVocab {
+    /// The distinct characters of `texts`, in sorted order, after PAD and UNK.
     pub fn build<'a>(texts: impl IntoIterator<Item = &'a str>) -> Self {
         let mut chars: Vec<char> = texts.into_iter().flat_map(str::chars).collect();
         chars.sort_unstable();
@@ -182,14 +187,17 @@ impl CharVocab {
         }
     }
 
+    /// Number of ids, reserved ones included.
     pub fn len(&self) -> usize {
         self.ids.len() + 2
     }
 
+    /// Always false: PAD and UNK are always there.
     pub fn is_empty(&self) -> bool {
         false
     }
 
+    /// The id of `c` (the unknown id for a character not seen).
     pub fn id(&self, c: char) -> u32 {
         *self.ids.get(&c).unwrap_or(&UNK)
     }

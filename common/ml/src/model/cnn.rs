@@ -10,16 +10,21 @@ use burn::prelude::*;
 use super::dense::{DenseBatch, Inputs};
 use super::federated::{BatchMetrics, FederatedModel, cross_entropy};
 
+/// The built-in CNN for images: three 3x3 convolutions, two poolings, two dense layers.
 #[derive(Config, Debug)]
 pub struct CnnConfig {
+    /// Image channels.
     #[config(default = 1)]
     pub in_channels: usize,
+    /// Image side (square images).
     #[config(default = 28)]
     pub image_size: usize,
+    /// Number of classes.
     #[config(default = 10)]
     pub num_classes: usize,
 }
 
+/// The built-in CNN (see [`CnnConfig`]).
 #[derive(Module, Debug)]
 pub struct Cnn {
     conv1: Conv2d,
@@ -37,6 +42,7 @@ impl CnnConfig {
         ((self.image_size - 2) / 2 - 2) / 2 - 2
     }
 
+    /// A freshly initialised CNN on `device`.
     pub fn init(&self, device: &Device) -> Cnn {
         let side = self.final_side();
         Cnn {
@@ -52,6 +58,7 @@ impl CnnConfig {
 }
 
 impl Cnn {
+    /// Logits `[batch, classes]` of images `[batch, channels, side, side]`.
     pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
         let x = self
             .pool

@@ -20,6 +20,7 @@ pub struct Example {
 }
 
 impl Example {
+    /// Its feature values.
     pub fn features(&self) -> &[f32] {
         self.data.example(self.index)
     }
@@ -29,6 +30,7 @@ impl Example {
         self.index
     }
 
+    /// Its class id (0 for regression data).
     pub fn label(&self) -> u32 {
         self.data.labels[self.index]
     }
@@ -79,6 +81,7 @@ pub enum Inputs {
 /// A batch of dense examples and what the model should predict: class
 /// labels, or (regression data) target values.
 pub struct DenseBatch {
+    /// The batch's inputs.
     pub inputs: Inputs,
     /// Class ids `[batch]` (all 0 for regression data).
     pub labels: Tensor<1, Int>,

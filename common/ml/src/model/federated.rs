@@ -126,6 +126,7 @@ pub fn mean_squared_error(predictions: Tensor<1>, targets: Tensor<1>) -> Tensor<
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 #[non_exhaustive]
 pub struct BatchMetrics {
+    /// Examples in the batch.
     pub examples: usize,
     /// Sum of the per-example loss.
     pub loss_sum: f64,
@@ -186,15 +187,19 @@ impl BatchMetrics {
 /// What one local training run should do.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainPlan {
+    /// Passes over the local data.
     pub epochs: u32,
+    /// Examples per minibatch.
     pub batch_size: usize,
     /// Stop after this many steps, even within an epoch.
     pub max_steps: Option<usize>,
+    /// Local learning rate.
     pub learning_rate: f64,
     /// Seeds minibatch shuffling; callers mix in round and client.
     pub shuffle_seed: u64,
     /// FedProx weight mu (0: off).
     pub prox_mu: f64,
+    /// The local optimizer.
     pub optimizer: LocalOptimizer,
 }
 
@@ -228,6 +233,7 @@ impl TrainPlan {
 pub struct TrainStats {
     /// Examples trained on (the FedAvg weight).
     pub examples: usize,
+    /// Optimizer steps taken.
     pub steps: usize,
     /// Mean loss over the last epoch (the steps of it that ran).
     pub last_epoch_loss: f32,
@@ -236,7 +242,9 @@ pub struct TrainStats {
 /// Loss and the task's scores over a set of examples.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct EvalStats {
+    /// Examples evaluated.
     pub examples: usize,
+    /// Mean loss.
     pub loss: f32,
     /// Accuracy for a classification; MSE and MAE for a regression.
     pub scores: TaskScores,
@@ -279,9 +287,13 @@ impl From<BatchMetrics> for EvalStats {
 /// `I`: parameters in and out as one flat vector, training and evaluation
 /// on a Burn [`Dataset`]. Object-safe, so drivers hold any model.
 pub trait FlModel<I>: Send {
+    /// The model's name, parameter count and shape signature.
     fn spec(&self) -> &ModelSpec;
+    /// Where each tensor sits in the flat parameter vector.
     fn layout(&self) -> &ParamLayout;
+    /// All parameters, flattened in layout order.
     fn params(&self) -> Vec<f32>;
+    /// Replaces all parameters from a flat vector in layout order.
     fn set_params(&mut self, values: &[f32]) -> Result<(), ModelError>;
     /// Trains on `data` as `plan` says, from the current parameters.
     fn train(&mut self, data: &dyn Dataset<I>, plan: &TrainPlan) -> Result<TrainStats, ModelError>;
@@ -510,6 +522,7 @@ impl<I: 'static> ModelFactory<I> {
         }
     }
 
+    /// The factory's name.
     pub fn name(&self) -> &str {
         &self.name
     }

@@ -14,23 +14,28 @@ use sha2::{Digest, Sha256};
 /// One parameter tensor in flattening order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParamEntry {
+    /// The tensor's module path (e.g. `conv1.weight`).
     pub path: String,
+    /// The tensor's shape.
     pub shape: Vec<usize>,
 }
 
 /// All parameter tensors of a model, in flattening order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParamLayout {
+    /// Every parameter tensor, in flattening order.
     pub entries: Vec<ParamEntry>,
 }
 
 impl ParamLayout {
+    /// The layout of `model`'s parameters.
     pub fn of<M: Module>(model: &M) -> Self {
         let mut v = LayoutVisitor::default();
         model.visit(&mut v);
         Self { entries: v.entries }
     }
 
+    /// Total number of parameter values.
     pub fn param_count(&self) -> usize {
         self.entries
             .iter()

@@ -10,18 +10,22 @@ use super::dense::{DenseBatch, Inputs};
 use super::federated::{BatchMetrics, FederatedModel, cross_entropy, mean_squared_error};
 use super::{OptionError, size_options};
 
+/// The built-in multilayer perceptron for tabular data.
 #[derive(Config, Debug)]
 pub struct MlpConfig {
     /// Input features per example.
     pub inputs: usize,
     /// Classes of a classification; 0 for a regression (one output).
     pub num_classes: usize,
+    /// Units per hidden layer.
     #[config(default = 64)]
     pub hidden: usize,
+    /// Hidden layers.
     #[config(default = 2)]
     pub layers: usize,
 }
 
+/// The built-in MLP (see [`MlpConfig`]).
 #[derive(Module, Debug)]
 pub struct Mlp {
     hidden: Vec<Linear>,
@@ -30,6 +34,7 @@ pub struct Mlp {
 }
 
 impl MlpConfig {
+    /// A freshly initialised MLP on `device`.
     pub fn init(&self, device: &Device) -> Mlp {
         let widths =
             std::iter::once(self.inputs).chain(std::iter::repeat_n(self.hidden, self.layers));

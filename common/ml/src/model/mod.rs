@@ -33,26 +33,48 @@ pub const MODEL_NAMES: &[&str] = &["cnn", "mlp", "transformer-cls", "transformer
 /// Why a model could not be built, loaded or trained.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ModelError {
+    /// No built-in model has this name.
     #[error("unknown model '{0}' (known: {known})", known = MODEL_NAMES.join(", "))]
     Unknown(String),
+    /// A parameter vector of the wrong length.
     #[error("parameter vector has {got} values, the model has {expected}")]
-    WrongLength { got: usize, expected: usize },
+    WrongLength {
+        /// Values given.
+        got: usize,
+        /// Values the model has.
+        expected: usize,
+    },
+    /// The model cannot take this data.
     #[error("model '{model}' cannot take inputs of shape {shape:?}: {reason}")]
     IncompatibleData {
+        /// The model.
         model: String,
+        /// The data's example shape.
         shape: Vec<usize>,
+        /// Why not.
         reason: String,
     },
+    /// A training plan that cannot run (no examples, zero batch size...).
     #[error("invalid training plan: {0}")]
     InvalidPlan(String),
+    /// Training produced a non-finite loss.
     #[error("training diverged (loss {0}); lower the learning rate")]
     Diverged(f32),
+    /// The model cannot be saved or loaded.
     #[error("model file {0}")]
     Store(String),
+    /// A batch cannot be made from the data.
     #[error("reading the data: {0}")]
     Data(String),
+    /// A size option of a built-in model is invalid.
     #[error("model '{model}': {source}")]
-    Options { model: String, source: OptionError },
+    Options {
+        /// The model.
+        model: String,
+        /// What is wrong.
+        source: OptionError,
+    },
+    /// The device is unknown or not compiled in: the device asked for, and why.
     #[error("device '{0}' is not available: {1}")]
     Device(String, String),
 }
@@ -60,13 +82,16 @@ pub enum ModelError {
 /// What a model needs to know about the data to be built.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DataShape {
+    /// The shape of one example (e.g. `[1, 28, 28]`).
     pub example_shape: Vec<usize>,
+    /// Number of classes; 0 for a regression.
     pub num_classes: usize,
     /// Token vocabulary of text data (0 for images).
     pub vocab_size: usize,
 }
 
 impl DataShape {
+    /// The shape of `data`.
     pub fn of(data: &crate::data::Dataset) -> Self {
         Self {
             example_shape: data.example_shape.clone(),

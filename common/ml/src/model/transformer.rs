@@ -25,19 +25,25 @@ use super::federated::{BatchMetrics, FederatedModel, cross_entropy};
 use super::{OptionError, size_options};
 use crate::data::text::PAD;
 
+/// The built-in text transformer: classification, or (causal) next-token prediction.
 #[derive(Config, Debug)]
 pub struct TextTransformerConfig {
     /// Token ids are below this (PAD = 0 included).
     pub vocab_size: usize,
     /// Longest input sequence (position embeddings).
     pub max_len: usize,
+    /// Classes of a classification (the vocabulary size for a language model).
     pub num_classes: usize,
+    /// Embedding width.
     #[config(default = 128)]
     pub d_model: usize,
+    /// Transformer blocks.
     #[config(default = 2)]
     pub n_layers: usize,
+    /// Attention heads per block.
     #[config(default = 4)]
     pub n_heads: usize,
+    /// Width of each block's feed-forward layer.
     #[config(default = 256)]
     pub d_ff: usize,
     /// Causal attention and last-position readout (language model).
@@ -45,6 +51,7 @@ pub struct TextTransformerConfig {
     pub causal: bool,
 }
 
+/// The built-in text transformer (see [`TextTransformerConfig`]).
 #[derive(Module, Debug)]
 pub struct TextTransformer {
     token: Embedding,
@@ -96,6 +103,7 @@ impl TextTransformerConfig {
         }
     }
 
+    /// A freshly initialised transformer on `device`.
     pub fn init(&self, device: &Device) -> TextTransformer {
         TextTransformer {
             token: EmbeddingConfig::new(self.vocab_size, self.d_model).init(device),

@@ -26,7 +26,9 @@ pub const DEFAULT_COUNT_NOISE_FRACTION: f64 = 0.05;
 /// The operator's adaptive-clipping settings.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct AdaptiveClipping {
+    /// The quantile of update norms the bound should track (e.g. 0.5).
     pub target_quantile: f64,
+    /// Step size of the geometric update of the bound.
     pub learning_rate: f64,
     /// Std of the noise on the indicator sum, in clients (default: the
     /// expected cohort / 20).
@@ -44,6 +46,7 @@ impl Default for AdaptiveClipping {
 }
 
 impl AdaptiveClipping {
+    /// Checks the settings are in range.
     pub fn check(&self) -> Result<(), DpConfigError> {
         if !(self.target_quantile > 0.0 && self.target_quantile < 1.0) {
             return Err(DpConfigError::Adaptive(format!(

@@ -11,6 +11,7 @@ pub struct Clipped {
 }
 
 impl Clipped {
+    /// Whether the update was scaled down.
     pub fn was_clipped(&self) -> bool {
         self.scale < 1.0
     }

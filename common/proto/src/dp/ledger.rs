@@ -9,6 +9,7 @@ use super::rdp;
 /// One charged round.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LedgerEntry {
+    /// The round.
     pub round: u64,
     /// Epsilon spent after this round (cumulative).
     pub epsilon: f64,
@@ -20,24 +21,34 @@ pub struct LedgerEntry {
     "round {round} would raise epsilon from {spent:.4} to {would_be:.4}, over the budget {budget} (delta {delta:e}); stopping"
 )]
 pub struct BudgetExceeded {
+    /// The round refused.
     pub round: u64,
+    /// Epsilon spent before it.
     pub spent: f64,
+    /// Epsilon after it.
     pub would_be: f64,
+    /// The budget.
     pub budget: f64,
+    /// The delta epsilon is given at.
     pub delta: f64,
 }
 
+/// The privacy a run has spent: the RDP of every charged round, composed, and the epsilon after each.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PrivacyLedger {
     orders: Vec<f64>,
     /// Composed RDP at each order.
     rdp: Vec<f64>,
+    /// The delta epsilon is reported at.
     pub delta: f64,
+    /// The largest epsilon the run may spend.
     pub budget: f64,
+    /// Every charged round, in order.
     pub entries: Vec<LedgerEntry>,
 }
 
 impl PrivacyLedger {
+    /// An empty ledger accounting at RDP `orders`.
     pub fn new(orders: Vec<f64>, delta: f64, budget: f64) -> Self {
         let rdp = vec![0.0; orders.len()];
         Self {
@@ -100,6 +111,7 @@ impl PrivacyLedger {
         self.orders == other.orders && self.delta == other.delta
     }
 
+    /// Rounds charged so far.
     pub fn rounds_charged(&self) -> usize {
         self.entries.len()
     }

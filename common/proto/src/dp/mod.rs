@@ -43,21 +43,27 @@ pub const NOISE_TAIL_STDS: f64 = 12.0;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mechanism {
+    /// Clients add Skellam noise that only sums to the right level under secure aggregation.
     Distributed,
+    /// Clients clip; the server adds Gaussian noise to the sum.
     Central,
+    /// Each client noises its own update.
     Local,
 }
 
+/// A DP mechanism name that is none of the three.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown DP mechanism {0:?} (expected distributed, central or local)")]
+pub struct UnknownMechanism(pub String);
+
 impl std::str::FromStr for Mechanism {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownMechanism;
+    fn from_str(s: &str) -> Result<Self, UnknownMechanism> {
         match s {
             "distributed" => Ok(Self::Distributed),
             "central" => Ok(Self::Central),
             "local" => Ok(Self::Local),
-            other => Err(format!(
-                "unknown DP mechanism {other:?} (expected distributed, central or local)"
-            )),
+            other => Err(UnknownMechanism(other.to_owned())),
         }
     }
 }
@@ -77,16 +83,22 @@ impl std::fmt::Display for Mechanism {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum NoiseLevel {
+    /// Noise std over the clip norm.
     NoiseMultiplier(f64),
+    /// The epsilon to reach after the planned rounds.
     TargetEpsilon(f64),
 }
 
 /// The operator's DP settings for a run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DpConfig {
+    /// Who adds the noise.
     pub mechanism: Mechanism,
+    /// The L2 bound each update is clipped to.
     pub clip_norm: f64,
+    /// How much noise.
     pub noise: NoiseLevel,
+    /// The delta epsilon is reported at.
     pub delta: f64,
     /// Rounds the noise is planned for (with a target epsilon).
     pub planned_rounds: u64,
@@ -104,37 +116,56 @@ pub struct DpConfig {
 /// A DP configuration that cannot give the promised guarantee.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum DpConfigError {
+    /// A clip norm that is not positive and finite.
     #[error("clip norm must be positive and finite, got {0}")]
     ClipNorm(f64),
+    /// A noise multiplier that is not positive and finite.
     #[error("noise multiplier must be positive and finite, got {0}")]
     NoiseMultiplier(f64),
+    /// A budget that is not positive and finite.
     #[error("budget must be positive and finite, got {0}")]
     Budget(f64),
+    /// Zero planned rounds.
     #[error("planned rounds must be at least 1")]
     PlannedRounds,
+    /// Distributed DP asked for without secure aggregation.
     #[error(
         "distributed DP needs secure aggregation (--secagg); use central or local DP without it"
     )]
     DistributedWithoutSecAgg,
+    /// Distributed DP with a minimum of fewer than 2 contributors.
     #[error("distributed DP needs at least 2 contributors per round, got a minimum of {0}")]
     TooFewContributors(usize),
+    /// The noisy integers cannot fit the secure-aggregation modulus.
     #[error(
         "distributed DP cannot fit a cohort of {cohort} with this noise into {bits} bits \
          (largest integer norm {max_norm:.1}, below the rounding floor); use fewer clients or less noise"
     )]
     NoHeadroom {
+        /// The cohort the encoding must fit.
         cohort: usize,
+        /// Bits of the modulus.
         bits: u32,
+        /// The largest integer norm that would fit.
         max_norm: f64,
     },
+    /// Adaptive clipping settings out of range.
     #[error("adaptive clipping: {0}")]
     Adaptive(String),
+    /// Adaptive clipping with local DP.
     #[error(
         "adaptive clipping needs a noised aggregate of the clipping indicators; local DP has none (use central or distributed DP)"
     )]
     AdaptiveWithLocal,
+    /// The budget is already spent.
     #[error("the privacy budget is already spent: epsilon {spent:.4} of {budget}")]
-    BudgetSpent { spent: f64, budget: f64 },
+    BudgetSpent {
+        /// Epsilon spent.
+        spent: f64,
+        /// The budget.
+        budget: f64,
+    },
+    /// The noise or the epsilon cannot be computed.
     #[error(transparent)]
     Accounting(#[from] AccountingError),
 }
@@ -146,20 +177,32 @@ pub enum DpRound {
     /// Clip only; the server adds the noise. With `clip_indicator`, append
     /// +-1/2 (see [`adaptive`]).
     Central {
+        /// The L2 bound.
         clip_norm: f64,
+        /// Whether to append the clipping indicator.
         clip_indicator: bool,
     },
     /// Clip, then add N(0, noise_std^2) to every value.
-    Local { clip_norm: f64, noise_std: f64 },
+    Local {
+        /// The L2 bound.
+        clip_norm: f64,
+        /// The std of the noise added to each value.
+        noise_std: f64,
+    },
     /// Clip, divide by `granularity`, round to integers with L2 norm at most
     /// `rounded_norm`, add Sk(`skellam_mu`) per value; the integers travel
     /// through secure aggregation. With `indicator_mu`, append the clipping
     /// indicator as +-1 plus Sk(`indicator_mu`).
     Distributed {
+        /// The L2 bound.
         clip_norm: f64,
+        /// Real value of one integer step.
         granularity: f64,
+        /// L2 bound of the rounded integers.
         rounded_norm: f64,
+        /// Skellam parameter of each value's noise share.
         skellam_mu: f64,
+        /// Skellam parameter of the indicator's noise share (adaptive clipping).
         indicator_mu: Option<f64>,
     },
 }
@@ -176,13 +219,16 @@ pub enum Privatized {
 /// An update the DP step cannot process.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum PrivatizeError {
+    /// The update has a NaN or an infinity (its index).
     #[error("update value {0} is NaN or infinite")]
     NonFinite(usize),
+    /// Randomized rounding failed.
     #[error(transparent)]
     Rounding(#[from] noise::RoundingFailed),
 }
 
 impl DpRound {
+    /// The L2 bound updates are clipped to.
     pub fn clip_norm(&self) -> f64 {
         match *self {
             Self::Central { clip_norm, .. } | Self::Local { clip_norm, .. } => clip_norm,
@@ -275,7 +321,9 @@ pub fn centered(v: u32, bits: u32) -> i64 {
 /// privacy cost (RDP at each order) of one round.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DpPlan {
+    /// The operator's settings.
     pub config: DpConfig,
+    /// What each client does in a round.
     pub round: DpRound,
     /// Gaussian noise std the server adds to the sum (central DP), else 0.
     pub server_noise_std: f64,
@@ -293,7 +341,9 @@ pub struct DpPlan {
     /// (in clients; the server adds it under central DP, the clients'
     /// Skellam shares carry it under distributed DP).
     pub adaptive: Option<(AdaptiveClipping, f64)>,
+    /// The RDP orders the ledger accounts at.
     pub orders: Vec<f64>,
+    /// One round's RDP at each order.
     pub rdp_per_round: Vec<f64>,
     /// The budget the ledger enforces.
     pub budget: f64,

@@ -72,7 +72,9 @@ pub fn add_skellam<R: Rng + CryptoRng + ?Sized>(values: &mut [i64], mu: f64, rng
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("randomized rounding exceeded the norm bound {bound} in {attempts} attempts")]
 pub struct RoundingFailed {
+    /// The norm bound.
     pub bound: f64,
+    /// Attempts made.
     pub attempts: usize,
 }
 

@@ -34,27 +34,38 @@ pub fn integer_orders() -> Vec<f64> {
 /// Why a privacy computation cannot be done.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum AccountingError {
+    /// A sampling rate outside (0, 1].
     #[error("sampling rate must be in (0, 1], got {0}")]
     SamplingRate(f64),
+    /// A noise multiplier that is not positive and finite.
     #[error("noise multiplier must be positive and finite, got {0}")]
     NoiseMultiplier(f64),
+    /// A delta outside (0, 1).
     #[error("delta must be in (0, 1), got {0}")]
     Delta(f64),
+    /// An epsilon that is not positive and finite.
     #[error("epsilon must be positive and finite, got {0}")]
     Epsilon(f64),
+    /// Zero rounds.
     #[error("the number of rounds must be at least 1")]
     Rounds,
+    /// No noise multiplier in the search range reaches the target.
     #[error(
         "no noise multiplier up to {max} reaches epsilon {epsilon} at delta {delta} over {rounds} rounds"
     )]
     Unreachable {
+        /// The target epsilon.
         epsilon: f64,
+        /// At this delta.
         delta: f64,
+        /// Over this many rounds.
         rounds: u64,
+        /// The largest multiplier tried.
         max: f64,
     },
 }
 
+/// Checks a sampling rate is in (0, 1].
 pub fn check_sampling_rate(q: f64) -> Result<(), AccountingError> {
     if q > 0.0 && q <= 1.0 {
         Ok(())
@@ -63,6 +74,7 @@ pub fn check_sampling_rate(q: f64) -> Result<(), AccountingError> {
     }
 }
 
+/// Checks a noise multiplier is positive and finite.
 pub fn check_noise_multiplier(z: f64) -> Result<(), AccountingError> {
     if z > 0.0 && z.is_finite() {
         Ok(())
@@ -71,6 +83,7 @@ pub fn check_noise_multiplier(z: f64) -> Result<(), AccountingError> {
     }
 }
 
+/// Checks a delta is in (0, 1).
 pub fn check_delta(delta: f64) -> Result<(), AccountingError> {
     if delta > 0.0 && delta < 1.0 {
         Ok(())
@@ -79,6 +92,7 @@ pub fn check_delta(delta: f64) -> Result<(), AccountingError> {
     }
 }
 
+/// Checks an epsilon is positive and finite.
 pub fn check_epsilon(epsilon: f64) -> Result<(), AccountingError> {
     if epsilon > 0.0 && epsilon.is_finite() {
         Ok(())

@@ -21,18 +21,31 @@ use crate::wire::{
 #[derive(Debug, Clone, PartialEq)]
 pub enum ClientEvent {
     /// The server admitted us.
-    Admitted { client_id: u64 },
+    Admitted {
+        /// The id the server gave us.
+        client_id: u64,
+    },
     /// Train on `global_model` and call [`ClientSession::submit`].
     Train {
+        /// The round.
         round: u64,
+        /// What to do in it.
         config: RoundConfig,
+        /// The model to start from.
         global_model: Vec<f32>,
     },
     /// The server refused something we sent (the session may go on).
-    ServerError { code: ReasonCode, detail: String },
+    ServerError {
+        /// Why, as a reason code.
+        code: ReasonCode,
+        /// The server's explanation.
+        detail: String,
+    },
     /// The run is over.
     Finished {
+        /// Rounds the server completed.
         rounds_completed: u64,
+        /// Why the run ended for us.
         reason: String,
     },
 }
@@ -40,28 +53,65 @@ pub enum ClientEvent {
 /// A protocol violation by the server; the driver should disconnect.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum SessionError {
+    /// The server refused this client.
     #[error("server refused us: {detail} ({code:?})")]
-    Refused { code: ReasonCode, detail: String },
+    Refused {
+        /// Why, as a reason code.
+        code: ReasonCode,
+        /// The server's explanation.
+        detail: String,
+    },
+    /// The server speaks another protocol version.
     #[error("server speaks protocol {0}, this client speaks {PROTOCOL_VERSION}")]
     Version(u16),
+    /// The server trains another model than ours.
     #[error("server trains model '{}' ({} parameters), this client has '{}' ({} parameters)",
         .server.name, .server.param_count, .local.name, .local.param_count)]
     ModelMismatch {
+        /// The server's model.
         server: Box<ModelSpec>,
+        /// Ours.
         local: Box<ModelSpec>,
     },
+    /// A message that does not belong at this point of the session.
     #[error("server sent a {0} message out of turn")]
     Unexpected(&'static str),
+    /// A round number that is not after the last one.
     #[error("server sent round {got} after round {last} (replayed or out of order)")]
-    StaleRound { got: u64, last: u64 },
+    StaleRound {
+        /// The round number sent.
+        got: u64,
+        /// The last round seen.
+        last: u64,
+    },
+    /// A global model of the wrong length.
     #[error("server's global model has {got} values, expected {expected}")]
-    WrongModelLength { got: usize, expected: u64 },
+    WrongModelLength {
+        /// Values sent.
+        got: usize,
+        /// Values the model has.
+        expected: u64,
+    },
+    /// An update was submitted for a round not being trained.
     #[error("no round {0} is being trained")]
     NotTraining(u64),
+    /// The server broke secure aggregation.
     #[error("secure aggregation, round {round}: {source}")]
-    SecAgg { round: u64, source: SecAggError },
+    SecAgg {
+        /// The round.
+        round: u64,
+        /// What went wrong.
+        source: SecAggError,
+    },
+    /// The update could not be privatized as the round asks.
     #[error("differential privacy, round {round}: {source}")]
-    Privacy { round: u64, source: PrivatizeError },
+    Privacy {
+        /// The round.
+        round: u64,
+        /// What went wrong.
+        source: PrivatizeError,
+    },
+    /// The round asks for distributed DP without secure aggregation.
     #[error(
         "round {0} asks for distributed DP without secure aggregation; refusing to send noised integers in the clear"
     )]
@@ -175,18 +225,22 @@ impl ClientSession {
         SessionError::SecAgg { round, source }
     }
 
+    /// The id the server gave us, once admitted.
     pub fn client_id(&self) -> Option<u64> {
         self.client_id
     }
 
+    /// Whether the session is over.
     pub fn is_finished(&self) -> bool {
         self.state == State::Finished
     }
 
+    /// The next message to send.
     pub fn poll_transmit(&mut self) -> Option<Message> {
         self.outbox.pop_front()
     }
 
+    /// The next thing the driver should do or know.
     pub fn poll_event(&mut self) -> Option<ClientEvent> {
         self.events.pop_front()
     }

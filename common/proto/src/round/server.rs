@@ -58,11 +58,17 @@ pub const DEFAULT_MAX_BUFFERED_VALUES: usize = 1 << 28;
 /// round from the cohort size and the expected dropout rate.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SecAggConfig {
+    /// Neighbours per client (default: from the cohort size and dropout).
     pub degree: Option<u32>,
+    /// Shares needed to reconstruct a secret (default: from the degree and dropout).
     pub threshold: Option<u32>,
+    /// Bits of the modulus values are summed in.
     pub bits: u32,
+    /// Update values are clamped to plus or minus this before encoding.
     pub clip: f32,
+    /// Largest example count an update may be weighted by.
     pub max_weight: u64,
+    /// Dropout rate the threshold must tolerate.
     pub expected_dropout: f64,
     /// Deadline of each stage except the masked input (which includes
     /// training and uses the round timeout).
@@ -166,6 +172,7 @@ impl Default for CoordinatorConfig {
 }
 
 impl CoordinatorConfig {
+    /// Checks the settings fit together (cohort sizes, secure aggregation, DP).
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.server_optimizer
             .validate()
@@ -289,6 +296,7 @@ impl ConfigError {
 /// A message for the driver to send, then optionally close the connection.
 #[derive(Debug, Clone)]
 pub struct Transmit {
+    /// The client to send to.
     pub to: ClientId,
     /// Shared, so the global model is held once however large the cohort.
     pub message: Arc<Message>,
@@ -299,7 +307,9 @@ pub struct Transmit {
 /// What one completed round did.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RoundSummary {
+    /// The round number.
     pub round: u64,
+    /// The clients sampled for it.
     pub cohort: Vec<ClientId>,
     /// Clients whose update was folded in.
     pub contributors: Vec<ClientId>,
@@ -311,6 +321,7 @@ pub struct RoundSummary {
     /// Example-weighted mean of the contributors' last-epoch training loss
     /// (not known under secure aggregation).
     pub train_loss: Option<f32>,
+    /// Whether the round ran through secure aggregation.
     pub secure: bool,
     /// Epsilon spent after this round (with DP on).
     pub epsilon: Option<f64>,
@@ -319,54 +330,78 @@ pub struct RoundSummary {
     /// Example-weighted evaluation of the incoming global model on the
     /// clients' own data, if any client reported one.
     pub client_eval: Option<ClientEvalSummary>,
+    /// Whether the round ended at its deadline.
     pub timed_out: bool,
+    /// When the round started.
     pub started_at: Instant,
+    /// When it finished.
     pub finished_at: Instant,
 }
 
 /// Things the driver may want to log or act on.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
+    /// A client was admitted.
     Joined {
+        /// Its id.
         id: ClientId,
+        /// Its node name.
         node_name: String,
     },
+    /// A client disconnected.
     Left {
+        /// Its id.
         id: ClientId,
     },
+    /// A round started.
     RoundStarted {
+        /// The round.
         round: u64,
+        /// The clients sampled for it.
         cohort: Vec<ClientId>,
     },
+    /// A client's update was accepted.
     UpdateAccepted {
+        /// The round.
         round: u64,
+        /// The client.
         id: ClientId,
+        /// The examples it trained on.
         num_examples: u64,
     },
     /// A client's message was refused (and told so).
     Rejected {
+        /// The client.
         id: ClientId,
+        /// Why, as a reason code.
         code: ReasonCode,
+        /// The explanation it was given.
         detail: String,
     },
     /// Secure aggregation moved on to `stage`, waiting on `pending`
     /// clients (those who did not answer the last stage are out).
     SecAggStage {
+        /// The round.
         round: u64,
+        /// The stage now running.
         stage: SecAggStage,
+        /// Clients it waits on.
         pending: usize,
     },
     /// The global model now includes this round's mean update.
     RoundCompleted(RoundSummary),
     /// No valid update arrived: the global model is unchanged.
     RoundFailed {
+        /// The round.
         round: u64,
+        /// Why it failed.
         reason: String,
     },
     /// The next round would exceed the privacy budget: the run ends.
     BudgetExhausted(dp::BudgetExceeded),
     /// All rounds are done; goodbyes are queued.
     Finished {
+        /// Rounds completed.
         rounds_completed: u64,
     },
 }
@@ -383,7 +418,9 @@ struct ClientEntry {
 /// client certificate and the certificate itself (DER).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerIdentity {
+    /// The node name in the certificate.
     pub name: String,
+    /// The certificate, DER (for SecAgg key signatures).
     pub certificate: Vec<u8>,
 }
 
@@ -451,7 +488,12 @@ enum Phase {
 pub enum Durable {
     /// A round was charged to the privacy ledger and is about to start
     /// (write-ahead: a crash after its cohort saw it must not un-spend it).
-    Charged { round: u64, ledger: PrivacyLedger },
+    Charged {
+        /// The round.
+        round: u64,
+        /// The ledger with the round charged.
+        ledger: PrivacyLedger,
+    },
     /// A round ended (completed or failed): the state to continue from.
     Checkpoint(Box<Checkpoint>),
 }
@@ -462,11 +504,15 @@ pub enum Durable {
 pub struct Checkpoint {
     /// The round the run continues with.
     pub next_round: u64,
+    /// Rounds completed so far.
     pub rounds_completed: u64,
+    /// Rounds failed so far.
     pub rounds_failed: u64,
+    /// The global model.
     pub global_model: Vec<f32>,
     /// What the strategy keeps between rounds (optimizer moments...).
     pub strategy: StrategyState,
+    /// The privacy ledger (with DP on).
     pub ledger: Option<PrivacyLedger>,
     /// The clip bound in force (with DP; it moves under adaptive clipping).
     pub clip_norm: Option<f64>,
@@ -477,8 +523,11 @@ pub struct Checkpoint {
 /// A ChaCha20 generator's position.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RngState {
+    /// The generator's seed.
     pub seed: [u8; 32],
+    /// Its stream.
     pub stream: u64,
+    /// Its position in the stream, in 32-bit words.
     pub word_pos: u128,
 }
 
@@ -686,15 +735,34 @@ impl CoordinatorBuilder {
             (a, b) => a.or(b),
         };
         if let Some(ledger) = newest {
-            let last = ledger.entries.last().map_or(0, |e| e.round);
-            c.restore_ledger(ledger)?;
-            c.next_round = c.next_round.max(last + 1);
+            c.continue_after(ledger)?;
         }
+        Ok(c)
+    }
+
+    /// A run that charged rounds to `ledger` but crashed before its first
+    /// checkpoint: it starts from `global_model`, after those rounds, so
+    /// none is charged twice.
+    pub fn start_after(
+        self,
+        global_model: Vec<f32>,
+        ledger: PrivacyLedger,
+    ) -> Result<Coordinator, ConfigError> {
+        let mut c = self.start_at(global_model, 1)?;
+        c.continue_after(ledger)?;
         Ok(c)
     }
 }
 
 impl Coordinator {
+    /// Takes over `ledger` and moves the next round past its last charge.
+    fn continue_after(&mut self, ledger: PrivacyLedger) -> Result<(), ConfigError> {
+        let last = ledger.entries.last().map_or(0, |e| e.round);
+        self.restore_ledger(ledger)?;
+        self.next_round = self.next_round.max(last + 1);
+        Ok(())
+    }
+
     /// Sets up a coordinator; see [`CoordinatorBuilder`].
     pub fn builder(cfg: CoordinatorConfig, spec: ModelSpec) -> CoordinatorBuilder {
         CoordinatorBuilder {
@@ -743,18 +811,22 @@ impl Coordinator {
         self.strategy.name()
     }
 
+    /// The run's configuration.
     pub fn config(&self) -> &CoordinatorConfig {
         &self.cfg
     }
 
+    /// The model being trained.
     pub fn spec(&self) -> &ModelSpec {
         &self.spec
     }
 
+    /// The current global model.
     pub fn global_model(&self) -> &[f32] {
         &self.global
     }
 
+    /// Rounds completed so far.
     pub fn rounds_completed(&self) -> u64 {
         self.rounds_completed
     }
@@ -855,6 +927,7 @@ impl Coordinator {
             .count()
     }
 
+    /// Whether the run is over.
     pub fn is_finished(&self) -> bool {
         matches!(self.phase, Phase::Finished)
     }
@@ -981,10 +1054,12 @@ impl Coordinator {
         }
     }
 
+    /// The next message to send.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         self.transmits.pop_front()
     }
 
+    /// The next event to log or act on.
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
     }

@@ -711,9 +711,18 @@ impl crate::secagg::KeyAttestor for TagAttestor {
             signature: Vec::new(),
         }
     }
-    fn verify(&self, _round: u64, keys: &crate::wire::PeerKeys) -> Result<String, String> {
-        let att = keys.attestation.as_ref().ok_or("unsigned")?;
-        String::from_utf8(att.certificate.clone()).map_err(|e| e.to_string())
+    fn verify(
+        &self,
+        _round: u64,
+        keys: &crate::wire::PeerKeys,
+    ) -> Result<String, crate::secagg::AttestationError> {
+        use crate::secagg::AttestationError;
+        let att = keys
+            .attestation
+            .as_ref()
+            .ok_or(AttestationError::Unsigned)?;
+        String::from_utf8(att.certificate.clone())
+            .map_err(|e| AttestationError::Certificate(e.to_string()))
     }
     fn identity(&self) -> &str {
         &self.name

@@ -19,31 +19,62 @@ const SHARE_PAIR_LEN: usize = 64;
 /// A protocol violation seen by a client; the client refuses to go on.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ClientError {
+    /// A message for another stage than the current one.
     #[error("message for stage {got} while in stage {expected}")]
     WrongStage {
+        /// The message's stage.
         got: &'static str,
+        /// The current stage.
         expected: &'static str,
     },
+    /// Keys or shares of a client that is not a neighbour.
     #[error("peer {0} is not one of my neighbours")]
     UnknownPeer(u64),
+    /// A neighbour listed twice.
     #[error("peer {0} appears twice")]
     DuplicatePeer(u64),
+    /// Too few neighbours for the threshold.
     #[error("only {have} neighbours advertised keys; the threshold needs {needed}")]
-    TooFewPeers { have: usize, needed: usize },
+    TooFewPeers {
+        /// Neighbours with keys.
+        have: usize,
+        /// The threshold.
+        needed: usize,
+    },
+    /// A share that fails authentication.
     #[error("share from peer {0} failed authentication (bad AEAD tag or wrong sender)")]
     BadShare(u64),
+    /// Both share kinds asked for one peer: it would unmask that peer.
     #[error("asked to reveal both share kinds for peer {0}")]
     BothShareKinds(u64),
+    /// An update of the wrong length.
     #[error("the update has {got} values, expected {expected}")]
-    WrongLength { got: usize, expected: usize },
+    WrongLength {
+        /// Its length.
+        got: usize,
+        /// The round's.
+        expected: usize,
+    },
+    /// An update with a NaN or an infinity (its index).
     #[error("the update has a non-finite value at index {0}")]
     NonFinite(usize),
+    /// The round's parameters are invalid.
     #[error("invalid parameters: {0}")]
     Params(String),
+    /// A peer's keys are not signed by an enrolled node.
     #[error("keys of peer {peer} are not from an enrolled node: {reason}")]
-    BadAttestation { peer: u64, reason: String },
+    BadAttestation {
+        /// The peer.
+        peer: u64,
+        /// Why the signature is not trusted.
+        reason: super::AttestationError,
+    },
+    /// One node behind two peers (or behind a peer and us).
     #[error("node {name} appears as more than one peer (or as myself)")]
-    DuplicateIdentity { name: String },
+    DuplicateIdentity {
+        /// The node.
+        name: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,6 +199,7 @@ impl SecAggClient {
         Ok((client, SecAgg::AdvertiseKeys { round, keys }))
     }
 
+    /// The round this client is in.
     pub fn round(&self) -> u64 {
         self.round
     }

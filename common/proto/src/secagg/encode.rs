@@ -11,8 +11,11 @@
 /// An encoder for one value range and one cohort bound.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct FixedPoint {
+    /// Values are clamped to plus or minus this.
     pub clip: f32,
+    /// Bits of the modulus.
     pub bits: u32,
+    /// Bits each value is encoded in (the rest is headroom for the sum).
     pub value_bits: u32,
     scale: f64,
 }
@@ -23,22 +26,29 @@ pub const MIN_VALUE_BITS: u32 = 8;
 /// A configuration that could wrap or is meaningless.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum EncodeError {
+    /// A clip range that is not positive and finite.
     #[error("clip range {0} must be a positive finite number")]
     BadClip(f32),
+    /// Modulus bits outside 16..=32.
     #[error("modulus bits {0} must be in 16..=32")]
     BadBits(u32),
+    /// Too few bits are left per value.
     #[error(
         "{bits} bits leave {value_bits} bits per value for a cohort of up to {max_cohort}; \
          need at least {MIN_VALUE_BITS} (use more bits or a smaller cohort)"
     )]
     NoHeadroom {
+        /// Bits of the modulus.
         bits: u32,
+        /// The cohort the sum must fit.
         max_cohort: usize,
+        /// Bits left per value.
         value_bits: i64,
     },
 }
 
 impl FixedPoint {
+    /// An encoder whose sum over `max_cohort` clients cannot wrap.
     pub fn new(clip: f32, bits: u32, max_cohort: usize) -> Result<Self, EncodeError> {
         if !(clip > 0.0 && clip.is_finite()) {
             return Err(EncodeError::BadClip(clip));

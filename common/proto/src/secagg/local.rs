@@ -16,13 +16,18 @@ use crate::wire::{SecAgg, SecAggParams};
 /// Clients that vanish before each stage.
 #[derive(Debug, Clone, Default)]
 pub struct Drops {
+    /// Vanish before advertising keys.
     pub before_keys: BTreeSet<u64>,
+    /// Vanish before sharing keys.
     pub before_shares: BTreeSet<u64>,
+    /// Vanish before sending the masked input.
     pub before_masked: BTreeSet<u64>,
+    /// Vanish before unmasking.
     pub before_unmask: BTreeSet<u64>,
 }
 
 impl Drops {
+    /// Whether no client vanishes.
     pub fn is_empty(&self) -> bool {
         self.before_keys.is_empty()
             && self.before_shares.is_empty()
@@ -33,6 +38,7 @@ impl Drops {
 
 /// What a local round produced.
 pub struct LocalRound {
+    /// The sum, or why the round aborted.
     pub result: Result<Outcome, Abort>,
     /// Clients that sent a masked input.
     pub masked_by: BTreeSet<u64>,

@@ -38,9 +38,25 @@ pub trait KeyAttestor: Send + Sync + std::fmt::Debug {
     /// Signs `keys` (with `attestation` still unset) for `round`.
     fn attest(&self, round: u64, keys: &PeerKeys) -> KeyAttestation;
     /// Checks `keys.attestation` for `round`; returns the signer's node name.
-    fn verify(&self, round: u64, keys: &PeerKeys) -> Result<String, String>;
+    fn verify(&self, round: u64, keys: &PeerKeys) -> Result<String, AttestationError>;
     /// This node's own name.
     fn identity(&self) -> &str;
+}
+
+/// Why a peer's round keys are not trusted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AttestationError {
+    /// The keys came without a signature.
+    #[error("the keys carry no signature")]
+    Unsigned,
+    /// The signer's certificate is not a valid node certificate of the
+    /// deployment's CA.
+    #[error("{0}")]
+    Certificate(String),
+    /// The signature does not verify under the certificate's key.
+    #[error("bad signature from node {0}")]
+    BadSignature(String),
 }
 
 /// The bytes a node signs for its round keys: a domain-separation
@@ -96,22 +112,54 @@ fn binomial_tail(k: u32, p: f64, j: u32) -> f64 {
 /// Settings that cannot protect anyone, or cannot work.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ParamsError {
+    /// The threshold is at most half the degree.
     #[error(
         "threshold t = {t} must exceed half the degree k = {k} (t > k/2), or the server could learn both share kinds of one client"
     )]
-    ThresholdTooLow { t: u32, k: u32 },
+    ThresholdTooLow {
+        /// The threshold.
+        t: u32,
+        /// The degree.
+        k: u32,
+    },
+    /// The threshold exceeds the degree.
     #[error("threshold t = {t} exceeds the degree k = {k}")]
-    ThresholdTooHigh { t: u32, k: u32 },
+    ThresholdTooHigh {
+        /// The threshold.
+        t: u32,
+        /// The degree.
+        k: u32,
+    },
+    /// A degree that is zero, or odd below the cohort size minus one.
     #[error(
         "degree k = {k} must be at least 1 and even when below the cohort size minus one ({n} clients)"
     )]
-    BadDegree { k: u32, n: usize },
+    BadDegree {
+        /// The degree.
+        k: u32,
+        /// The cohort size.
+        n: usize,
+    },
+    /// A maximum weight of 0.
     #[error("max_weight must be at least 1")]
     BadMaxWeight,
+    /// A cohort larger than the encoding allows.
     #[error("cohort of {n} exceeds max_cohort {max}")]
-    CohortTooLarge { n: usize, max: u32 },
+    CohortTooLarge {
+        /// The cohort size.
+        n: usize,
+        /// The largest cohort.
+        max: u32,
+    },
+    /// A cohort smaller than the minimum of survivors.
     #[error("a cohort of {n} can never reach the minimum of {min} survivors")]
-    MinSurvivorsAboveCohort { n: usize, min: u32 },
+    MinSurvivorsAboveCohort {
+        /// The cohort size.
+        n: usize,
+        /// The minimum of survivors.
+        min: u32,
+    },
+    /// The encoding is invalid.
     #[error(transparent)]
     Encoding(#[from] EncodeError),
 }
@@ -158,6 +206,7 @@ impl SecAggParams {
         self.degree.min(n.saturating_sub(1) as u32)
     }
 
+    /// Checks the parameters for a cohort of `n`.
     pub fn validate(&self, n: usize) -> Result<(), ParamsError> {
         let k = self.effective_degree(n);
         let complete = k as usize + 1 >= n;

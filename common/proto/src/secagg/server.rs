@@ -23,7 +23,9 @@ use crate::wire::{
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{detail}")]
 pub struct Reject {
+    /// Why, as a reason code.
     pub code: ReasonCode,
+    /// The explanation sent back.
     pub detail: String,
 }
 
@@ -41,24 +43,36 @@ fn violation(detail: impl Into<String>) -> Reject {
 /// Why a round could not produce a sum (the global model stays unchanged).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Abort {
+    /// Too few clients reached a stage.
     #[error("only {have} clients reached the {stage} stage; at least {needed} are needed")]
     TooFewClients {
+        /// The stage.
         stage: &'static str,
+        /// Clients that reached it.
         have: usize,
+        /// Clients needed.
         needed: usize,
     },
+    /// A client has too few surviving neighbours to unmask.
     #[error(
         "client {client} has {have} surviving neighbours, fewer than the threshold {threshold}"
     )]
     TooFewNeighbours {
+        /// The client.
         client: u64,
+        /// Its surviving neighbours.
         have: usize,
+        /// The threshold.
         threshold: usize,
     },
+    /// A secret could not be reconstructed from its shares.
     #[error("could not reconstruct the {what} of client {client}: {reason}")]
     Reconstruction {
+        /// Whose secret.
         client: u64,
+        /// Which secret (self-mask seed or mask key).
         what: &'static str,
+        /// Why.
         reason: String,
     },
 }
@@ -78,16 +92,23 @@ pub struct Outcome {
     pub total_weight: f64,
 }
 
+/// The stages of a SecAgg+ round, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stage {
+    /// Clients advertise their public keys.
     AdvertiseKeys,
+    /// Clients exchange encrypted shares.
     ShareKeys,
+    /// Clients send their masked inputs.
     MaskedInput,
+    /// Survivors reveal the shares that unmask the sum.
     Unmask,
+    /// The sum is known (or the round aborted).
     Finished,
 }
 
 impl Stage {
+    /// The stage's name, for logs and errors.
     pub fn name(self) -> &'static str {
         match self {
             Stage::AdvertiseKeys => "advertise-keys",
@@ -172,6 +193,7 @@ impl SecAggServer {
         ))
     }
 
+    /// The stage the round is in.
     pub fn stage(&self) -> Stage {
         self.stage
     }
@@ -181,6 +203,7 @@ impl SecAggServer {
         &self.pending
     }
 
+    /// The next message to send, with its recipient.
     pub fn poll_transmit(&mut self) -> Option<(u64, SecAgg)> {
         self.outbox.pop_front()
     }

@@ -14,21 +14,37 @@ use rand::CryptoRng;
 /// One share: the polynomial evaluated at `x`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Share {
+    /// The x-coordinate (never 0).
     pub x: u64,
+    /// The polynomial's value there.
     pub y: Scalar,
 }
 
 /// Why shares could not be made or combined.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ShamirError {
+    /// A threshold outside 1..=n.
     #[error("threshold {t} must be in 1..={n}")]
-    BadThreshold { t: usize, n: usize },
+    BadThreshold {
+        /// The threshold.
+        t: usize,
+        /// The number of shares.
+        n: usize,
+    },
+    /// A share at x = 0, where the secret is.
     #[error("share x-coordinate 0 is reserved for the secret")]
     ZeroX,
+    /// Two shares at the same x.
     #[error("two shares have the same x-coordinate {0}")]
     DuplicateX(u64),
+    /// Fewer shares than the threshold.
     #[error("need {needed} shares, have {have}")]
-    TooFewShares { needed: usize, have: usize },
+    TooFewShares {
+        /// The threshold.
+        needed: usize,
+        /// Shares given.
+        have: usize,
+    },
 }
 
 /// Splits `secret` into one share per holder in `xs`, any `t` of which

@@ -22,14 +22,22 @@ pub enum AggregationRule {
     Median,
     /// Coordinate-wise mean without the `trim_fraction` largest and smallest
     /// values of each coordinate.
-    TrimmedMean { trim_fraction: f64 },
+    TrimmedMean {
+        /// Fraction trimmed at each end, in [0, 0.5).
+        trim_fraction: f64,
+    },
     /// The one update closest to its neighbours, tolerating `byzantine`
     /// faulty clients.
-    Krum { byzantine: usize },
+    Krum {
+        /// Faulty clients to tolerate.
+        byzantine: usize,
+    },
     /// The mean of the `keep` updates closest to their neighbours (default
     /// `n - byzantine`).
     MultiKrum {
+        /// Faulty clients to tolerate.
         byzantine: usize,
+        /// Updates averaged (default: `n - byzantine`).
         keep: Option<usize>,
     },
 }
@@ -71,6 +79,7 @@ impl AggregationRule {
         Ok(rule)
     }
 
+    /// Checks the rule's parameters.
     pub fn validate(&self) -> Result<(), StrategyError> {
         match *self {
             Self::TrimmedMean { trim_fraction } if !(0.0..0.5).contains(&trim_fraction) => {
@@ -89,6 +98,7 @@ impl AggregationRule {
         }
     }
 
+    /// The rule's name, as `--aggregation` takes it.
     pub fn name(&self) -> &'static str {
         match self {
             Self::Mean => "fedavg",
@@ -99,6 +109,7 @@ impl AggregationRule {
         }
     }
 
+    /// What the rule aggregates: the mean, or every update.
     pub fn input(&self) -> AggregationInput {
         match self {
             Self::Mean => AggregationInput::Mean,
@@ -128,7 +139,9 @@ impl AggregationRule {
 /// A robust aggregation rule followed by a server optimizer step.
 #[derive(Debug, Clone)]
 pub struct Robust {
+    /// How updates are combined.
     pub rule: AggregationRule,
+    /// The step applied to the combined update.
     pub optimizer: ServerOptimizer,
 }
 

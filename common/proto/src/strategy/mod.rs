@@ -91,6 +91,7 @@ pub enum AggregationInput {
 /// An admitted client the cohort may be drawn from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Candidate<'a> {
+    /// The client's id.
     pub id: ClientId,
     /// The node's name (from its enrolled certificate when mTLS is on).
     pub node_name: &'a str,
@@ -100,7 +101,9 @@ pub struct Candidate<'a> {
 /// length, finite, and (under central DP) clipped.
 #[derive(Debug, Clone, Copy)]
 pub struct ClientUpdate<'a> {
+    /// The client it came from.
     pub client: ClientId,
+    /// The update (the model delta).
     pub values: &'a [f32],
     /// Its FedAvg weight: the examples it trained on, or 1 under DP.
     pub weight: f64,
@@ -112,8 +115,11 @@ pub enum RoundUpdates<'a> {
     /// The contributors' mean. Under DP: the noisy sum over the plan's
     /// fixed denominator.
     Mean {
+        /// The mean update.
         mean: &'a [f32],
+        /// Clients whose update is in it.
         contributors: usize,
+        /// Sum of their weights (under DP: the fixed denominator).
         total_weight: f64,
     },
     /// Every accepted update, sorted by client id.
@@ -124,17 +130,24 @@ pub enum RoundUpdates<'a> {
 /// data, as reported (checked: a finite loss, scores in range).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ClientEvaluation {
+    /// The client.
     pub client: ClientId,
+    /// Examples it evaluated on.
     pub num_examples: u64,
+    /// Mean loss.
     pub loss: f32,
+    /// The task's scores.
     pub scores: TaskScores,
 }
 
 /// The federated evaluation of one round: the clients' reports combined.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ClientEvalSummary {
+    /// Examples evaluated, over all clients.
     pub examples: u64,
+    /// Example-weighted mean loss.
     pub loss: f32,
+    /// Example-weighted mean scores.
     pub scores: TaskScores,
 }
 
@@ -144,35 +157,69 @@ pub struct ClientEvalSummary {
 /// [`Strategy::restore`].
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StrategyState {
+    /// Steps taken.
     pub step: u64,
+    /// Named vectors, each as long as the model.
     pub buffers: BTreeMap<String, Vec<f32>>,
 }
 
 /// Why a strategy could not run, aggregate or resume.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum StrategyError {
+    /// The round has fewer updates than the rule needs.
     #[error("{strategy} needs at least {needed} updates, the round has {got}")]
     TooFewUpdates {
+        /// The strategy.
         strategy: String,
+        /// Updates in the round.
         got: usize,
+        /// Updates needed.
         needed: usize,
     },
+    /// The strategy needs every update but got their mean.
     #[error("{strategy} aggregates individual updates but was given only their mean")]
-    NeedsIndividualUpdates { strategy: String },
+    NeedsIndividualUpdates {
+        /// The strategy.
+        strategy: String,
+    },
+    /// The aggregate has the wrong length.
     #[error("the aggregate has {got} values, the model has {expected}")]
-    WrongLength { got: usize, expected: usize },
+    WrongLength {
+        /// Its length.
+        got: usize,
+        /// The model's.
+        expected: usize,
+    },
+    /// The aggregate has a non-finite value.
     #[error("the aggregate has a non-finite value at index {index}")]
-    NonFinite { index: usize },
+    NonFinite {
+        /// Where.
+        index: usize,
+    },
+    /// The step would make the model non-finite.
     #[error("the step would make parameter {index} non-finite; the model is left as it was")]
-    StepNonFinite { index: usize },
+    StepNonFinite {
+        /// The first parameter it would break.
+        index: usize,
+    },
+    /// A setting of the strategy is invalid.
     #[error("{setting} = {value}: {expected}")]
     BadSetting {
+        /// The setting.
         setting: &'static str,
+        /// The value given.
         value: String,
+        /// What it must be.
         expected: String,
     },
+    /// Saved state does not fit the strategy.
     #[error("saved strategy state does not fit {strategy}: {detail}")]
-    StateMismatch { strategy: String, detail: String },
+    StateMismatch {
+        /// The strategy.
+        strategy: String,
+        /// What does not fit.
+        detail: String,
+    },
 }
 
 /// A server strategy. See the [module docs](self) for what the coordinator
@@ -280,10 +327,12 @@ pub fn check_fits(
 /// A strategy the run's privacy settings rule out.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StrategyFitError {
+    /// Secure aggregation is on: the server only sees the sum (the strategy's name).
     #[error(
         "{0} aggregates each client's update, but under secure aggregation the server only sees their sum: turn secure aggregation off (--secagg false) or use a strategy over the mean"
     )]
     SecureAggregation(String),
+    /// Central or distributed DP is on (the strategy's name).
     #[error(
         "{0} aggregates each client's update, but central and distributed DP calibrate their noise to the sum of clipped updates: use local DP (--dp local) or a strategy over the mean"
     )]

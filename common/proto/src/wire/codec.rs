@@ -80,6 +80,7 @@ pub struct FrameLimits {
     /// Largest header accepted; values above [`HEADER_BYTES_CEILING`] act
     /// as the ceiling.
     pub max_header_bytes: u32,
+    /// Largest payload accepted (sized for the model).
     pub max_payload_bytes: u64,
 }
 
@@ -127,30 +128,69 @@ impl FrameLimits {
 /// Why bytes could not be turned into a message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CodecError {
+    /// The frame does not start with fedveil's magic bytes.
     #[error("not a fedveil frame (bad magic bytes {0:02x?})")]
     BadMagic([u8; 4]),
+    /// The peer speaks another protocol version.
     #[error("peer speaks protocol version {got}, this build speaks {PROTOCOL_VERSION}")]
-    UnsupportedVersion { got: u16 },
+    UnsupportedVersion {
+        /// The peer's version.
+        got: u16,
+    },
+    /// The header is over its limit.
     #[error("frame header of {len} bytes exceeds the limit of {max}")]
-    HeaderTooLarge { len: u32, max: u32 },
+    HeaderTooLarge {
+        /// The header's claimed length.
+        len: u32,
+        /// The limit.
+        max: u32,
+    },
+    /// The payload is over its limit.
     #[error("frame payload of {len} bytes exceeds the limit of {max}")]
-    PayloadTooLarge { len: u64, max: u64 },
+    PayloadTooLarge {
+        /// The payload's claimed length.
+        len: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// The payload is not a whole number of 4-byte values.
     #[error("frame payload of {0} bytes is not a whole number of f32 values")]
     PayloadMisaligned(u64),
+    /// The header does not decode as a message.
     #[error("malformed frame header: {0}")]
     MalformedHeader(String),
+    /// A length inside the header points past its end.
     #[error(
         "frame header of {header_len} bytes ends inside a field (a length claims more bytes than remain)"
     )]
-    HeaderOverrun { header_len: usize },
+    HeaderOverrun {
+        /// The header's length.
+        header_len: usize,
+    },
+    /// The header has bytes after the message.
     #[error("header has {trailing} bytes after the message")]
-    TrailingHeaderBytes { trailing: usize },
+    TrailingHeaderBytes {
+        /// How many.
+        trailing: usize,
+    },
+    /// A payload where none belongs, or none where one must be.
     #[error("a {kind} message must {} a payload", if *.expected { "carry" } else { "not carry" })]
-    PayloadPresence { kind: &'static str, expected: bool },
+    PayloadPresence {
+        /// The message kind.
+        kind: &'static str,
+        /// Whether it must carry one.
+        expected: bool,
+    },
+    /// The stream ended inside a frame.
     #[error("stream ended inside a frame ({buffered} bytes buffered)")]
-    Truncated { buffered: usize },
+    Truncated {
+        /// Bytes buffered when it ended.
+        buffered: usize,
+    },
+    /// Not exactly one frame where one was expected.
     #[error("{0} frames where exactly one was expected")]
     FrameCount(usize),
+    /// The message could not be encoded.
     #[error("could not encode message: {0}")]
     Encode(String),
 }
@@ -187,15 +227,19 @@ fn bincode_decode_config() -> impl bincode::config::Config {
 /// An encoded frame: the small head (prefix and header) and the payload
 /// bytes, kept apart so a large model is written without being copied.
 pub struct EncodedFrame<'a> {
+    /// Prefix and header bytes.
     pub head: Vec<u8>,
+    /// Payload bytes (borrowed when no conversion was needed).
     pub payload: Cow<'a, [u8]>,
 }
 
 impl EncodedFrame<'_> {
+    /// Total bytes on the wire.
     pub fn len(&self) -> usize {
         self.head.len() + self.payload.len()
     }
 
+    /// Whether the frame has no bytes (never: the head is always there).
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -348,6 +392,7 @@ pub struct FrameDecoder {
 }
 
 impl FrameDecoder {
+    /// A decoder that refuses anything over `limits`.
     pub fn new(limits: FrameLimits) -> Self {
         Self {
             limits,
@@ -358,6 +403,7 @@ impl FrameDecoder {
         }
     }
 
+    /// The limits it enforces.
     pub fn limits(&self) -> FrameLimits {
         self.limits
     }

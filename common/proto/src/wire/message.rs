@@ -22,9 +22,12 @@ pub const PROTOCOL_VERSION: u16 = 5;
 /// (a hash over every parameter's path and shape, in flattening order) match.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModelSpec {
+    /// The model's name (for messages).
     #[serde(deserialize_with = "crate::wire::bounded::string")]
     pub name: String,
+    /// Number of parameter values.
     pub param_count: u64,
+    /// SHA-256 over the tensors' paths and shapes: equal models have equal signatures.
     pub shape_signature: [u8; 32],
 }
 
@@ -32,11 +35,14 @@ pub struct ModelSpec {
 /// the same config, so the round is reproducible from it and the seed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RoundConfig {
+    /// Passes over the local data.
     pub local_epochs: u32,
+    /// Examples per minibatch.
     pub batch_size: u32,
     /// Caps local training at this many minibatch steps (over all epochs),
     /// so clients with large shards do bounded work per round.
     pub max_local_steps: Option<u32>,
+    /// Local learning rate.
     pub learning_rate: f32,
     /// Seeds the client's minibatch shuffling (mixed with the round and client).
     pub seed: u64,
@@ -106,6 +112,7 @@ impl std::fmt::Display for LocalOptimizer {
 /// Client → server: first message on a connection.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Hello {
+    /// The client's protocol version.
     pub version: u16,
     /// Human-readable node name, for logs.
     #[serde(deserialize_with = "crate::wire::bounded::string")]
@@ -175,8 +182,11 @@ impl std::fmt::Display for DataSpec {
 /// Server → client: the client is admitted; `client_id` names it in this run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Welcome {
+    /// The server's protocol version.
     pub version: u16,
+    /// The id the server gave this connection.
     pub client_id: u64,
+    /// The model the run trains.
     pub model: ModelSpec,
 }
 
@@ -203,7 +213,9 @@ pub struct SecAggParams {
 /// One client's SecAgg+ view of a round: the settings and its neighbours.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SecAggSetup {
+    /// The round's SecAgg+ parameters.
     pub params: SecAggParams,
+    /// The client ids of this client's neighbours.
     #[serde(deserialize_with = "crate::wire::bounded::vec")]
     pub neighbours: Vec<u64>,
 }
@@ -211,7 +223,9 @@ pub struct SecAggSetup {
 /// Server → client: train on this global model with this config.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RoundStart {
+    /// The round number.
     pub round: u64,
+    /// What the round asks of every cohort member.
     pub config: RoundConfig,
     /// The global model as a flat parameter vector (the payload).
     #[serde(skip)]
@@ -221,6 +235,7 @@ pub struct RoundStart {
 /// Client → server: the result of local training for `round`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Update {
+    /// The round it belongs to.
     pub round: u64,
     /// Weight of this update in FedAvg (the number of examples trained on).
     pub num_examples: u64,
@@ -234,8 +249,11 @@ pub struct Update {
 /// Client → server: the received global model evaluated on the client's data.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Evaluation {
+    /// The round it belongs to.
     pub round: u64,
+    /// Examples evaluated.
     pub num_examples: u64,
+    /// Mean loss.
     pub loss: f32,
     /// The task's metrics (accuracy, or MSE and MAE).
     pub scores: crate::metrics::TaskScores,
@@ -245,8 +263,11 @@ pub struct Evaluation {
 /// pairwise masks (X25519).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerKeys {
+    /// The client id they belong to.
     pub id: u64,
+    /// X25519 public key for encrypting shares.
     pub enc_pk: [u8; 32],
+    /// X25519 public key for pairwise masks.
     pub mask_pk: [u8; 32],
     /// The node's enrolled certificate and its signature over these keys
     /// and the round: peers check both before using the keys, so the
@@ -270,7 +291,9 @@ pub struct KeyAttestation {
 /// sender (server → client).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EncryptedShare {
+    /// The neighbour it is for (on the way in) or from (on the way out).
     pub peer: u64,
+    /// The AEAD-sealed shares.
     #[serde(deserialize_with = "crate::wire::bounded::bytes")]
     pub ciphertext: Vec<u8>,
 }
@@ -278,7 +301,9 @@ pub struct EncryptedShare {
 /// A share revealed for unmasking: of `owner`'s secret, held by the sender.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RevealedShare {
+    /// Whose secret the share is of.
     pub owner: u64,
+    /// The Shamir share.
     pub share: [u8; 32],
 }
 
@@ -286,53 +311,78 @@ pub struct RevealedShare {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum SecAgg {
     /// Server → client: this round's settings and my neighbours.
-    Setup { round: u64, setup: SecAggSetup },
+    Setup {
+        /// The round.
+        round: u64,
+        /// Its settings.
+        setup: SecAggSetup,
+    },
     /// Client → server: my public keys.
-    AdvertiseKeys { round: u64, keys: PeerKeys },
+    AdvertiseKeys {
+        /// The round.
+        round: u64,
+        /// The keys, signed for enrolled nodes.
+        keys: PeerKeys,
+    },
     /// Server → client: my neighbours' public keys.
     PeerKeys {
+        /// The round.
         round: u64,
+        /// Each neighbour's keys.
         #[serde(deserialize_with = "crate::wire::bounded::vec")]
         peers: Vec<PeerKeys>,
     },
     /// Client → server: encrypted shares, one per neighbour.
     Shares {
+        /// The round.
         round: u64,
+        /// One per neighbour.
         #[serde(deserialize_with = "crate::wire::bounded::vec")]
         shares: Vec<EncryptedShare>,
     },
     /// Server → client: shares my neighbours made for me.
     PeerShares {
+        /// The round.
         round: u64,
+        /// One from each neighbour.
         #[serde(deserialize_with = "crate::wire::bounded::vec")]
         shares: Vec<EncryptedShare>,
     },
     /// Client → server: the masked, encoded update (the payload).
     MaskedInput {
+        /// The round.
         round: u64,
+        /// The masked values (travel as the frame's payload).
         #[serde(skip)]
         masked: Vec<u32>,
     },
     /// Server → client: which of my neighbours survived and which dropped.
     UnmaskRequest {
+        /// The round.
         round: u64,
+        /// Neighbours whose masked input arrived.
         #[serde(deserialize_with = "crate::wire::bounded::vec")]
         survivors: Vec<u64>,
+        /// Neighbours whose masked input did not.
         #[serde(deserialize_with = "crate::wire::bounded::vec")]
         dropped: Vec<u64>,
     },
     /// Client → server: self-mask shares of survivors, mask-key shares of
     /// dropped neighbours (never both for one peer).
     UnmaskShares {
+        /// The round.
         round: u64,
+        /// Shares of survivors' self-mask seeds.
         #[serde(deserialize_with = "crate::wire::bounded::vec")]
         self_mask: Vec<RevealedShare>,
+        /// Shares of dropped neighbours' mask keys.
         #[serde(deserialize_with = "crate::wire::bounded::vec")]
         mask_key: Vec<RevealedShare>,
     },
 }
 
 impl SecAgg {
+    /// The round the message belongs to.
     pub fn round(&self) -> u64 {
         match self {
             SecAgg::Setup { round, .. }
@@ -346,6 +396,7 @@ impl SecAgg {
         }
     }
 
+    /// The message's name, for logs and errors.
     pub fn kind(&self) -> &'static str {
         match self {
             SecAgg::Setup { .. } => "secagg-setup",
@@ -425,7 +476,9 @@ pub enum ReasonCode {
 /// Either side: a refusal with a reason code and a human-readable detail.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ErrorMessage {
+    /// Why, as a reason code.
     pub code: ReasonCode,
+    /// The explanation (bounded length).
     #[serde(deserialize_with = "crate::wire::bounded::string")]
     pub detail: String,
 }
@@ -433,7 +486,9 @@ pub struct ErrorMessage {
 /// Server → client: the run has ended (or the client is no longer needed).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Goodbye {
+    /// Rounds the server completed.
     pub rounds_completed: u64,
+    /// Why the session ends.
     #[serde(deserialize_with = "crate::wire::bounded::string")]
     pub reason: String,
 }
@@ -442,7 +497,9 @@ pub struct Goodbye {
 /// and a CSR for the node's locally generated key.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EnrolRequest {
+    /// The node's protocol version.
     pub version: u16,
+    /// The one-time token.
     #[serde(deserialize_with = "crate::wire::bounded::string")]
     pub token: String,
     /// The name to enrol as; `None` takes the name the token was issued for.
@@ -457,7 +514,9 @@ pub struct EnrolRequest {
 /// for a fresh key, to replace a certificate before it expires.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RenewRequest {
+    /// The node's protocol version.
     pub version: u16,
+    /// A CSR (DER) for the node's new key.
     #[serde(deserialize_with = "crate::wire::bounded::bytes")]
     pub csr: Vec<u8>,
 }
@@ -476,23 +535,36 @@ pub struct Enrolled {
 /// One protocol message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Message {
+    /// Client → server: the first message of a training connection.
     Hello(Hello),
+    /// Server → client: admitted.
     Welcome(Welcome),
+    /// Server → client: train this round.
     RoundStart(RoundStart),
+    /// Client → server: a plaintext update.
     Update(Update),
+    /// Client → server: the global model's scores on local data.
     Evaluation(Evaluation),
+    /// Either way: a refusal, with a reason code.
     Error(ErrorMessage),
+    /// Server → client: the run is over for this client.
     Goodbye(Goodbye),
+    /// Either way: a SecAgg+ step.
     SecAgg(SecAgg),
+    /// Node → server: enrol with a token.
     EnrolRequest(EnrolRequest),
+    /// Node → server: renew the certificate.
     RenewRequest(RenewRequest),
+    /// Server → node: the issued certificate.
     Enrolled(Enrolled),
 }
 
 /// A message's bulk vector, borrowed for encoding.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Payload<'a> {
+    /// f32 values (updates, global models).
     F32(&'a [f32]),
+    /// u32 values (masked SecAgg+ inputs).
     U32(&'a [u32]),
 }
 
@@ -547,6 +619,7 @@ impl Message {
         true
     }
 
+    /// An error message with `code` and `detail`.
     pub fn error(code: ReasonCode, detail: impl Into<String>) -> Self {
         Message::Error(ErrorMessage {
             code,

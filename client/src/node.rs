@@ -1,0 +1,395 @@
+//! An enrolled node in one value: its identity (private key and
+//! certificate, kept in a directory or in memory), the server it belongs
+//! to, and the runs it takes part in, renewing its certificate when due.
+//! `fedveil-client` is a thin command line over it; an embedded node is a
+//! few lines:
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use fedveil_client::{Node, Trainer};
+//! use fedveil_ml::data::{Shard, synthetic::SyntheticConfig};
+//! use fedveil_net::pki::Invitation;
+//!
+//! # async fn demo(invitation: Invitation) -> Result<(), Box<dyn std::error::Error>> {
+//! // The first start enrols (the key never leaves this directory); later
+//! // starts load the identity and renew it when due.
+//! let mut node = Node::open_or_enrol("node", &invitation).await?;
+//! let data = SyntheticConfig::default().generate(1).train;
+//! let trainer = Trainer::new("cnn", Shard::whole(data), burn::prelude::Device::flex(), 7)?;
+//! let report = node.run(Arc::new(trainer)).await?;
+//! println!("trained {} rounds", report.rounds_trained);
+//! # Ok(())
+//! # }
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fedveil_ml::train::LocalTrainer;
+use fedveil_net::pki::{self, Invitation, NodeIdentity, PkiError};
+use fedveil_net::quic::{self, NetError};
+use serde::{Deserialize, Serialize};
+
+use crate::driver::{ClientError, ClientOptions, ClientReport, DEFAULT_CONNECT_ATTEMPTS};
+use crate::enrol::{self, EnrolmentError};
+
+/// Settings saved at enrolment next to the identity.
+pub const NODE_SETTINGS_FILE: &str = "client.toml";
+
+/// What went wrong for a node.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    /// The server's name does not resolve.
+    #[error("cannot resolve {server}: {source}")]
+    Resolve {
+        /// HOST:PORT as given.
+        server: String,
+        /// The resolver's error.
+        source: std::io::Error,
+    },
+    /// The server's name resolves to no address.
+    #[error("{0} resolves to no address")]
+    NoAddress(String),
+    /// No UDP socket could be opened.
+    #[error("cannot open a UDP socket: {0}")]
+    Socket(std::io::Error),
+    /// The directory already holds an identity.
+    #[error("{} already holds a node identity; use another directory, or renew it", .0.display())]
+    AlreadyEnrolled(PathBuf),
+    /// The directory holds no identity.
+    #[error("no node identity in {}: enrol first ({source})", dir.display())]
+    NotEnrolled {
+        /// The directory.
+        dir: PathBuf,
+        /// Why the identity could not be read.
+        source: PkiError,
+    },
+    /// The node's settings file cannot be read.
+    #[error("{}: {detail}", path.display())]
+    Settings {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        detail: String,
+    },
+    /// The certificate has expired; only a new enrolment helps.
+    #[error(
+        "the certificate of '{name}' expired at {expired_at} and cannot be renewed any more: ask the operator for a new token, then enrol again into a new directory"
+    )]
+    Expired {
+        /// The node's name.
+        name: String,
+        /// When the certificate expired.
+        expired_at: String,
+    },
+    /// Enrolment failed.
+    #[error("enrolment failed: {0}")]
+    Enrolment(EnrolmentError),
+    /// Renewal failed.
+    #[error("certificate renewal failed: {0}")]
+    Renewal(EnrolmentError),
+    /// A key or certificate could not be used or saved.
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    /// The TLS configuration could not be made.
+    #[error(transparent)]
+    Net(#[from] NetError),
+    /// The run failed.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+}
+
+#[derive(Serialize, Deserialize)]
+struct NodeSettings {
+    /// HOST:PORT of the server this node enrolled with.
+    server: String,
+}
+
+/// An enrolled node; see the [module docs](self).
+#[derive(Debug)]
+pub struct Node {
+    identity: NodeIdentity,
+    /// HOST:PORT, as enrolled with.
+    server: String,
+    addr: SocketAddr,
+    /// The name the server certificate must carry.
+    server_name: String,
+    /// Where the identity is kept (renewals are saved there).
+    dir: Option<PathBuf>,
+    endpoint: quinn::Endpoint,
+    renew_before: Option<Duration>,
+    connect_attempts: u32,
+}
+
+impl Node {
+    /// Enrols with `invitation`, keeping the identity in memory only (it
+    /// is lost with the process: tests, demos).
+    pub async fn enrol(invitation: &Invitation) -> Result<Self, NodeError> {
+        let pin = pki::parse_fingerprint(&invitation.ca_fingerprint)?;
+        if let Some(name) = &invitation.node {
+            pki::validate_node_name(name)?;
+        }
+        let (addr, server_name) = resolve(&invitation.server).await?;
+        let endpoint = endpoint_for(addr)?;
+        let identity = enrol::enrol(
+            &endpoint,
+            addr,
+            &server_name,
+            pin,
+            &invitation.token,
+            invitation.node.as_deref(),
+        )
+        .await
+        .map_err(NodeError::Enrolment)?;
+        Ok(Self {
+            identity,
+            server: invitation.server.clone(),
+            addr,
+            server_name,
+            dir: None,
+            endpoint,
+            renew_before: None,
+            connect_attempts: DEFAULT_CONNECT_ATTEMPTS,
+        })
+    }
+
+    /// Enrols with `invitation` and saves the identity (key mode 0600) and
+    /// the server's address in `dir`, which must not hold one yet.
+    pub async fn enrol_into(
+        dir: impl AsRef<Path>,
+        invitation: &Invitation,
+    ) -> Result<Self, NodeError> {
+        let dir = dir.as_ref();
+        if dir.join(pki::NODE_IDENTITY_FILE).exists() {
+            return Err(NodeError::AlreadyEnrolled(dir.to_owned()));
+        }
+        let mut node = Self::enrol(invitation).await?;
+        node.identity.save(dir)?;
+        let settings = toml::to_string(&NodeSettings {
+            server: node.server.clone(),
+        })
+        .expect("node settings serialize");
+        let path = dir.join(NODE_SETTINGS_FILE);
+        pki::write_atomic(&path, settings.as_bytes(), false)?;
+        node.dir = Some(dir.to_owned());
+        Ok(node)
+    }
+
+    /// Loads the node enrolled in `dir`, talking to the server it enrolled
+    /// with.
+    pub async fn open(dir: impl AsRef<Path>) -> Result<Self, NodeError> {
+        Self::open_at(dir, None).await
+    }
+
+    /// Loads the node enrolled in `dir`, talking to `server` (HOST:PORT)
+    /// instead of the one it enrolled with when given.
+    pub async fn open_at(dir: impl AsRef<Path>, server: Option<&str>) -> Result<Self, NodeError> {
+        let dir = dir.as_ref();
+        let identity = NodeIdentity::load(dir).map_err(|source| NodeError::NotEnrolled {
+            dir: dir.to_owned(),
+            source,
+        })?;
+        let server = match server {
+            Some(s) => s.to_owned(),
+            None => {
+                let path = dir.join(NODE_SETTINGS_FILE);
+                let settings = |detail: String| NodeError::Settings {
+                    path: path.clone(),
+                    detail,
+                };
+                let text = std::fs::read_to_string(&path).map_err(|e| settings(e.to_string()))?;
+                toml::from_str::<NodeSettings>(&text)
+                    .map_err(|e| settings(e.to_string()))?
+                    .server
+            }
+        };
+        let (addr, server_name) = resolve(&server).await?;
+        Ok(Self {
+            identity,
+            server,
+            addr,
+            server_name,
+            dir: Some(dir.to_owned()),
+            endpoint: endpoint_for(addr)?,
+            renew_before: None,
+            connect_attempts: DEFAULT_CONNECT_ATTEMPTS,
+        })
+    }
+
+    /// [`Self::open`] if `dir` holds an identity, else
+    /// [`Self::enrol_into`]: the same program starts a node the first time
+    /// and every time after.
+    pub async fn open_or_enrol(
+        dir: impl AsRef<Path>,
+        invitation: &Invitation,
+    ) -> Result<Self, NodeError> {
+        let dir = dir.as_ref();
+        if dir.join(pki::NODE_IDENTITY_FILE).exists() {
+            Self::open(dir).await
+        } else {
+            Self::enrol_into(dir, invitation).await
+        }
+    }
+
+    /// Renews when less than `lead` is left [default: a third of the
+    /// certificate's lifetime].
+    pub fn renew_before(mut self, lead: Duration) -> Self {
+        self.renew_before = Some(lead);
+        self
+    }
+
+    /// Connection attempts per run before giving up.
+    pub fn connect_attempts(mut self, attempts: u32) -> Self {
+        self.connect_attempts = attempts;
+        self
+    }
+
+    /// The node's name, from its certificate.
+    pub fn name(&self) -> &str {
+        self.identity.name()
+    }
+
+    /// The node's identity.
+    pub fn identity(&self) -> &NodeIdentity {
+        &self.identity
+    }
+
+    /// The server, HOST:PORT.
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    /// Options for a run: mutual TLS with this node's certificate and
+    /// SecAgg keys signed by it.
+    pub fn options(&self) -> Result<ClientOptions, NodeError> {
+        let mut opts = ClientOptions::enrolled(self.addr, &self.server_name, &self.identity)?;
+        opts.retry.attempts = self.connect_attempts;
+        Ok(opts)
+    }
+
+    /// Replaces the key and certificate now (saved when the node has a
+    /// directory).
+    pub async fn renew(&mut self) -> Result<(), NodeError> {
+        self.identity = renew_and_save(
+            &self.endpoint,
+            self.addr,
+            &self.server_name,
+            self.dir.as_deref(),
+            &self.identity,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Takes part in training with `trainer` until the run ends. Renews
+    /// first when renewal is due, and in the background while the run
+    /// lasts (the live connection stays authenticated; the next one uses
+    /// the new certificate).
+    pub async fn run(&mut self, trainer: Arc<dyn LocalTrainer>) -> Result<ClientReport, NodeError> {
+        let now = pki::unix_now();
+        if self.identity.remaining(now) <= 0 {
+            return Err(NodeError::Expired {
+                name: self.name().to_owned(),
+                expired_at: pki::format_time(self.identity.info().not_after),
+            });
+        }
+        if self.identity.renewal_due(now, self.renew_before) {
+            self.renew().await?;
+        }
+        let opts = self.options()?;
+        tracing::info!(server = %self.addr, node = %self.name(), examples = trainer.num_examples(), "connecting");
+        let latest = Arc::new(Mutex::new(self.identity.clone()));
+        let renewer = tokio::spawn(renew_when_due(
+            self.endpoint.clone(),
+            self.addr,
+            self.server_name.clone(),
+            self.dir.clone(),
+            Arc::clone(&latest),
+            self.renew_before,
+        ));
+        let result = crate::driver::run(&self.endpoint, &opts, trainer).await;
+        renewer.abort();
+        self.identity = latest.lock().expect("identity lock").clone();
+        Ok(result?)
+    }
+
+    /// Waits until the node's connections have closed cleanly (call before
+    /// the process exits, so the server hears the goodbye).
+    pub async fn wait_idle(&self) {
+        self.endpoint.wait_idle().await;
+    }
+}
+
+/// Resolves HOST:PORT to an address and the name the server certificate
+/// must carry.
+async fn resolve(server: &str) -> Result<(SocketAddr, String), NodeError> {
+    let addr = tokio::net::lookup_host(server)
+        .await
+        .map_err(|source| NodeError::Resolve {
+            server: server.to_owned(),
+            source,
+        })?
+        .next()
+        .ok_or_else(|| NodeError::NoAddress(server.to_owned()))?;
+    let host = server.rsplit_once(':').map_or(server, |(h, _)| h);
+    Ok((addr, quic::server_name(host).to_owned()))
+}
+
+/// A client endpoint of the server address's family.
+fn endpoint_for(server: SocketAddr) -> Result<quinn::Endpoint, NodeError> {
+    let local: SocketAddr = if server.is_ipv6() {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    quinn::Endpoint::client(local).map_err(NodeError::Socket)
+}
+
+async fn renew_and_save(
+    endpoint: &quinn::Endpoint,
+    addr: SocketAddr,
+    server_name: &str,
+    dir: Option<&Path>,
+    current: &NodeIdentity,
+) -> Result<NodeIdentity, NodeError> {
+    let renewed = enrol::renew(endpoint, addr, server_name, current)
+        .await
+        .map_err(NodeError::Renewal)?;
+    if let Some(dir) = dir {
+        renewed.save(dir)?;
+    }
+    tracing::info!(
+        node = %renewed.name(),
+        serial = %renewed.info().serial,
+        valid_until = %pki::format_time(renewed.info().not_after),
+        "certificate renewed"
+    );
+    Ok(renewed)
+}
+
+/// Sleeps until renewal is due, renews, and repeats.
+async fn renew_when_due(
+    endpoint: quinn::Endpoint,
+    addr: SocketAddr,
+    server_name: String,
+    dir: Option<PathBuf>,
+    latest: Arc<Mutex<NodeIdentity>>,
+    renew_before: Option<Duration>,
+) {
+    loop {
+        let current = latest.lock().expect("identity lock").clone();
+        let info = current.info();
+        let lead = renew_before.map_or((info.not_after - info.not_before) / 3, |d| {
+            d.as_secs() as i64
+        });
+        let wait = (current.remaining(pki::unix_now()) - lead).max(60);
+        tokio::time::sleep(Duration::from_secs(wait as u64)).await;
+        match renew_and_save(&endpoint, addr, &server_name, dir.as_deref(), &current).await {
+            Ok(renewed) => *latest.lock().expect("identity lock") = renewed,
+            Err(err) => tracing::warn!(%err, "certificate renewal failed; will retry"),
+        }
+    }
+}
