@@ -8,7 +8,7 @@ use std::time::Duration;
 use fedveil_ml::model::ModelError;
 use fedveil_net::quic::{self, CLOSE_OK, MessageReader, NetError, Rejection};
 use fedveil_proto::round::{ClientEvent, ClientSession, SessionError};
-use fedveil_proto::wire::{FrameLimits, Message, ReasonCode};
+use fedveil_proto::wire::{FrameLimits, Message};
 use tokio::sync::Semaphore;
 
 use fedveil_ml::train::LocalTrainer;
@@ -59,7 +59,7 @@ pub trait FaultHook: Send + Sync + std::fmt::Debug {
 }
 
 /// What a [`FaultHook`] does to one outgoing message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Fault {
     /// Send it now.
     Send,
@@ -67,6 +67,8 @@ pub enum Fault {
     Delay(Duration),
     /// Drop the connection instead of sending (a client that vanishes).
     Vanish,
+    /// Send this instead (a malicious node: forged shares, keys, updates).
+    Replace(Box<Message>),
 }
 
 impl ClientOptions {
@@ -250,10 +252,11 @@ pub async fn run(
     };
     let result = async {
         loop {
-            while let Some(msg) = session.poll_transmit() {
+            while let Some(mut msg) = session.poll_transmit() {
                 match opts.faults.as_ref().map_or(Fault::Send, |f| f.before_send(&msg)) {
                     Fault::Send => {}
                     Fault::Delay(delay) => tokio::time::sleep(delay).await,
+                    Fault::Replace(forged) => msg = *forged,
                     Fault::Vanish => {
                         let round = msg.round().unwrap_or_default();
                         tracing::info!(node = %opts.node_name, round, "vanishing (injected fault)");
@@ -261,7 +264,7 @@ pub async fn run(
                         let unsent = u64::from(msg.payload().is_some());
                         return Err(ClientError::Vanished {
                             round,
-                            rounds_trained: report.rounds_trained - unsent,
+                            rounds_trained: session.updates_sent() - unsent,
                         });
                     }
                 }
@@ -299,14 +302,12 @@ pub async fn run(
                             Ok((update, eval)) => {
                                 tracing::debug!(node = %opts.node_name, round, loss = update.train_loss, "trained");
                                 session.submit(update, Some(eval))?;
-                                report.rounds_trained += 1;
                             }
-                            Err(err) => {
-                                tracing::warn!(node = %opts.node_name, round, %err, "local training failed");
-                                let msg = Message::error(ReasonCode::Internal, format!("round {round}: {err}"));
-                                report.bytes_sent += quic::write_message(&mut send, &msg).await?;
-                            }
+                            Err(err) => session.abandon(round, err.to_string())?,
                         }
+                    }
+                    ClientEvent::RoundLeft { round, reason } => {
+                        tracing::warn!(node = %opts.node_name, round, %reason, "left the round; staying in the run");
                     }
                     ClientEvent::ServerError { code, detail } => {
                         tracing::warn!(node = %opts.node_name, ?code, %detail, "server refused a message");
@@ -322,6 +323,7 @@ pub async fn run(
     }
     .await;
     report.client_id = session.client_id();
+    report.rounds_trained = session.updates_sent();
     let _ = send.finish();
     connection.close(CLOSE_OK.into(), b"bye");
     result.map(|()| report).map_err(ClientError::explain)

@@ -687,3 +687,82 @@ async fn a_hostile_server_cannot_crash_a_node() {
         "{result:?}"
     );
 }
+
+/// Forges every share it sends in its first secure round: the right size
+/// and for the right neighbours, so the server forwards them, but with
+/// flipped ciphertext bits that only the recipients can detect.
+#[derive(Debug, Default)]
+struct ForgeFirstShares {
+    forged: std::sync::atomic::AtomicBool,
+}
+
+impl fedveil_client::FaultHook for ForgeFirstShares {
+    fn before_send(&self, message: &Message) -> fedveil_client::Fault {
+        use std::sync::atomic::Ordering;
+        match message {
+            Message::SecAgg(SecAgg::Shares { round, shares })
+                if !self.forged.swap(true, Ordering::SeqCst) =>
+            {
+                let mut shares = shares.clone();
+                for s in &mut shares {
+                    s.ciphertext[0] ^= 1;
+                }
+                fedveil_client::Fault::Replace(Box::new(Message::SecAgg(SecAgg::Shares {
+                    round: *round,
+                    shares,
+                })))
+            }
+            _ => fedveil_client::Fault::Send,
+        }
+    }
+}
+
+/// One enrolled node that forges its shares costs the honest nodes one
+/// round, not the run: each neighbour detects the bad share, leaves that
+/// round and tells the server, and every later round completes with all of
+/// them (before, each honest node's session ended on the bad share).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_forging_shares_costs_a_round_not_the_run() {
+    let d = deploy_with("forged-shares", |config| {
+        config.rounds = 3;
+        config.min_clients = 5;
+        config.max_failed_rounds = 3;
+        config.round.max_local_steps = Some(1);
+        config.round.secure_aggregation = true;
+        config.secagg = Some(fedveil_proto::round::server::SecAggConfig::default());
+    });
+    let mut nodes = Vec::new();
+    for (i, name) in ["ann", "bob", "cat", "dan", "mallory"].iter().enumerate() {
+        let identity = d.enrol(&d.token(name)).await.unwrap();
+        let mut opts = ClientOptions::enrolled(d.addr, "localhost", &identity).unwrap();
+        if *name == "mallory" {
+            opts.faults = Some(std::sync::Arc::new(ForgeFirstShares::default()));
+        }
+        let trainer = d.trainer(i as u64);
+        nodes.push((
+            *name,
+            tokio::spawn(async move { fedveil_client::run(&endpoint(), &opts, trainer).await }),
+        ));
+    }
+    let mut failed = 0;
+    let mut completed = Vec::new();
+    while completed.len() < 3 {
+        match d.next_event(ROUND_TIMEOUT).await {
+            Some(Event::RoundFailed { .. }) => failed += 1,
+            Some(Event::RoundCompleted(summary)) => completed.push(summary),
+            Some(Event::Finished { .. }) | None => break,
+            Some(_) => {}
+        }
+    }
+    assert_eq!(failed, 1, "only the forged round fails");
+    assert_eq!(completed.len(), 3, "every later round completes");
+    assert!(completed.iter().all(|s| s.contributors.len() == 5));
+    for (name, node) in nodes {
+        let report = tokio::time::timeout(ROUND_TIMEOUT, node)
+            .await
+            .unwrap_or_else(|_| panic!("{name} did not finish"))
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{name} left the run: {e}"));
+        assert!(report.rounds_trained >= 3, "{name}: {report:?}");
+    }
+}

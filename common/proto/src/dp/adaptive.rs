@@ -23,6 +23,11 @@ pub const DEFAULT_CLIP_LEARNING_RATE: f64 = 0.2;
 /// recommendation, m / 20).
 pub const DEFAULT_COUNT_NOISE_FRACTION: f64 = 0.05;
 
+/// How far adaptive clipping may move the bound: it stays within the
+/// configured clip norm divided or multiplied by this, whatever the
+/// (noisy, and possibly manipulated) indicators say.
+pub const ADAPTIVE_CLIP_SPAN: f64 = 100.0;
+
 /// The operator's adaptive-clipping settings.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct AdaptiveClipping {
@@ -87,6 +92,19 @@ impl AdaptiveClipping {
         };
         clip_norm * (-self.learning_rate * (b - self.target_quantile)).exp()
     }
+}
+
+/// `bound`, clamped to within [`ADAPTIVE_CLIP_SPAN`] of the configured
+/// clip norm `initial`.
+///
+/// ```
+/// use fedveil_proto::dp::adaptive::{ADAPTIVE_CLIP_SPAN, within_span};
+/// assert_eq!(within_span(1.0, 1e9), ADAPTIVE_CLIP_SPAN);
+/// assert_eq!(within_span(1.0, 0.5), 0.5);
+/// assert_eq!(within_span(2.0, 1e-9), 2.0 / ADAPTIVE_CLIP_SPAN);
+/// ```
+pub fn within_span(initial: f64, bound: f64) -> f64 {
+    bound.clamp(initial / ADAPTIVE_CLIP_SPAN, initial * ADAPTIVE_CLIP_SPAN)
 }
 
 /// A client's clipping indicator: +1/2 when its update was within the bound.

@@ -216,6 +216,22 @@ pub enum Privatized {
     Integers(Vec<i64>),
 }
 
+/// A DP step a client cannot carry out as sent: every parameter must be a
+/// finite number in its range, or the noise could not be drawn.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DpRoundError {
+    /// A parameter outside its range.
+    #[error("{name} = {value} is not a finite number {range}")]
+    OutOfRange {
+        /// The parameter.
+        name: &'static str,
+        /// Its value.
+        value: f64,
+        /// What it must be.
+        range: &'static str,
+    },
+}
+
 /// An update the DP step cannot process.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum PrivatizeError {
@@ -262,6 +278,45 @@ impl DpRound {
             }
         }
         out
+    }
+
+    /// Checks every parameter before any noise is drawn: a server's
+    /// nonsense must be refused, never panic a node.
+    pub fn validate(&self) -> Result<(), DpRoundError> {
+        let check = |name, value: f64, positive: bool, max: f64| {
+            let ok = value.is_finite()
+                && value <= max
+                && if positive { value > 0.0 } else { value >= 0.0 };
+            if ok {
+                Ok(())
+            } else {
+                Err(DpRoundError::OutOfRange {
+                    name,
+                    value,
+                    range: if positive { "above 0" } else { "at least 0" },
+                })
+            }
+        };
+        check("clip_norm", self.clip_norm(), true, f64::MAX)?;
+        match *self {
+            Self::Central { .. } => Ok(()),
+            Self::Local { noise_std, .. } => check("noise_std", noise_std, false, f64::MAX),
+            Self::Distributed {
+                granularity,
+                rounded_norm,
+                skellam_mu,
+                indicator_mu,
+                ..
+            } => {
+                check("granularity", granularity, true, f64::MAX)?;
+                check("rounded_norm", rounded_norm, true, f64::MAX)?;
+                check("skellam_mu", skellam_mu, false, noise::MAX_SKELLAM_MU)?;
+                match indicator_mu {
+                    Some(mu) => check("indicator_mu", mu, false, noise::MAX_SKELLAM_MU),
+                    None => Ok(()),
+                }
+            }
+        }
     }
 
     /// The client's DP step: clip on the global L2 norm, then noise as the

@@ -54,6 +54,9 @@ pub fn snap_grid(std: f64) -> f64 {
     2f64.powi(std.log2().floor() as i32 - SNAP_BITS_BELOW_STD)
 }
 
+/// Largest Skellam parameter the Poisson sampler takes.
+pub const MAX_SKELLAM_MU: f64 = Poisson::<f64>::MAX_LAMBDA;
+
 /// One draw of Sk(mu) = Poisson(mu) - Poisson(mu) per value, added in place.
 pub fn add_skellam<R: Rng + CryptoRng + ?Sized>(values: &mut [i64], mu: f64, rng: &mut R) {
     if mu == 0.0 {

@@ -41,6 +41,15 @@ pub enum ClientEvent {
         /// The server's explanation.
         detail: String,
     },
+    /// We left `round` (and told the server) because of `reason`: a peer
+    /// or the server broke secure aggregation, or the round asks what
+    /// this node refuses. The session stays in the run.
+    RoundLeft {
+        /// The round left.
+        round: u64,
+        /// Why.
+        reason: SessionError,
+    },
     /// The run is over.
     Finished {
         /// Rounds the server completed.
@@ -50,7 +59,11 @@ pub enum ClientEvent {
     },
 }
 
-/// A protocol violation by the server; the driver should disconnect.
+/// Why the session, or one round of it, cannot go on.
+/// [`ClientSession::handle_message`] returns the session-level ones (the
+/// server deviates from the protocol: disconnect); the round-level ones
+/// (secure aggregation, privacy, local training) arrive as
+/// [`ClientEvent::RoundLeft`] and the run goes on.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum SessionError {
     /// The server refused this client.
@@ -111,11 +124,130 @@ pub enum SessionError {
         /// What went wrong.
         source: PrivatizeError,
     },
+    /// The round asks for something no node should do.
+    #[error("round {round} cannot be trained as sent: {source}")]
+    InvalidRound {
+        /// The round.
+        round: u64,
+        /// What is wrong with its config.
+        source: RoundConfigError,
+    },
+    /// Local training failed.
+    #[error("local training failed in round {round}: {detail}")]
+    Training {
+        /// The round.
+        round: u64,
+        /// What failed.
+        detail: String,
+    },
     /// The round asks for distributed DP without secure aggregation.
     #[error(
         "round {0} asks for distributed DP without secure aggregation; refusing to send noised integers in the clear"
     )]
     DistributedDpInTheClear(u64),
+}
+
+/// Most local epochs a node accepts in one round.
+pub const DEFAULT_MAX_LOCAL_EPOCHS: u32 = 1_000;
+/// Largest minibatch a node accepts.
+pub const DEFAULT_MAX_BATCH_SIZE: u32 = 1 << 16;
+
+/// What a node accepts in a round config, checked before it trains: a
+/// server's typo or malice must become a refused round, not a node that
+/// trains for days, allocates without bound or panics.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RoundLimits {
+    /// Most local epochs.
+    pub max_local_epochs: u32,
+    /// Largest minibatch.
+    pub max_batch_size: u32,
+}
+
+impl Default for RoundLimits {
+    fn default() -> Self {
+        Self {
+            max_local_epochs: DEFAULT_MAX_LOCAL_EPOCHS,
+            max_batch_size: DEFAULT_MAX_BATCH_SIZE,
+        }
+    }
+}
+
+/// A round config a node refuses.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RoundConfigError {
+    /// Local epochs outside 1 and the node's limit.
+    #[error("{got} local epochs, outside 1..={max}")]
+    Epochs {
+        /// Epochs asked for.
+        got: u32,
+        /// The node's limit.
+        max: u32,
+    },
+    /// A batch size outside 1 and the node's limit.
+    #[error("batch size {got}, outside 1..={max}")]
+    BatchSize {
+        /// Batch size asked for.
+        got: u32,
+        /// The node's limit.
+        max: u32,
+    },
+    /// A step cap of zero.
+    #[error("a cap of 0 local steps")]
+    NoSteps,
+    /// A learning rate or proximal weight that is not a finite number in
+    /// range.
+    #[error("{name} = {value} is not a finite number {range}")]
+    OutOfRange {
+        /// The field.
+        name: &'static str,
+        /// Its value.
+        value: f32,
+        /// What it must be.
+        range: &'static str,
+    },
+    /// The DP step cannot be carried out.
+    #[error("differential privacy: {0}")]
+    Dp(#[from] crate::dp::DpRoundError),
+}
+
+impl RoundLimits {
+    /// Checks `config` against these limits and the fields' own ranges.
+    pub fn check(&self, config: &RoundConfig) -> Result<(), RoundConfigError> {
+        if !(1..=self.max_local_epochs).contains(&config.local_epochs) {
+            return Err(RoundConfigError::Epochs {
+                got: config.local_epochs,
+                max: self.max_local_epochs,
+            });
+        }
+        if !(1..=self.max_batch_size).contains(&config.batch_size) {
+            return Err(RoundConfigError::BatchSize {
+                got: config.batch_size,
+                max: self.max_batch_size,
+            });
+        }
+        if config.max_local_steps == Some(0) {
+            return Err(RoundConfigError::NoSteps);
+        }
+        if !(config.learning_rate.is_finite() && config.learning_rate > 0.0) {
+            return Err(RoundConfigError::OutOfRange {
+                name: "learning_rate",
+                value: config.learning_rate,
+                range: "above 0",
+            });
+        }
+        if !(config.prox_mu.is_finite() && config.prox_mu >= 0.0) {
+            return Err(RoundConfigError::OutOfRange {
+                name: "prox_mu",
+                value: config.prox_mu,
+                range: "at least 0",
+            });
+        }
+        if let Some(dp) = &config.dp {
+            dp.validate()?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,6 +287,13 @@ pub struct ClientSession {
     round_dp: Option<DpRound>,
     /// Signs our SecAgg keys and checks our neighbours' (enrolled nodes).
     attestor: Option<std::sync::Arc<dyn crate::secagg::KeyAttestor>>,
+    /// Rounds whose update (plain or masked) has been queued.
+    updates_sent: u64,
+    /// What this node accepts in a round config.
+    limits: RoundLimits,
+    /// The round this node last left: its remaining SecAgg+ messages,
+    /// already in flight, are ignored.
+    left: Option<u64>,
 }
 
 impl std::fmt::Debug for ClientSession {
@@ -191,6 +330,9 @@ impl ClientSession {
             pending_secure: None,
             round_dp: None,
             attestor: None,
+            updates_sent: 0,
+            limits: RoundLimits::default(),
+            left: None,
         }
     }
 
@@ -223,6 +365,30 @@ impl ClientSession {
 
     fn secagg_err(&self, round: u64, source: SecAggError) -> SessionError {
         SessionError::SecAgg { round, source }
+    }
+
+    /// Accepts round configs within `limits` only (default:
+    /// [`RoundLimits::default`]).
+    pub fn with_round_limits(mut self, limits: RoundLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Rounds whose update (plain, or masked under secure aggregation)
+    /// this session has queued for the server.
+    pub fn updates_sent(&self) -> u64 {
+        self.updates_sent
+    }
+
+    /// Leaves `round`, whose local training failed: the server is told,
+    /// and the session waits for the next round.
+    pub fn abandon(&mut self, round: u64, detail: impl Into<String>) -> Result<(), SessionError> {
+        if self.state != State::Training(round) {
+            return Err(SessionError::NotTraining(round));
+        }
+        let detail = detail.into();
+        self.leave_round(round, SessionError::Training { round, detail });
+        Ok(())
     }
 
     /// The id the server gave us, once admitted.
@@ -301,6 +467,11 @@ impl ClientSession {
                 // A newer round supersedes one still in progress (we were late).
                 self.last_round = start.round;
                 self.secure = None;
+                if let Err(source) = self.limits.check(&start.config) {
+                    let round = start.round;
+                    self.leave_round(round, SessionError::InvalidRound { round, source });
+                    return Ok(());
+                }
                 self.round_dp = start.config.dp.clone();
                 if start.config.secure_aggregation {
                     self.state = State::KeyExchange(start.round);
@@ -319,6 +490,8 @@ impl ClientSession {
             {
                 self.on_secagg(round, msg)?;
             }
+            // The rest of a round we left, sent before the server heard.
+            (_, Message::SecAgg(msg)) if Some(msg.round()) == self.left => {}
             (_, other) => return Err(SessionError::Unexpected(other.kind())),
         }
         Ok(())
@@ -381,10 +554,10 @@ impl ClientSession {
             }
             Ok(None) => Ok(()),
             Err(source) => {
-                // Leave the round; the next round start begins afresh.
-                self.secure = None;
-                self.state = State::Ready;
-                Err(self.secagg_err(round, source))
+                // A peer's or the server's fault in this round: leave it,
+                // and take the next round start afresh.
+                self.leave_round(round, self.secagg_err(round, source));
+                Ok(())
             }
         }
     }
@@ -414,8 +587,8 @@ impl ClientSession {
                 Ok((Privatized::Real(v), _)) => update.delta = v,
                 Ok((Privatized::Integers(v), _)) => integers = Some(v),
                 Err(source) => {
-                    self.abandon_round();
-                    return Err(SessionError::Privacy { round, source });
+                    self.leave_round(round, SessionError::Privacy { round, source });
+                    return Ok(());
                 }
             }
             update.num_examples = 1;
@@ -431,29 +604,43 @@ impl ClientSession {
                 Ok(masked) => {
                     self.state = State::Unmasking(round);
                     self.outbox.push_back(Message::SecAgg(masked));
+                    self.updates_sent += 1;
                     Ok(())
                 }
                 Err(source) => {
-                    self.abandon_round();
-                    Err(self.secagg_err(round, source))
+                    self.leave_round(round, self.secagg_err(round, source));
+                    Ok(())
                 }
             };
         }
         if integers.is_some() {
-            self.abandon_round();
-            return Err(SessionError::DistributedDpInTheClear(round));
+            self.leave_round(round, SessionError::DistributedDpInTheClear(round));
+            return Ok(());
         }
         self.state = State::Ready;
         if let Some(eval) = evaluation {
             self.outbox.push_back(Message::Evaluation(eval));
         }
         self.outbox.push_back(Message::Update(update));
+        self.updates_sent += 1;
         Ok(())
     }
 
-    /// Leaves the current round without sending anything more.
-    fn abandon_round(&mut self) {
+    /// Leaves `round` over `reason`: nothing more of it is sent, the
+    /// server is told (it drops us from the round, as a dropout), and the
+    /// driver hears of it. Round-level faults never end the session: one
+    /// malicious peer must not be able to push honest nodes out of a run.
+    fn leave_round(&mut self, round: u64, reason: SessionError) {
+        self.left = Some(round);
         self.secure = None;
+        self.pending_secure = None;
+        self.round_dp = None;
         self.state = State::Ready;
+        self.outbox.push_back(Message::error(
+            ReasonCode::LeftRound,
+            format!("leaving round {round}: {reason}"),
+        ));
+        self.events
+            .push_back(ClientEvent::RoundLeft { round, reason });
     }
 }

@@ -1352,6 +1352,12 @@ impl Coordinator {
         let Phase::Collecting(r) = std::mem::replace(&mut self.phase, Phase::BetweenRounds) else {
             return;
         };
+        if let Some(reason) = self.implausible_sum(&outcome, r.cohort.len()) {
+            return self.fail_round(
+                r.round,
+                format!("the unmasked sum is impossible ({reason}); the model is left as it was"),
+            );
+        }
         let clip_norm = self.clip_norm;
         let contributors = outcome.survivors.len();
         let mean = self.dp_update(outcome.mean, Some(&outcome.sum), contributors);
@@ -1389,6 +1395,47 @@ impl Coordinator {
             started_at: r.started_at,
             finished_at: now,
         }));
+    }
+
+    /// What an unmasked sum cannot be, given who contributed: a count slot
+    /// other than the survivors (distributed DP, where each adds 1), a
+    /// total weight outside what that many clients can claim, or a
+    /// non-finite mean. One malicious client can send any integers, so these
+    /// are checked before anything takes the sum.
+    fn implausible_sum(&self, outcome: &Outcome, cohort: usize) -> Option<String> {
+        let n = outcome.survivors.len();
+        let distributed = self
+            .cfg
+            .dp
+            .as_ref()
+            .is_some_and(|p| p.config.mechanism == Mechanism::Distributed);
+        if distributed {
+            let count = outcome.sum.last().copied().unwrap_or_default();
+            if count as usize != n {
+                return Some(format!(
+                    "its count slot says {count} contributors, {n} sent masked inputs"
+                ));
+            }
+        } else if let Some(sa) = &self.cfg.secagg {
+            let params = sa.params(cohort);
+            let resolution = params.encoders().map_or(0.0, |(_, w)| w.resolution());
+            let slack = n as f64 * resolution * params.max_weight as f64;
+            let (low, high) = (
+                n as f64 - slack,
+                n as f64 * params.max_weight as f64 + slack,
+            );
+            if !(low..=high).contains(&outcome.total_weight) {
+                return Some(format!(
+                    "a total weight of {:.1} examples, outside the {low:.1}..={high:.1} that {n} contributors can claim",
+                    outcome.total_weight
+                ));
+            }
+        }
+        outcome
+            .mean
+            .iter()
+            .position(|v| !v.is_finite())
+            .map(|i| format!("a non-finite value at index {i}"))
     }
 
     fn on_evaluation(&mut self, id: ClientId, eval: Evaluation) {
@@ -1531,7 +1578,10 @@ impl Coordinator {
                 Vec::new(),
             ),
             Some(sa) => {
-                let graph_seed = rand::Rng::next_u64(&mut self.rng);
+                // The neighbour graph comes from the secret generator: with
+                // the run's public seed, anyone could predict who masks with
+                // whom and place colluding nodes as one client's neighbours.
+                let graph_seed = rand::Rng::next_u64(&mut self.secret_rng);
                 let built = if cohort.len() < MIN_SECAGG_COHORT {
                     Err(format!(
                         "a cohort of {} is below the minimum of {MIN_SECAGG_COHORT}",
@@ -1678,7 +1728,12 @@ impl Coordinator {
         };
         if let (Some((adaptive, _)), Some(indicators)) = (plan.adaptive, indicator_sum) {
             let unclipped = indicators / denominator + 0.5;
-            let next = adaptive.next_clip_norm(clip_norm, unclipped);
+            // Whatever the indicators say over many rounds, the bound (and
+            // with it the noise) stays near the operator's choice.
+            let next = dp::adaptive::within_span(
+                plan.config.clip_norm,
+                adaptive.next_clip_norm(clip_norm, unclipped),
+            );
             tracing::debug!(clip_norm, unclipped, next, "adaptive clipping");
             self.clip_norm = Some(next);
         }

@@ -1045,19 +1045,119 @@ fn client_refuses_distributed_dp_without_secure_aggregation() {
         global_model: vec![0.0; D],
     }))
     .unwrap();
-    let err = c
-        .submit(
-            Update {
+    c.submit(
+        Update {
+            round: 1,
+            num_examples: 1,
+            train_loss: 0.0,
+            delta: vec![0.1; D],
+        },
+        None,
+    )
+    .unwrap();
+    // The node leaves the round, says so, and sends nothing of the update.
+    assert_eq!(
+        std::iter::from_fn(|| c.poll_event()).last(),
+        Some(ClientEvent::RoundLeft {
+            round: 1,
+            reason: SessionError::DistributedDpInTheClear(1)
+        })
+    );
+    assert!(matches!(
+        c.poll_transmit(),
+        Some(Message::Error(e)) if e.code == ReasonCode::LeftRound
+    ));
+    assert!(c.poll_transmit().is_none(), "no update sent");
+    assert_eq!(c.updates_sent(), 0);
+}
+
+/// A fault in one round (here, a setup from the server that would not
+/// protect the node) makes the node leave that round and tell the server;
+/// the session is not ended, and the next round trains as usual.
+#[test]
+fn a_round_level_fault_leaves_the_round_and_the_run_goes_on() {
+    use crate::secagg::client::{ClientError as SecAggError, SetupError};
+    use crate::wire::{SecAgg, SecAggParams, SecAggSetup};
+    let mut c = ClientSession::new("n", spec(), 10, rng());
+    c.poll_transmit();
+    c.handle_message(Message::Welcome(crate::wire::Welcome {
+        version: crate::wire::PROTOCOL_VERSION,
+        client_id: 1,
+        model: spec(),
+    }))
+    .unwrap();
+    c.poll_event();
+    let mut config = cfg(1, 1, 1.0).round;
+    config.secure_aggregation = true;
+    let start = |round, config| {
+        Message::RoundStart(crate::wire::RoundStart {
+            round,
+            config,
+            global_model: vec![0.0; D],
+        })
+    };
+    c.handle_message(start(1, config.clone())).unwrap();
+    let setup = SecAggSetup {
+        params: SecAggParams {
+            threshold: 1,
+            degree: 2,
+            bits: 32,
+            clip: 1.0,
+            max_weight: 100,
+            max_cohort: 3,
+            min_survivors: 0,
+        },
+        neighbours: vec![2, 3],
+    };
+    c.handle_message(Message::SecAgg(SecAgg::Setup { round: 1, setup }))
+        .expect("a round-level fault does not end the session");
+    assert_eq!(
+        c.poll_event(),
+        Some(ClientEvent::RoundLeft {
+            round: 1,
+            reason: SessionError::SecAgg {
                 round: 1,
-                num_examples: 1,
-                train_loss: 0.0,
-                delta: vec![0.1; D],
+                source: SecAggError::UnsafeSetup(SetupError::ThresholdBelowMinimum(1)),
             },
-            None,
-        )
-        .unwrap_err();
-    assert_eq!(err, SessionError::DistributedDpInTheClear(1));
-    assert!(c.poll_transmit().is_none(), "nothing sent");
+        })
+    );
+    let Some(Message::Error(told)) = c.poll_transmit() else {
+        panic!("the server is told")
+    };
+    assert_eq!(told.code, ReasonCode::LeftRound);
+    assert!(told.detail.contains("round 1"), "{}", told.detail);
+    assert!(c.poll_transmit().is_none(), "no keys advertised");
+    // Round 2, in the clear: the node trains and sends its update.
+    config.secure_aggregation = false;
+    c.handle_message(start(2, config)).unwrap();
+    assert!(matches!(
+        c.poll_event(),
+        Some(ClientEvent::Train { round: 2, .. })
+    ));
+    c.submit(
+        Update {
+            round: 2,
+            num_examples: 1,
+            train_loss: 0.0,
+            delta: vec![0.1; D],
+        },
+        None,
+    )
+    .unwrap();
+    assert!(matches!(c.poll_transmit(), Some(Message::Update(u)) if u.round == 2));
+    assert_eq!(c.updates_sent(), 1);
+    // Local training can fail too: the node leaves that round the same way.
+    c.handle_message(start(3, cfg(1, 1, 1.0).round)).unwrap();
+    c.poll_event();
+    c.abandon(3, "out of memory").unwrap();
+    assert!(matches!(
+        c.poll_event(),
+        Some(ClientEvent::RoundLeft {
+            round: 3,
+            reason: SessionError::Training { .. }
+        })
+    ));
+    assert_eq!(c.abandon(3, "again"), Err(SessionError::NotTraining(3)));
 }
 
 #[test]
@@ -1774,4 +1874,157 @@ fn evaluations_with_another_tasks_scores_are_left_out() {
     let eval = h.completed()[0].client_eval.unwrap();
     assert_eq!(eval.examples, 10, "the accuracy report is not counted");
     assert_eq!(eval.scores, TaskScores::regression(4.0, 2.0));
+}
+
+/// One client adds to the weight slot of its masked input (masks cancel,
+/// so the forged value survives into the unmasked sum): the total weight
+/// is then more than the cohort can claim, and the round fails before the
+/// strategy, the model or a checkpoint sees the sum.
+#[test]
+fn an_impossible_secure_sum_fails_the_round_and_leaves_the_model() {
+    use crate::wire::SecAgg;
+    let mut h = Harness::new(secure_cfg(5), 5);
+    let trains = settle(&mut h);
+    for (i, (id, round, _)) in trains.iter().enumerate() {
+        submit_secure(&mut h, *id, *round, vec![0.5; D], 100);
+        if i == 0 {
+            let c = h.clients.get_mut(id).unwrap();
+            let Some(Message::SecAgg(SecAgg::MaskedInput { round, mut masked })) =
+                c.poll_transmit()
+            else {
+                panic!("expected the masked input")
+            };
+            let last = masked.len() - 1;
+            masked[last] = masked[last].wrapping_sub(1 << 30);
+            h.server.handle_message(
+                *id,
+                Message::SecAgg(SecAgg::MaskedInput { round, masked }),
+                h.now,
+            );
+        }
+    }
+    settle(&mut h);
+    assert!(h.completed().is_empty(), "no round may complete on it");
+    assert!(
+        h.events.iter().any(|e| matches!(
+            e,
+            Event::RoundFailed { reason, .. } if reason.contains("total weight")
+        )),
+        "{:?}",
+        h.events
+    );
+    assert_eq!(h.server.global_model(), &[0.0; D], "model unchanged");
+}
+
+/// A round config no node should train (a zero batch, absurd epochs, a
+/// NaN learning rate, DP parameters the noise cannot be drawn from) is a
+/// refused round, never a panic or a session ended; SecAgg+ messages of the
+/// refused round that were already on their way are ignored.
+#[test]
+fn a_round_config_out_of_range_is_refused_round_by_round() {
+    use super::client::RoundConfigError;
+    use crate::dp::DpRoundError;
+    use crate::wire::{SecAgg, SecAggParams, SecAggSetup};
+    let mut c = ClientSession::new("n", spec(), 10, rng());
+    c.poll_transmit();
+    c.handle_message(Message::Welcome(crate::wire::Welcome {
+        version: crate::wire::PROTOCOL_VERSION,
+        client_id: 1,
+        model: spec(),
+    }))
+    .unwrap();
+    c.poll_event();
+    let start = |round, config| {
+        Message::RoundStart(crate::wire::RoundStart {
+            round,
+            config,
+            global_model: vec![0.0; D],
+        })
+    };
+    let good = cfg(1, 1, 1.0).round;
+    let mut refused = |round: u64, bad: RoundConfig| -> RoundConfigError {
+        c.handle_message(start(round, bad)).unwrap();
+        assert!(matches!(
+            c.poll_transmit(),
+            Some(Message::Error(e)) if e.code == ReasonCode::LeftRound
+        ));
+        match c.poll_event() {
+            Some(ClientEvent::RoundLeft {
+                reason: SessionError::InvalidRound { source, .. },
+                ..
+            }) => source,
+            other => panic!("expected a refused round, got {other:?}"),
+        }
+    };
+    let mut bad = good.clone();
+    bad.batch_size = 0;
+    assert!(matches!(
+        refused(1, bad),
+        RoundConfigError::BatchSize { got: 0, .. }
+    ));
+    let mut bad = good.clone();
+    bad.local_epochs = 1_000_000;
+    assert!(matches!(refused(2, bad), RoundConfigError::Epochs { .. }));
+    let mut bad = good.clone();
+    bad.learning_rate = f32::NAN;
+    assert!(matches!(
+        refused(3, bad),
+        RoundConfigError::OutOfRange {
+            name: "learning_rate",
+            ..
+        }
+    ));
+    let mut bad = good.clone();
+    bad.max_local_steps = Some(0);
+    assert_eq!(refused(4, bad), RoundConfigError::NoSteps);
+    let mut bad = good.clone();
+    bad.dp = Some(DpRound::Local {
+        clip_norm: 1.0,
+        noise_std: f64::NAN,
+    });
+    assert!(matches!(
+        refused(5, bad),
+        RoundConfigError::Dp(DpRoundError::OutOfRange {
+            name: "noise_std",
+            ..
+        })
+    ));
+    let mut bad = good.clone();
+    bad.secure_aggregation = true;
+    bad.dp = Some(DpRound::Distributed {
+        clip_norm: 1.0,
+        granularity: 0.01,
+        rounded_norm: 100.0,
+        skellam_mu: f64::INFINITY,
+        indicator_mu: None,
+    });
+    assert!(matches!(
+        refused(6, bad),
+        RoundConfigError::Dp(DpRoundError::OutOfRange {
+            name: "skellam_mu",
+            ..
+        })
+    ));
+    // The refused secure round's setup arrives anyway: ignored.
+    let setup = SecAggSetup {
+        params: SecAggParams {
+            threshold: 2,
+            degree: 2,
+            bits: 32,
+            clip: 1.0,
+            max_weight: 100,
+            max_cohort: 3,
+            min_survivors: 0,
+        },
+        neighbours: vec![2, 3],
+    };
+    c.handle_message(Message::SecAgg(SecAgg::Setup { round: 6, setup }))
+        .unwrap();
+    assert!(c.poll_transmit().is_none() && c.poll_event().is_none());
+    // A sound round trains.
+    c.handle_message(start(7, good)).unwrap();
+    assert!(matches!(
+        c.poll_event(),
+        Some(ClientEvent::Train { round: 7, .. })
+    ));
 }

@@ -10,11 +10,14 @@ use x25519_dalek::{PublicKey, StaticSecret};
 use zeroize::Zeroize;
 
 use super::encode::FixedPoint;
-use super::{KeyAttestor, prg, shamir};
+use super::{KeyAttestor, MIN_THRESHOLD, prg, shamir};
 use crate::wire::{EncryptedShare, PeerKeys, RevealedShare, SecAgg, SecAggParams, SecAggSetup};
 
 /// Bytes of a share-pair plaintext: self-mask share then mask-key share.
 const SHARE_PAIR_LEN: usize = 64;
+/// Bytes of an encrypted share pair: the plaintext and the 16-byte
+/// Poly1305 tag. The server refuses any other size before forwarding.
+pub const SHARE_CIPHERTEXT_LEN: usize = SHARE_PAIR_LEN + 16;
 
 /// A protocol violation seen by a client; the client refuses to go on.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -69,12 +72,99 @@ pub enum ClientError {
         /// Why the signature is not trusted.
         reason: super::AttestationError,
     },
+    /// The server's setup would not protect this client's input: a
+    /// threshold one colluder or half the neighbours could meet, or a
+    /// malformed neighbour list.
+    #[error("unsafe secure-aggregation setup from the server: {0}")]
+    UnsafeSetup(SetupError),
+    /// Fewer neighbours sent shares than the threshold: masking with so
+    /// few pairwise masks would let the server strip them and read the
+    /// input under its self mask alone.
+    #[error(
+        "only {have} neighbours sent shares; the threshold is {needed}, so this client will not send its masked input"
+    )]
+    TooFewShares {
+        /// Neighbours whose shares arrived.
+        have: usize,
+        /// The threshold.
+        needed: usize,
+    },
+    /// An unmask request naming fewer survivors than the threshold (an
+    /// honest server aborts such a round instead).
+    #[error("the unmask request names {have} surviving neighbours, below the threshold {needed}")]
+    TooFewSurvivors {
+        /// Survivors named.
+        have: usize,
+        /// The threshold.
+        needed: usize,
+    },
     /// One node behind two peers (or behind a peer and us).
     #[error("node {name} appears as more than one peer (or as myself)")]
     DuplicateIdentity {
         /// The node.
         name: String,
     },
+}
+
+/// What makes a server's setup unsafe for the client that receives it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SetupError {
+    /// A threshold below [`MIN_THRESHOLD`]: one colluding neighbour
+    /// would hold enough shares.
+    #[error("threshold {0} is below the minimum of {MIN_THRESHOLD}")]
+    ThresholdBelowMinimum(u32),
+    /// At most half the neighbours meet the threshold, so the server could
+    /// get both share kinds of one client from two halves.
+    #[error("threshold {t} is at most half of the {k} neighbours")]
+    ThresholdTooLow {
+        /// The threshold.
+        t: u32,
+        /// Neighbours.
+        k: usize,
+    },
+    /// More shares needed than there are neighbours to hold them.
+    #[error("threshold {t} exceeds the {k} neighbours")]
+    ThresholdAboveNeighbours {
+        /// The threshold.
+        t: u32,
+        /// Neighbours.
+        k: usize,
+    },
+    /// The neighbour list holds this client.
+    #[error("the neighbour list holds this client")]
+    SelfNeighbour,
+    /// A neighbour listed twice.
+    #[error("neighbour {0} is listed twice")]
+    DuplicateNeighbour(u64),
+    /// The encoding parameters are invalid.
+    #[error("{0}")]
+    Encoding(String),
+}
+
+/// Checks what the server sent before any key is made: SecAgg+'s
+/// guarantees rest on these, so a client never takes them on trust.
+fn check_setup(id: u64, setup: &SecAggSetup) -> Result<(), SetupError> {
+    let mut seen = BTreeSet::new();
+    for &n in &setup.neighbours {
+        if n == id {
+            return Err(SetupError::SelfNeighbour);
+        }
+        if !seen.insert(n) {
+            return Err(SetupError::DuplicateNeighbour(n));
+        }
+    }
+    let (t, k) = (setup.params.threshold, setup.neighbours.len());
+    if t < MIN_THRESHOLD {
+        return Err(SetupError::ThresholdBelowMinimum(t));
+    }
+    if 2 * t as usize <= k {
+        return Err(SetupError::ThresholdTooLow { t, k });
+    }
+    if t as usize > k {
+        return Err(SetupError::ThresholdAboveNeighbours { t, k });
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,10 +258,11 @@ impl SecAggClient {
         rng: &mut R,
         attestor: Option<&dyn KeyAttestor>,
     ) -> Result<(Self, SecAgg), ClientError> {
+        check_setup(id, setup).map_err(ClientError::UnsafeSetup)?;
         let (values, weights) = setup
             .params
             .encoders()
-            .map_err(|e| ClientError::Params(e.to_string()))?;
+            .map_err(|e| ClientError::UnsafeSetup(SetupError::Encoding(e.to_string())))?;
         let enc_sk = StaticSecret::random_from_rng(rng);
         let mask_secret = Scalar::random(rng);
         let self_seed = Scalar::random(rng);
@@ -336,6 +427,13 @@ impl SecAggClient {
             plain.zeroize();
             received.insert(s.peer, pair);
         }
+        let needed = self.params.threshold as usize;
+        if received.len() < needed {
+            return Err(ClientError::TooFewShares {
+                have: received.len(),
+                needed,
+            });
+        }
         self.received = received;
         self.stage = Stage::ReadyToMask;
         Ok(())
@@ -422,6 +520,13 @@ impl SecAggClient {
     ) -> Result<SecAgg, ClientError> {
         self.expect(Stage::AwaitUnmask, "unmask")?;
         let survivors_set: BTreeSet<u64> = survivors.iter().copied().collect();
+        let needed = self.params.threshold as usize;
+        if survivors_set.len() < needed {
+            return Err(ClientError::TooFewSurvivors {
+                have: survivors_set.len(),
+                needed,
+            });
+        }
         if let Some(&both) = dropped.iter().find(|d| survivors_set.contains(d)) {
             return Err(ClientError::BothShareKinds(both));
         }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
-use super::client::SecAggClient;
+use super::client::{ClientError, SecAggClient};
 use super::server::{Abort, Outcome, SecAggServer};
 use crate::wire::{SecAgg, SecAggParams};
 
@@ -129,7 +129,12 @@ pub fn run_round(
             let reply = match msg {
                 SecAgg::PeerKeys { peers, .. } => c.on_peer_keys(peers, &mut rng, None),
                 SecAgg::PeerShares { shares, .. } => {
-                    c.on_peer_shares(shares).expect("honest shares");
+                    // Too few neighbours shared with it: an honest client
+                    // withdraws rather than mask with too few masks.
+                    if let Err(ClientError::TooFewShares { .. }) = c.on_peer_shares(shares) {
+                        server.drop_client(to);
+                        continue;
+                    }
                     let (v, n) = &inputs[&to];
                     masked_by.insert(to);
                     c.mask(v, *n, d)

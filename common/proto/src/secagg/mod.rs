@@ -71,6 +71,10 @@ pub fn keys_message(context: &[u8], round: u64, keys: &PeerKeys) -> Vec<u8> {
     m
 }
 
+/// Fewest shares a client's secrets may be reconstructed from: with one,
+/// a single colluding neighbour would hold them.
+pub const MIN_THRESHOLD: u32 = 2;
+
 /// Default modulus: values live in Z_(2^32).
 pub const DEFAULT_BITS: u32 = 32;
 /// Default clip range of update values (after weighting).
@@ -112,6 +116,14 @@ fn binomial_tail(k: u32, p: f64, j: u32) -> f64 {
 /// Settings that cannot protect anyone, or cannot work.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ParamsError {
+    /// A threshold below [`MIN_THRESHOLD`].
+    #[error(
+        "threshold t = {t} is below the minimum of {MIN_THRESHOLD}: one colluding neighbour would hold enough shares"
+    )]
+    ThresholdBelowMinimum {
+        /// The threshold.
+        t: u32,
+    },
     /// The threshold is at most half the degree.
     #[error(
         "threshold t = {t} must exceed half the degree k = {k} (t > k/2), or the server could learn both share kinds of one client"
@@ -212,6 +224,9 @@ impl SecAggParams {
         let complete = k as usize + 1 >= n;
         if k == 0 || (!complete && k % 2 == 1) {
             return Err(ParamsError::BadDegree { k: self.degree, n });
+        }
+        if self.threshold < MIN_THRESHOLD {
+            return Err(ParamsError::ThresholdBelowMinimum { t: self.threshold });
         }
         if 2 * self.threshold <= k {
             return Err(ParamsError::ThresholdTooLow {

@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use curve25519_dalek::scalar::Scalar;
 use x25519_dalek::PublicKey;
 
+use super::client::SHARE_CIPHERTEXT_LEN;
 use super::client::x25519_secret;
 use super::encode::FixedPoint;
 use super::shamir::{self, Share};
@@ -292,6 +293,29 @@ impl SecAggServer {
                 )));
             }
         }
+        if let Some(bad) = shares
+            .iter()
+            .find(|s| s.ciphertext.len() != SHARE_CIPHERTEXT_LEN)
+        {
+            return Err(violation(format!(
+                "client {from} sent a share of {} bytes for peer {}, expected {SHARE_CIPHERTEXT_LEN}",
+                bad.ciphertext.len(),
+                bad.peer
+            )));
+        }
+        // An honest client shares with every neighbour whose keys it was
+        // sent; one that leaves some out would make them mask with fewer
+        // peers than the threshold assumes.
+        let expected = self.graph[&from]
+            .iter()
+            .filter(|n| self.keys.contains_key(n))
+            .count();
+        if seen.len() != expected {
+            return Err(violation(format!(
+                "client {from} shared with {} of its {expected} neighbours with keys",
+                seen.len()
+            )));
+        }
         if seen.len() < self.threshold() {
             return Err(violation(format!(
                 "client {from} shared with {} peers, below the threshold {}",
@@ -519,8 +543,12 @@ impl SecAggServer {
         let t = self.threshold();
         let bits = self.params.bits;
         let dropped = self.dropped_set();
+        // With more than t shares, the extras check the others: a
+        // malicious client revealing a wrong share of a self-mask seed
+        // (which, unlike a mask key, has no public key to check it against)
+        // would otherwise corrupt the sum without a trace.
         let reconstruct = |shares: Option<&Vec<Share>>, client: u64, what: &'static str| {
-            shamir::combine(shares.map_or(&[][..], |v| v.as_slice()), t).map_err(|e| {
+            shamir::combine_checked(shares.map_or(&[][..], |v| v.as_slice()), t).map_err(|e| {
                 Abort::Reconstruction {
                     client,
                     what,

@@ -37,6 +37,12 @@ pub enum ShamirError {
     /// Two shares at the same x.
     #[error("two shares have the same x-coordinate {0}")]
     DuplicateX(u64),
+    /// A share that does not lie on the polynomial of the others.
+    #[error("the share at x = {x} does not lie on the polynomial of the others")]
+    Inconsistent {
+        /// Its x-coordinate (the holder's client id).
+        x: u64,
+    },
     /// Fewer shares than the threshold.
     #[error("need {needed} shares, have {have}")]
     TooFewShares {
@@ -87,21 +93,43 @@ pub fn combine(shares: &[Share], t: usize) -> Result<Scalar, ShamirError> {
     }
     let used = &shares[..t];
     check_xs(used.iter().map(|s| s.x))?;
-    // Lagrange interpolation at 0: sum_i y_i * prod_{j != i} x_j / (x_j - x_i)
-    let mut secret = Scalar::ZERO;
-    for (i, si) in used.iter().enumerate() {
+    Ok(interpolate(used, Scalar::ZERO))
+}
+
+/// [`combine`], also checking that every share beyond the first `t` lies
+/// on the polynomial the first `t` define: with more than `t` shares, a
+/// wrong one (a malicious holder's) is detected instead of silently giving
+/// a wrong secret.
+pub fn combine_checked(shares: &[Share], t: usize) -> Result<Scalar, ShamirError> {
+    let secret = combine(shares, t)?;
+    check_xs(shares.iter().map(|s| s.x))?;
+    let (used, extra) = shares.split_at(t);
+    match extra
+        .iter()
+        .find(|e| interpolate(used, Scalar::from(e.x)) != e.y)
+    {
+        Some(bad) => Err(ShamirError::Inconsistent { x: bad.x }),
+        None => Ok(secret),
+    }
+}
+
+/// The value at `x` of the polynomial through `points` (Lagrange):
+/// `sum_i y_i * prod_{j != i} (x - x_j) / (x_i - x_j)`.
+fn interpolate(points: &[Share], x: Scalar) -> Scalar {
+    let mut y = Scalar::ZERO;
+    for (i, si) in points.iter().enumerate() {
         let xi = Scalar::from(si.x);
         let (mut num, mut den) = (Scalar::ONE, Scalar::ONE);
-        for (j, sj) in used.iter().enumerate() {
+        for (j, sj) in points.iter().enumerate() {
             if i != j {
                 let xj = Scalar::from(sj.x);
-                num *= xj;
-                den *= xj - xi;
+                num *= x - xj;
+                den *= xi - xj;
             }
         }
-        secret += si.y * num * den.invert();
+        y += si.y * num * den.invert();
     }
-    Ok(secret)
+    y
 }
 
 fn check_xs(xs: impl Iterator<Item = u64>) -> Result<(), ShamirError> {
@@ -136,6 +164,31 @@ mod tests {
             rand::seq::SliceRandom::shuffle(shares.as_mut_slice(), &mut pick);
             prop_assert_eq!(combine(&shares[..t], t).unwrap(), secret);
             prop_assert_eq!(combine(&shares, t).unwrap(), secret);
+            prop_assert_eq!(combine_checked(&shares, t).unwrap(), secret);
+        }
+
+        /// With more shares than the threshold, any one wrong share (among
+        /// the first t or the extras) is detected.
+        #[test]
+        fn one_wrong_share_among_more_than_t_is_detected(
+            seed: u64,
+            n in 2usize..20,
+            t_frac in 0.0f64..1.0,
+            bad_frac in 0.0f64..1.0,
+        ) {
+            let mut rng = ChaCha20Rng::seed_from_u64(seed);
+            let t = 1 + ((n - 2) as f64 * t_frac) as usize;
+            let secret = Scalar::random(&mut rng);
+            let xs: Vec<u64> = (1..=n as u64).collect();
+            let mut shares = split(&secret, t, &xs, &mut rng).unwrap();
+            let bad = ((n - 1) as f64 * bad_frac) as usize;
+            shares[bad].y += Scalar::ONE;
+            let got = combine_checked(&shares, t);
+            prop_assert!(
+                matches!(got, Err(ShamirError::Inconsistent { .. })),
+                "a wrong share went unnoticed: {:?}",
+                got
+            );
         }
     }
 

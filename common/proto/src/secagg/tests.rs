@@ -11,7 +11,7 @@ use super::client::{ClientError, SecAggClient};
 use super::local::{Drops, run_round};
 use super::server::{Abort, SecAggServer, Stage};
 use super::*;
-use crate::wire::{ReasonCode, SecAgg};
+use crate::wire::{ReasonCode, SecAgg, SecAggSetup};
 
 struct Run {
     result: Result<server::Outcome, Abort>,
@@ -196,7 +196,12 @@ fn unsafe_settings_are_refused() {
         p.validate(10),
         Err(ParamsError::CohortTooLarge { .. })
     ));
-    for n in [2usize, 3, 10, 100, 1000] {
+    // Two clients: one share would open either's secrets.
+    assert!(matches!(
+        params(2, 1, 1, 32).validate(2),
+        Err(ParamsError::ThresholdBelowMinimum { t: 1 })
+    ));
+    for n in [3usize, 10, 100, 1000] {
         for dropout in [0.0, 0.1, 0.3] {
             SecAggParams::recommended(n, dropout).validate(n).unwrap();
         }
@@ -285,15 +290,22 @@ fn a_client_never_reveals_both_share_kinds_or_answers_twice() {
         panic!()
     };
     let c = clients.get_mut(&to).unwrap();
-    let peer = shares[0].peer;
+    let senders: Vec<u64> = shares.iter().map(|s| s.peer).collect();
+    let peer = senders[0];
     c.on_peer_shares(shares).unwrap();
     c.mask(&[0.0; 8], 10, 8).unwrap();
     // A curious server claims `peer` both survived and dropped.
     assert_eq!(
-        c.on_unmask_request(&[peer], &[peer]),
+        c.on_unmask_request(&senders, &[peer]),
         Err(ClientError::BothShareKinds(peer))
     );
-    c.on_unmask_request(&[peer], &[]).unwrap();
+    // ... or names fewer survivors than the threshold (3), which an honest
+    // server aborts on instead.
+    assert_eq!(
+        c.on_unmask_request(&senders[..2], &[]),
+        Err(ClientError::TooFewSurvivors { have: 2, needed: 3 })
+    );
+    c.on_unmask_request(&senders, &[]).unwrap();
     // ... or asks again with the other story.
     assert!(matches!(
         c.on_unmask_request(&[], &[peer]),
@@ -423,4 +435,175 @@ fn tampering_is_refused_with_specific_errors() {
     let c = clients.get_mut(&to).unwrap();
     c.on_peer_shares(shares).unwrap();
     assert_eq!(c.mask(&[f32::NAN; 8], 3, 8), Err(ClientError::NonFinite(0)));
+}
+
+/// What a deviating server could send to weaken one client's protection:
+/// each setup is refused before the client makes a key.
+#[test]
+fn a_setup_that_would_not_protect_the_client_is_refused() {
+    use super::client::SetupError;
+    let ids: Vec<u64> = (1..=7).collect();
+    let (_, setups) = SecAggServer::new(1, params(7, 4, 3, 32), &ids, 8, 5).unwrap();
+    let (id, honest) = setups[0].clone();
+    let mut rng = ChaCha20Rng::seed_from_u64(1);
+    assert!(SecAggClient::new(id, 1, &honest, &mut rng, None).is_ok());
+    let refused = |tamper: &dyn Fn(&mut SecAggSetup)| {
+        let mut setup = honest.clone();
+        tamper(&mut setup);
+        match SecAggClient::new(id, 1, &setup, &mut ChaCha20Rng::seed_from_u64(1), None) {
+            Err(ClientError::UnsafeSetup(why)) => why,
+            Err(other) => panic!("expected an unsafe setup, got {other}"),
+            Ok(_) => panic!("an unsafe setup was accepted: {setup:?}"),
+        }
+    };
+    // One share would open the secrets: a single colluding neighbour.
+    assert_eq!(
+        refused(&|s| s.params.threshold = 1),
+        SetupError::ThresholdBelowMinimum(1)
+    );
+    // Two halves of the neighbours could each meet the threshold.
+    assert_eq!(
+        refused(&|s| s.params.threshold = 2),
+        SetupError::ThresholdTooLow { t: 2, k: 4 }
+    );
+    assert_eq!(
+        refused(&|s| s.params.threshold = 5),
+        SetupError::ThresholdAboveNeighbours { t: 5, k: 4 }
+    );
+    assert_eq!(
+        refused(&|s| s.neighbours[0] = id),
+        SetupError::SelfNeighbour
+    );
+    let twice = honest.neighbours[1];
+    assert_eq!(
+        refused(&|s| s.neighbours[0] = twice),
+        SetupError::DuplicateNeighbour(twice)
+    );
+    assert!(matches!(
+        refused(&|s| s.params.bits = 8),
+        SetupError::Encoding(_)
+    ));
+}
+
+/// A server that forwards fewer shares than the threshold (none at all,
+/// say) would leave the input under its self mask alone, which the server
+/// can then reconstruct: the client sends no masked input.
+#[test]
+fn a_client_with_fewer_shares_than_the_threshold_sends_no_masked_input() {
+    let (mut server, mut clients, mut rng) = masked_client(6, 3);
+    share_all(&mut server, &mut clients, &mut rng);
+    let msgs: Vec<(u64, SecAgg)> = std::iter::from_fn(|| server.poll_transmit()).collect();
+    let (to, SecAgg::PeerShares { mut shares, .. }) = msgs[0].clone() else {
+        panic!("expected peer shares")
+    };
+    let c = clients.get_mut(&to).unwrap();
+    shares.truncate(2);
+    assert_eq!(
+        c.on_peer_shares(shares),
+        Err(ClientError::TooFewShares { have: 2, needed: 3 })
+    );
+    assert_eq!(
+        c.on_peer_shares(Vec::new()),
+        Err(ClientError::TooFewShares { have: 0, needed: 3 })
+    );
+    assert!(!c.ready_to_mask());
+    assert!(matches!(
+        c.mask(&[0.5; 8], 3, 8),
+        Err(ClientError::WrongStage { .. })
+    ));
+}
+
+/// The server forwards only well-formed shares, and only from a client
+/// that shared with every neighbour whose keys it was sent.
+#[test]
+fn malformed_or_partial_shares_are_refused_before_they_are_forwarded() {
+    let (mut server, mut clients, mut rng) = masked_client(6, 4);
+    let msgs: Vec<(u64, SecAgg)> = std::iter::from_fn(|| server.poll_transmit()).collect();
+    let mut shares_of = BTreeMap::new();
+    for (to, m) in msgs {
+        let SecAgg::PeerKeys { peers, .. } = m else {
+            panic!()
+        };
+        let s = clients
+            .get_mut(&to)
+            .unwrap()
+            .on_peer_keys(peers, &mut rng, None)
+            .unwrap();
+        shares_of.insert(to, s);
+    }
+    // A share of the wrong size is refused before it is forwarded.
+    let SecAgg::Shares { round, mut shares } = shares_of.remove(&2).unwrap() else {
+        panic!()
+    };
+    shares[1].ciphertext.push(0);
+    let err = server
+        .handle(2, SecAgg::Shares { round, shares })
+        .unwrap_err();
+    assert_eq!(err.code, ReasonCode::SecAggViolation);
+    assert!(err.detail.contains("81 bytes"), "{}", err.detail);
+    // Sharing with only some neighbours (still as many as the threshold)
+    // would leave the others masking with fewer peers: refused.
+    let SecAgg::Shares { round, mut shares } = shares_of.remove(&3).unwrap() else {
+        panic!()
+    };
+    shares.pop();
+    let err = server
+        .handle(3, SecAgg::Shares { round, shares })
+        .unwrap_err();
+    assert_eq!(err.code, ReasonCode::SecAggViolation);
+    assert!(
+        err.detail.contains("shared with 3 of its 4"),
+        "{}",
+        err.detail
+    );
+}
+
+/// A client that reveals a wrong share of a survivor's self-mask seed
+/// (which no public key can check) is caught by the extra shares, and the
+/// round aborts instead of unmasking a corrupted sum.
+#[test]
+fn a_wrong_revealed_share_is_detected_not_summed() {
+    let (mut server, mut clients, mut rng) = masked_client(6, 8);
+    share_all(&mut server, &mut clients, &mut rng);
+    let msgs: Vec<(u64, SecAgg)> = std::iter::from_fn(|| server.poll_transmit()).collect();
+    for (to, m) in msgs {
+        let SecAgg::PeerShares { shares, .. } = m else {
+            panic!("expected peer shares")
+        };
+        let c = clients.get_mut(&to).unwrap();
+        c.on_peer_shares(shares).unwrap();
+        let masked = c.mask(&[0.25; 8], 10, 8).unwrap();
+        server.handle(to, masked).unwrap();
+    }
+    server.advance().unwrap();
+    let msgs: Vec<(u64, SecAgg)> = std::iter::from_fn(|| server.poll_transmit()).collect();
+    for (i, (to, m)) in msgs.into_iter().enumerate() {
+        let SecAgg::UnmaskRequest {
+            survivors, dropped, ..
+        } = m
+        else {
+            panic!("expected an unmask request")
+        };
+        let mut reply = clients
+            .get_mut(&to)
+            .unwrap()
+            .on_unmask_request(&survivors, &dropped)
+            .unwrap();
+        if i == 0
+            && let SecAgg::UnmaskShares { self_mask, .. } = &mut reply
+        {
+            self_mask[0].share[0] ^= 1;
+        }
+        server.handle(to, reply).unwrap();
+    }
+    match server.advance() {
+        Err(Abort::Reconstruction { what, reason, .. }) => {
+            assert_eq!(what, "self-mask seed");
+            assert!(
+                reason.contains("does not lie on the polynomial"),
+                "{reason}"
+            );
+        }
+        other => panic!("expected a detected bad share, got {other:?}"),
+    }
 }

@@ -14,7 +14,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change to the messages or the frame layout.
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 
 /// Identifies a model architecture and its exact parameter layout.
 ///
@@ -471,6 +471,10 @@ pub enum ReasonCode {
     DataMismatch = 26,
     /// Anything else; see the detail text.
     Internal = 100,
+    /// Client → server: the client leaves the current round (it refuses
+    /// what the round asks, or saw a peer or the server break SecAgg+) and
+    /// stays in the run. Listed last: serde numbers variants in order.
+    LeftRound = 27,
 }
 
 /// Either side: a refusal with a reason code and a human-readable detail.
