@@ -85,15 +85,9 @@ pub fn split<R: CryptoRng + ?Sized>(
 /// Reconstructs the secret from at least `t` shares (extra shares are
 /// ignored; which ones are used does not matter for honest shares).
 pub fn combine(shares: &[Share], t: usize) -> Result<Scalar, ShamirError> {
-    if shares.len() < t || t == 0 {
-        return Err(ShamirError::TooFewShares {
-            needed: t.max(1),
-            have: shares.len(),
-        });
-    }
-    let used = &shares[..t];
+    let used = first(shares, t)?;
     check_xs(used.iter().map(|s| s.x))?;
-    Ok(interpolate(used, Scalar::ZERO))
+    Ok(Lagrange::through(used).at(Scalar::ZERO))
 }
 
 /// [`combine`], also checking that every share beyond the first `t` lies
@@ -101,35 +95,105 @@ pub fn combine(shares: &[Share], t: usize) -> Result<Scalar, ShamirError> {
 /// wrong one (a malicious holder's) is detected instead of silently giving
 /// a wrong secret.
 pub fn combine_checked(shares: &[Share], t: usize) -> Result<Scalar, ShamirError> {
-    let secret = combine(shares, t)?;
+    let used = first(shares, t)?;
     check_xs(shares.iter().map(|s| s.x))?;
-    let (used, extra) = shares.split_at(t);
-    match extra
-        .iter()
-        .find(|e| interpolate(used, Scalar::from(e.x)) != e.y)
-    {
+    // In coefficient form, each extra share costs t multiplications
+    // (Horner) instead of a Lagrange evaluation's t^2.
+    let coefficients = Lagrange::through(used).coefficients();
+    let at = |x: Scalar| {
+        coefficients
+            .iter()
+            .rev()
+            .fold(Scalar::ZERO, |y, c| y * x + c)
+    };
+    match shares[t..].iter().find(|e| at(Scalar::from(e.x)) != e.y) {
         Some(bad) => Err(ShamirError::Inconsistent { x: bad.x }),
-        None => Ok(secret),
+        None => Ok(coefficients[0]),
     }
 }
 
-/// The value at `x` of the polynomial through `points` (Lagrange):
-/// `sum_i y_i * prod_{j != i} (x - x_j) / (x_i - x_j)`.
-fn interpolate(points: &[Share], x: Scalar) -> Scalar {
-    let mut y = Scalar::ZERO;
-    for (i, si) in points.iter().enumerate() {
-        let xi = Scalar::from(si.x);
-        let (mut num, mut den) = (Scalar::ONE, Scalar::ONE);
-        for (j, sj) in points.iter().enumerate() {
-            if i != j {
-                let xj = Scalar::from(sj.x);
-                num *= x - xj;
-                den *= xi - xj;
+/// The first `t` shares, or why there are not enough.
+fn first(shares: &[Share], t: usize) -> Result<&[Share], ShamirError> {
+    if shares.len() < t || t == 0 {
+        return Err(ShamirError::TooFewShares {
+            needed: t.max(1),
+            have: shares.len(),
+        });
+    }
+    Ok(&shares[..t])
+}
+
+/// The polynomial through some points (distinct, nonzero x), in Lagrange
+/// form, with its denominators inverted once so that evaluating it at
+/// further points costs multiplications only.
+struct Lagrange<'a> {
+    points: &'a [Share],
+    /// `1 / prod_{j != i} (x_i - x_j)` for each point i.
+    inv_den: Vec<Scalar>,
+}
+
+impl<'a> Lagrange<'a> {
+    fn through(points: &'a [Share]) -> Self {
+        let inv_den = points
+            .iter()
+            .enumerate()
+            .map(|(i, si)| {
+                let xi = Scalar::from(si.x);
+                points
+                    .iter()
+                    .enumerate()
+                    .filter(|&(j, _)| j != i)
+                    .fold(Scalar::ONE, |d, (_, sj)| d * (xi - Scalar::from(sj.x)))
+                    .invert()
+            })
+            .collect();
+        Self { points, inv_den }
+    }
+
+    /// The coefficients, lowest degree first: with `M(x) = prod_j (x - x_j)`,
+    /// each basis polynomial is `M(x) / (x - x_i)` (synthetic division) times
+    /// its inverted denominator.
+    fn coefficients(&self) -> Vec<Scalar> {
+        let t = self.points.len();
+        let mut master = vec![Scalar::ZERO; t + 1];
+        master[0] = Scalar::ONE;
+        for (k, p) in self.points.iter().enumerate() {
+            let xj = Scalar::from(p.x);
+            for d in (1..=k + 1).rev() {
+                master[d] = master[d - 1] - xj * master[d];
+            }
+            master[0] = -xj * master[0];
+        }
+        let mut out = vec![Scalar::ZERO; t];
+        let mut basis = vec![Scalar::ZERO; t];
+        for (si, inv) in self.points.iter().zip(&self.inv_den) {
+            let xi = Scalar::from(si.x);
+            basis[t - 1] = master[t];
+            for d in (1..t).rev() {
+                basis[d - 1] = master[d] + xi * basis[d];
+            }
+            let scale = si.y * inv;
+            for (o, b) in out.iter_mut().zip(&basis) {
+                *o += scale * b;
             }
         }
-        y += si.y * num * den.invert();
+        out
     }
-    y
+
+    /// `sum_i y_i * prod_{j != i} (x - x_j) / (x_i - x_j)`.
+    fn at(&self, x: Scalar) -> Scalar {
+        let mut y = Scalar::ZERO;
+        for (i, (si, inv)) in self.points.iter().zip(&self.inv_den).enumerate() {
+            let num = self
+                .points
+                .iter()
+                .enumerate()
+                .filter(|&(j, _)| j != i)
+                .fold(Scalar::ONE, |n, (_, sj)| n * (x - Scalar::from(sj.x)));
+            y += si.y * num * inv;
+        }
+        y
+    }
 }
 
 fn check_xs(xs: impl Iterator<Item = u64>) -> Result<(), ShamirError> {
