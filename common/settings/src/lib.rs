@@ -28,7 +28,8 @@ use fedveil_proto::round::CoordinatorConfig;
 use fedveil_proto::round::server::DEFAULT_MAX_BUFFERED_VALUES;
 use fedveil_proto::round::server::{
     DEFAULT_MAX_CLIENTS, DEFAULT_MAX_EXAMPLES_PER_UPDATE, DEFAULT_MAX_FAILED_ROUNDS,
-    DEFAULT_ROUND_TIMEOUT, DEFAULT_SECAGG_STAGE_TIMEOUT, MIN_SECAGG_COHORT, SecAggConfig,
+    DEFAULT_MAX_REFUSALS_PER_ROUND, DEFAULT_ROUND_TIMEOUT, DEFAULT_SECAGG_STAGE_TIMEOUT,
+    MIN_SECAGG_COHORT, SecAggConfig,
 };
 use fedveil_proto::secagg::{
     DEFAULT_BITS, DEFAULT_CLIP, DEFAULT_EXPECTED_DROPOUT, DEFAULT_MAX_WEIGHT,
@@ -327,6 +328,10 @@ pub struct Settings {
     /// The run stops after this many failed rounds.
     #[arg(long, required = false, help_heading = "Rounds")]
     pub max_failed_rounds: u64,
+    /// Refusals a client may draw in one round; the last closes its
+    /// connection.
+    #[arg(long, required = false, help_heading = "Rounds")]
+    pub max_refusals_per_round: u32,
     /// Most clients admitted at once.
     #[arg(long, required = false, help_heading = "Rounds")]
     pub max_clients: usize,
@@ -494,6 +499,7 @@ impl Default for Settings {
             fraction: 1.0,
             round_timeout: DEFAULT_ROUND_TIMEOUT.as_secs_f64(),
             max_failed_rounds: DEFAULT_MAX_FAILED_ROUNDS,
+            max_refusals_per_round: DEFAULT_MAX_REFUSALS_PER_ROUND,
             max_clients: DEFAULT_MAX_CLIENTS,
             max_examples_per_update: DEFAULT_MAX_EXAMPLES_PER_UPDATE,
             seed: 0,
@@ -759,6 +765,7 @@ impl Settings {
             secagg: self
                 .secagg_config(population.secagg_max_weight, population.expected_dropout)?,
             max_failed_rounds: self.max_failed_rounds,
+            max_refusals_per_round: self.max_refusals_per_round,
             aggregation: self.aggregation()?,
             server_optimizer: self.server_optimizer()?,
             max_buffered_values: self.max_buffered_values,
@@ -778,6 +785,7 @@ impl Settings {
             "train_limit",
             "round_timeout",
             "max_failed_rounds",
+            "max_refusals_per_round",
             "max_clients",
             "max_examples_per_update",
             "max_buffered_values",

@@ -46,6 +46,9 @@ pub const DEFAULT_MAX_CLIENTS: usize = 10_000;
 pub const DEFAULT_MAX_EXAMPLES_PER_UPDATE: u64 = 10_000_000;
 /// Default number of failed rounds after which the run gives up.
 pub const DEFAULT_MAX_FAILED_ROUNDS: u64 = 10;
+/// Refusals an admitted client may draw in one round; the last one closes
+/// its connection, so a node that keeps sending junk stops costing work.
+pub const DEFAULT_MAX_REFUSALS_PER_ROUND: u32 = 3;
 /// Smallest cohort secure aggregation runs with.
 pub const MIN_SECAGG_COHORT: usize = 3;
 /// Default time for each secure-aggregation stage other than training.
@@ -134,6 +137,9 @@ pub struct CoordinatorConfig {
     /// The run ends after this many failed rounds (no valid update, or a
     /// secure-aggregation abort), so a broken setup does not loop forever.
     pub max_failed_rounds: u64,
+    /// Refusals an admitted client may draw in one round before its
+    /// connection is closed (it may connect again).
+    pub max_refusals_per_round: u32,
     /// Differential privacy: cohorts are then Poisson-sampled (each client
     /// independently with probability `fraction`, from OS randomness),
     /// updates unweighted, and every round charged to the privacy ledger.
@@ -163,6 +169,7 @@ impl Default for CoordinatorConfig {
             round: RoundConfig::default(),
             secagg: None,
             max_failed_rounds: DEFAULT_MAX_FAILED_ROUNDS,
+            max_refusals_per_round: DEFAULT_MAX_REFUSALS_PER_ROUND,
             dp: None,
             aggregation: AggregationRule::Mean,
             server_optimizer: ServerOptimizerConfig::default(),
@@ -181,6 +188,11 @@ impl CoordinatorConfig {
         self.check_strategy(self.aggregation.name(), self.aggregation.input())?;
         if self.min_clients == 0 {
             return Err(ConfigError("min_clients must be at least 1".into()));
+        }
+        if self.max_refusals_per_round == 0 {
+            return Err(ConfigError(
+                "max_refusals_per_round must be at least 1".into(),
+            ));
         }
         if !(self.fraction > 0.0 && self.fraction <= 1.0) {
             return Err(ConfigError(format!(
@@ -412,6 +424,8 @@ struct ClientEntry {
     node_name: Option<String>,
     /// The enrolled identity the transport authenticated, if any.
     identity: Option<PeerIdentity>,
+    /// Refusals drawn in the current round.
+    refusals: u32,
 }
 
 /// Who a connection is, as mutual TLS proved it: the node name from its
@@ -956,6 +970,7 @@ impl Coordinator {
             ClientEntry {
                 node_name: None,
                 identity,
+                refusals: 0,
             },
         );
         id
@@ -1657,6 +1672,9 @@ impl Coordinator {
                 Some(sa) if secure => sa.stage_timeout,
                 _ => self.cfg.round_timeout,
             };
+        for entry in self.clients.values_mut() {
+            entry.refusals = 0;
+        }
         self.events.push_back(Event::RoundStarted {
             round,
             cohort: cohort.clone(),
@@ -1881,8 +1899,24 @@ impl Coordinator {
         });
     }
 
-    fn refuse(&mut self, id: ClientId, code: ReasonCode, detail: String, close: bool) {
-        tracing::warn!(client = id, ?code, %detail, "refused");
+    /// Tells `id` why its message was refused (the driver logs the
+    /// `Rejected` event, once). An admitted client's last allowed refusal
+    /// in a round also closes its connection.
+    fn refuse(&mut self, id: ClientId, code: ReasonCode, mut detail: String, mut close: bool) {
+        let limit = self.cfg.max_refusals_per_round;
+        if !close
+            && let Some(entry) = self.clients.get_mut(&id)
+            && entry.node_name.is_some()
+        {
+            entry.refusals += 1;
+            if entry.refusals >= limit {
+                close = true;
+                detail.push_str(&format!(
+                    " (refusal {} this round: closing the connection)",
+                    entry.refusals
+                ));
+            }
+        }
         self.transmits.push_back(Transmit {
             to: id,
             message: Arc::new(Message::error(code, detail.clone())),

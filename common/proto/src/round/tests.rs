@@ -2028,3 +2028,42 @@ fn a_round_config_out_of_range_is_refused_round_by_round() {
         Some(ClientEvent::Train { round: 7, .. })
     ));
 }
+
+/// A client that keeps sending what is refused loses its connection at its
+/// last allowed refusal of the round (`max_refusals_per_round`), not
+/// before; the count starts afresh each round.
+#[test]
+fn a_client_refused_too_often_in_a_round_is_disconnected() {
+    let mut config = cfg(3, 2, 1.0);
+    config.max_refusals_per_round = 3;
+    let mut h = Harness::new(config, 2);
+    let junk = |round| {
+        Message::Update(Update {
+            round,
+            num_examples: 1,
+            train_loss: 0.0,
+            delta: vec![0.0; D + 1],
+        })
+    };
+    let trains = settle(&mut h);
+    let a = trains[0].0;
+    // Round 1: two refusals (the first drops it from the round), and the
+    // other client completes the round.
+    h.send_raw(a, junk(trains[0].1));
+    h.send_raw(a, junk(trains[0].1));
+    let (b, round, _) = trains[1].clone();
+    h.submit(b, round, vec![0.1; D], 10);
+    settle(&mut h);
+    assert_eq!(h.completed().len(), 1);
+    assert!(h.closed.is_empty(), "two refusals are tolerated");
+    // Round 2: the count restarted, so two more are tolerated too.
+    h.server.start_next_round(h.now);
+    h.pump();
+    let round = 2;
+    h.send_raw(a, junk(round));
+    h.send_raw(a, junk(round));
+    assert!(h.closed.is_empty(), "the count starts afresh each round");
+    h.send_raw(a, junk(round));
+    assert_eq!(h.closed, vec![a], "the third in one round closes it");
+    assert_eq!(h.errors_to.len(), 5, "each refusal is sent once");
+}
