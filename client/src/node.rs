@@ -144,16 +144,33 @@ impl Node {
         )
         .await
         .map_err(NodeError::Enrolment)?;
-        Ok(Self {
+        Ok(Self::with(
             identity,
-            server: invitation.server.clone(),
+            invitation.server.clone(),
+            addr,
+            server_name,
+            endpoint,
+        ))
+    }
+
+    /// A node with default renewal and retry settings, kept in memory.
+    fn with(
+        identity: NodeIdentity,
+        server: String,
+        addr: SocketAddr,
+        server_name: String,
+        endpoint: quinn::Endpoint,
+    ) -> Self {
+        Self {
+            identity,
+            server,
             addr,
             server_name,
             dir: None,
             endpoint,
             renew_before: None,
             connect_attempts: DEFAULT_CONNECT_ATTEMPTS,
-        })
+        }
     }
 
     /// Enrols with `invitation` and saves the identity (key mode 0600) and
@@ -207,16 +224,9 @@ impl Node {
             }
         };
         let (addr, server_name) = resolve(&server).await?;
-        Ok(Self {
-            identity,
-            server,
-            addr,
-            server_name,
-            dir: Some(dir.to_owned()),
-            endpoint: endpoint_for(addr)?,
-            renew_before: None,
-            connect_attempts: DEFAULT_CONNECT_ATTEMPTS,
-        })
+        let mut node = Self::with(identity, server, addr, server_name, endpoint_for(addr)?);
+        node.dir = Some(dir.to_owned());
+        Ok(node)
     }
 
     /// [`Self::open`] if `dir` holds an identity, else

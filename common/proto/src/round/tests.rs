@@ -1025,8 +1025,9 @@ fn distributed_dp_aborts_before_unmasking_too_few_contributors() {
     assert_eq!(h.server.global_model(), &[0.0; D], "model unchanged");
 }
 
-#[test]
-fn client_refuses_distributed_dp_without_secure_aggregation() {
+/// A client session the server has admitted as client 1, its hello sent
+/// and its admission event taken.
+fn welcomed_session() -> ClientSession {
     let mut c = ClientSession::new("n", spec(), 10, rng());
     c.poll_transmit();
     c.handle_message(Message::Welcome(crate::wire::Welcome {
@@ -1035,6 +1036,13 @@ fn client_refuses_distributed_dp_without_secure_aggregation() {
         model: spec(),
     }))
     .unwrap();
+    c.poll_event();
+    c
+}
+
+#[test]
+fn client_refuses_distributed_dp_without_secure_aggregation() {
+    let mut c = welcomed_session();
     let plan = dp_plan(Mechanism::Distributed, 1.0, 5, 1.0, 1, None, None);
     let mut config = cfg(1, 1, 1.0).round;
     config.dp = Some(plan.round.clone());
@@ -1078,15 +1086,7 @@ fn client_refuses_distributed_dp_without_secure_aggregation() {
 fn a_round_level_fault_leaves_the_round_and_the_run_goes_on() {
     use crate::secagg::client::{ClientError as SecAggError, SetupError};
     use crate::wire::{SecAgg, SecAggParams, SecAggSetup};
-    let mut c = ClientSession::new("n", spec(), 10, rng());
-    c.poll_transmit();
-    c.handle_message(Message::Welcome(crate::wire::Welcome {
-        version: crate::wire::PROTOCOL_VERSION,
-        client_id: 1,
-        model: spec(),
-    }))
-    .unwrap();
-    c.poll_event();
+    let mut c = welcomed_session();
     let mut config = cfg(1, 1, 1.0).round;
     config.secure_aggregation = true;
     let start = |round, config| {
@@ -1925,15 +1925,7 @@ fn a_round_config_out_of_range_is_refused_round_by_round() {
     use super::client::RoundConfigError;
     use crate::dp::DpRoundError;
     use crate::wire::{SecAgg, SecAggParams, SecAggSetup};
-    let mut c = ClientSession::new("n", spec(), 10, rng());
-    c.poll_transmit();
-    c.handle_message(Message::Welcome(crate::wire::Welcome {
-        version: crate::wire::PROTOCOL_VERSION,
-        client_id: 1,
-        model: spec(),
-    }))
-    .unwrap();
-    c.poll_event();
+    let mut c = welcomed_session();
     let start = |round, config| {
         Message::RoundStart(crate::wire::RoundStart {
             round,

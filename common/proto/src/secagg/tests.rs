@@ -257,23 +257,37 @@ fn masked_client(n: usize, seed: u64) -> (SecAggServer, BTreeMap<u64, SecAggClie
     (server, clients, rng)
 }
 
+/// Every client answers the peer keys the server sent it; their shares,
+/// by sender, not yet delivered.
+fn answer_peer_keys(
+    server: &mut SecAggServer,
+    clients: &mut BTreeMap<u64, SecAggClient>,
+    rng: &mut ChaCha20Rng,
+) -> BTreeMap<u64, SecAgg> {
+    let msgs: Vec<(u64, SecAgg)> = std::iter::from_fn(|| server.poll_transmit()).collect();
+    msgs.into_iter()
+        .map(|(to, m)| {
+            let SecAgg::PeerKeys { peers, .. } = m else {
+                panic!("expected peer keys")
+            };
+            let shares = clients
+                .get_mut(&to)
+                .unwrap()
+                .on_peer_keys(peers, rng, None)
+                .unwrap();
+            (to, shares)
+        })
+        .collect()
+}
+
 /// Every client answers its peer keys with shares; the server moves on.
 fn share_all(
     server: &mut SecAggServer,
     clients: &mut BTreeMap<u64, SecAggClient>,
     rng: &mut ChaCha20Rng,
 ) {
-    let msgs: Vec<(u64, SecAgg)> = std::iter::from_fn(|| server.poll_transmit()).collect();
-    for (to, m) in msgs {
-        let SecAgg::PeerKeys { peers, .. } = m else {
-            panic!("expected peer keys")
-        };
-        let shares = clients
-            .get_mut(&to)
-            .unwrap()
-            .on_peer_keys(peers, rng, None)
-            .unwrap();
-        server.handle(to, shares).unwrap();
+    for (from, shares) in answer_peer_keys(server, clients, rng) {
+        server.handle(from, shares).unwrap();
     }
     server.advance().unwrap();
 }
@@ -358,22 +372,7 @@ fn tampering_is_refused_with_specific_errors() {
         )
         .unwrap_err();
     assert_eq!(err.code, ReasonCode::StaleRound);
-    let mut msgs = Vec::new();
-    while let Some(m) = server.poll_transmit() {
-        msgs.push(m);
-    }
-    let mut shares_of = BTreeMap::new();
-    for (to, m) in msgs {
-        let SecAgg::PeerKeys { peers, .. } = m else {
-            panic!()
-        };
-        let s = clients
-            .get_mut(&to)
-            .unwrap()
-            .on_peer_keys(peers, &mut rng, None)
-            .unwrap();
-        shares_of.insert(to, s);
-    }
+    let mut shares_of = answer_peer_keys(&mut server, &mut clients, &mut rng);
     // A share for a peer that is not a neighbour.
     let SecAgg::Shares { round, mut shares } = shares_of.remove(&1).unwrap() else {
         panic!()
@@ -518,19 +517,7 @@ fn a_client_with_fewer_shares_than_the_threshold_sends_no_masked_input() {
 #[test]
 fn malformed_or_partial_shares_are_refused_before_they_are_forwarded() {
     let (mut server, mut clients, mut rng) = masked_client(6, 4);
-    let msgs: Vec<(u64, SecAgg)> = std::iter::from_fn(|| server.poll_transmit()).collect();
-    let mut shares_of = BTreeMap::new();
-    for (to, m) in msgs {
-        let SecAgg::PeerKeys { peers, .. } = m else {
-            panic!()
-        };
-        let s = clients
-            .get_mut(&to)
-            .unwrap()
-            .on_peer_keys(peers, &mut rng, None)
-            .unwrap();
-        shares_of.insert(to, s);
-    }
+    let mut shares_of = answer_peer_keys(&mut server, &mut clients, &mut rng);
     // A share of the wrong size is refused before it is forwarded.
     let SecAgg::Shares { round, mut shares } = shares_of.remove(&2).unwrap() else {
         panic!()
