@@ -49,6 +49,18 @@ pub struct ClientOptions {
     /// `None`, as on every real node, draws them from the operating system;
     /// simulations set it so that a seed reproduces a run.
     pub session_seed: Option<u64>,
+    /// The node's own privacy policy and ledger (every enrolled node has
+    /// one; `None` holds rounds to nothing and keeps no ledger).
+    pub privacy: Option<NodePrivacy>,
+}
+
+/// A node's privacy policy and the ledger it is held to.
+#[derive(Debug, Clone)]
+pub struct NodePrivacy {
+    /// What every round must promise.
+    pub policy: fedveil_proto::round::policy::NodePolicy,
+    /// What the node has spent, over all its runs.
+    pub ledger: crate::ledger::SharedLedger,
 }
 
 /// Fault injection for simulations: decides, before each message this node
@@ -89,6 +101,7 @@ impl ClientOptions {
             attestor: None,
             faults: None,
             session_seed: None,
+            privacy: None,
         }
     }
 
@@ -243,6 +256,10 @@ pub async fn run(
     if let Some(attestor) = &opts.attestor {
         session = session.with_attestor(Arc::clone(attestor));
     }
+    if let Some(p) = &opts.privacy {
+        let store = Box::new(p.ledger.clone());
+        session = session.with_privacy_policy(p.policy.clone(), p.ledger.current(), store);
+    }
     let mut report = ClientReport {
         client_id: None,
         rounds_trained: 0,
@@ -308,6 +325,9 @@ pub async fn run(
                     }
                     ClientEvent::RoundLeft { round, reason } => {
                         tracing::warn!(node = %opts.node_name, round, %reason, "left the round; staying in the run");
+                    }
+                    ClientEvent::PrivacySpent { round, epsilon, unprotected_rounds } => {
+                        tracing::info!(node = %opts.node_name, round, epsilon, unprotected_rounds, "node ledger charged");
                     }
                     ClientEvent::ServerError { code, detail } => {
                         tracing::warn!(node = %opts.node_name, ?code, %detail, "server refused a message");

@@ -9,6 +9,7 @@ use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use fedveil_client::{Node, Trainer};
 use fedveil_ml::data::{Partition, Shard};
 use fedveil_net::pki::{self, Invitation};
+use fedveil_proto::round::policy::NodePolicy;
 use fedveil_settings::{DataSettings, Layered, SettingsFile};
 
 #[derive(Parser)]
@@ -30,6 +31,63 @@ enum Command {
     Run(RunArgs),
     /// Replace this node's key and certificate now.
     Renew(NodeArgs),
+    /// Show what this node has spent (its own privacy ledger) and the
+    /// policy it holds rounds to.
+    Ledger(LedgerArgs),
+}
+
+#[derive(Args)]
+struct LedgerArgs {
+    /// The node directory.
+    #[arg(long)]
+    dir: PathBuf,
+    #[command(flatten)]
+    policy: PolicyArgs,
+}
+
+/// The node's privacy policy: each flag overrides the same key of the
+/// `[privacy]` table in the node's client.toml.
+#[derive(Args)]
+struct PolicyArgs {
+    /// Send updates only through secure aggregation.
+    #[arg(long)]
+    require_secure_aggregation: bool,
+    /// Send updates only under this DP mechanism: local or distributed
+    /// (noise the node adds itself).
+    #[arg(long, value_name = "MECHANISM")]
+    require_dp: Option<fedveil_proto::dp::Mechanism>,
+    /// The least noise multiplier a round may give this node, as its own
+    /// ledger counts it.
+    #[arg(long, value_name = "Z")]
+    min_noise_multiplier: Option<f64>,
+    /// The most epsilon this node spends, over all runs and servers.
+    #[arg(long, value_name = "EPSILON")]
+    max_epsilon: Option<f64>,
+    /// The delta the node's ledger reports epsilon at [default: 1e-5].
+    #[arg(long, value_name = "DELTA")]
+    privacy_delta: Option<f64>,
+    /// The fewest clients whose inputs may be unmasked together with this
+    /// node's.
+    #[arg(long, value_name = "N")]
+    min_cohort: Option<u32>,
+    /// The least secure-aggregation threshold accepted.
+    #[arg(long, value_name = "T")]
+    min_threshold: Option<u32>,
+}
+
+impl PolicyArgs {
+    /// `policy` with these flags applied over it.
+    fn over(&self, mut policy: NodePolicy) -> NodePolicy {
+        policy.require_secure_aggregation |= self.require_secure_aggregation;
+        let or = |flag: Option<f64>, file: Option<f64>| flag.or(file);
+        policy.require_dp = self.require_dp.or(policy.require_dp);
+        policy.min_noise_multiplier = or(self.min_noise_multiplier, policy.min_noise_multiplier);
+        policy.max_epsilon = or(self.max_epsilon, policy.max_epsilon);
+        policy.delta = self.privacy_delta.unwrap_or(policy.delta);
+        policy.min_cohort = self.min_cohort.or(policy.min_cohort);
+        policy.min_threshold = self.min_threshold.or(policy.min_threshold);
+        policy
+    }
 }
 
 #[derive(Args)]
@@ -89,6 +147,8 @@ struct RunArgs {
     /// to 30 s, with jitter).
     #[arg(long, default_value_t = fedveil_client::driver::DEFAULT_CONNECT_ATTEMPTS)]
     connect_attempts: u32,
+    #[command(flatten)]
+    policy: PolicyArgs,
 }
 
 /// The command line: the derived commands, with the data settings shared
@@ -116,7 +176,26 @@ fn main() -> Result<()> {
             runtime.block_on(run(args, data_settings))
         }
         Command::Renew(args) => runtime.block_on(renew(args)),
+        Command::Ledger(args) => runtime.block_on(ledger(args)),
     }
+}
+
+async fn ledger(args: LedgerArgs) -> Result<()> {
+    // Any reachable address will do: nothing is sent.
+    let node = Node::open_at(&args.dir, Some("127.0.0.1:1")).await?;
+    let saved = node.policy().clone();
+    let node = node.privacy_policy(args.policy.over(saved))?;
+    let ledger = node.ledger();
+    println!(
+        "{}: epsilon {:.4} at delta {:e} over {} rounds with noise of its own; {} rounds sent without it",
+        node.name(),
+        ledger.epsilon(),
+        ledger.privacy.delta,
+        ledger.privacy.rounds_charged(),
+        ledger.unprotected_rounds,
+    );
+    println!("policy: {}", serde_json::to_string(node.policy())?);
+    Ok(())
 }
 
 async fn enroll(args: EnrollArgs) -> Result<()> {
@@ -159,6 +238,9 @@ async fn run(args: RunArgs, data_settings: DataSettings) -> Result<()> {
     let mut node = Node::open_at(&args.node.dir, args.node.server.as_deref())
         .await?
         .connect_attempts(args.connect_attempts);
+    let saved = node.policy().clone();
+    node = node.privacy_policy(args.policy.over(saved))?;
+    tracing::info!(policy = %serde_json::to_string(node.policy())?, epsilon = node.ledger().epsilon(), "privacy policy");
     if let Some(lead) = args.renew_before {
         node = node.renew_before(lead);
     }

@@ -32,8 +32,13 @@ use fedveil_net::pki::{self, Invitation, NodeIdentity, PkiError};
 use fedveil_net::quic::{self, NetError};
 use serde::{Deserialize, Serialize};
 
-use crate::driver::{ClientError, ClientOptions, ClientReport, DEFAULT_CONNECT_ATTEMPTS};
+use fedveil_proto::round::policy::{NodeLedger, NodePolicy, PolicyError};
+
+use crate::driver::{
+    ClientError, ClientOptions, ClientReport, DEFAULT_CONNECT_ATTEMPTS, NodePrivacy,
+};
 use crate::enrol::{self, EnrolmentError};
+use crate::ledger::{LEDGER_FILE, LedgerError, SharedLedger};
 
 /// Settings saved at enrolment next to the identity.
 pub const NODE_SETTINGS_FILE: &str = "client.toml";
@@ -91,6 +96,12 @@ pub enum NodeError {
     /// Renewal failed.
     #[error("certificate renewal failed: {0}")]
     Renewal(EnrolmentError),
+    /// The node's privacy policy cannot be enforced as written.
+    #[error("privacy policy: {0}")]
+    Policy(#[from] PolicyError),
+    /// The node's privacy ledger cannot be used.
+    #[error("privacy ledger: {0}")]
+    Ledger(#[from] LedgerError),
     /// A key or certificate could not be used or saved.
     #[error(transparent)]
     Pki(#[from] PkiError),
@@ -103,9 +114,22 @@ pub enum NodeError {
 }
 
 #[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct NodeSettings {
     /// HOST:PORT of the server this node enrolled with.
     server: String,
+    /// The node's own privacy policy (`[privacy]`).
+    #[serde(default, skip_serializing_if = "is_default")]
+    privacy: NodePolicy,
+    /// The node's privacy ledger, relative to the node directory [default:
+    /// `privacy-ledger.json` there]. Nodes of one site enrolled with
+    /// several servers name one file, so that one budget covers them all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ledger: Option<PathBuf>,
+}
+
+fn is_default(policy: &NodePolicy) -> bool {
+    *policy == NodePolicy::default()
 }
 
 /// An enrolled node; see the [module docs](self).
@@ -122,6 +146,9 @@ pub struct Node {
     endpoint: quinn::Endpoint,
     renew_before: Option<Duration>,
     connect_attempts: u32,
+    privacy: NodePrivacy,
+    /// Where the ledger is kept (nodes with a directory).
+    ledger_path: Option<PathBuf>,
 }
 
 impl Node {
@@ -170,6 +197,11 @@ impl Node {
             endpoint,
             renew_before: None,
             connect_attempts: DEFAULT_CONNECT_ATTEMPTS,
+            privacy: NodePrivacy {
+                policy: NodePolicy::default(),
+                ledger: SharedLedger::in_memory(&NodePolicy::default()),
+            },
+            ledger_path: None,
         }
     }
 
@@ -187,11 +219,15 @@ impl Node {
         node.identity.save(dir)?;
         let settings = toml::to_string(&NodeSettings {
             server: node.server.clone(),
+            privacy: NodePolicy::default(),
+            ledger: None,
         })
         .expect("node settings serialize");
         let path = dir.join(NODE_SETTINGS_FILE);
         pki::write_atomic(&path, settings.as_bytes(), false)?;
         node.dir = Some(dir.to_owned());
+        node.ledger_path = Some(dir.join(LEDGER_FILE));
+        node.set_policy(NodePolicy::default())?;
         Ok(node)
     }
 
@@ -209,23 +245,32 @@ impl Node {
             dir: dir.to_owned(),
             source,
         })?;
-        let server = match server {
-            Some(s) => s.to_owned(),
-            None => {
-                let path = dir.join(NODE_SETTINGS_FILE);
-                let settings = |detail: String| NodeError::Settings {
-                    path: path.clone(),
-                    detail,
-                };
-                let text = std::fs::read_to_string(&path).map_err(|e| settings(e.to_string()))?;
-                toml::from_str::<NodeSettings>(&text)
-                    .map_err(|e| settings(e.to_string()))?
-                    .server
+        let path = dir.join(NODE_SETTINGS_FILE);
+        let settings = |detail: String| NodeError::Settings {
+            path: path.clone(),
+            detail,
+        };
+        let saved = match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                Some(toml::from_str::<NodeSettings>(&text).map_err(|e| settings(e.to_string()))?)
             }
+            Err(e) if server.is_some() && e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(settings(e.to_string())),
+        };
+        let (saved_server, policy, ledger) = match saved {
+            Some(s) => (Some(s.server), s.privacy, s.ledger),
+            None => (None, NodePolicy::default(), None),
+        };
+        let server = match (server, saved_server) {
+            (Some(s), _) => s.to_owned(),
+            (None, Some(s)) => s,
+            (None, None) => unreachable!("a missing settings file without --server is an error"),
         };
         let (addr, server_name) = resolve(&server).await?;
         let mut node = Self::with(identity, server, addr, server_name, endpoint_for(addr)?);
         node.dir = Some(dir.to_owned());
+        node.ledger_path = Some(dir.join(ledger.unwrap_or_else(|| LEDGER_FILE.into())));
+        node.set_policy(policy)?;
         Ok(node)
     }
 
@@ -257,6 +302,40 @@ impl Node {
         self
     }
 
+    /// Holds every round to `policy` from now on (instead of the
+    /// `[privacy]` table of the node's settings file). The node's ledger
+    /// stays the one in its directory, kept over all runs and servers.
+    pub fn privacy_policy(mut self, policy: NodePolicy) -> Result<Self, NodeError> {
+        self.set_policy(policy)?;
+        Ok(self)
+    }
+
+    fn set_policy(&mut self, policy: NodePolicy) -> Result<(), NodeError> {
+        policy.validate()?;
+        self.privacy.ledger = match &self.ledger_path {
+            Some(path) => SharedLedger::open(path, &policy)?,
+            None => {
+                let current = self.privacy.ledger.current();
+                current
+                    .check_against(&policy)
+                    .map(|()| self.privacy.ledger.clone())
+                    .unwrap_or_else(|_| SharedLedger::in_memory(&policy))
+            }
+        };
+        self.privacy.policy = policy;
+        Ok(())
+    }
+
+    /// The privacy policy every round is held to.
+    pub fn policy(&self) -> &NodePolicy {
+        &self.privacy.policy
+    }
+
+    /// What this node has spent, over all its runs.
+    pub fn ledger(&self) -> NodeLedger {
+        self.privacy.ledger.current()
+    }
+
     /// The node's name, from its certificate.
     pub fn name(&self) -> &str {
         self.identity.name()
@@ -277,6 +356,7 @@ impl Node {
     pub fn options(&self) -> Result<ClientOptions, NodeError> {
         let mut opts = ClientOptions::enrolled(self.addr, &self.server_name, &self.identity)?;
         opts.retry.attempts = self.connect_attempts;
+        opts.privacy = Some(self.privacy.clone());
         Ok(opts)
     }
 

@@ -106,8 +106,8 @@ impl Observer for ProgressObserver {
             }
             Event::UpdateAccepted { .. } => s.done += 1,
             Event::SecAggStage { stage, pending, .. } => {
-                // Whoever the unmasking stage waits on sent a masked input.
-                if *stage == Stage::Unmask {
+                // Whoever the consistency check waits on sent a masked input.
+                if *stage == Stage::ConsistencyCheck {
                     s.done = *pending;
                 }
                 s.stage = Some(format!(
@@ -219,6 +219,11 @@ mod tests {
             pending: 5,
         });
         obs.on_event(&Event::Left { id: 5 });
+        obs.on_event(&Event::SecAggStage {
+            round: 2,
+            stage: Stage::ConsistencyCheck,
+            pending: 4,
+        });
         obs.on_event(&Event::SecAggStage {
             round: 2,
             stage: Stage::Unmask,

@@ -111,3 +111,125 @@ async fn a_durable_server_completes_once_and_refuses_changed_settings() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A private server: SecAgg+ with local DP at noise multiplier 2, for
+/// three nodes; its identity in `dir`, its state under run name `run`.
+fn private_server(dir: &std::path::Path, run: &str, rounds: u64) -> ServerBuilder {
+    let settings = Settings {
+        rounds,
+        secagg: true,
+        dp: Some(fedveil_proto::dp::Mechanism::Local),
+        noise_multiplier: Some(2.0),
+        // Small updates, so that three nodes' local noise cannot blow the
+        // model up.
+        clip_norm: 0.01,
+        fraction: 1.0,
+        max_failed_rounds: 1,
+        lr: 0.1,
+        seed: 1,
+        ..Settings::default()
+    };
+    Server::builder(settings)
+        .model(builtin("cnn").unwrap(), Arc::clone(&synthetic().test))
+        .min_clients(3)
+        .identity_dir(dir.join("server"))
+        .state(dir.join("server/state.db"), run)
+        .listen("127.0.0.1:0".parse().unwrap())
+}
+
+/// A node holds every server to the policy in its own client.toml, and
+/// what it spends is kept in its directory across runs: a server in the
+/// clear gets nothing from it; a new run name restarts the server's
+/// ledger, never the node's, which stops the node at its own budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_holds_every_server_to_its_own_policy_and_budget() {
+    use fedveil_proto::dp::{DpRound, rdp::gaussian_epsilon};
+    use fedveil_proto::round::policy::{NodeLedger, round_cost};
+    let dir = temp_dir("policy");
+    let split = synthetic();
+    let home = dir.join("clinic");
+    // What three rounds of the private server cost the node: its noise
+    // multiplier of 2, unamplified.
+    let round = DpRound::Local {
+        clip_norm: 0.01,
+        noise_std: 2.0 * 2.0 * 0.01,
+    };
+    let cost = round_cost(Some(&round), None, 1).unwrap();
+    let mut expected = NodeLedger::new(1e-5);
+    for r in 1..=3 {
+        expected.record(r, &cost);
+    }
+    let three_rounds = expected.epsilon();
+    let reference = gaussian_epsilon(1.0, 2.0, 3, 1e-5).unwrap();
+    assert!((three_rounds - reference).abs() < 0.02 * reference);
+
+    // Enrolled with a plaintext server, which it refuses by policy.
+    let clear = ward_server(&dir.join("clear"), 1).build().unwrap();
+    let invitation = clear.invite("clinic").unwrap();
+    let running = tokio::spawn(clear.run(std::future::pending()));
+    Node::enrol_into(&home, &invitation).await.unwrap();
+    let settings = std::fs::read_to_string(home.join("client.toml")).unwrap();
+    std::fs::write(
+        home.join("client.toml"),
+        format!(
+            "{settings}\n[privacy]\nrequire_secure_aggregation = true\nrequire_dp = \"local\"\n\
+             min_noise_multiplier = 1.5\nmax_epsilon = {}\n",
+            three_rounds * 1.01
+        ),
+    )
+    .unwrap();
+    let mut node = Node::open(&home).await.unwrap();
+    assert_eq!(node.policy().max_epsilon, Some(three_rounds * 1.01));
+    let report = node.run(trainer(&split, 0)).await.unwrap();
+    assert_eq!(report.rounds_trained, 0, "nothing goes in the clear");
+    assert_eq!(running.await.unwrap().rounds_completed, 0);
+    assert_eq!(node.ledger().privacy.rounds_charged(), 0);
+
+    // A private server, run "a": two rounds, charged to the node's ledger
+    // without amplification by sampling.
+    let join = |server: &Server, name: &str| server.invite(name).unwrap();
+    for (run, rounds, trained) in [("a", 2, 2), ("b", 2, 1)] {
+        let server = private_server(&dir, run, rounds).build().unwrap();
+        let others = [
+            join(&server, &format!("{run}-1")),
+            join(&server, &format!("{run}-2")),
+        ];
+        let clinic = join(&server, &format!("clinic-{run}"));
+        let running = tokio::spawn(server.run(std::future::pending()));
+        let mut helpers = Vec::new();
+        for (i, invitation) in others.into_iter().enumerate() {
+            let t = trainer(&split, i as u64 + 1);
+            helpers.push(tokio::spawn(async move {
+                let mut n = Node::enrol(&invitation).await.unwrap();
+                n.run(t).await
+            }));
+        }
+        // The clinic's enrolment with this server lives in a directory of
+        // its own, naming the same ledger file.
+        let home2 = dir.join(format!("clinic-{run}"));
+        Node::enrol_into(&home2, &clinic).await.unwrap();
+        let saved = std::fs::read_to_string(home.join("client.toml")).unwrap();
+        let privacy = &saved[saved.find("[privacy]").unwrap()..];
+        let server_line = std::fs::read_to_string(home2.join("client.toml")).unwrap();
+        std::fs::write(
+            home2.join("client.toml"),
+            format!(
+                "{}ledger = {:?}\n{privacy}",
+                server_line,
+                home.join("privacy-ledger.json")
+            ),
+        )
+        .unwrap();
+        let mut node = Node::open(&home2).await.unwrap();
+        let report = node.run(trainer(&split, 0)).await.unwrap();
+        running.await.unwrap();
+        assert_eq!(report.rounds_trained, trained, "run {run}");
+        for h in helpers {
+            let _ = h.await.unwrap();
+        }
+    }
+    let ledger = Node::open(&home).await.unwrap().ledger();
+    assert_eq!(ledger.privacy.rounds_charged(), 3);
+    assert!((ledger.epsilon() - three_rounds).abs() < 1e-9);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

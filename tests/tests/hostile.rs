@@ -170,10 +170,9 @@ fn forged_lengths() -> Vec<(String, Vec<u8>)> {
             97,
         ),
         (
-            Message::SecAgg(SecAgg::UnmaskRequest {
+            Message::SecAgg(SecAgg::ConsistencyCheck {
                 round: 1,
                 survivors: vec![5; 101],
-                dropped: vec![],
             }),
             101,
         ),

@@ -36,8 +36,6 @@ pub const CERT_BACKDATE: Duration = Duration::from_secs(5 * 60);
 pub const MAX_NODE_NAME_LEN: usize = 64;
 /// Bytes of randomness in an enrolment token.
 pub const TOKEN_BYTES: usize = 32;
-/// Domain separation of the signature over a node's SecAgg keys.
-const KEYS_SIGNATURE_CONTEXT: &[u8] = b"fedveil secagg keys v1\0";
 
 /// What can go wrong with keys, certificates and requests.
 #[derive(Debug, thiserror::Error)]
@@ -549,22 +547,52 @@ fn file_err(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
 }
 
 /// Writes `bytes` to `path` (mode 0600 when `secret`), durably and
-/// atomically: a temporary file, fsync, rename.
+/// atomically: a temporary file of a unique name, created exclusively (so
+/// neither a file nor a symbolic link planted under that name is followed
+/// or reused), synced, renamed over `path`, and the directory synced so
+/// the rename itself survives a crash.
 pub fn write_atomic(path: &Path, bytes: &[u8], secret: bool) -> Result<(), PkiError> {
     use std::io::Write;
-    let tmp = path.with_extension("tmp");
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = dir.join(format!(
+        ".{name}.{}.{}.tmp",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
     let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
+    options.write(true).create_new(true);
     #[cfg(unix)]
     if secret {
         use std::os::unix::fs::OpenOptionsExt;
         options.mode(0o600);
     }
     let _ = secret;
-    let mut f = options.open(&tmp).map_err(file_err(&tmp))?;
-    f.write_all(bytes).map_err(file_err(&tmp))?;
-    f.sync_all().map_err(file_err(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(file_err(path))
+    let written = (|| {
+        let mut f = options.open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(source) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(PkiError::File {
+            path: path.to_owned(),
+            source,
+        });
+    }
+    #[cfg(unix)]
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(file_err(dir))?;
+    Ok(())
 }
 
 /// Checks node certificates against one CA: what a client needs to trust
@@ -630,7 +658,7 @@ pub fn unix_now() -> i64 {
 
 impl KeyAttestor for NodeAttestor {
     fn attest(&self, round: u64, keys: &PeerKeys) -> KeyAttestation {
-        let msg = keys_message(KEYS_SIGNATURE_CONTEXT, round, keys);
+        let msg = keys_message(round, keys);
         let signature = self
             .identity
             .key
@@ -651,18 +679,47 @@ impl KeyAttestor for NodeAttestor {
             .verifier
             .verify_cert(&att.certificate, (self.clock)())
             .map_err(|e| AttestationError::Certificate(e.to_string()))?;
-        let der = CertificateDer::from(att.certificate.as_slice());
-        let ee = webpki::EndEntityCert::try_from(&der)
-            .map_err(|e| AttestationError::Certificate(e.to_string()))?;
-        let msg = keys_message(KEYS_SIGNATURE_CONTEXT, round, keys);
-        ee.verify_signature(webpki::ring::ECDSA_P256_SHA256, &msg, &att.signature)
-            .map_err(|_| AttestationError::BadSignature(name.clone()))?;
+        let msg = keys_message(round, keys);
+        if !signature_valid(&att.certificate, &msg, &att.signature) {
+            return Err(AttestationError::BadSignature(name));
+        }
         Ok(name)
+    }
+
+    fn sign_survivors(&self, message: &[u8]) -> Vec<u8> {
+        self.identity
+            .key
+            .sign(message)
+            .expect("ECDSA signing with a valid key does not fail")
+    }
+
+    fn verify_survivors(
+        &self,
+        certificate: &[u8],
+        message: &[u8],
+        signature: &[u8],
+    ) -> Result<(), AttestationError> {
+        if signature_valid(certificate, message, signature) {
+            Ok(())
+        } else {
+            Err(AttestationError::BadSignature(
+                CertInfo::parse(certificate).map_or_else(|_| "?".into(), |i| i.name),
+            ))
+        }
     }
 
     fn identity(&self) -> &str {
         self.identity.name()
     }
+}
+
+/// Checks an ECDSA P-256 / SHA-256 signature by the key of `certificate`.
+fn signature_valid(certificate: &[u8], message: &[u8], signature: &[u8]) -> bool {
+    let der = CertificateDer::from(certificate);
+    webpki::EndEntityCert::try_from(&der).is_ok_and(|ee| {
+        ee.verify_signature(webpki::ring::ECDSA_P256_SHA256, message, signature)
+            .is_ok()
+    })
 }
 
 #[cfg(test)]

@@ -92,7 +92,7 @@ fn allowance(fed: usize) -> usize {
 /// Every message kind, by name. `kind_of` below names each with an
 /// exhaustive match, so a new variant does not compile until it is
 /// covered here.
-const KINDS: [&str; 18] = [
+const KINDS: [&str; 20] = [
     "hello",
     "welcome",
     "round-start",
@@ -106,6 +106,8 @@ const KINDS: [&str; 18] = [
     "secagg-shares",
     "secagg-peer-shares",
     "secagg-masked-input",
+    "secagg-consistency-check",
+    "secagg-survivors-signed",
     "secagg-unmask-request",
     "secagg-unmask-shares",
     "enrol-request",
@@ -130,6 +132,8 @@ fn kind_of(m: &Message) -> &'static str {
             SecAgg::Shares { .. } => "secagg-shares",
             SecAgg::PeerShares { .. } => "secagg-peer-shares",
             SecAgg::MaskedInput { .. } => "secagg-masked-input",
+            SecAgg::ConsistencyCheck { .. } => "secagg-consistency-check",
+            SecAgg::SurvivorsSigned { .. } => "secagg-survivors-signed",
             SecAgg::UnmaskRequest { .. } => "secagg-unmask-request",
             SecAgg::UnmaskShares { .. } => "secagg-unmask-shares",
         },
@@ -263,12 +267,14 @@ fn peer_keys() -> impl Strategy<Value = PeerKeys> {
         any::<u64>(),
         any::<[u8; 32]>(),
         any::<[u8; 32]>(),
+        any::<[u8; 32]>(),
         prop::option::of((blob(), blob())),
     )
-        .prop_map(|(id, enc_pk, mask_pk, att)| PeerKeys {
+        .prop_map(|(id, enc_pk, mask_pk, round_digest, att)| PeerKeys {
             id,
             enc_pk,
             mask_pk,
+            round_digest,
             attestation: att.map(|(certificate, signature)| KeyAttestation {
                 certificate,
                 signature,
@@ -325,11 +331,17 @@ fn secagg() -> impl Strategy<Value = SecAgg> {
         (r(), shares()).prop_map(|(round, shares)| SecAgg::PeerShares { round, shares }),
         (r(), prop::collection::vec(any::<u32>(), 0..64))
             .prop_map(|(round, masked)| SecAgg::MaskedInput { round, masked }),
-        (r(), ids(), ids()).prop_map(|(round, survivors, dropped)| SecAgg::UnmaskRequest {
-            round,
-            survivors,
-            dropped
-        }),
+        (r(), ids()).prop_map(|(round, survivors)| SecAgg::ConsistencyCheck { round, survivors }),
+        (r(), blob()).prop_map(|(round, signature)| SecAgg::SurvivorsSigned { round, signature }),
+        (
+            r(),
+            prop::collection::vec(
+                (any::<u64>(), blob())
+                    .prop_map(|(signer, signature)| SurvivorSignature { signer, signature }),
+                0..5
+            )
+        )
+            .prop_map(|(round, signatures)| SecAgg::UnmaskRequest { round, signatures }),
         (r(), revealed(), revealed()).prop_map(|(round, self_mask, mask_key)| {
             SecAgg::UnmaskShares {
                 round,
@@ -590,6 +602,7 @@ fn one_of_each() -> Vec<Message> {
         id: 3,
         enc_pk: [1; 32],
         mask_pk: [2; 32],
+        round_digest: [3; 32],
         attestation: Some(KeyAttestation {
             certificate: vec![7; 20],
             signature: vec![8; 10],
@@ -691,10 +704,26 @@ fn one_of_each() -> Vec<Message> {
             round: 1,
             masked: vec![1, 2, 3],
         }),
-        Message::SecAgg(SecAgg::UnmaskRequest {
+        Message::SecAgg(SecAgg::ConsistencyCheck {
             round: 1,
             survivors: vec![1, 2],
-            dropped: vec![3],
+        }),
+        Message::SecAgg(SecAgg::SurvivorsSigned {
+            round: 1,
+            signature: vec![4; 70],
+        }),
+        Message::SecAgg(SecAgg::UnmaskRequest {
+            round: 1,
+            signatures: vec![
+                SurvivorSignature {
+                    signer: 1,
+                    signature: vec![4; 70],
+                },
+                SurvivorSignature {
+                    signer: 2,
+                    signature: vec![5; 70],
+                },
+            ],
         }),
         Message::SecAgg(SecAgg::UnmaskShares {
             round: 1,

@@ -147,6 +147,7 @@ fn keys(id: u64) -> PeerKeys {
         id,
         enc_pk: [id as u8; 32],
         mask_pk: [id as u8 + 1; 32],
+        round_digest: [9; 32],
         attestation: None,
     }
 }
@@ -171,6 +172,10 @@ fn signed_keys_verify_and_any_change_breaks_them() {
     let mut swapped = k.clone();
     swapped.mask_pk[0] ^= 1;
     assert!(bob.verify(7, &swapped).is_err());
+    // Keys for another model: the round digest is signed too.
+    let mut other_model = k.clone();
+    other_model.round_digest[0] ^= 1;
+    assert!(bob.verify(7, &other_model).is_err());
     // Unsigned keys, and keys signed by a node of another CA.
     assert_eq!(bob.verify(7, &keys(3)), Err(AttestationError::Unsigned));
     let stranger_ca = CertificateAuthority::generate().unwrap();
@@ -181,6 +186,44 @@ fn signed_keys_verify_and_any_change_breaks_them() {
     assert!(
         matches!(&err, AttestationError::Certificate(why) if why.contains("CA")),
         "{err}"
+    );
+}
+
+/// The consistency check's signatures: made with the node key, checked
+/// against the certificate the node's keys came with.
+#[test]
+fn survivor_set_signatures_verify_only_for_their_signer_and_set() {
+    use fedveil_proto::secagg::survivors_message;
+    let ca = CertificateAuthority::generate().unwrap();
+    let now = unix_now();
+    let alice = NodeAttestor::new(enrolled(&ca, "alice", now));
+    let bob = NodeAttestor::new(enrolled(&ca, "bob", now));
+    let cert = |a: &NodeAttestor| a.attest(1, &keys(1)).certificate;
+    let set = survivors_message(4, &[1; 32], &[1, 2, 5]);
+    let signature = alice.sign_survivors(&set);
+    assert_eq!(
+        bob.verify_survivors(&cert(&alice), &set, &signature),
+        Ok(())
+    );
+    // Another set, round or digest; another signer's certificate; garbage.
+    for other in [
+        survivors_message(4, &[1; 32], &[1, 2]),
+        survivors_message(5, &[1; 32], &[1, 2, 5]),
+        survivors_message(4, &[2; 32], &[1, 2, 5]),
+    ] {
+        assert!(
+            bob.verify_survivors(&cert(&alice), &other, &signature)
+                .is_err()
+        );
+    }
+    assert_eq!(
+        alice.verify_survivors(&cert(&bob), &set, &signature),
+        Err(AttestationError::BadSignature("bob".into()))
+    );
+    assert!(bob.verify_survivors(&cert(&alice), &set, &[0; 70]).is_err());
+    assert!(
+        bob.verify_survivors(b"not a certificate", &set, &signature)
+            .is_err()
     );
 }
 
@@ -226,7 +269,7 @@ mod secagg_binding {
         for (i, a) in attestors.iter().enumerate() {
             let id = i as u64 + 1;
             let a = a.map(|a| a as &dyn KeyAttestor);
-            let (client, adv) = SecAggClient::new(id, 5, &setup(id), &mut rng, a).unwrap();
+            let (client, adv) = SecAggClient::new(id, 5, &setup(id), [5; 32], &mut rng, a).unwrap();
             let SecAgg::AdvertiseKeys { keys: k, .. } = adv else {
                 unreachable!()
             };

@@ -241,6 +241,9 @@ pub enum PrivatizeError {
     /// Randomized rounding failed.
     #[error(transparent)]
     Rounding(#[from] noise::RoundingFailed),
+    /// The step's parameters are invalid (see [`DpRound::validate`]).
+    #[error(transparent)]
+    Invalid(#[from] DpRoundError),
 }
 
 impl DpRound {
@@ -320,12 +323,14 @@ impl DpRound {
     }
 
     /// The client's DP step: clip on the global L2 norm, then noise as the
-    /// mechanism says. `rng` must be a CSPRNG seeded from the OS.
+    /// mechanism says. `rng` must be a CSPRNG seeded from the OS. Invalid
+    /// parameters are an error, never a panic in the noise samplers.
     pub fn privatize<R: rand::Rng + rand::CryptoRng + ?Sized>(
         &self,
         mut update: Vec<f32>,
         rng: &mut R,
     ) -> Result<(Privatized, clip::Clipped), PrivatizeError> {
+        self.validate()?;
         if let Some(i) = update.iter().position(|v| !v.is_finite()) {
             return Err(PrivatizeError::NonFinite(i));
         }

@@ -10,6 +10,9 @@ use std::collections::VecDeque;
 
 use rand_chacha::ChaCha20Rng;
 
+use super::policy::{
+    ChargeError, LedgerStore, NodeLedger, NodePolicy, PolicyViolation, RoundCost, round_cost,
+};
 use crate::dp::{DpRound, PrivatizeError, Privatized};
 use crate::secagg::client::{ClientError as SecAggError, SecAggClient};
 use crate::wire::{
@@ -49,6 +52,16 @@ pub enum ClientEvent {
         round: u64,
         /// Why.
         reason: SessionError,
+    },
+    /// This round's update is leaving the node; its ledger (already saved)
+    /// now reads `epsilon`.
+    PrivacySpent {
+        /// The round.
+        round: u64,
+        /// The node's epsilon over all its runs, at its policy's delta.
+        epsilon: f64,
+        /// Updates that left without noise the node can count.
+        unprotected_rounds: u64,
     },
     /// The run is over.
     Finished {
@@ -131,6 +144,24 @@ pub enum SessionError {
         round: u64,
         /// What is wrong with its config.
         source: RoundConfigError,
+    },
+    /// The round would weaken the node's own privacy policy.
+    #[error("round {round} refused: {source}")]
+    Policy {
+        /// The round.
+        round: u64,
+        /// The rule it breaks.
+        source: PolicyViolation,
+    },
+    /// The node's ledger could not be saved, so the update stays here.
+    #[error(
+        "round {round}: the privacy ledger could not be saved ({detail}); the update is not sent"
+    )]
+    LedgerNotSaved {
+        /// The round.
+        round: u64,
+        /// Why.
+        detail: String,
     },
     /// Local training failed.
     #[error("local training failed in round {round}: {detail}")]
@@ -294,6 +325,18 @@ pub struct ClientSession {
     /// The round this node last left: its remaining SecAgg+ messages,
     /// already in flight, are ignored.
     left: Option<u64>,
+    /// The node's own privacy policy and ledger.
+    guard: Option<PrivacyGuard>,
+    /// What the round being trained costs the node (once known).
+    round_cost: Option<RoundCost>,
+}
+
+/// A node's policy, its ledger and where the ledger is kept.
+#[derive(Debug)]
+struct PrivacyGuard {
+    policy: NodePolicy,
+    ledger: NodeLedger,
+    store: Box<dyn LedgerStore>,
 }
 
 impl std::fmt::Debug for ClientSession {
@@ -333,6 +376,80 @@ impl ClientSession {
             updates_sent: 0,
             limits: RoundLimits::default(),
             left: None,
+            guard: None,
+            round_cost: None,
+        }
+    }
+
+    /// Holds every round to the node's own `policy` and charges what it
+    /// spends to `store` before each update leaves (see [`super::policy`]);
+    /// `ledger` is the store's ledger now, for the checks before training.
+    /// `policy` must be valid ([`NodePolicy::validate`]).
+    pub fn with_privacy_policy(
+        mut self,
+        policy: NodePolicy,
+        ledger: NodeLedger,
+        store: Box<dyn LedgerStore>,
+    ) -> Self {
+        self.guard = Some(PrivacyGuard {
+            policy,
+            ledger,
+            store,
+        });
+        self
+    }
+
+    /// The node's ledger, when it keeps one.
+    pub fn ledger(&self) -> Option<&NodeLedger> {
+        self.guard.as_ref().map(|g| &g.ledger)
+    }
+
+    /// Checks `cost` for the round against the policy; on a violation the
+    /// round is left and `false` returned.
+    fn admit_cost(&mut self, round: u64, cost: Option<RoundCost>, dp: Option<&DpRound>) -> bool {
+        let Some(g) = &self.guard else {
+            return true;
+        };
+        if let Some(cost) = &cost
+            && let Err(source) = g.policy.check_cost(cost, dp, &g.ledger)
+        {
+            self.leave_round(round, SessionError::Policy { round, source });
+            return false;
+        }
+        self.round_cost = cost;
+        true
+    }
+
+    /// Records the round in the ledger and saves it: the update may leave
+    /// only after this returns true.
+    fn charge(&mut self, round: u64) -> bool {
+        let Some(g) = &mut self.guard else {
+            return true;
+        };
+        let Some(cost) = self.round_cost.take() else {
+            let detail = "the round's privacy cost is unknown".to_owned();
+            self.leave_round(round, SessionError::LedgerNotSaved { round, detail });
+            return false;
+        };
+        match g.store.charge(round, &cost, &g.policy) {
+            Ok(ledger) => {
+                g.ledger = ledger;
+                self.events.push_back(ClientEvent::PrivacySpent {
+                    round,
+                    epsilon: g.ledger.epsilon(),
+                    unprotected_rounds: g.ledger.unprotected_rounds,
+                });
+                true
+            }
+            Err(ChargeError::Policy(source)) => {
+                self.leave_round(round, SessionError::Policy { round, source });
+                false
+            }
+            Err(ChargeError::Store(e)) => {
+                let detail = e.to_string();
+                self.leave_round(round, SessionError::LedgerNotSaved { round, detail });
+                false
+            }
         }
     }
 
@@ -472,6 +589,19 @@ impl ClientSession {
                     self.leave_round(round, SessionError::InvalidRound { round, source });
                     return Ok(());
                 }
+                self.round_cost = None;
+                if let Some(g) = &self.guard {
+                    let round = start.round;
+                    if let Err(source) = g.policy.check_start(&start.config) {
+                        self.leave_round(round, SessionError::Policy { round, source });
+                        return Ok(());
+                    }
+                    let len = self.spec.param_count as usize;
+                    let cost = round_cost(start.config.dp.as_ref(), None, len);
+                    if !self.admit_cost(round, cost, start.config.dp.as_ref()) {
+                        return Ok(());
+                    }
+                }
                 self.round_dp = start.config.dp.clone();
                 if start.config.secure_aggregation {
                     self.state = State::KeyExchange(start.round);
@@ -501,9 +631,29 @@ impl ClientSession {
         let id = self.client_id.unwrap_or_default();
         let result = match msg {
             SecAgg::Setup { setup, .. } if self.secure.is_none() => {
-                let pending_train = self.pending_secure.take();
+                let Some(pending_train) = self.pending_secure.take() else {
+                    return Err(SessionError::Unexpected(
+                        SecAgg::Setup { round, setup }.kind(),
+                    ));
+                };
+                if let Some(g) = &self.guard {
+                    if let Err(source) = g.policy.check_secagg(&setup.params) {
+                        self.leave_round(round, SessionError::Policy { round, source });
+                        return Ok(());
+                    }
+                    if self.round_cost.is_none() {
+                        let len = self.spec.param_count as usize;
+                        let dp = pending_train.0.dp.clone();
+                        let cost = round_cost(dp.as_ref(), Some(&setup.params), len);
+                        if !self.admit_cost(round, cost, dp.as_ref()) {
+                            return Ok(());
+                        }
+                    }
+                }
+                let digest = crate::secagg::round_digest(round, &pending_train.0, &pending_train.1);
+                let pending_train = Some(pending_train);
                 let attestor = self.attestor.as_deref();
-                SecAggClient::new(id, round, &setup, &mut self.rng, attestor).map(
+                SecAggClient::new(id, round, &setup, digest, &mut self.rng, attestor).map(
                     |(client, adv)| {
                         self.secure = Some(SecureRound {
                             client,
@@ -534,11 +684,15 @@ impl ClientSession {
                     None
                 })
             }
-            SecAgg::UnmaskRequest {
-                survivors, dropped, ..
-            } if self.secure.is_some() => {
+            SecAgg::ConsistencyCheck { survivors, .. } if self.secure.is_some() => {
                 let s = self.secure.as_mut().expect("checked");
-                let reply = s.client.on_unmask_request(&survivors, &dropped).map(Some);
+                let attestor = self.attestor.as_deref();
+                s.client.on_consistency_check(survivors, attestor).map(Some)
+            }
+            SecAgg::UnmaskRequest { signatures, .. } if self.secure.is_some() => {
+                let s = self.secure.as_mut().expect("checked");
+                let attestor = self.attestor.as_deref();
+                let reply = s.client.on_unmask_request(&signatures, attestor).map(Some);
                 if reply.is_ok() {
                     self.secure = None;
                     self.state = State::Ready;
@@ -602,6 +756,9 @@ impl ClientSession {
             };
             return match masked {
                 Ok(masked) => {
+                    if !self.charge(round) {
+                        return Ok(());
+                    }
                     self.state = State::Unmasking(round);
                     self.outbox.push_back(Message::SecAgg(masked));
                     self.updates_sent += 1;
@@ -615,6 +772,9 @@ impl ClientSession {
         }
         if integers.is_some() {
             self.leave_round(round, SessionError::DistributedDpInTheClear(round));
+            return Ok(());
+        }
+        if !self.charge(round) {
             return Ok(());
         }
         self.state = State::Ready;
@@ -635,6 +795,7 @@ impl ClientSession {
         self.secure = None;
         self.pending_secure = None;
         self.round_dp = None;
+        self.round_cost = None;
         self.state = State::Ready;
         self.outbox.push_back(Message::error(
             ReasonCode::LeftRound,

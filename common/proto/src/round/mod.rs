@@ -3,6 +3,7 @@
 //! send what they emit; the tests in `tests.rs` drive both ends in memory.
 
 pub mod client;
+pub mod policy;
 pub mod server;
 
 pub use client::{ClientEvent, ClientSession, SessionError};

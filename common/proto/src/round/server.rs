@@ -1609,8 +1609,17 @@ impl Coordinator {
                     {
                         params.min_survivors = plan.min_contributors as u32;
                     }
-                    SecAggServer::new(round, params, &cohort, self.aggregate_len(), graph_seed)
-                        .map_err(|e| e.to_string())
+                    let digest =
+                        crate::secagg::round_digest(round, &self.round_config(), &self.global);
+                    SecAggServer::new(
+                        round,
+                        params,
+                        &cohort,
+                        self.aggregate_len(),
+                        graph_seed,
+                        digest,
+                    )
+                    .map_err(|e| e.to_string())
                 };
                 match built {
                     Ok((server, setups)) => (Aggregation::Secure(Box::new(server)), setups),

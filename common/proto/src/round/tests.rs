@@ -657,7 +657,12 @@ fn secure_round_survives_a_client_that_leaves_before_its_masked_input() {
         .collect();
     assert_eq!(
         stages,
-        [("share-keys", 6), ("masked-input", 6), ("unmask", 5)]
+        [
+            ("share-keys", 6),
+            ("masked-input", 6),
+            ("consistency-check", 5),
+            ("unmask", 5)
+        ]
     );
 }
 
@@ -696,38 +701,7 @@ fn secure_stage_timeout_drops_the_silent() {
     assert!(s.timed_out);
 }
 
-/// Stands in for an enrolled identity: "signs" by attaching its
-/// certificate bytes, and reads a peer's name from them.
-#[derive(Debug)]
-struct TagAttestor {
-    name: String,
-    certificate: Vec<u8>,
-}
-
-impl crate::secagg::KeyAttestor for TagAttestor {
-    fn attest(&self, _round: u64, _keys: &crate::wire::PeerKeys) -> crate::wire::KeyAttestation {
-        crate::wire::KeyAttestation {
-            certificate: self.certificate.clone(),
-            signature: Vec::new(),
-        }
-    }
-    fn verify(
-        &self,
-        _round: u64,
-        keys: &crate::wire::PeerKeys,
-    ) -> Result<String, crate::secagg::AttestationError> {
-        use crate::secagg::AttestationError;
-        let att = keys
-            .attestation
-            .as_ref()
-            .ok_or(AttestationError::Unsigned)?;
-        String::from_utf8(att.certificate.clone())
-            .map_err(|e| AttestationError::Certificate(e.to_string()))
-    }
-    fn identity(&self) -> &str {
-        &self.name
-    }
-}
+use crate::secagg::tests::TagAttestor;
 
 #[test]
 fn secagg_keys_signed_with_another_nodes_certificate_are_refused() {
@@ -2058,4 +2032,365 @@ fn a_client_refused_too_often_in_a_round_is_disconnected() {
     h.send_raw(a, junk(round));
     assert_eq!(h.closed, vec![a], "the third in one round closes it");
     assert_eq!(h.errors_to.len(), 5, "each refusal is sent once");
+}
+
+/// A deviating server, scripted by hand around real client sessions with
+/// identities: it sends one node another global model (Pasquini et al.'s
+/// model-inconsistency attack) and forwards every key as it came. The
+/// signed round digests give it away: every neighbour of that node leaves
+/// the round before sharing a single secret, and so does the node.
+#[test]
+fn a_server_sending_one_node_another_model_gets_no_shares() {
+    use crate::wire::{RoundStart, SecAgg, SecAggParams, SecAggSetup};
+    let n = 5u64;
+    let victim = 5u64;
+    let mut sessions: BTreeMap<u64, ClientSession> = (1..=n)
+        .map(|id| {
+            let attestor = std::sync::Arc::new(TagAttestor {
+                name: format!("node-{id}"),
+                certificate: format!("node-{id}").into_bytes(),
+            });
+            let mut s = ClientSession::new(&format!("node-{id}"), spec(), 10, rng())
+                .with_attestor(attestor);
+            s.poll_transmit(); // hello
+            s.handle_message(Message::Welcome(crate::wire::Welcome {
+                version: crate::wire::PROTOCOL_VERSION,
+                client_id: id,
+                model: spec(),
+            }))
+            .unwrap();
+            (id, s)
+        })
+        .collect();
+    let mut config = cfg(1, 1, 1.0).round;
+    config.secure_aggregation = true;
+    let params = SecAggParams {
+        threshold: 3,
+        degree: 4,
+        bits: 32,
+        clip: 1.0,
+        max_weight: 100,
+        max_cohort: 5,
+        min_survivors: 0,
+    };
+    let mut keys = Vec::new();
+    for (&id, s) in &mut sessions {
+        let mut global_model = vec![0.0; D];
+        if id == victim {
+            global_model[0] = 0.5;
+        }
+        s.handle_message(Message::RoundStart(RoundStart {
+            round: 1,
+            config: config.clone(),
+            global_model,
+        }))
+        .unwrap();
+        let neighbours = (1..=n).filter(|&p| p != id).collect();
+        s.handle_message(Message::SecAgg(SecAgg::Setup {
+            round: 1,
+            setup: SecAggSetup {
+                params: params.clone(),
+                neighbours,
+            },
+        }))
+        .unwrap();
+        let Some(Message::SecAgg(SecAgg::AdvertiseKeys { keys: k, .. })) = s.poll_transmit() else {
+            panic!("expected keys")
+        };
+        keys.push(k);
+    }
+    for (&id, s) in &mut sessions {
+        let peers = keys.iter().filter(|k| k.id != id).cloned().collect();
+        s.handle_message(Message::SecAgg(SecAgg::PeerKeys { round: 1, peers }))
+            .unwrap();
+        match s.poll_transmit() {
+            Some(Message::Error(e)) => assert_eq!(e.code, ReasonCode::LeftRound),
+            other => panic!("node {id} answered {other:?}"),
+        }
+        let reason = std::iter::from_fn(|| s.poll_event())
+            .find_map(|e| match e {
+                ClientEvent::RoundLeft { reason, .. } => Some(reason),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("node {id} did not leave the round"));
+        let expected = if id == victim { 1 } else { victim };
+        assert_eq!(
+            reason,
+            SessionError::SecAgg {
+                round: 1,
+                source: crate::secagg::client::ClientError::RoundMismatch(expected)
+            },
+            "node {id}"
+        );
+        assert!(!s.is_finished(), "node {id} stays in the run");
+    }
+}
+
+// ---- The node's own privacy policy ----------------------------------------
+
+use super::policy::{ChargeError, LedgerStore, NodeLedger, NodePolicy, PolicyViolation, RoundCost};
+
+/// A ledger store that records what it saved, or refuses to.
+#[derive(Debug, Clone, Default)]
+struct Saved {
+    ledgers: std::sync::Arc<std::sync::Mutex<Vec<NodeLedger>>>,
+    fail: bool,
+}
+
+impl LedgerStore for Saved {
+    fn charge(
+        &mut self,
+        round: u64,
+        cost: &RoundCost,
+        policy: &NodePolicy,
+    ) -> Result<NodeLedger, ChargeError> {
+        if self.fail {
+            return Err(ChargeError::Store("disk full".into()));
+        }
+        let mut saved = self.ledgers.lock().unwrap();
+        let mut ledger = saved
+            .last()
+            .cloned()
+            .unwrap_or_else(|| NodeLedger::new(policy.delta));
+        ledger.charge(round, cost, policy)?;
+        saved.push(ledger.clone());
+        Ok(ledger)
+    }
+}
+
+fn guarded_session(policy: NodePolicy, store: Saved) -> ClientSession {
+    let ledger = NodeLedger::new(policy.delta);
+    welcomed_session().with_privacy_policy(policy, ledger, Box::new(store))
+}
+
+fn start_round(c: &mut ClientSession, round: u64, config: RoundConfig) {
+    c.handle_message(Message::RoundStart(crate::wire::RoundStart {
+        round,
+        config,
+        global_model: vec![0.0; D],
+    }))
+    .unwrap();
+}
+
+/// Takes the round's train request and submits a small update for it.
+fn train_and_submit(c: &mut ClientSession, round: u64) {
+    assert!(matches!(c.poll_event(), Some(ClientEvent::Train { .. })));
+    c.submit(
+        Update {
+            round,
+            num_examples: 10,
+            train_loss: 0.5,
+            delta: vec![0.1; D],
+        },
+        None,
+    )
+    .unwrap();
+}
+
+/// The rule a refused round broke (the session must have left it).
+fn refused_rule(c: &mut ClientSession) -> PolicyViolation {
+    assert!(matches!(
+        c.poll_transmit(),
+        Some(Message::Error(e)) if e.code == ReasonCode::LeftRound
+    ));
+    match std::iter::from_fn(|| c.poll_event()).last() {
+        Some(ClientEvent::RoundLeft {
+            reason: SessionError::Policy { source, .. },
+            ..
+        }) => source,
+        other => panic!("expected a refused round, got {other:?}"),
+    }
+}
+
+/// Each rule of the node's policy refuses the round that breaks it, with
+/// a message naming the rule, before the node trains; the session stays.
+#[test]
+fn rounds_that_weaken_the_nodes_policy_are_refused_by_name() {
+    use crate::wire::{SecAgg, SecAggParams, SecAggSetup};
+    let policy = NodePolicy {
+        require_secure_aggregation: true,
+        require_dp: Some(Mechanism::Distributed),
+        min_cohort: Some(8),
+        min_threshold: Some(4),
+        ..NodePolicy::default()
+    };
+    let mut c = guarded_session(policy, Saved::default());
+    let plain = cfg(1, 1, 1.0).round;
+    start_round(&mut c, 1, plain.clone());
+    let rule = refused_rule(&mut c);
+    assert_eq!(rule, PolicyViolation::SecureAggregationRequired);
+    assert!(
+        rule.to_string().contains("require_secure_aggregation"),
+        "{rule}"
+    );
+
+    let mut central = plain.clone();
+    central.secure_aggregation = true;
+    central.dp = Some(dp_plan(Mechanism::Central, 1.0, 10, 1.0, 1, None, None).round);
+    start_round(&mut c, 2, central);
+    let rule = refused_rule(&mut c);
+    assert!(
+        matches!(&rule, PolicyViolation::MechanismRequired { got, .. } if got == "central DP"),
+        "{rule}"
+    );
+    assert!(rule.to_string().contains("require_dp"), "{rule}");
+
+    let mut distributed = plain.clone();
+    distributed.secure_aggregation = true;
+    distributed.dp = Some(dp_plan(Mechanism::Distributed, 1.0, 10, 1.0, 1, None, Some(5)).round);
+    let setup = |threshold, min_survivors| {
+        Message::SecAgg(SecAgg::Setup {
+            round: 0,
+            setup: SecAggSetup {
+                params: SecAggParams {
+                    threshold,
+                    degree: 8,
+                    bits: 32,
+                    clip: 1.0,
+                    max_weight: 1,
+                    max_cohort: 10,
+                    min_survivors,
+                },
+                neighbours: (2..=9).collect(),
+            },
+        })
+    };
+    let with_round = |m: Message, round: u64| match m {
+        Message::SecAgg(SecAgg::Setup { setup, .. }) => {
+            Message::SecAgg(SecAgg::Setup { round, setup })
+        }
+        m => m,
+    };
+    // A threshold of 3 is below the policy's 4.
+    start_round(&mut c, 3, distributed.clone());
+    c.handle_message(with_round(setup(3, 5), 3)).unwrap();
+    let rule = refused_rule(&mut c);
+    assert_eq!(
+        rule,
+        PolicyViolation::ThresholdBelowMinimum {
+            required: 4,
+            got: 3
+        }
+    );
+    // t = 5 allows unmasking 6 inputs together (min_survivors 5): below 8.
+    start_round(&mut c, 4, distributed.clone());
+    c.handle_message(with_round(setup(5, 5), 4)).unwrap();
+    let rule = refused_rule(&mut c);
+    assert_eq!(
+        rule,
+        PolicyViolation::CohortBelowMinimum {
+            required: 8,
+            got: 6
+        }
+    );
+    assert!(rule.to_string().contains("min_cohort"), "{rule}");
+    // A setup that keeps the policy goes on to the key exchange.
+    start_round(&mut c, 5, distributed);
+    c.handle_message(with_round(setup(5, 8), 5)).unwrap();
+    assert!(matches!(
+        c.poll_transmit(),
+        Some(Message::SecAgg(SecAgg::AdvertiseKeys { .. }))
+    ));
+    assert!(!c.is_finished());
+}
+
+/// The node accounts its own local noise (no amplification by sampling it
+/// cannot check), saves the ledger before each update leaves, and refuses
+/// the round that would cross its budget before training it.
+#[test]
+fn the_node_ledger_counts_its_own_noise_and_stops_at_its_budget() {
+    let z = 2.0;
+    let two_rounds = crate::dp::rdp::gaussian_epsilon(1.0, z, 2, 1e-5).unwrap();
+    let policy = NodePolicy {
+        require_dp: Some(Mechanism::Local),
+        min_noise_multiplier: Some(1.5),
+        max_epsilon: Some(two_rounds * 1.02),
+        ..NodePolicy::default()
+    };
+    let store = Saved::default();
+    let mut c = guarded_session(policy, store.clone());
+    let mut config = cfg(1, 1, 1.0).round;
+    config.dp = Some(DpRound::Local {
+        clip_norm: 1.0,
+        noise_std: 2.0 * z,
+    });
+    for round in 1..=2 {
+        start_round(&mut c, round, config.clone());
+        train_and_submit(&mut c, round);
+        assert!(matches!(c.poll_transmit(), Some(Message::Update(_))));
+        let Some(ClientEvent::PrivacySpent { epsilon, .. }) = c.poll_event() else {
+            panic!("round {round}: no ledger charge")
+        };
+        // Saved before the update was queued.
+        assert_eq!(store.ledgers.lock().unwrap().len() as u64, round);
+        assert!(epsilon > 0.0);
+    }
+    let spent = c.ledger().unwrap().epsilon();
+    assert!(
+        (spent - two_rounds).abs() < 0.02 * two_rounds,
+        "{spent} vs {two_rounds}"
+    );
+    start_round(&mut c, 3, config.clone());
+    let rule = refused_rule(&mut c);
+    assert!(
+        matches!(rule, PolicyViolation::BudgetExhausted { .. }),
+        "{rule}"
+    );
+    assert!(rule.to_string().contains("max_epsilon"), "{rule}");
+    // Less noise than the floor.
+    config.dp = Some(DpRound::Local {
+        clip_norm: 1.0,
+        noise_std: 2.0,
+    });
+    start_round(&mut c, 4, config);
+    assert_eq!(
+        refused_rule(&mut c),
+        PolicyViolation::NoiseBelowFloor {
+            required: 1.5,
+            got: 1.0
+        }
+    );
+}
+
+/// An update never leaves without its ledger entry on disk; rounds with
+/// no noise of the node's own are counted apart, and refused under a budget.
+#[test]
+fn no_update_leaves_without_its_ledger_entry_saved() {
+    let failing = Saved {
+        fail: true,
+        ..Saved::default()
+    };
+    let mut c = guarded_session(NodePolicy::default(), failing);
+    start_round(&mut c, 1, cfg(1, 1, 1.0).round);
+    train_and_submit(&mut c, 1);
+    let sent: Vec<Message> = std::iter::from_fn(|| c.poll_transmit()).collect();
+    assert!(
+        sent.iter().all(|m| !matches!(m, Message::Update(_))),
+        "{sent:?}"
+    );
+    assert!(matches!(
+        c.poll_event(),
+        Some(ClientEvent::RoundLeft {
+            reason: SessionError::LedgerNotSaved { .. },
+            ..
+        })
+    ));
+
+    let store = Saved::default();
+    let mut c = guarded_session(NodePolicy::default(), store.clone());
+    start_round(&mut c, 1, cfg(1, 1, 1.0).round);
+    train_and_submit(&mut c, 1);
+    assert_eq!(c.ledger().unwrap().unprotected_rounds, 1);
+    assert_eq!(c.ledger().unwrap().epsilon(), 0.0);
+
+    let budgeted = NodePolicy {
+        max_epsilon: Some(10.0),
+        ..NodePolicy::default()
+    };
+    let mut c = guarded_session(budgeted, Saved::default());
+    start_round(&mut c, 1, cfg(1, 1, 1.0).round);
+    assert!(matches!(
+        refused_rule(&mut c),
+        PolicyViolation::Unaccountable { .. }
+    ));
 }

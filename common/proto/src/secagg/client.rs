@@ -10,8 +10,10 @@ use x25519_dalek::{PublicKey, StaticSecret};
 use zeroize::Zeroize;
 
 use super::encode::FixedPoint;
-use super::{KeyAttestor, MIN_THRESHOLD, prg, shamir};
-use crate::wire::{EncryptedShare, PeerKeys, RevealedShare, SecAgg, SecAggParams, SecAggSetup};
+use super::{KeyAttestor, MIN_THRESHOLD, prg, shamir, survivors_message};
+use crate::wire::{
+    EncryptedShare, PeerKeys, RevealedShare, SecAgg, SecAggParams, SecAggSetup, SurvivorSignature,
+};
 
 /// Bytes of a share-pair plaintext: self-mask share then mask-key share.
 const SHARE_PAIR_LEN: usize = 64;
@@ -47,9 +49,43 @@ pub enum ClientError {
     /// A share that fails authentication.
     #[error("share from peer {0} failed authentication (bad AEAD tag or wrong sender)")]
     BadShare(u64),
-    /// Both share kinds asked for one peer: it would unmask that peer.
-    #[error("asked to reveal both share kinds for peer {0}")]
-    BothShareKinds(u64),
+    /// A neighbour was sent another global model or round config than
+    /// this client: the server may be singling one of us out.
+    #[error(
+        "peer {0} was sent another model or round config than this client (round digests differ)"
+    )]
+    RoundMismatch(u64),
+    /// The survivor set of the consistency check is not in ascending
+    /// order without repeats, so it has no single signed form.
+    #[error("the survivor set is not strictly ascending")]
+    MalformedSurvivors,
+    /// The survivor set is smaller than the fewest inputs the round's
+    /// parameters allow unmasked together (t + 1, or `min_survivors`):
+    /// unmasking so few would expose more than the round promised, and
+    /// distributed DP noise is calibrated to that minimum.
+    #[error("the survivor set holds {have} clients; the round allows no fewer than {needed}")]
+    TooFewInputs {
+        /// Survivors named.
+        have: usize,
+        /// The fewest allowed.
+        needed: usize,
+    },
+    /// The consistency check leaves this client out, though it sent its
+    /// masked input.
+    #[error("the survivor set leaves out this client, which sent its masked input")]
+    NotASurvivor,
+    /// Fewer neighbours signed the same survivor set than the threshold:
+    /// the server may be telling clients different stories about who
+    /// survived.
+    #[error(
+        "only {valid} neighbours signed the survivor set this client signed; the threshold is {needed}"
+    )]
+    TooFewSignatures {
+        /// Valid signatures from distinct surviving neighbours.
+        valid: usize,
+        /// The threshold.
+        needed: usize,
+    },
     /// An update of the wrong length.
     #[error("the update has {got} values, expected {expected}")]
     WrongLength {
@@ -131,6 +167,14 @@ pub enum SetupError {
         /// Neighbours.
         k: usize,
     },
+    /// More neighbours than the degree the parameters state.
+    #[error("{k} neighbours exceed the stated degree {degree}")]
+    AboveDegree {
+        /// Neighbours.
+        k: usize,
+        /// The stated degree.
+        degree: u32,
+    },
     /// The neighbour list holds this client.
     #[error("the neighbour list holds this client")]
     SelfNeighbour,
@@ -155,6 +199,12 @@ fn check_setup(id: u64, setup: &SecAggSetup) -> Result<(), SetupError> {
         }
     }
     let (t, k) = (setup.params.threshold, setup.neighbours.len());
+    if k > setup.params.degree as usize {
+        return Err(SetupError::AboveDegree {
+            k,
+            degree: setup.params.degree,
+        });
+    }
     if t < MIN_THRESHOLD {
         return Err(SetupError::ThresholdBelowMinimum(t));
     }
@@ -172,7 +222,8 @@ enum Stage {
     AwaitPeerKeys,
     AwaitPeerShares,
     ReadyToMask,
-    AwaitUnmask,
+    AwaitConsistencyCheck,
+    AwaitUnmaskRequest,
     Done,
 }
 
@@ -182,7 +233,8 @@ impl Stage {
             Stage::AwaitPeerKeys => "peer-keys",
             Stage::AwaitPeerShares => "peer-shares",
             Stage::ReadyToMask => "masked-input",
-            Stage::AwaitUnmask => "unmask",
+            Stage::AwaitConsistencyCheck => "consistency-check",
+            Stage::AwaitUnmaskRequest => "unmask",
             Stage::Done => "done",
         }
     }
@@ -197,6 +249,8 @@ struct Received {
 pub struct SecAggClient {
     id: u64,
     round: u64,
+    /// What this client was asked to train ([`super::round_digest`]).
+    digest: [u8; 32],
     params: SecAggParams,
     neighbours: BTreeSet<u64>,
     enc_sk: StaticSecret,
@@ -207,6 +261,8 @@ pub struct SecAggClient {
     received: BTreeMap<u64, Received>,
     values: FixedPoint,
     weights: FixedPoint,
+    /// The survivor set this client signed.
+    survivors: Vec<u64>,
 }
 
 impl Drop for SecAggClient {
@@ -250,11 +306,14 @@ pub(crate) fn share_cipher(
 }
 
 impl SecAggClient {
-    /// Starts the round: fresh keys and seeds; returns the advertise message.
+    /// Starts the round: fresh keys and seeds; returns the advertise
+    /// message. `digest` is the [`super::round_digest`] of the round start
+    /// this client received.
     pub fn new<R: CryptoRng + ?Sized>(
         id: u64,
         round: u64,
         setup: &SecAggSetup,
+        digest: [u8; 32],
         rng: &mut R,
         attestor: Option<&dyn KeyAttestor>,
     ) -> Result<(Self, SecAgg), ClientError> {
@@ -270,12 +329,14 @@ impl SecAggClient {
             id,
             enc_pk: PublicKey::from(&enc_sk).to_bytes(),
             mask_pk: PublicKey::from(&x25519_secret(&mask_secret)).to_bytes(),
+            round_digest: digest,
             attestation: None,
         };
         keys.attestation = attestor.map(|a| a.attest(round, &keys));
         let client = Self {
             id,
             round,
+            digest,
             params: setup.params.clone(),
             neighbours: setup.neighbours.iter().copied().collect(),
             enc_sk,
@@ -286,6 +347,7 @@ impl SecAggClient {
             received: BTreeMap::new(),
             values,
             weights,
+            survivors: Vec::new(),
         };
         Ok((client, SecAgg::AdvertiseKeys { round, keys }))
     }
@@ -336,6 +398,9 @@ impl SecAggClient {
                 if !names.insert(name.clone()) {
                     return Err(ClientError::DuplicateIdentity { name });
                 }
+            }
+            if p.round_digest != self.digest {
+                return Err(ClientError::RoundMismatch(p.id));
             }
             if self.peers.insert(p.id, p.clone()).is_some() {
                 return Err(ClientError::DuplicatePeer(p.id));
@@ -504,54 +569,109 @@ impl SecAggClient {
         for (seed, _) in &mut masks {
             seed.zeroize();
         }
-        self.stage = Stage::AwaitUnmask;
+        self.stage = Stage::AwaitConsistencyCheck;
         SecAgg::MaskedInput {
             round: self.round,
             masked,
         }
     }
 
-    /// Reveals self-mask shares of `survivors` and mask-key shares of
-    /// `dropped`. Answered once per round, and never for one peer in both.
-    pub fn on_unmask_request(
+    /// The server announced who survived (U3): checks that the set is
+    /// well formed, holds this client and at least t of its neighbours,
+    /// and signs it. Answered once per round.
+    pub fn on_consistency_check(
         &mut self,
-        survivors: &[u64],
-        dropped: &[u64],
+        survivors: Vec<u64>,
+        attestor: Option<&dyn KeyAttestor>,
     ) -> Result<SecAgg, ClientError> {
-        self.expect(Stage::AwaitUnmask, "unmask")?;
-        let survivors_set: BTreeSet<u64> = survivors.iter().copied().collect();
+        self.expect(Stage::AwaitConsistencyCheck, "consistency-check")?;
+        if survivors.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(ClientError::MalformedSurvivors);
+        }
+        if survivors.binary_search(&self.id).is_err() {
+            return Err(ClientError::NotASurvivor);
+        }
+        let fewest = self.params.fewest_inputs();
+        if survivors.len() < fewest {
+            return Err(ClientError::TooFewInputs {
+                have: survivors.len(),
+                needed: fewest,
+            });
+        }
+        let surviving = self
+            .received
+            .keys()
+            .filter(|p| survivors.binary_search(p).is_ok())
+            .count();
         let needed = self.params.threshold as usize;
-        if survivors_set.len() < needed {
+        if surviving < needed {
             return Err(ClientError::TooFewSurvivors {
-                have: survivors_set.len(),
+                have: surviving,
                 needed,
             });
         }
-        if let Some(&both) = dropped.iter().find(|d| survivors_set.contains(d)) {
-            return Err(ClientError::BothShareKinds(both));
+        let signature = attestor.map_or_else(Vec::new, |a| {
+            a.sign_survivors(&survivors_message(self.round, &self.digest, &survivors))
+        });
+        self.survivors = survivors;
+        self.stage = Stage::AwaitUnmaskRequest;
+        Ok(SecAgg::SurvivorsSigned {
+            round: self.round,
+            signature,
+        })
+    }
+
+    /// Reveals, for every neighbour whose shares this client holds, the
+    /// self-mask share if the signed survivor set holds it and the mask-key
+    /// share otherwise: never both, by construction. With an `attestor`,
+    /// at least t distinct surviving neighbours must first have signed the
+    /// very set this client signed (Bonawitz et al.'s consistency check),
+    /// so a server cannot tell one neighbour "X survived" and another "X
+    /// dropped" and collect both of X's secrets.
+    pub fn on_unmask_request(
+        &mut self,
+        signatures: &[SurvivorSignature],
+        attestor: Option<&dyn KeyAttestor>,
+    ) -> Result<SecAgg, ClientError> {
+        self.expect(Stage::AwaitUnmaskRequest, "unmask")?;
+        let needed = self.params.threshold as usize;
+        if let Some(a) = attestor {
+            let message = survivors_message(self.round, &self.digest, &self.survivors);
+            let mut valid = BTreeSet::new();
+            for s in signatures {
+                let certificate = self
+                    .peers
+                    .get(&s.signer)
+                    .filter(|_| self.survivors.binary_search(&s.signer).is_ok())
+                    .and_then(|p| p.attestation.as_ref())
+                    .map(|att| att.certificate.as_slice());
+                if let Some(cert) = certificate
+                    && a.verify_survivors(cert, &message, &s.signature).is_ok()
+                {
+                    valid.insert(s.signer);
+                }
+            }
+            if valid.len() < needed {
+                return Err(ClientError::TooFewSignatures {
+                    valid: valid.len(),
+                    needed,
+                });
+            }
         }
-        let reveal = |ids: &[u64],
-                      pick: fn(&Received) -> Scalar|
-         -> Result<Vec<RevealedShare>, ClientError> {
-            let mut seen = BTreeSet::new();
-            ids.iter()
-                .map(|&owner| {
-                    if !seen.insert(owner) {
-                        return Err(ClientError::DuplicatePeer(owner));
-                    }
-                    let r = self
-                        .received
-                        .get(&owner)
-                        .ok_or(ClientError::UnknownPeer(owner))?;
-                    Ok(RevealedShare {
-                        owner,
-                        share: pick(r).to_bytes(),
-                    })
-                })
-                .collect()
-        };
-        let self_mask = reveal(survivors, |r| r.self_mask)?;
-        let mask_key = reveal(dropped, |r| r.mask_key)?;
+        let (mut self_mask, mut mask_key) = (Vec::new(), Vec::new());
+        for (&owner, r) in &self.received {
+            if self.survivors.binary_search(&owner).is_ok() {
+                self_mask.push(RevealedShare {
+                    owner,
+                    share: r.self_mask.to_bytes(),
+                });
+            } else {
+                mask_key.push(RevealedShare {
+                    owner,
+                    share: r.mask_key.to_bytes(),
+                });
+            }
+        }
         self.stage = Stage::Done;
         Ok(SecAgg::UnmaskShares {
             round: self.round,

@@ -11,7 +11,7 @@ use rand_chacha::ChaCha20Rng;
 
 use super::client::{ClientError, SecAggClient};
 use super::server::{Abort, Outcome, SecAggServer};
-use crate::wire::{SecAgg, SecAggParams};
+use crate::wire::{RoundConfig, SecAgg, SecAggParams};
 
 /// Clients that vanish before each stage.
 #[derive(Debug, Clone, Default)]
@@ -69,8 +69,9 @@ pub fn run_round(
     let (mut client_time, mut server_time) = (Duration::ZERO, Duration::ZERO);
     let mut sent_bytes = 0usize;
     let started = now();
+    let digest = super::round_digest(round, &RoundConfig::default(), &[]);
     let (mut server, setups) =
-        SecAggServer::new(round, params.clone(), &ids, d, seed).expect("valid parameters");
+        SecAggServer::new(round, params.clone(), &ids, d, seed, digest).expect("valid parameters");
     server_time += started.elapsed();
 
     let mut clients: BTreeMap<u64, SecAggClient> = BTreeMap::new();
@@ -85,7 +86,8 @@ pub fn run_round(
         };
     for (id, setup) in &setups {
         let t = now();
-        let (c, adv) = SecAggClient::new(*id, round, setup, &mut rng, None).expect("valid setup");
+        let (c, adv) =
+            SecAggClient::new(*id, round, setup, digest, &mut rng, None).expect("valid setup");
         client_time += t.elapsed();
         if drops.before_keys.contains(id) {
             server.drop_client(*id);
@@ -96,7 +98,7 @@ pub fn run_round(
         clients.insert(*id, c);
     }
     let mut outcome = None;
-    for stage in 0..4 {
+    for stage in 0..5 {
         let t = now();
         let advanced = server.advance();
         server_time += t.elapsed();
@@ -115,7 +117,8 @@ pub fn run_round(
         let gone = match stage {
             0 => &drops.before_shares,
             1 => &drops.before_masked,
-            _ => &drops.before_unmask,
+            2 => &drops.before_unmask,
+            _ => &BTreeSet::new(),
         };
         for (to, msg) in out {
             if gone.contains(&to) {
@@ -139,9 +142,10 @@ pub fn run_round(
                     masked_by.insert(to);
                     c.mask(v, *n, d)
                 }
-                SecAgg::UnmaskRequest {
-                    survivors, dropped, ..
-                } => c.on_unmask_request(&survivors, &dropped),
+                SecAgg::ConsistencyCheck { survivors, .. } => {
+                    c.on_consistency_check(survivors, None)
+                }
+                SecAgg::UnmaskRequest { signatures, .. } => c.on_unmask_request(&signatures, None),
                 other => panic!("unexpected {}", other.kind()),
             }
             .expect("honest client");
@@ -168,6 +172,7 @@ fn payload_bytes(msg: &SecAgg) -> usize {
             mask_key,
             ..
         } => 40 * (self_mask.len() + mask_key.len()),
+        SecAgg::SurvivorsSigned { signature, .. } => signature.len(),
         _ => 0,
     }
 }

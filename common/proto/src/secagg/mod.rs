@@ -30,15 +30,27 @@ pub use crate::wire::SecAggParams;
 use crate::wire::{KeyAttestation, PeerKeys};
 use encode::{EncodeError, FixedPoint};
 
-/// Binds a client's round keys to its enrolled identity. The client signs
-/// its own keys; before using a neighbour's keys it checks their signature
-/// and that the signing certificate chains to the deployment's CA, so a
-/// server cannot slip in keys of nodes that were never enrolled.
+/// Binds a client's round messages to its enrolled identity. The client
+/// signs its own keys; before using a neighbour's keys it checks their
+/// signature and that the signing certificate chains to the deployment's
+/// CA, so a server cannot slip in keys of nodes that were never enrolled.
+/// Before revealing shares it also signs the survivor set the server
+/// announced and checks its neighbours' signatures over the same set.
 pub trait KeyAttestor: Send + Sync + std::fmt::Debug {
     /// Signs `keys` (with `attestation` still unset) for `round`.
     fn attest(&self, round: u64, keys: &PeerKeys) -> KeyAttestation;
     /// Checks `keys.attestation` for `round`; returns the signer's node name.
     fn verify(&self, round: u64, keys: &PeerKeys) -> Result<String, AttestationError>;
+    /// Signs a [`survivors_message`].
+    fn sign_survivors(&self, message: &[u8]) -> Vec<u8>;
+    /// Checks a [`survivors_message`] signature made with the key of
+    /// `certificate` (one [`KeyAttestor::verify`] already accepted).
+    fn verify_survivors(
+        &self,
+        certificate: &[u8],
+        message: &[u8],
+        signature: &[u8],
+    ) -> Result<(), AttestationError>;
     /// This node's own name.
     fn identity(&self) -> &str;
 }
@@ -59,17 +71,73 @@ pub enum AttestationError {
     BadSignature(String),
 }
 
+/// Domain separation of the keys signature.
+const KEYS_CONTEXT: &[u8] = b"fedveil secagg keys v2\0";
+/// Domain separation of the survivor-set signature.
+const SURVIVORS_CONTEXT: &[u8] = b"fedveil secagg survivors v1\0";
+/// Domain separation of the round digest.
+const DIGEST_CONTEXT: &[u8] = b"fedveil round digest v1\0";
+
 /// The bytes a node signs for its round keys: a domain-separation
-/// context, the round, the client id the server assigned, and both keys.
-pub fn keys_message(context: &[u8], round: u64, keys: &PeerKeys) -> Vec<u8> {
-    let mut m = Vec::with_capacity(context.len() + 16 + 64);
-    m.extend_from_slice(context);
+/// context, the round, the client id the server assigned, both keys and
+/// the round digest.
+pub fn keys_message(round: u64, keys: &PeerKeys) -> Vec<u8> {
+    let mut m = Vec::with_capacity(KEYS_CONTEXT.len() + 16 + 96);
+    m.extend_from_slice(KEYS_CONTEXT);
     m.extend_from_slice(&round.to_le_bytes());
     m.extend_from_slice(&keys.id.to_le_bytes());
     m.extend_from_slice(&keys.enc_pk);
     m.extend_from_slice(&keys.mask_pk);
+    m.extend_from_slice(&keys.round_digest);
     m
 }
+
+/// The bytes a survivor signs in the consistency check: a context, the
+/// round, its digest (so a signature never carries over to another run or
+/// model) and the ascending survivor ids.
+pub fn survivors_message(round: u64, digest: &[u8; 32], survivors: &[u64]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(SURVIVORS_CONTEXT.len() + 48 + 8 * survivors.len());
+    m.extend_from_slice(SURVIVORS_CONTEXT);
+    m.extend_from_slice(&round.to_le_bytes());
+    m.extend_from_slice(digest);
+    m.extend_from_slice(&(survivors.len() as u64).to_le_bytes());
+    for id in survivors {
+        m.extend_from_slice(&id.to_le_bytes());
+    }
+    m
+}
+
+/// SHA-256 over what a round asks a client to train: the round, its
+/// config and the global model, bit for bit. Every cohort member of an
+/// honest server computes the same digest.
+///
+/// ```
+/// use fedveil_proto::secagg::round_digest;
+/// use fedveil_proto::wire::RoundConfig;
+/// let config = RoundConfig::default();
+/// let a = round_digest(3, &config, &[0.5, -1.0]);
+/// assert_eq!(a, round_digest(3, &config, &[0.5, -1.0]));
+/// assert_ne!(a, round_digest(3, &config, &[0.5, -1.0000001]));
+/// assert_ne!(a, round_digest(4, &config, &[0.5, -1.0]));
+/// ```
+pub fn round_digest(round: u64, config: &crate::wire::RoundConfig, model: &[f32]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let config = bincode::serde::encode_to_vec(config, bincode::config::standard())
+        .expect("a round config always serializes");
+    let mut h = Sha256::new();
+    h.update(DIGEST_CONTEXT);
+    h.update(round.to_le_bytes());
+    h.update((config.len() as u64).to_le_bytes());
+    h.update(&config);
+    h.update((model.len() as u64).to_le_bytes());
+    h.update(crate::wire::codec::f32s_to_le_bytes(model));
+    h.finalize().into()
+}
+
+/// Longest survivor-set signature the server forwards (an ECDSA P-256
+/// signature in DER is at most 72 bytes): each is sent to every signing
+/// neighbour, so an unbounded one would multiply one client's bytes by k.
+pub const MAX_SIGNATURE_LEN: usize = 128;
 
 /// Fewest shares a client's secrets may be reconstructed from: with one,
 /// a single colluding neighbour would hold them.
@@ -177,6 +245,13 @@ pub enum ParamsError {
 }
 
 impl SecAggParams {
+    /// The fewest inputs a round may unmask together: t + 1, or
+    /// `min_survivors` when that is more. The server aborts below it; each
+    /// client refuses a survivor set below it.
+    pub fn fewest_inputs(&self) -> usize {
+        (self.threshold as usize + 1).max(self.min_survivors as usize)
+    }
+
     /// Safe defaults for a cohort of `n` with an expected dropout rate.
     ///
     /// Degree: at least ~3 log2(n) (Bell et al.), grown until even the
@@ -276,4 +351,4 @@ impl SecAggParams {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -4,7 +4,8 @@
 //! driver calls [`SecAggServer::advance`] after a stage timeout; clients
 //! that did not answer (or were refused) drop out at that stage. Sets, as in
 //! the papers: U1 advertised keys, U2 sent shares, U3 sent a masked input,
-//! U4 answered the unmask request.
+//! U4' signed the survivor set U3 (the consistency check), U4 answered the
+//! unmask request.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -15,9 +16,10 @@ use super::client::SHARE_CIPHERTEXT_LEN;
 use super::client::x25519_secret;
 use super::encode::FixedPoint;
 use super::shamir::{self, Share};
-use super::{ParamsError, graph, prg};
+use super::{MAX_SIGNATURE_LEN, ParamsError, graph, prg};
 use crate::wire::{
     EncryptedShare, PeerKeys, ReasonCode, RevealedShare, SecAgg, SecAggParams, SecAggSetup,
+    SurvivorSignature,
 };
 
 /// A client message the server refuses (the client is dropped from the round).
@@ -102,6 +104,8 @@ pub enum Stage {
     ShareKeys,
     /// Clients send their masked inputs.
     MaskedInput,
+    /// Survivors sign the survivor set.
+    ConsistencyCheck,
     /// Survivors reveal the shares that unmask the sum.
     Unmask,
     /// The sum is known (or the round aborted).
@@ -115,6 +119,7 @@ impl Stage {
             Stage::AdvertiseKeys => "advertise-keys",
             Stage::ShareKeys => "share-keys",
             Stage::MaskedInput => "masked-input",
+            Stage::ConsistencyCheck => "consistency-check",
             Stage::Unmask => "unmask",
             Stage::Finished => "finished",
         }
@@ -124,6 +129,8 @@ impl Stage {
 /// One round of SecAgg+ on the server.
 pub struct SecAggServer {
     round: u64,
+    /// The [`super::round_digest`] every client's keys must carry.
+    digest: [u8; 32],
     params: SecAggParams,
     graph: BTreeMap<u64, Vec<u64>>,
     /// Length of the masked vector: the model plus the weight.
@@ -135,6 +142,8 @@ pub struct SecAggServer {
     inbox: BTreeMap<u64, Vec<EncryptedShare>>,
     u2: BTreeSet<u64>,
     u3: BTreeSet<u64>,
+    /// Survivors' signatures over U3 (U4' is their key set).
+    signatures: BTreeMap<u64, Vec<u8>>,
     sum: Vec<u32>,
     self_mask_shares: BTreeMap<u64, Vec<Share>>,
     mask_key_shares: BTreeMap<u64, Vec<Share>>,
@@ -145,14 +154,16 @@ pub struct SecAggServer {
 }
 
 impl SecAggServer {
-    /// A round over `cohort` for a model of `model_len` parameters; returns
-    /// the setup each client receives with its round start.
+    /// A round over `cohort` for a model of `model_len` parameters, whose
+    /// round start has [`super::round_digest`] `digest`; returns the setup
+    /// each client receives with its round start.
     pub fn new(
         round: u64,
         params: SecAggParams,
         cohort: &[u64],
         model_len: usize,
         graph_seed: u64,
+        digest: [u8; 32],
     ) -> Result<(Self, Vec<(u64, SecAggSetup)>), ParamsError> {
         params.validate(cohort.len())?;
         let (values, weights) = params.encoders()?;
@@ -173,6 +184,7 @@ impl SecAggServer {
         Ok((
             Self {
                 round,
+                digest,
                 params,
                 pending: graph.keys().copied().collect(),
                 graph,
@@ -182,6 +194,7 @@ impl SecAggServer {
                 inbox: BTreeMap::new(),
                 u2: BTreeSet::new(),
                 u3: BTreeSet::new(),
+                signatures: BTreeMap::new(),
                 sum: vec![0; model_len + 1],
                 self_mask_shares: BTreeMap::new(),
                 mask_key_shares: BTreeMap::new(),
@@ -250,6 +263,11 @@ impl SecAggServer {
                         "client {from} advertised keys for client {}",
                         keys.id
                     )))
+                } else if keys.round_digest != self.digest {
+                    // Its neighbours would refuse the round over it.
+                    Err(violation(format!(
+                        "client {from} advertised keys for another model or round config than this round's"
+                    )))
                 } else {
                     self.keys.insert(from, keys);
                     Ok(())
@@ -258,6 +276,17 @@ impl SecAggServer {
             (Stage::ShareKeys, SecAgg::Shares { shares, .. }) => self.on_shares(from, shares),
             (Stage::MaskedInput, SecAgg::MaskedInput { masked, .. }) => {
                 self.on_masked(from, &masked)
+            }
+            (Stage::ConsistencyCheck, SecAgg::SurvivorsSigned { signature, .. }) => {
+                if signature.len() > MAX_SIGNATURE_LEN {
+                    Err(violation(format!(
+                        "client {from} sent a survivor-set signature of {} bytes, more than {MAX_SIGNATURE_LEN}",
+                        signature.len()
+                    )))
+                } else {
+                    self.signatures.insert(from, signature);
+                    Ok(())
+                }
             }
             (
                 Stage::Unmask,
@@ -497,19 +526,53 @@ impl SecAggServer {
                         });
                     }
                 }
+                let survivors: Vec<u64> = u3.iter().copied().collect();
                 for &i in &u3 {
-                    let survivors = self.neighbours_in(i, &u3).into_iter().collect();
-                    let dropped = self.neighbours_in(i, &dropped).into_iter().collect();
                     self.outbox.push_back((
                         i,
-                        SecAgg::UnmaskRequest {
+                        SecAgg::ConsistencyCheck {
                             round: self.round,
-                            survivors,
-                            dropped,
+                            survivors: survivors.clone(),
                         },
                     ));
                 }
                 self.pending = u3;
+                self.stage = Stage::ConsistencyCheck;
+                Ok(None)
+            }
+            Stage::ConsistencyCheck => {
+                let signed: BTreeSet<u64> = self.signatures.keys().copied().collect();
+                self.ensure_enough(&signed, "unmask")?;
+                // Only signers are asked to reveal: every secret needed must
+                // still have t holders among them.
+                for &j in self.u3.iter().chain(&self.dropped_set()) {
+                    let have = self.neighbours_in(j, &signed).len();
+                    if have < t {
+                        return self.abort(Abort::TooFewNeighbours {
+                            client: j,
+                            have,
+                            threshold: t,
+                        });
+                    }
+                }
+                for &i in &signed {
+                    let signatures = self
+                        .neighbours_in(i, &signed)
+                        .into_iter()
+                        .map(|signer| SurvivorSignature {
+                            signer,
+                            signature: self.signatures[&signer].clone(),
+                        })
+                        .collect();
+                    self.outbox.push_back((
+                        i,
+                        SecAgg::UnmaskRequest {
+                            round: self.round,
+                            signatures,
+                        },
+                    ));
+                }
+                self.pending = signed;
                 self.stage = Stage::Unmask;
                 Ok(None)
             }
@@ -528,7 +591,7 @@ impl SecAggServer {
     }
 
     fn ensure_enough(&self, set: &BTreeSet<u64>, stage: &'static str) -> Result<(), Abort> {
-        let needed = (self.threshold() + 1).max(self.params.min_survivors as usize);
+        let needed = self.params.fewest_inputs();
         if set.len() < needed {
             return Err(Abort::TooFewClients {
                 stage,

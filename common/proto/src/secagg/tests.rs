@@ -13,6 +13,9 @@ use super::server::{Abort, SecAggServer, Stage};
 use super::*;
 use crate::wire::{ReasonCode, SecAgg, SecAggSetup};
 
+/// The round digest of the in-memory rounds here.
+const DIGEST: [u8; 32] = [7; 32];
+
 struct Run {
     result: Result<server::Outcome, Abort>,
     /// Plaintext integer sum of the survivors' encoded inputs.
@@ -246,10 +249,11 @@ fn binomial_tail_is_exact_on_small_cases_and_finite_on_large_ones() {
 fn masked_client(n: usize, seed: u64) -> (SecAggServer, BTreeMap<u64, SecAggClient>, ChaCha20Rng) {
     let ids: Vec<u64> = (1..=n as u64).collect();
     let mut rng = ChaCha20Rng::seed_from_u64(seed);
-    let (mut server, setups) = SecAggServer::new(1, params(n, 4, 3, 32), &ids, 8, seed).unwrap();
+    let (mut server, setups) =
+        SecAggServer::new(1, params(n, 4, 3, 32), &ids, 8, seed, DIGEST).unwrap();
     let mut clients = BTreeMap::new();
     for (id, s) in &setups {
-        let (c, adv) = SecAggClient::new(*id, 1, s, &mut rng, None).unwrap();
+        let (c, adv) = SecAggClient::new(*id, 1, s, DIGEST, &mut rng, None).unwrap();
         server.handle(*id, adv).unwrap();
         clients.insert(*id, c);
     }
@@ -292,8 +296,10 @@ fn share_all(
     server.advance().unwrap();
 }
 
+/// The survivor set is checked and signed once; the reveals follow from it,
+/// so no request can ask for both share kinds of one peer.
 #[test]
-fn a_client_never_reveals_both_share_kinds_or_answers_twice() {
+fn a_client_signs_one_survivor_set_and_reveals_by_it_alone() {
     let (mut server, mut clients, mut rng) = masked_client(6, 2);
     share_all(&mut server, &mut clients, &mut rng);
     let mut msgs = Vec::new();
@@ -308,21 +314,63 @@ fn a_client_never_reveals_both_share_kinds_or_answers_twice() {
     let peer = senders[0];
     c.on_peer_shares(shares).unwrap();
     c.mask(&[0.0; 8], 10, 8).unwrap();
-    // A curious server claims `peer` both survived and dropped.
+    let mut all: Vec<u64> = senders.iter().copied().chain([to]).collect();
+    all.sort_unstable();
+    // Not the one signed form of a set.
+    let mut shuffled = all.clone();
+    shuffled.reverse();
     assert_eq!(
-        c.on_unmask_request(&senders, &[peer]),
-        Err(ClientError::BothShareKinds(peer))
+        c.on_consistency_check(shuffled, None),
+        Err(ClientError::MalformedSurvivors)
     );
-    // ... or names fewer survivors than the threshold (3), which an honest
-    // server aborts on instead.
+    // A set without this client, which sent its input.
+    let without_me: Vec<u64> = all.iter().copied().filter(|&i| i != to).collect();
     assert_eq!(
-        c.on_unmask_request(&senders[..2], &[]),
+        c.on_consistency_check(without_me, None),
+        Err(ClientError::NotASurvivor)
+    );
+    // Fewer inputs than the round may unmask together (t + 1 = 4).
+    let mut too_few: Vec<u64> = all
+        .iter()
+        .copied()
+        .filter(|&i| i == to || senders[..2].contains(&i))
+        .collect();
+    assert_eq!(
+        c.on_consistency_check(too_few.clone(), None),
+        Err(ClientError::TooFewInputs { have: 3, needed: 4 })
+    );
+    // Fewer surviving neighbours than the threshold (3), which an honest
+    // server aborts on instead.
+    let stranger = (1..=6).find(|i| *i != to && !senders.contains(i)).unwrap();
+    too_few.push(stranger);
+    too_few.sort_unstable();
+    assert_eq!(
+        c.on_consistency_check(too_few, None),
         Err(ClientError::TooFewSurvivors { have: 2, needed: 3 })
     );
-    c.on_unmask_request(&senders, &[]).unwrap();
-    // ... or asks again with the other story.
+    // `peer` dropped: its mask-key share is revealed, every other
+    // neighbour's self-mask share, and nothing else.
+    let survivors: Vec<u64> = all.iter().copied().filter(|&i| i != peer).collect();
+    let signed = c.on_consistency_check(survivors.clone(), None).unwrap();
+    assert!(matches!(signed, SecAgg::SurvivorsSigned { .. }));
     assert!(matches!(
-        c.on_unmask_request(&[], &[peer]),
+        c.on_consistency_check(all.clone(), None),
+        Err(ClientError::WrongStage { .. })
+    ));
+    let SecAgg::UnmaskShares {
+        self_mask,
+        mask_key,
+        ..
+    } = c.on_unmask_request(&[], None).unwrap()
+    else {
+        panic!("expected unmask shares")
+    };
+    let owners = |v: &[crate::wire::RevealedShare]| v.iter().map(|s| s.owner).collect::<Vec<_>>();
+    assert_eq!(owners(&mask_key), vec![peer]);
+    assert_eq!(owners(&self_mask), senders[1..].to_vec());
+    // ... and only once.
+    assert!(matches!(
+        c.on_unmask_request(&[], None),
         Err(ClientError::WrongStage { .. })
     ));
 }
@@ -442,14 +490,21 @@ fn tampering_is_refused_with_specific_errors() {
 fn a_setup_that_would_not_protect_the_client_is_refused() {
     use super::client::SetupError;
     let ids: Vec<u64> = (1..=7).collect();
-    let (_, setups) = SecAggServer::new(1, params(7, 4, 3, 32), &ids, 8, 5).unwrap();
+    let (_, setups) = SecAggServer::new(1, params(7, 4, 3, 32), &ids, 8, 5, DIGEST).unwrap();
     let (id, honest) = setups[0].clone();
     let mut rng = ChaCha20Rng::seed_from_u64(1);
-    assert!(SecAggClient::new(id, 1, &honest, &mut rng, None).is_ok());
+    assert!(SecAggClient::new(id, 1, &honest, DIGEST, &mut rng, None).is_ok());
     let refused = |tamper: &dyn Fn(&mut SecAggSetup)| {
         let mut setup = honest.clone();
         tamper(&mut setup);
-        match SecAggClient::new(id, 1, &setup, &mut ChaCha20Rng::seed_from_u64(1), None) {
+        match SecAggClient::new(
+            id,
+            1,
+            &setup,
+            DIGEST,
+            &mut ChaCha20Rng::seed_from_u64(1),
+            None,
+        ) {
             Err(ClientError::UnsafeSetup(why)) => why,
             Err(other) => panic!("expected an unsafe setup, got {other}"),
             Ok(_) => panic!("an unsafe setup was accepted: {setup:?}"),
@@ -563,18 +618,16 @@ fn a_wrong_revealed_share_is_detected_not_summed() {
         server.handle(to, masked).unwrap();
     }
     server.advance().unwrap();
+    sign_all(&mut server, &mut clients, &BTreeMap::new());
     let msgs: Vec<(u64, SecAgg)> = std::iter::from_fn(|| server.poll_transmit()).collect();
     for (i, (to, m)) in msgs.into_iter().enumerate() {
-        let SecAgg::UnmaskRequest {
-            survivors, dropped, ..
-        } = m
-        else {
+        let SecAgg::UnmaskRequest { signatures, .. } = m else {
             panic!("expected an unmask request")
         };
         let mut reply = clients
             .get_mut(&to)
             .unwrap()
-            .on_unmask_request(&survivors, &dropped)
+            .on_unmask_request(&signatures, None)
             .unwrap();
         if i == 0
             && let SecAgg::UnmaskShares { self_mask, .. } = &mut reply
@@ -593,4 +646,282 @@ fn a_wrong_revealed_share_is_detected_not_summed() {
         }
         other => panic!("expected a detected bad share, got {other:?}"),
     }
+}
+
+/// Stands in for an enrolled identity: "signs" by attaching its
+/// certificate bytes, and reads a peer's name from them.
+#[derive(Debug)]
+pub(crate) struct TagAttestor {
+    pub(crate) name: String,
+    pub(crate) certificate: Vec<u8>,
+}
+
+/// The test double's "signature": the certificate and a hash of the message.
+fn tag(certificate: &[u8], message: &[u8]) -> Vec<u8> {
+    use sha2::Digest;
+    let mut t = certificate.to_vec();
+    t.extend_from_slice(&sha2::Sha256::digest(message));
+    t
+}
+
+impl crate::secagg::KeyAttestor for TagAttestor {
+    fn attest(&self, _round: u64, _keys: &crate::wire::PeerKeys) -> crate::wire::KeyAttestation {
+        crate::wire::KeyAttestation {
+            certificate: self.certificate.clone(),
+            signature: Vec::new(),
+        }
+    }
+    fn verify(
+        &self,
+        _round: u64,
+        keys: &crate::wire::PeerKeys,
+    ) -> Result<String, crate::secagg::AttestationError> {
+        use crate::secagg::AttestationError;
+        let att = keys
+            .attestation
+            .as_ref()
+            .ok_or(AttestationError::Unsigned)?;
+        String::from_utf8(att.certificate.clone())
+            .map_err(|e| AttestationError::Certificate(e.to_string()))
+    }
+    fn sign_survivors(&self, message: &[u8]) -> Vec<u8> {
+        tag(&self.certificate, message)
+    }
+    fn verify_survivors(
+        &self,
+        certificate: &[u8],
+        message: &[u8],
+        signature: &[u8],
+    ) -> Result<(), crate::secagg::AttestationError> {
+        if signature == tag(certificate, message) {
+            Ok(())
+        } else {
+            Err(crate::secagg::AttestationError::BadSignature(
+                String::from_utf8_lossy(certificate).into_owned(),
+            ))
+        }
+    }
+    fn identity(&self) -> &str {
+        &self.name
+    }
+}
+
+/// Every client answers the consistency check the server sent it (with its
+/// attestor, if it has one); the server moves on to the unmask requests.
+fn sign_all(
+    server: &mut SecAggServer,
+    clients: &mut BTreeMap<u64, SecAggClient>,
+    attestors: &BTreeMap<u64, TagAttestor>,
+) {
+    let msgs: Vec<(u64, SecAgg)> = std::iter::from_fn(|| server.poll_transmit()).collect();
+    for (to, m) in msgs {
+        let SecAgg::ConsistencyCheck { survivors, .. } = m else {
+            panic!("expected a consistency check")
+        };
+        let a = attestors.get(&to).map(|a| a as &dyn KeyAttestor);
+        let signed = clients
+            .get_mut(&to)
+            .unwrap()
+            .on_consistency_check(survivors, a)
+            .unwrap();
+        server.handle(to, signed).unwrap();
+    }
+    server.advance().unwrap();
+}
+
+fn tag_attestor(id: u64) -> TagAttestor {
+    TagAttestor {
+        name: format!("node-{id}"),
+        certificate: format!("node-{id}").into_bytes(),
+    }
+}
+
+/// `n` clients with identities through the masked input (k = 4, t = 3);
+/// the server's consistency checks are queued.
+fn attested_masked(
+    n: u64,
+) -> (
+    SecAggServer,
+    BTreeMap<u64, SecAggClient>,
+    BTreeMap<u64, TagAttestor>,
+) {
+    let ids: Vec<u64> = (1..=n).collect();
+    let mut rng = ChaCha20Rng::seed_from_u64(n);
+    let (mut server, setups) =
+        SecAggServer::new(1, params(n as usize, 4, 3, 32), &ids, 8, 3, DIGEST).unwrap();
+    let attestors: BTreeMap<u64, TagAttestor> = ids.iter().map(|&i| (i, tag_attestor(i))).collect();
+    let mut clients = BTreeMap::new();
+    for (id, s) in &setups {
+        let (c, adv) =
+            SecAggClient::new(*id, 1, s, DIGEST, &mut rng, Some(&attestors[id])).unwrap();
+        server.handle(*id, adv).unwrap();
+        clients.insert(*id, c);
+    }
+    server.advance().unwrap();
+    let msgs: Vec<(u64, SecAgg)> = std::iter::from_fn(|| server.poll_transmit()).collect();
+    for (to, m) in msgs {
+        let SecAgg::PeerKeys { peers, .. } = m else {
+            panic!("expected peer keys")
+        };
+        let a = &attestors[&to];
+        let shares = clients
+            .get_mut(&to)
+            .unwrap()
+            .on_peer_keys(peers, &mut rng, Some(a))
+            .unwrap();
+        server.handle(to, shares).unwrap();
+    }
+    server.advance().unwrap();
+    let msgs: Vec<(u64, SecAgg)> = std::iter::from_fn(|| server.poll_transmit()).collect();
+    for (to, m) in msgs {
+        let SecAgg::PeerShares { shares, .. } = m else {
+            panic!("expected peer shares")
+        };
+        let c = clients.get_mut(&to).unwrap();
+        c.on_peer_shares(shares).unwrap();
+        server
+            .handle(to, c.mask(&[0.5; 8], 10, 8).unwrap())
+            .unwrap();
+    }
+    server.advance().unwrap();
+    (server, clients, attestors)
+}
+
+/// Bonawitz et al.'s consistency check: a deviating server that tells one
+/// client that a neighbour dropped (to collect that neighbour's mask key
+/// from it while the others reveal its self mask) cannot show that client
+/// t neighbours' signatures over the set it signed, and the client
+/// reveals nothing. The honest view goes on.
+#[test]
+fn a_client_told_another_survivor_set_than_its_neighbours_reveals_nothing() {
+    let (mut server, mut clients, attestors) = attested_masked(6);
+    let checks: Vec<(u64, SecAgg)> = std::iter::from_fn(|| server.poll_transmit()).collect();
+    let victim = checks[0].0;
+    for (to, m) in checks {
+        let SecAgg::ConsistencyCheck { mut survivors, .. } = m else {
+            panic!("expected a consistency check")
+        };
+        if to == victim {
+            let target = *survivors.iter().find(|&&i| i != victim).unwrap();
+            survivors.retain(|&i| i != target);
+        }
+        let signed = clients
+            .get_mut(&to)
+            .unwrap()
+            .on_consistency_check(survivors, Some(&attestors[&to]))
+            .unwrap();
+        server.handle(to, signed).unwrap();
+    }
+    server.advance().unwrap();
+    let requests: Vec<(u64, SecAgg)> = std::iter::from_fn(|| server.poll_transmit()).collect();
+    assert_eq!(requests.len(), 6);
+    for (to, m) in requests {
+        let SecAgg::UnmaskRequest { signatures, .. } = m else {
+            panic!("expected an unmask request")
+        };
+        let reply = clients
+            .get_mut(&to)
+            .unwrap()
+            .on_unmask_request(&signatures, Some(&attestors[&to]));
+        if to == victim {
+            assert_eq!(
+                reply,
+                Err(ClientError::TooFewSignatures {
+                    valid: 0,
+                    needed: 3
+                })
+            );
+        } else {
+            // Each has 4 neighbours; only the victim's signature (if it is
+            // one of them) is over another set.
+            assert!(reply.is_ok(), "client {to}: {reply:?}");
+        }
+    }
+}
+
+/// Signatures the server made up, or a neighbour's replayed from another
+/// signer, do not count.
+#[test]
+fn forged_or_misattributed_survivor_signatures_do_not_count() {
+    let (mut server, mut clients, attestors) = attested_masked(6);
+    sign_all(&mut server, &mut clients, &attestors);
+    let (to, SecAgg::UnmaskRequest { mut signatures, .. }) = server.poll_transmit().unwrap() else {
+        panic!("expected an unmask request")
+    };
+    // One garbage signature, one neighbour's signature passed off as
+    // another's: 2 of 4 left, below t = 3.
+    signatures[0].signature = vec![0; 70];
+    let moved = signatures[1].signature.clone();
+    signatures[2].signature = moved;
+    let reply = clients
+        .get_mut(&to)
+        .unwrap()
+        .on_unmask_request(&signatures, Some(&attestors[&to]));
+    assert_eq!(
+        reply,
+        Err(ClientError::TooFewSignatures {
+            valid: 2,
+            needed: 3
+        })
+    );
+}
+
+/// Pasquini et al.: a server that sends one client another model (or
+/// round config) is found out by its neighbours, who refuse its keys; an
+/// honest server refuses such keys itself before forwarding them.
+#[test]
+fn keys_made_for_another_model_are_refused_by_peers_and_server() {
+    let ids: Vec<u64> = (1..=5).collect();
+    let mut rng = ChaCha20Rng::seed_from_u64(4);
+    let (mut server, setups) =
+        SecAggServer::new(1, params(5, 4, 3, 32), &ids, 8, 3, DIGEST).unwrap();
+    let mut advs = BTreeMap::new();
+    let mut clients = BTreeMap::new();
+    for (id, s) in &setups {
+        // Client 5 was sent a model of its own.
+        let digest = if *id == 5 { [8; 32] } else { DIGEST };
+        let (c, adv) = SecAggClient::new(*id, 1, s, digest, &mut rng, None).unwrap();
+        advs.insert(*id, adv);
+        clients.insert(*id, c);
+    }
+    let keys = |id: u64| match &advs[&id] {
+        SecAgg::AdvertiseKeys { keys, .. } => keys.clone(),
+        _ => unreachable!(),
+    };
+    let err = server.handle(5, advs[&5].clone()).unwrap_err();
+    assert_eq!(err.code, ReasonCode::SecAggViolation);
+    assert!(err.detail.contains("another model"), "{}", err.detail);
+    // A deviating server forwards them anyway: the neighbour refuses.
+    let peers: Vec<_> = [2, 3, 4, 5].into_iter().map(keys).collect();
+    assert!(matches!(
+        clients
+            .get_mut(&1)
+            .unwrap()
+            .on_peer_keys(peers, &mut rng, None),
+        Err(ClientError::RoundMismatch(5))
+    ));
+}
+
+/// A neighbour list longer than the stated degree is refused.
+#[test]
+fn more_neighbours_than_the_degree_is_an_unsafe_setup() {
+    let setup = SecAggSetup {
+        params: params(9, 4, 3, 32),
+        neighbours: vec![2, 3, 4, 5, 6],
+    };
+    let got = SecAggClient::new(
+        1,
+        1,
+        &setup,
+        DIGEST,
+        &mut ChaCha20Rng::seed_from_u64(1),
+        None,
+    )
+    .err();
+    assert_eq!(
+        got,
+        Some(ClientError::UnsafeSetup(
+            super::client::SetupError::AboveDegree { k: 5, degree: 4 }
+        ))
+    );
 }

@@ -14,7 +14,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change to the messages or the frame layout.
-pub const PROTOCOL_VERSION: u16 = 6;
+pub const PROTOCOL_VERSION: u16 = 7;
 
 /// Identifies a model architecture and its exact parameter layout.
 ///
@@ -269,6 +269,11 @@ pub struct PeerKeys {
     pub enc_pk: [u8; 32],
     /// X25519 public key for pairwise masks.
     pub mask_pk: [u8; 32],
+    /// What the node was asked to train on: the [`crate::secagg::round_digest`]
+    /// of the global model and round config it received. Neighbours whose
+    /// digests differ refuse the round, so a server cannot single out one
+    /// node with a model of its own (Pasquini et al., CCS 2022).
+    pub round_digest: [u8; 32],
     /// The node's enrolled certificate and its signature over these keys
     /// and the round: peers check both before using the keys, so the
     /// server cannot substitute keys of its own.
@@ -305,6 +310,17 @@ pub struct RevealedShare {
     pub owner: u64,
     /// The Shamir share.
     pub share: [u8; 32],
+}
+
+/// A neighbour's signature over a round's survivor set, forwarded by the
+/// server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SurvivorSignature {
+    /// The client that signed.
+    pub signer: u64,
+    /// Its signature.
+    #[serde(deserialize_with = "crate::wire::bounded::bytes")]
+    pub signature: Vec<u8>,
 }
 
 /// SecAgg+ messages after the round start.
@@ -356,16 +372,34 @@ pub enum SecAgg {
         #[serde(skip)]
         masked: Vec<u32>,
     },
-    /// Server → client: which of my neighbours survived and which dropped.
+    /// Server → client: every client whose masked input arrived (U3, in
+    /// ascending order), for each of them to sign (Bonawitz et al.'s
+    /// consistency check).
+    ConsistencyCheck {
+        /// The round.
+        round: u64,
+        /// The survivors, ascending.
+        #[serde(deserialize_with = "crate::wire::bounded::vec")]
+        survivors: Vec<u64>,
+    },
+    /// Client → server: my signature over the round and the survivor set
+    /// (see [`crate::secagg::survivors_message`]); empty without an
+    /// enrolled identity.
+    SurvivorsSigned {
+        /// The round.
+        round: u64,
+        /// The signature (ECDSA P-256 / SHA-256, ASN.1 DER).
+        #[serde(deserialize_with = "crate::wire::bounded::bytes")]
+        signature: Vec<u8>,
+    },
+    /// Server → client: my neighbours' signatures over the same survivor
+    /// set; with at least t of them valid, I reveal my shares for it.
     UnmaskRequest {
         /// The round.
         round: u64,
-        /// Neighbours whose masked input arrived.
+        /// One per neighbour that signed.
         #[serde(deserialize_with = "crate::wire::bounded::vec")]
-        survivors: Vec<u64>,
-        /// Neighbours whose masked input did not.
-        #[serde(deserialize_with = "crate::wire::bounded::vec")]
-        dropped: Vec<u64>,
+        signatures: Vec<SurvivorSignature>,
     },
     /// Client → server: self-mask shares of survivors, mask-key shares of
     /// dropped neighbours (never both for one peer).
@@ -391,6 +425,8 @@ impl SecAgg {
             | SecAgg::Shares { round, .. }
             | SecAgg::PeerShares { round, .. }
             | SecAgg::MaskedInput { round, .. }
+            | SecAgg::ConsistencyCheck { round, .. }
+            | SecAgg::SurvivorsSigned { round, .. }
             | SecAgg::UnmaskRequest { round, .. }
             | SecAgg::UnmaskShares { round, .. } => *round,
         }
@@ -405,6 +441,8 @@ impl SecAgg {
             SecAgg::Shares { .. } => "secagg-shares",
             SecAgg::PeerShares { .. } => "secagg-peer-shares",
             SecAgg::MaskedInput { .. } => "secagg-masked-input",
+            SecAgg::ConsistencyCheck { .. } => "secagg-consistency-check",
+            SecAgg::SurvivorsSigned { .. } => "secagg-survivors-signed",
             SecAgg::UnmaskRequest { .. } => "secagg-unmask-request",
             SecAgg::UnmaskShares { .. } => "secagg-unmask-shares",
         }
