@@ -282,8 +282,16 @@ impl ServerBuilder {
         if let Some(plan) = &config.dp {
             plan.log();
         }
-        let mut coordinator =
-            Coordinator::builder(config, served.spec.clone()).expect_data(served.data.clone());
+        let registry = match (self.registry, &self.state) {
+            (Some(registry), _) => registry,
+            (None, Some((path, _))) => Arc::new(Registry::open(path)?),
+            (None, None) => Arc::new(Registry::in_memory()?),
+        };
+        // Each node's spend over all earlier runs: a new run name never
+        // starts the population afresh.
+        let mut coordinator = Coordinator::builder(config, served.spec.clone())
+            .expect_data(served.data.clone())
+            .population(registry.spends()?, settings.population_budget);
         if let Some(strategy) = self.strategy {
             coordinator = coordinator.strategy(strategy);
         }
@@ -319,11 +327,6 @@ impl ServerBuilder {
             (Some(identity), _) => identity,
             (None, Some(dir)) => ServerIdentity::load_or_create(dir, &self.names)?,
             (None, None) => ServerIdentity::generate(&self.names)?,
-        };
-        let registry = match (self.registry, &self.state) {
-            (Some(registry), _) => registry,
-            (None, Some((path, _))) => Arc::new(Registry::open(path)?),
-            (None, None) => Arc::new(Registry::in_memory()?),
         };
         if self.state.is_some() && self.identity_dir.is_none() {
             tracing::warn!(

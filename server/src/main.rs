@@ -34,7 +34,7 @@ enum Command {
     /// Issue a one-time enrolment token for a node (printed on stdout).
     Enroll(EnrollArgs),
     /// List enrolled nodes.
-    Nodes(RegistryArgs),
+    Nodes(NodesArgs),
     /// Revoke a node: refused from its next connection on, and dropped now
     /// by a running server.
     Revoke(RevokeArgs),
@@ -81,6 +81,15 @@ struct RegistryArgs {
     /// The state database [default: DIR/state.db].
     #[arg(long)]
     state: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct NodesArgs {
+    #[command(flatten)]
+    registry: RegistryArgs,
+    /// The delta each node's epsilon over all runs is shown at.
+    #[arg(long, default_value_t = fedveil_proto::round::policy::DEFAULT_POLICY_DELTA)]
+    delta: f64,
 }
 
 impl RegistryArgs {
@@ -276,16 +285,18 @@ fn enroll(args: &EnrollArgs) -> Result<()> {
     Ok(())
 }
 
-fn nodes(args: &RegistryArgs) -> Result<()> {
+fn nodes(args: &NodesArgs) -> Result<()> {
     let now = pki::unix_now();
-    let nodes = args.open()?.nodes()?;
+    let registry = args.registry.open()?;
+    let nodes = registry.nodes()?;
+    let spends = registry.spends()?;
     if nodes.is_empty() {
         println!("no enrolled nodes");
         return Ok(());
     }
     println!(
-        "{:<24} {:<8} {:<34} {:<21} LAST SEEN",
-        "NAME", "STATUS", "SERIAL", "EXPIRES"
+        "{:<24} {:<8} {:<34} {:<21} {:<21} EPSILON (all runs, delta {:e})",
+        "NAME", "STATUS", "SERIAL", "EXPIRES", "LAST SEEN", args.delta
     );
     for n in nodes {
         let status = match (n.revoked_at, n.not_after) {
@@ -293,8 +304,11 @@ fn nodes(args: &RegistryArgs) -> Result<()> {
             (None, Some(t)) if t <= now => "expired",
             (None, _) => "active",
         };
+        let spent = spends.get(&n.name).map_or("-".into(), |s| {
+            format!("{:.4} over {} rounds", s.epsilon(args.delta), s.rounds)
+        });
         println!(
-            "{:<24} {:<8} {:<34} {:<21} {}",
+            "{:<24} {:<8} {:<34} {:<21} {:<21} {spent}",
             n.name,
             status,
             n.serial.as_deref().unwrap_or("-"),

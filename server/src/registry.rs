@@ -22,7 +22,8 @@ use fedveil_net::quic::{NodeRegistry, RegistryRejection};
 use fedveil_proto::wire::ReasonCode;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
-use crate::store::{StoreError, open_database, sqlite_err};
+use crate::store::{NODE_SPEND_SCHEMA, StoreError, open_database, sqlite_err};
+use fedveil_proto::dp::NodeSpend;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS nodes (
@@ -168,6 +169,8 @@ impl Registry {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let conn = open_database(path)?;
         conn.execute_batch(SCHEMA).map_err(sqlite_err(path))?;
+        conn.execute_batch(NODE_SPEND_SCHEMA)
+            .map_err(sqlite_err(path))?;
         Ok(Self {
             conn: Mutex::new(conn),
             path: path.to_owned(),
@@ -179,6 +182,8 @@ impl Registry {
         let path = PathBuf::from(":memory:");
         let conn = Connection::open_in_memory().map_err(sqlite_err(&path))?;
         conn.execute_batch(SCHEMA).map_err(sqlite_err(&path))?;
+        conn.execute_batch(NODE_SPEND_SCHEMA)
+            .map_err(sqlite_err(&path))?;
         Ok(Self {
             conn: Mutex::new(conn),
             path,
@@ -416,6 +421,28 @@ impl Registry {
         self.conn()
             .query_row("PRAGMA data_version", [], |r| r.get(0))
             .map_err(self.err())
+    }
+
+    /// What each node has spent over every run in this database (DP runs
+    /// charge it with each round they sample the node from).
+    pub fn spends(&self) -> Result<std::collections::BTreeMap<String, NodeSpend>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT name, spend FROM node_spend")
+            .map_err(self.err())?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .map_err(self.err())?;
+        let mut out = std::collections::BTreeMap::new();
+        for row in rows {
+            let (name, text) = row.map_err(self.err())?;
+            let spend = serde_json::from_str(&text).map_err(|e| StoreError::Corrupt {
+                path: self.path.clone(),
+                detail: format!("node_spend of '{name}': {e}"),
+            })?;
+            out.insert(name, spend);
+        }
+        Ok(out)
     }
 
     /// Every node, newest certificate first per node, sorted by name.

@@ -22,7 +22,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use fedveil_proto::dp::PrivacyLedger;
+use fedveil_proto::dp::{NodeSpend, PrivacyLedger};
 use fedveil_proto::metrics::RoundMetrics;
 use fedveil_proto::round::server::{Checkpoint, Durable, RngState};
 use fedveil_proto::round::{ConfigError, Coordinator, CoordinatorBuilder};
@@ -134,6 +134,16 @@ CREATE TABLE IF NOT EXISTS rounds (
 );
 ";
 
+/// What each node has spent over every run in this database (a
+/// `NodeSpend` as JSON), charged in the same transaction as the run's own
+/// ledger; read by the node registry.
+pub(crate) const NODE_SPEND_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS node_spend (
+    name TEXT PRIMARY KEY,
+    spend TEXT NOT NULL
+);
+";
+
 fn now_secs() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -210,6 +220,8 @@ impl Store {
     fn connect(path: &Path) -> Result<Connection, StoreError> {
         let conn = open_database(path)?;
         conn.execute_batch(SCHEMA).map_err(sqlite_err(path))?;
+        conn.execute_batch(NODE_SPEND_SCHEMA)
+            .map_err(sqlite_err(path))?;
         Ok(conn)
     }
 
@@ -222,9 +234,42 @@ impl Store {
     pub fn persist(&mut self, d: &Durable) -> Result<(), StoreError> {
         let err = sqlite_err(&self.path);
         match d {
-            Durable::Charged { round, ledger } => {
+            Durable::Charged {
+                round,
+                ledger,
+                population,
+                step,
+            } => {
                 let json = serde_json::to_string(ledger).expect("ledger serializes");
                 let tx = self.conn.transaction().map_err(&err)?;
+                for name in population {
+                    let saved: Option<String> = tx
+                        .query_row(
+                            "SELECT spend FROM node_spend WHERE name = ?1",
+                            [name],
+                            |r| r.get(0),
+                        )
+                        .optional()
+                        .map_err(&err)?;
+                    let mut spend: NodeSpend = match saved {
+                        Some(text) => {
+                            serde_json::from_str(&text).map_err(|e| StoreError::Corrupt {
+                                path: self.path.clone(),
+                                detail: format!("node_spend of '{name}': {e}"),
+                            })?
+                        }
+                        None => NodeSpend::default(),
+                    };
+                    spend.add(ledger.orders(), step);
+                    tx.execute(
+                        "INSERT OR REPLACE INTO node_spend (name, spend) VALUES (?1, ?2)",
+                        params![
+                            name,
+                            serde_json::to_string(&spend).expect("spend serializes")
+                        ],
+                    )
+                    .map_err(&err)?;
+                }
                 // The primary key refuses a round charged twice.
                 tx.execute(
                     "INSERT INTO ledger (run_id, round, epsilon) VALUES (?1, ?2, ?3)",

@@ -115,7 +115,18 @@ async fn a_durable_server_completes_once_and_refuses_changed_settings() {
 /// A private server: SecAgg+ with local DP at noise multiplier 2, for
 /// three nodes; its identity in `dir`, its state under run name `run`.
 fn private_server(dir: &std::path::Path, run: &str, rounds: u64) -> ServerBuilder {
+    private_server_with(dir, run, rounds, None)
+}
+
+/// [`private_server`] with a population budget.
+fn private_server_with(
+    dir: &std::path::Path,
+    run: &str,
+    rounds: u64,
+    population_budget: Option<f64>,
+) -> ServerBuilder {
     let settings = Settings {
+        population_budget,
         rounds,
         secagg: true,
         dp: Some(fedveil_proto::dp::Mechanism::Local),
@@ -231,5 +242,93 @@ async fn a_node_holds_every_server_to_its_own_policy_and_budget() {
     let ledger = Node::open(&home).await.unwrap().ledger();
     assert_eq!(ledger.privacy.rounds_charged(), 3);
     assert!((ledger.epsilon() - three_rounds).abs() < 1e-9);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// What each node spends lives in the server's registry, over all its
+/// runs: a second run under a new name continues it (where a per-run
+/// ledger would start again at 0), and the population budget stops every
+/// node there, each told why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_run_name_continues_each_nodes_spend_up_to_the_population_budget() {
+    use fedveil_proto::dp::NodeSpend;
+    use fedveil_server::registry::Registry;
+    let dir = temp_dir("spend");
+    let split = synthetic();
+    let names = ["ann", "bob", "cat"];
+    let mut step = None;
+    let mut spends_after_a = None;
+    for (run, budget) in [("a", None), ("b", Some(()))] {
+        // Run b allows each node one round more than run a spent.
+        let budget = budget.map(|()| {
+            let plan_step: &(Vec<f64>, Vec<f64>) = step.as_ref().unwrap();
+            let mut three = NodeSpend::default();
+            for _ in 0..3 {
+                three.add(&plan_step.0, &plan_step.1);
+            }
+            three.epsilon(1e-5) * 1.001
+        });
+        let server = private_server_with(&dir, run, 2, budget).build().unwrap();
+        let address = server.invite("probe").unwrap().server;
+        let invitations: Vec<_> = names
+            .iter()
+            .map(|n| (run == "a").then(|| server.invite(n).unwrap()))
+            .collect();
+        let running = tokio::spawn(server.run(std::future::pending()));
+        let mut nodes = Vec::new();
+        for (i, (name, invitation)) in names.iter().zip(invitations).enumerate() {
+            let home = dir.join(name);
+            let t = trainer(&split, i as u64);
+            let address = address.clone();
+            nodes.push(tokio::spawn(async move {
+                if let Some(invitation) = invitation {
+                    Node::enrol_into(&home, &invitation).await.unwrap();
+                }
+                let mut node = Node::open_at(&home, Some(&address)).await.unwrap();
+                node.run(t).await.map(|r| r.rounds_trained)
+            }));
+        }
+        let report = running.await.unwrap();
+        let mut trained = Vec::new();
+        for n in nodes {
+            trained.push(n.await.unwrap());
+        }
+        let spends = Registry::open(&dir.join("server/state.db"))
+            .unwrap()
+            .spends()
+            .unwrap();
+        if run == "a" {
+            assert_eq!(report.rounds_completed, 2);
+            assert!(names.iter().all(|n| spends[*n].rounds == 2), "{spends:?}");
+            // One round's step, as the run charged it.
+            let plan = fedveil_proto::dp::DpConfig {
+                mechanism: fedveil_proto::dp::Mechanism::Local,
+                clip_norm: 0.01,
+                noise: fedveil_proto::dp::NoiseLevel::NoiseMultiplier(2.0),
+                delta: 1e-5,
+                planned_rounds: 2,
+                budget: None,
+                min_contributors: None,
+                adaptive: None,
+            }
+            .plan(1.0, 3, 10, 3, true)
+            .unwrap();
+            let mut two = NodeSpend::default();
+            two.add(&plan.orders, &plan.rdp_per_round);
+            two.add(&plan.orders, &plan.rdp_per_round);
+            assert!((spends["ann"].epsilon(1e-5) - two.epsilon(1e-5)).abs() < 1e-9);
+            step = Some((plan.orders, plan.rdp_per_round));
+            spends_after_a = Some(spends);
+        } else {
+            // One more round each, then every node is out of budget.
+            assert_eq!(report.rounds_completed, 1, "{trained:?}");
+            let before = spends_after_a.as_ref().unwrap();
+            for n in names {
+                assert_eq!(spends[n].rounds, 3, "{n}");
+                assert!(spends[n].epsilon(1e-5) > before[n].epsilon(1e-5));
+                assert!(spends[n].epsilon(1e-5) <= budget.unwrap());
+            }
+        }
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }

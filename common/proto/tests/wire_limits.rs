@@ -143,7 +143,7 @@ fn kind_of(m: &Message) -> &'static str {
     }
 }
 
-const REASONS: [ReasonCode; 27] = [
+const REASONS: [ReasonCode; 29] = [
     ReasonCode::VersionMismatch,
     ReasonCode::ModelMismatch,
     ReasonCode::MalformedFrame,
@@ -171,6 +171,8 @@ const REASONS: [ReasonCode; 27] = [
     ReasonCode::EnrolmentDisabled,
     ReasonCode::DataMismatch,
     ReasonCode::Internal,
+    ReasonCode::LeftRound,
+    ReasonCode::BudgetSpent,
 ];
 
 fn text() -> impl Strategy<Value = String> {

@@ -431,6 +431,10 @@ pub struct Settings {
     /// the expected cohort].
     #[arg(long, help_heading = "Differential privacy")]
     pub dp_min_contributors: Option<usize>,
+    /// Most epsilon (at --delta) any node may spend over all runs of this
+    /// server; a node whose next round would pass it is no longer sampled.
+    #[arg(long, help_heading = "Differential privacy")]
+    pub population_budget: Option<f64>,
     /// Adapt the clip bound to a quantile of the update norms (Andrew et al.
     /// 2021).
     #[arg(long, required = false, action = ArgAction::Set, num_args = 0..=1,
@@ -526,6 +530,7 @@ impl Default for Settings {
             dp_budget: None,
             dp_population: None,
             dp_min_contributors: None,
+            population_budget: None,
             adaptive_clip: false,
             clip_quantile: DEFAULT_TARGET_QUANTILE,
             clip_lr: DEFAULT_CLIP_LEARNING_RATE,

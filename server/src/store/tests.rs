@@ -54,6 +54,8 @@ fn a_checkpoint_comes_back_exactly() {
         .persist(&Durable::Charged {
             round: 1,
             ledger: ledger(1),
+            population: vec![],
+            step: vec![],
         })
         .unwrap();
     let c = checkpoint(2, Some(ledger(1)));
@@ -82,6 +84,8 @@ fn a_round_charged_after_the_checkpoint_is_not_lost() {
         .persist(&Durable::Charged {
             round: 3,
             ledger: ledger(3),
+            population: vec![],
+            step: vec![],
         })
         .unwrap();
     let saved = store.load().unwrap();
@@ -93,6 +97,8 @@ fn a_round_charged_after_the_checkpoint_is_not_lost() {
             .persist(&Durable::Charged {
                 round: 3,
                 ledger: ledger(3),
+                population: vec![],
+                step: vec![],
             })
             .is_err()
     );
@@ -247,4 +253,41 @@ fn a_run_starts_resumes_or_is_already_complete() {
         store.start_or_resume(wrong(), vec![0.5; 5]),
         Err(OpenError::Config(_))
     ));
+}
+
+/// Each node's spend is charged with the run's ledger, in one transaction,
+/// and carries over to the next run in the same database: a new run name
+/// never starts a node afresh. A refused charge changes no spend.
+#[test]
+fn node_spends_carry_over_runs_and_roll_back_with_their_charge() {
+    use fedveil_proto::dp::rdp;
+    let path = temp_db("spends");
+    let orders = rdp::default_orders();
+    let step = rdp::sampled_gaussian(0.5, 1.0, &orders);
+    let mut charged = PrivacyLedger::new(orders.clone(), 1e-5, f64::MAX);
+    let charge = |store: &mut Store, round: u64, ledger: &PrivacyLedger, who: &[&str]| {
+        store.persist(&Durable::Charged {
+            round,
+            ledger: ledger.clone(),
+            population: who.iter().map(|s| s.to_string()).collect(),
+            step: step.clone(),
+        })
+    };
+    let mut a = Store::open(&path, "a", "{}").unwrap();
+    charged.charge(1, &step).unwrap();
+    charge(&mut a, 1, &charged, &["ann", "bob"]).unwrap();
+    let mut b = Store::open(&path, "b", "{}").unwrap();
+    let mut fresh = PrivacyLedger::new(orders.clone(), 1e-5, f64::MAX);
+    fresh.charge(1, &step).unwrap();
+    charge(&mut b, 1, &fresh, &["ann"]).unwrap();
+    // Run a charging its round 1 again is refused, and charges no one.
+    assert!(charge(&mut a, 1, &charged, &["ann", "bob"]).is_err());
+    let spends = crate::registry::Registry::open(&path)
+        .unwrap()
+        .spends()
+        .unwrap();
+    assert_eq!(spends["ann"].rounds, 2);
+    assert_eq!(spends["bob"].rounds, 1);
+    assert!(spends["ann"].epsilon(1e-5) > fresh.epsilon());
+    assert!(spends["bob"].epsilon(1e-5) >= fresh.epsilon() * 0.999);
 }

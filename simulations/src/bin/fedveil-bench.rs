@@ -272,6 +272,8 @@ fn checkpoint(commits: usize, dir: &std::path::Path) -> Result<()> {
     let path = dir.join(STATE_DB_FILE);
     let mut store = Store::open(&path, "bench", "{}")?;
     let mut ledger = plan.ledger();
+    // Every round also charges each node's spend over all runs.
+    let population: Vec<String> = (0..100).map(|i| format!("node-{i:03}")).collect();
     let mut checkpoint = coordinator.checkpoint();
     let start = Instant::now();
     for round in 1..=commits as u64 {
@@ -279,6 +281,8 @@ fn checkpoint(commits: usize, dir: &std::path::Path) -> Result<()> {
         store.persist(&Durable::Charged {
             round,
             ledger: ledger.clone(),
+            population: population.clone(),
+            step: plan.rdp_per_round.clone(),
         })?;
         checkpoint.next_round = round + 1;
         checkpoint.rounds_completed = round;

@@ -115,11 +115,106 @@ impl PrivacyLedger {
     pub fn rounds_charged(&self) -> usize {
         self.entries.len()
     }
+
+    /// The RDP orders the ledger accounts at.
+    pub fn orders(&self) -> &[f64] {
+        &self.orders
+    }
+}
+
+/// `rdp` at `orders`, bounded at each of `target`'s orders from above: RDP
+/// is non-decreasing in the order, so the value at the next order of the
+/// source grid is a valid (conservative) bound; orders beyond the source
+/// grid get `f64::MAX`.
+pub fn project(orders: &[f64], rdp: &[f64], target: &[f64]) -> Vec<f64> {
+    target
+        .iter()
+        .map(|&a| {
+            orders
+                .iter()
+                .zip(rdp)
+                .filter(|(o, _)| **o >= a)
+                .min_by(|x, y| x.0.total_cmp(y.0))
+                .map_or(f64::MAX, |(_, r)| r.min(f64::MAX))
+        })
+        .collect()
+}
+
+/// What one node has spent over every run of a server, whatever each run's
+/// order grid and delta: RDP composed on [`rdp::integer_orders`], so
+/// epsilon can be read at any delta. Kept in the server's node registry,
+/// so that a new run name never starts a population afresh.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct NodeSpend {
+    /// Composed RDP at each integer order (empty: nothing spent).
+    pub rdp: Vec<f64>,
+    /// Rounds charged.
+    pub rounds: u64,
+}
+
+impl NodeSpend {
+    /// Adds one round costing `step` at `orders`.
+    pub fn add(&mut self, orders: &[f64], step: &[f64]) {
+        let grid = rdp::integer_orders();
+        let step = project(orders, step, &grid);
+        if self.rdp.len() != grid.len() {
+            self.rdp = vec![0.0; grid.len()];
+        }
+        for (a, b) in self.rdp.iter_mut().zip(step) {
+            *a = (*a + b).min(f64::MAX);
+        }
+        self.rounds += 1;
+    }
+
+    /// Epsilon at `delta` (0 before any round).
+    pub fn epsilon(&self, delta: f64) -> f64 {
+        if self.rounds == 0 {
+            return 0.0;
+        }
+        rdp::epsilon(&rdp::integer_orders(), &self.rdp, delta).0
+    }
+
+    /// Epsilon at `delta` after one more round costing `step` at `orders`.
+    pub fn epsilon_with(&self, orders: &[f64], step: &[f64], delta: f64) -> f64 {
+        let mut next = self.clone();
+        next.add(orders, step);
+        next.epsilon(delta)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Runs on different grids compose onto one, never below what either
+    /// grid's own ledger says.
+    #[test]
+    fn spends_compose_across_grids_conservatively() {
+        let (q, z, delta) = (0.1, 1.0, 1e-5);
+        let fine = rdp::default_orders();
+        let step = rdp::sampled_gaussian(q, z, &fine);
+        let mut spend = NodeSpend::default();
+        assert_eq!(spend.epsilon(delta), 0.0);
+        let mut run = PrivacyLedger::new(fine.clone(), delta, f64::MAX);
+        for round in 1..=20 {
+            spend.add(&fine, &step);
+            run.charge(round, &step).unwrap();
+        }
+        assert_eq!(spend.rounds, 20);
+        let (per_node, per_run) = (spend.epsilon(delta), run.epsilon());
+        assert!(per_node >= per_run, "{per_node} < {per_run}");
+        assert!(per_node < per_run * 1.05, "{per_node} vs {per_run}");
+        // A second run doubles the RDP: more epsilon, not a fresh start.
+        for _ in 0..20 {
+            spend.add(&fine, &step);
+        }
+        assert!(spend.epsilon(delta) > per_node * 1.2);
+        // Orders past the source grid are unbounded.
+        assert_eq!(
+            project(&[2.0, 3.0], &[0.5, 0.7], &[2.0, 2.5, 4.0]),
+            vec![0.5, 0.7, f64::MAX]
+        );
+    }
 
     #[test]
     fn charges_until_the_budget_then_refuses() {

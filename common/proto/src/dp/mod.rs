@@ -23,7 +23,7 @@ pub mod rdp;
 use serde::{Deserialize, Serialize};
 
 pub use adaptive::AdaptiveClipping;
-pub use ledger::{BudgetExceeded, PrivacyLedger};
+pub use ledger::{BudgetExceeded, NodeSpend, PrivacyLedger};
 use rdp::AccountingError;
 
 /// Default delta when none is given.

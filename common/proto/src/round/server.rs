@@ -22,7 +22,7 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
 use crate::aggregate::{AggregateError, ExactSum, MAX_WEIGHTED_MAGNITUDE, WeightedMean};
-use crate::dp::{self, DpPlan, Mechanism, PrivacyLedger};
+use crate::dp::{self, DpPlan, Mechanism, NodeSpend, PrivacyLedger};
 use crate::secagg::server::{Outcome, SecAggServer, Stage as SecAggStage};
 use crate::secagg::{DEFAULT_BITS, DEFAULT_CLIP, DEFAULT_EXPECTED_DROPOUT, DEFAULT_MAX_WEIGHT};
 use crate::server_opt::ServerOptimizerConfig;
@@ -507,6 +507,11 @@ pub enum Durable {
         round: u64,
         /// The ledger with the round charged.
         ledger: PrivacyLedger,
+        /// The nodes the round was sampled from, each charged `step` (at
+        /// the ledger's orders) in its spend over all runs.
+        population: Vec<String>,
+        /// The round's RDP at the ledger's orders.
+        step: Vec<f64>,
     },
     /// A round ended (completed or failed): the state to continue from.
     Checkpoint(Box<Checkpoint>),
@@ -579,6 +584,8 @@ pub struct Coordinator {
     /// OS-seeded: DP cohort sampling and server noise must be unpredictable.
     secret_rng: ChaCha20Rng,
     ledger: Option<PrivacyLedger>,
+    /// What each node has spent over all runs, and the most it may.
+    population: Population,
     /// The clip bound in force (with DP on; it moves under adaptive clipping).
     clip_norm: Option<f64>,
     strategy: Box<dyn Strategy>,
@@ -620,6 +627,15 @@ pub struct CoordinatorBuilder {
     strategy: Option<Box<dyn Strategy>>,
     secret_seed: Option<u64>,
     data: Option<DataSpec>,
+    population: Population,
+}
+
+/// The nodes' privacy over all runs: what each has spent (from the
+/// server's registry) and the population budget no node may pass.
+#[derive(Debug, Clone, Default)]
+struct Population {
+    spends: BTreeMap<String, NodeSpend>,
+    budget: Option<f64>,
 }
 
 impl CoordinatorBuilder {
@@ -637,6 +653,16 @@ impl CoordinatorBuilder {
     /// data the model fits is admitted.
     pub fn expect_data(mut self, data: DataSpec) -> Self {
         self.data = Some(data);
+        self
+    }
+
+    /// What each node has spent over all earlier runs (the server's
+    /// registry keeps it), and the most epsilon (at this run's delta) any
+    /// node may reach over all runs. A node whose next round would take it
+    /// past `budget` is not sampled: it is told
+    /// ([`ReasonCode::BudgetSpent`]) and disconnected. Needs DP.
+    pub fn population(mut self, spends: BTreeMap<String, NodeSpend>, budget: Option<f64>) -> Self {
+        self.population = Population { spends, budget };
         self
     }
 
@@ -663,8 +689,21 @@ impl CoordinatorBuilder {
             strategy,
             secret_seed,
             data,
+            population,
         } = self;
         cfg.validate()?;
+        if let Some(budget) = population.budget {
+            if cfg.dp.is_none() {
+                return Err(ConfigError(
+                    "a population budget needs DP: without it a run's epsilon is unbounded".into(),
+                ));
+            }
+            if !(budget > 0.0 && budget.is_finite()) {
+                return Err(ConfigError(format!(
+                    "the population budget must be a positive number, got {budget}"
+                )));
+            }
+        }
         cfg.round.dp = cfg.dp.as_ref().map(|p| p.round.clone());
         let ledger = cfg.dp.as_ref().map(DpPlan::ledger);
         let clip_norm = cfg.dp.as_ref().map(|p| p.config.clip_norm);
@@ -702,6 +741,7 @@ impl CoordinatorBuilder {
             rng,
             secret_rng,
             ledger,
+            population,
             clip_norm,
             strategy,
             durable: VecDeque::new(),
@@ -785,6 +825,7 @@ impl Coordinator {
             strategy: None,
             secret_seed: None,
             data: None,
+            population: Population::default(),
         }
     }
 
@@ -1509,12 +1550,15 @@ impl Coordinator {
         }
         // Sample over node names (then ids), so the cohort depends on who is
         // connected and the seed, not on connection order.
-        let mut candidates: Vec<(&str, ClientId)> = self
+        let mut population: Vec<(String, ClientId)> = self
             .clients
             .iter()
-            .filter_map(|(&id, c)| c.node_name.as_deref().map(|n| (n, id)))
+            .filter_map(|(&id, c)| c.node_name.clone().map(|n| (n, id)))
             .collect();
-        candidates.sort_unstable();
+        population.sort_unstable();
+        self.exclude_spent(&mut population);
+        let candidates: Vec<(&str, ClientId)> =
+            population.iter().map(|(n, id)| (n.as_str(), *id)).collect();
         let mut cohort: Vec<ClientId> = match &self.cfg.dp {
             // Poisson sampling, as the accountant assumes.
             Some(plan) => {
@@ -1633,7 +1677,8 @@ impl Coordinator {
                 }
             }
         };
-        // Charge the round before any client sees it.
+        // Charge the round before any client sees it: to the run, and to
+        // every node it was sampled from.
         if let (Some(ledger), Some(plan)) = (&mut self.ledger, &self.cfg.dp) {
             match ledger.charge(round, &plan.rdp_per_round) {
                 Ok(eps) => {
@@ -1643,9 +1688,19 @@ impl Coordinator {
                         delta = plan.config.delta,
                         "privacy spent"
                     );
+                    let population: Vec<String> = population.into_iter().map(|(n, _)| n).collect();
+                    for name in &population {
+                        self.population
+                            .spends
+                            .entry(name.clone())
+                            .or_default()
+                            .add(&plan.orders, &plan.rdp_per_round);
+                    }
                     self.durable.push_back(Durable::Charged {
                         round,
                         ledger: ledger.clone(),
+                        population,
+                        step: plan.rdp_per_round.clone(),
                     });
                 }
                 Err(exceeded) => {
@@ -1911,6 +1966,42 @@ impl Coordinator {
     /// Tells `id` why its message was refused (the driver logs the
     /// `Rejected` event, once). An admitted client's last allowed refusal
     /// in a round also closes its connection.
+    /// Takes out of `population` (and disconnects) every node whose next
+    /// round would take its epsilon over all runs past the population
+    /// budget.
+    fn exclude_spent(&mut self, population: &mut Vec<(String, ClientId)>) {
+        let (Some(plan), Some(budget)) = (&self.cfg.dp, self.population.budget) else {
+            return;
+        };
+        let delta = plan.config.delta;
+        let mut spent = Vec::new();
+        population.retain(|(name, id)| {
+            let spend = self
+                .population
+                .spends
+                .get(name)
+                .cloned()
+                .unwrap_or_default();
+            let would_be = spend.epsilon_with(&plan.orders, &plan.rdp_per_round, delta);
+            let keep = would_be <= budget;
+            if !keep {
+                spent.push((*id, name.clone(), spend.epsilon(delta), would_be));
+            }
+            keep
+        });
+        for (id, name, before, after) in spent {
+            let detail = format!(
+                "node '{name}' has spent epsilon {before:.4} over all runs of this server (delta {delta:e}); one more round would take it to {after:.4}, past the population budget {budget}"
+            );
+            self.refuse(id, ReasonCode::BudgetSpent, detail, true);
+        }
+    }
+
+    /// What `name` has spent over all runs of this server (this one included).
+    pub fn node_spend(&self, name: &str) -> Option<&NodeSpend> {
+        self.population.spends.get(name)
+    }
+
     fn refuse(&mut self, id: ClientId, code: ReasonCode, mut detail: String, mut close: bool) {
         let limit = self.cfg.max_refusals_per_round;
         if !close

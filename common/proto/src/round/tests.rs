@@ -2394,3 +2394,42 @@ fn no_update_leaves_without_its_ledger_entry_saved() {
         PolicyViolation::Unaccountable { .. }
     ));
 }
+
+/// The population budget: what each node spent in earlier runs carries
+/// into this one. A node whose next round would pass the budget is not
+/// sampled (it is told why and disconnected); every node the round is
+/// sampled from is charged, and the charge says whom.
+#[test]
+fn a_node_past_the_population_budget_is_not_sampled_again() {
+    use crate::dp::NodeSpend;
+    let plan = dp_plan(Mechanism::Central, 2.0, 3, 1.0, 10, None, None);
+    let mut spent = NodeSpend::default();
+    for _ in 0..9 {
+        spent.add(&plan.orders, &plan.rdp_per_round);
+    }
+    let budget = spent.epsilon(1e-5) * 1.01;
+    let mut c = cfg(10, 3, 1.0);
+    c.dp = Some(plan);
+    let spends = BTreeMap::from([("node-0".to_string(), spent)]);
+    let server = Coordinator::builder(c, spec())
+        .population(spends, Some(budget))
+        .start(vec![0.0; D])
+        .unwrap();
+    let mut h = Harness::with_server(server, 0);
+    let ids: Vec<ClientId> = (0..3).map(|i| h.join(&format!("node-{i}"))).collect();
+    let durable: Vec<Durable> = std::iter::from_fn(|| h.server.poll_durable()).collect();
+    let Some(Durable::Charged { population, .. }) = durable.first() else {
+        panic!("round 1 is charged: {durable:?}")
+    };
+    assert_eq!(population, &["node-1", "node-2"]);
+    assert!(h.errors_to.contains(&(ids[0], ReasonCode::BudgetSpent)));
+    assert!(h.closed.contains(&ids[0]));
+    assert_eq!(h.server.node_spend("node-1").unwrap().rounds, 1);
+    assert_eq!(h.server.node_spend("node-0").unwrap().rounds, 9);
+
+    // A population budget without DP, or one that is no number, is refused.
+    let no_dp = Coordinator::builder(cfg(1, 1, 1.0), spec())
+        .population(BTreeMap::new(), Some(1.0))
+        .start(vec![0.0; D]);
+    assert!(no_dp.is_err());
+}

@@ -513,6 +513,9 @@ pub enum ReasonCode {
     /// what the round asks, or saw a peer or the server break SecAgg+) and
     /// stays in the run. Listed last: serde numbers variants in order.
     LeftRound = 27,
+    /// Server → node: one more round would take the node past the
+    /// server's population budget (epsilon over all its runs).
+    BudgetSpent = 28,
 }
 
 /// Either side: a refusal with a reason code and a human-readable detail.
