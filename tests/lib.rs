@@ -91,7 +91,13 @@ pub fn deploy_with(
         let ca = identity.ca.as_ref().unwrap();
         CertificateAuthority::from_pem(&ca.cert_pem(), &ca.key_pem()).unwrap()
     };
-    let registry = Arc::new(Registry::open(&db).unwrap());
+    // Renewal at any time, so tests need not wait for a certificate's
+    // last third (the default window is tested on the registry itself).
+    let registry = Arc::new(
+        Registry::open(&db)
+            .unwrap()
+            .with_renewal_policy(1.0, fedveil_server::registry::DEFAULT_RENEWAL_GRACE),
+    );
     let (events_tx, events) = mpsc::unbounded_channel();
     let settings = Settings {
         seed: 1,

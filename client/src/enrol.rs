@@ -68,6 +68,9 @@ fn refusal_advice(code: ReasonCode, detail: &str) -> String {
             "this node must enrol again with a new token"
         }
         ReasonCode::EnrolmentDisabled => "enrol with the server that holds the CA key",
+        ReasonCode::RenewalTooEarly => {
+            "nothing: the node renews by itself once renewal opens (`fedveil-client run` does it in the background)"
+        }
         _ => "",
     };
     if advice.is_empty() {

@@ -40,6 +40,9 @@ use crate::driver::{
 use crate::enrol::{self, EnrolmentError};
 use crate::ledger::{LEDGER_FILE, LedgerError, SharedLedger};
 
+/// How long a node waits after a failed renewal before trying again.
+pub const RENEWAL_RETRY: Duration = Duration::from_secs(60);
+
 /// Settings saved at enrolment next to the identity.
 pub const NODE_SETTINGS_FILE: &str = "client.toml";
 
@@ -389,21 +392,51 @@ impl Node {
         if self.identity.renewal_due(now, self.renew_before) {
             self.renew().await?;
         }
-        let opts = self.options()?;
-        tracing::info!(server = %self.addr, node = %self.name(), examples = trainer.num_examples(), "connecting");
-        let latest = Arc::new(Mutex::new(self.identity.clone()));
-        let renewer = tokio::spawn(renew_when_due(
-            self.endpoint.clone(),
-            self.addr,
-            self.server_name.clone(),
-            self.dir.clone(),
-            Arc::clone(&latest),
-            self.renew_before,
-        ));
-        let result = crate::driver::run(&self.endpoint, &opts, trainer).await;
-        renewer.abort();
-        self.identity = latest.lock().expect("identity lock").clone();
-        Ok(result?)
+        loop {
+            let opts = self.options()?;
+            let used = self.identity.info().serial.clone();
+            tracing::info!(server = %self.addr, node = %self.name(), examples = trainer.num_examples(), "connecting");
+            let latest = Arc::new(Mutex::new(self.identity.clone()));
+            let renewer = tokio::spawn(renew_when_due(
+                self.endpoint.clone(),
+                self.addr,
+                self.server_name.clone(),
+                self.dir.clone(),
+                Arc::clone(&latest),
+                self.renew_before,
+            ));
+            let result = crate::driver::run(&self.endpoint, &opts, Arc::clone(&trainer)).await;
+            renewer.abort();
+            self.identity = latest.lock().expect("identity lock").clone();
+            match result {
+                // The server ends a connection whose certificate expired
+                // or was superseded: go on with the current one, renewing
+                // first if the background renewal has not happened yet.
+                Err(ClientError::Rejected(quic::Rejection::CertificateEnded(why))) => {
+                    tracing::info!(node = %self.name(), %why, "reconnecting with the current certificate");
+                    // Another process (`fedveil-client renew` from cron)
+                    // may have renewed into the directory.
+                    if let Some(saved) =
+                        self.dir.as_deref().and_then(|d| NodeIdentity::load(d).ok())
+                        && saved.info().serial != used
+                        && saved.info().not_after > self.identity.info().not_after
+                    {
+                        self.identity = saved;
+                    }
+                    if self.identity.info().serial == used {
+                        let now = pki::unix_now();
+                        if self.identity.remaining(now) <= 0 {
+                            return Err(NodeError::Expired {
+                                name: self.name().to_owned(),
+                                expired_at: pki::format_time(self.identity.info().not_after),
+                            });
+                        }
+                        self.renew().await?;
+                    }
+                }
+                other => return Ok(other?),
+            }
+        }
     }
 
     /// Waits until the node's connections have closed cleanly (call before
@@ -472,14 +505,24 @@ async fn renew_when_due(
     loop {
         let current = latest.lock().expect("identity lock").clone();
         let info = current.info();
-        let lead = renew_before.map_or((info.not_after - info.not_before) / 3, |d| {
-            d.as_secs() as i64
-        });
-        let wait = (current.remaining(pki::unix_now()) - lead).max(60);
+        let third = (info.not_after - info.not_before) / 3;
+        let lead = renew_before.map_or(third, |d| (d.as_secs() as i64).min(third));
+        let wait = (current.remaining(pki::unix_now()) - lead).max(1);
         tokio::time::sleep(Duration::from_secs(wait as u64)).await;
         match renew_and_save(&endpoint, addr, &server_name, dir.as_deref(), &current).await {
-            Ok(renewed) => *latest.lock().expect("identity lock") = renewed,
-            Err(err) => tracing::warn!(%err, "certificate renewal failed; will retry"),
+            Ok(renewed) => {
+                // A certificate so short-lived that it is due again at
+                // once must not turn into a renewal storm.
+                let again = renewed.renewal_due(pki::unix_now(), renew_before);
+                *latest.lock().expect("identity lock") = renewed;
+                if again {
+                    tokio::time::sleep(RENEWAL_RETRY).await;
+                }
+            }
+            Err(err) => {
+                tracing::warn!(%err, "certificate renewal failed; will retry");
+                tokio::time::sleep(RENEWAL_RETRY).await;
+            }
         }
     }
 }

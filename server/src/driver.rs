@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use fedveil_ml::model::EvalStats;
 use fedveil_net::pki::{self, CertInfo};
 use fedveil_net::quic::{
-    self, CLOSE_OK, CLOSE_REFUSED, CLOSE_UNAUTHORIZED, MessageReader, NetError,
+    self, CLOSE_CERT_ENDED, CLOSE_OK, CLOSE_REFUSED, CLOSE_UNAUTHORIZED, MessageReader, NetError,
 };
 use fedveil_proto::metrics::RoundMetrics;
 use fedveil_proto::round::server::Durable;
@@ -34,6 +34,10 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// process (`fedveil-server revoke`); live connections of a revoked node
 /// are dropped within this interval.
 pub const REVOCATION_POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// Every this many polls each live connection's certificate is looked up
+/// even when no other process wrote to the registry: renewals made by this
+/// server supersede certificates when a grace period ends, not on a write.
+pub const REGISTRY_RECHECK_POLLS: u64 = 5;
 
 use crate::enrol::NodeService;
 
@@ -227,6 +231,7 @@ pub async fn serve(
         state,
         nodes: nodes.clone(),
         registry_version: None,
+        polls: 0,
         coordinator,
         evaluator: Some(Box::new(evaluator)),
         limits,
@@ -283,6 +288,8 @@ struct Driver<'s> {
     nodes: Option<Arc<NodeService>>,
     /// The registry's `data_version` when last checked for revocations.
     registry_version: Option<i64>,
+    /// Revocation polls so far.
+    polls: u64,
     coordinator: Coordinator,
     evaluator: Option<Box<dyn Evaluator>>,
     limits: FrameLimits,
@@ -358,35 +365,46 @@ impl Driver<'_> {
     }
 
     /// Closes the connections of nodes revoked since the last check (by
-    /// `fedveil-server revoke`, from another process). Their rounds go on
-    /// without them, as after any dropout.
+    /// `fedveil-server revoke`, from another process), and of those whose
+    /// certificate expired or was superseded by a renewal (the node
+    /// reconnects with its current one). Their rounds go on without them,
+    /// as after any dropout.
     fn drop_revoked(&mut self, now: Instant) {
+        use crate::registry::CertState;
         let Some(nodes) = &self.nodes else { return };
         let registry = &nodes.registry;
+        let wall = pki::unix_now();
+        self.polls += 1;
         let version = match registry.data_version() {
             Ok(v) => v,
             Err(err) => return tracing::warn!(%err, "cannot poll the node registry"),
         };
-        if self.registry_version.replace(version) == Some(version) {
-            return;
-        }
-        let revoked: Vec<(ClientId, String)> = self
+        let changed = self.registry_version.replace(version) != Some(version);
+        let recheck = changed || self.polls.is_multiple_of(REGISTRY_RECHECK_POLLS);
+        let ended: Vec<(ClientId, String, u32, &'static str)> = self
             .peers
             .iter()
             .filter_map(|(&id, peer)| {
                 let info = peer.identity.as_ref()?;
+                let name = info.name.clone();
+                if info.not_after <= wall {
+                    return Some((id, name, CLOSE_CERT_ENDED, "this connection's certificate expired; reconnect with the renewed one"));
+                }
+                if !recheck {
+                    return None;
+                }
                 // Fail closed: an unreadable registry keeps nobody in.
-                let live = registry.is_live(&info.serial, &info.name).unwrap_or(false);
-                (!live).then(|| (id, info.name.clone()))
+                match registry.cert_state(&info.serial, &info.name, wall) {
+                    Ok(CertState::Live) => None,
+                    Ok(CertState::Superseded) => Some((id, name, CLOSE_CERT_ENDED, "this connection's certificate was superseded by a renewal; reconnect with the new one")),
+                    Ok(_) | Err(_) => Some((id, name, CLOSE_UNAUTHORIZED, "this node's certificate was revoked by the server's operator")),
+                }
             })
             .collect();
-        for (id, name) in revoked {
-            tracing::warn!(client = id, node = %name, "node revoked; closing its connection");
+        for (id, name, code, why) in ended {
+            tracing::warn!(client = id, node = %name, reason = why, "closing the connection");
             if let Some(peer) = self.peers.get(&id) {
-                peer.connection.close(
-                    CLOSE_UNAUTHORIZED.into(),
-                    b"this node's certificate was revoked by the server's operator",
-                );
+                peer.connection.close(code.into(), why.as_bytes());
             }
             self.drop_peer(id, now);
         }

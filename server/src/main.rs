@@ -315,6 +315,18 @@ fn nodes(args: &NodesArgs) -> Result<()> {
             n.not_after.map_or("-".into(), pki::format_time),
             n.last_seen.map_or("never".into(), pki::format_time),
         );
+        // A renewal leaves the previous certificate usable for a grace
+        // period: every serial that still opens a connection is listed.
+        for (serial, not_after) in registry.live_serials(&n.name, now)? {
+            if n.serial.as_deref() != Some(serial.as_str()) {
+                println!(
+                    "{:<24} {:<8} {serial:<34} {:<21} (also live, until its grace period ends)",
+                    "",
+                    "",
+                    pki::format_time(not_after)
+                );
+            }
+        }
     }
     Ok(())
 }

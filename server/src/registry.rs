@@ -10,7 +10,9 @@
 //! - `nodes`: one row per name; `revoked_at` set by `revoke`, cleared when
 //!   the name is enrolled again with a new token.
 //! - `certificates`: serial, node, validity; `revoked_at` set by `revoke`
-//!   and never cleared, so a re-enrolled node's old certificates stay dead.
+//!   and never cleared, so a re-enrolled node's old certificates stay dead;
+//!   `superseded_at`, set by a renewal to the end of a short grace period
+//!   after which the node's previous certificates are no longer accepted.
 //! - `tokens`: hash, node name, expiry, and `used_at` once redeemed.
 
 use std::path::{Path, PathBuf};
@@ -48,6 +50,28 @@ CREATE TABLE IF NOT EXISTS tokens (
     used_at INTEGER
 );
 ";
+
+/// How long a renewed node's previous certificates stay usable: long
+/// enough for a renewal whose answer was lost to be retried with them.
+pub const DEFAULT_RENEWAL_GRACE: Duration = Duration::from_secs(3600);
+/// Renewal opens when at most this fraction of a certificate's lifetime is
+/// left (the last third), so a stolen key cannot be renewed forever from
+/// the first day, and a node renews well before it is locked out.
+pub const DEFAULT_RENEWAL_WINDOW: f64 = 1.0 / 3.0;
+
+/// Adds a column to a table made by an older version, if it lacks it.
+fn add_column(conn: &Connection, table: &str, column: &str, decl: &str) -> rusqlite::Result<()> {
+    let mut stmt = conn.prepare(&format!("PRAGMA table_info({table})"))?;
+    let has = stmt
+        .query_map([], |r| r.get::<_, String>(1))?
+        .collect::<Result<Vec<_>, _>>()?
+        .iter()
+        .any(|c| c == column);
+    if !has {
+        conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
+    }
+    Ok(())
+}
 
 /// Why an enrolment or renewal was refused. Each maps to a wire
 /// [`ReasonCode`], so the node can say what to do about it.
@@ -90,6 +114,19 @@ pub enum EnrolError {
     /// The registry never issued this certificate.
     #[error("certificate {0} is not in the node registry")]
     UnknownCertificate(String),
+    /// A renewal replaced this certificate and its grace period is over.
+    #[error("certificate {0} was replaced by a renewal; use the newer certificate")]
+    Superseded(String),
+    /// Renewal opens in the last part of a certificate's life.
+    #[error(
+        "node '{name}' may renew its certificate from {opens_at} on (the last third of its life), not yet"
+    )]
+    RenewalTooEarly {
+        /// The node.
+        name: String,
+        /// When renewal opens (UTC).
+        opens_at: String,
+    },
     /// This server holds no CA key.
     #[error("this server cannot enrol nodes: its CA key is not on this machine")]
     Disabled,
@@ -110,7 +147,9 @@ impl EnrolError {
             EnrolError::Pki(PkiError::BadName(_)) | EnrolError::Pki(PkiError::BadCsr(_)) => {
                 ReasonCode::BadCsr
             }
+            EnrolError::RenewalTooEarly { .. } => ReasonCode::RenewalTooEarly,
             EnrolError::NotEnrolled
+            | EnrolError::Superseded(_)
             | EnrolError::UnknownCertificate(_)
             | EnrolError::NoSuchNode(_) => ReasonCode::NotEnrolled,
             EnrolError::Revoked(_) => ReasonCode::Revoked,
@@ -118,6 +157,19 @@ impl EnrolError {
             EnrolError::Pki(_) | EnrolError::Store(_) => ReasonCode::Internal,
         }
     }
+}
+
+/// Where one certificate stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertState {
+    /// Usable.
+    Live,
+    /// It or its node was revoked.
+    Revoked,
+    /// A renewal replaced it and the grace period is over.
+    Superseded,
+    /// The registry never issued it.
+    Unknown,
 }
 
 /// A node as `fedveil-server nodes` lists it.
@@ -154,6 +206,10 @@ pub struct IssuedToken {
 pub struct Registry {
     conn: Mutex<Connection>,
     path: PathBuf,
+    /// See [`DEFAULT_RENEWAL_WINDOW`].
+    renewal_window: f64,
+    /// See [`DEFAULT_RENEWAL_GRACE`].
+    renewal_grace: Duration,
 }
 
 impl std::fmt::Debug for Registry {
@@ -168,26 +224,38 @@ impl Registry {
     /// Opens the registry in the state database at `path` (creating it).
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let conn = open_database(path)?;
-        conn.execute_batch(SCHEMA).map_err(sqlite_err(path))?;
-        conn.execute_batch(NODE_SPEND_SCHEMA)
-            .map_err(sqlite_err(path))?;
-        Ok(Self {
-            conn: Mutex::new(conn),
-            path: path.to_owned(),
-        })
+        Self::with_schema(conn, path.to_owned())
     }
 
     /// A registry that lives only as long as the process (simulations).
     pub fn in_memory() -> Result<Self, StoreError> {
         let path = PathBuf::from(":memory:");
         let conn = Connection::open_in_memory().map_err(sqlite_err(&path))?;
-        conn.execute_batch(SCHEMA).map_err(sqlite_err(&path))?;
-        conn.execute_batch(NODE_SPEND_SCHEMA)
-            .map_err(sqlite_err(&path))?;
+        Self::with_schema(conn, path)
+    }
+
+    fn with_schema(conn: Connection, path: PathBuf) -> Result<Self, StoreError> {
+        {
+            let err = sqlite_err(&path);
+            conn.execute_batch(SCHEMA).map_err(&err)?;
+            conn.execute_batch(NODE_SPEND_SCHEMA).map_err(&err)?;
+            add_column(&conn, "certificates", "superseded_at", "INTEGER").map_err(&err)?;
+        }
         Ok(Self {
             conn: Mutex::new(conn),
             path,
+            renewal_window: DEFAULT_RENEWAL_WINDOW,
+            renewal_grace: DEFAULT_RENEWAL_GRACE,
         })
+    }
+
+    /// Renewal opens when at most `window` of a certificate's lifetime is
+    /// left (1.0: at any time), and a renewed node's previous certificates
+    /// are refused `grace` after the renewal.
+    pub fn with_renewal_policy(mut self, window: f64, grace: Duration) -> Self {
+        self.renewal_window = window.clamp(0.0, 1.0);
+        self.renewal_grace = grace;
+        self
     }
 
     /// The database file.
@@ -325,36 +393,79 @@ impl Registry {
     }
 
     /// Issues a successor to the live certificate `current` (already
-    /// verified by TLS). The old certificate stays valid until it expires,
-    /// so a renewal whose answer is lost does not lock the node out.
+    /// verified by TLS), once the last part of its life has begun (see
+    /// [`Self::with_renewal_policy`]). The node's other certificates stay
+    /// valid for the grace period, so a renewal whose answer is lost can be
+    /// retried, and are refused after it.
     pub fn renew(
         &self,
         current: &CertInfo,
         now: i64,
         sign: impl FnOnce(&str) -> Result<IssuedCert, PkiError>,
     ) -> Result<IssuedCert, EnrolError> {
+        let lifetime = current.not_after - current.not_before;
+        let opens_at = current.not_after - (lifetime as f64 * self.renewal_window) as i64;
+        if now < opens_at {
+            return Err(EnrolError::RenewalTooEarly {
+                name: current.name.clone(),
+                opens_at: pki::format_time(opens_at),
+            });
+        }
+        let grace_ends = now + self.renewal_grace.as_secs() as i64;
         self.write(|tx| {
-            match Self::status(tx, &current.serial, &current.name).map_err(self.err())? {
-                None => return Err(EnrolError::UnknownCertificate(current.serial.clone())),
-                Some(true) => return Err(EnrolError::Revoked(current.name.clone())),
-                Some(false) => {}
+            match Self::state(tx, &current.serial, &current.name, now).map_err(self.err())? {
+                CertState::Unknown => {
+                    return Err(EnrolError::UnknownCertificate(current.serial.clone()));
+                }
+                CertState::Revoked => return Err(EnrolError::Revoked(current.name.clone())),
+                CertState::Superseded => {
+                    return Err(EnrolError::Superseded(current.serial.clone()));
+                }
+                CertState::Live => {}
             }
             let issued = sign(&current.name)?;
+            tx.execute(
+                "UPDATE certificates SET superseded_at = ?1
+                 WHERE node = ?2 AND revoked_at IS NULL AND (superseded_at IS NULL OR superseded_at > ?1)",
+                params![grace_ends, current.name],
+            )
+            .map_err(self.err())?;
             Self::insert_cert(tx, &issued.info, now).map_err(self.err())?;
             Ok(issued)
         })
     }
 
-    /// `None`: unknown certificate; `Some(true)`: it or its node is revoked.
-    fn status(conn: &Connection, serial: &str, name: &str) -> rusqlite::Result<Option<bool>> {
-        conn.query_row(
-            "SELECT c.revoked_at IS NOT NULL OR n.revoked_at IS NOT NULL
-             FROM certificates c JOIN nodes n ON n.name = c.node
-             WHERE c.serial = ?1 AND c.node = ?2",
-            params![serial, name],
-            |r| r.get(0),
-        )
-        .optional()
+    /// `None`: unknown certificate; `Some(true)`: it or its node is
+    /// revoked, or a renewal superseded it before `now`.
+    fn status(
+        conn: &Connection,
+        serial: &str,
+        name: &str,
+        now: i64,
+    ) -> rusqlite::Result<Option<bool>> {
+        Ok(match Self::state(conn, serial, name, now)? {
+            CertState::Unknown => None,
+            CertState::Live => Some(false),
+            CertState::Revoked | CertState::Superseded => Some(true),
+        })
+    }
+
+    fn state(conn: &Connection, serial: &str, name: &str, now: i64) -> rusqlite::Result<CertState> {
+        let row: Option<(bool, Option<i64>)> = conn
+            .query_row(
+                "SELECT c.revoked_at IS NOT NULL OR n.revoked_at IS NOT NULL, c.superseded_at
+                 FROM certificates c JOIN nodes n ON n.name = c.node
+                 WHERE c.serial = ?1 AND c.node = ?2",
+                params![serial, name],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        Ok(match row {
+            None => CertState::Unknown,
+            Some((true, _)) => CertState::Revoked,
+            Some((false, Some(at))) if at <= now => CertState::Superseded,
+            Some(_) => CertState::Live,
+        })
     }
 
     /// Revokes node `name` and all its certificates. Returns how many
@@ -399,9 +510,37 @@ impl Registry {
 
     /// Whether `serial` of `name` may still be used (for live connections).
     pub fn is_live(&self, serial: &str, name: &str) -> Result<bool, StoreError> {
-        Self::status(&self.conn(), serial, name)
+        self.is_live_at(serial, name, pki::unix_now())
+    }
+
+    /// Where `serial` of `name` stands at `now`.
+    pub fn cert_state(&self, serial: &str, name: &str, now: i64) -> Result<CertState, StoreError> {
+        Self::state(&self.conn(), serial, name, now).map_err(self.err())
+    }
+
+    /// Whether `serial` of `name` may be used at `now`.
+    pub fn is_live_at(&self, serial: &str, name: &str, now: i64) -> Result<bool, StoreError> {
+        Self::status(&self.conn(), serial, name, now)
             .map(|s| s == Some(false))
             .map_err(self.err())
+    }
+
+    /// The serials of `name` that may be used at `now` (not revoked,
+    /// expired or superseded), newest first, with their expiry.
+    pub fn live_serials(&self, name: &str, now: i64) -> Result<Vec<(String, i64)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT c.serial, c.not_after FROM certificates c JOIN nodes n ON n.name = c.node
+                 WHERE c.node = ?1 AND c.revoked_at IS NULL AND n.revoked_at IS NULL
+                   AND c.not_after > ?2 AND (c.superseded_at IS NULL OR c.superseded_at > ?2)
+                 ORDER BY c.issued_at DESC, c.not_after DESC",
+            )
+            .map_err(self.err())?;
+        let rows = stmt
+            .query_map(params![name, now], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(self.err())?;
+        rows.collect::<Result<_, _>>().map_err(self.err())
     }
 
     /// Records that `name` connected at `now`.
@@ -474,7 +613,7 @@ impl Registry {
 
 impl NodeRegistry for Registry {
     fn check(&self, cert: &CertInfo) -> Result<(), RegistryRejection> {
-        let status = Self::status(&self.conn(), &cert.serial, &cert.name)
+        let status = Self::status(&self.conn(), &cert.serial, &cert.name, pki::unix_now())
             .map_err(|e| RegistryRejection::Unavailable(e.to_string()))?;
         match status {
             Some(false) => Ok(()),

@@ -37,7 +37,7 @@ fn ward_server(dir: &std::path::Path, rounds: u64) -> ServerBuilder {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_enrolled_into_a_directory_trains_comes_back_and_renews() {
+async fn a_node_enrolled_into_a_directory_trains_comes_back_and_is_told_when_to_renew() {
     let dir = temp_dir("node");
     let server = ward_server(&dir, 1).build().unwrap();
     assert_eq!(server.status(), &RunStatus::Started);
@@ -53,12 +53,14 @@ async fn a_node_enrolled_into_a_directory_trains_comes_back_and_renews() {
         Node::enrol_into(&home, &invitation).await,
         Err(NodeError::AlreadyEnrolled(_))
     ));
-    // Renewal is saved: the directory reopens with the new certificate.
+    // Renewal opens in the last third of the certificate's life: a fresh
+    // node asking now is told when, and keeps its certificate.
     let mut node = Node::open(&home).await.unwrap();
     let enrolled_serial = node.identity().info().serial.clone();
-    node.renew().await.unwrap();
+    let err = node.renew().await.unwrap_err().to_string();
+    assert!(err.contains("may renew its certificate from"), "{err}");
     let mut reopened = Node::open(&home).await.unwrap();
-    assert_ne!(reopened.identity().info().serial, enrolled_serial);
+    assert_eq!(reopened.identity().info().serial, enrolled_serial);
     assert_eq!(reopened.server(), invitation.server);
     let split = synthetic();
     let report = reopened.run(trainer(&split, 0)).await.unwrap();
@@ -330,5 +332,59 @@ async fn a_new_run_name_continues_each_nodes_spend_up_to_the_population_budget()
             }
         }
     }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A renewal supersedes the node's previous certificate after a grace
+/// period, and the server then closes the connection made with it; a node
+/// whose certificate was renewed meanwhile (here by another process, as
+/// `fedveil-client renew` from cron) reconnects with the new one and
+/// trains on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_certificate_was_superseded_reconnects_with_the_new_one() {
+    use fedveil_server::registry::Registry;
+    let dir = temp_dir("superseded");
+    let registry = Arc::new(
+        Registry::open(&dir.join("server/state.db"))
+            .unwrap()
+            .with_renewal_policy(1.0, std::time::Duration::from_secs(1)),
+    );
+    let settings = Settings {
+        rounds: 12,
+        secagg: false,
+        lr: 0.1,
+        seed: 1,
+        ..Settings::default()
+    };
+    let server = Server::builder(settings)
+        .model(builtin("cnn").unwrap(), Arc::clone(&synthetic().test))
+        .min_clients(1)
+        .identity_dir(dir.join("server"))
+        .registry(Arc::clone(&registry))
+        .listen("127.0.0.1:0".parse().unwrap())
+        .build()
+        .unwrap();
+    let invitation = server.invite("ward").unwrap();
+    let running = tokio::spawn(server.run(std::future::pending()));
+    let home = dir.join("ward");
+    let mut node = Node::enrol_into(&home, &invitation).await.unwrap();
+    let first = node.identity().info().serial.clone();
+    let split = synthetic();
+    let t = trainer(&split, 0);
+    let training = tokio::spawn(async move {
+        let report = node.run(t).await;
+        (report, node.identity().info().serial.clone())
+    });
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let mut cron = Node::open(&home).await.unwrap();
+    cron.renew().await.unwrap();
+    let renewed = cron.identity().info().serial.clone();
+    assert_ne!(renewed, first);
+    let (report, serial) = training.await.unwrap();
+    let report = report.unwrap();
+    assert_eq!(report.server_rounds_completed, 12);
+    assert_eq!(serial, renewed, "the node ends on the renewed certificate");
+    assert!(running.await.unwrap().rounds_completed == 12);
+    assert!(!registry.is_live(&first, "ward").unwrap());
     std::fs::remove_dir_all(&dir).unwrap();
 }

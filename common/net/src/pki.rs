@@ -36,6 +36,12 @@ pub const CERT_BACKDATE: Duration = Duration::from_secs(5 * 60);
 pub const MAX_NODE_NAME_LEN: usize = 64;
 /// Bytes of randomness in an enrolment token.
 pub const TOKEN_BYTES: usize = 32;
+/// Lifetime of a new CA. Nodes pin its fingerprint, so replacing it means
+/// enrolling every node again: long, but not forever.
+pub const CA_CERT_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// Lifetime of a server certificate; the server reissues its own from the
+/// CA when a third of it is left (see `ServerIdentity::load_or_create`).
+pub const SERVER_CERT_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// What can go wrong with keys, certificates and requests.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +70,16 @@ pub enum PkiError {
         input: String,
         /// What is wrong with it.
         reason: &'static str,
+    },
+    /// A private key file others may read: refused, as ssh refuses one.
+    #[error(
+        "{path} holds a private key readable by others (mode {mode:o}); make it private: chmod 600 {path}"
+    )]
+    KeyReadableByOthers {
+        /// The file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
     },
     /// A key or certificate file cannot be read or written.
     #[error("{path}: {source}")]
@@ -298,6 +314,9 @@ impl CertificateAuthority {
         );
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         params.serial_number = Some(random_serial());
+        let now = unix_now();
+        params.not_before = offset_time(now - CERT_BACKDATE.as_secs() as i64)?;
+        params.not_after = offset_time(now + CA_CERT_TTL.as_secs() as i64)?;
         let cert = params.self_signed(&key).map_err(gen_err)?;
         Ok(Self {
             cert: cert.der().clone(),
@@ -317,6 +336,17 @@ impl CertificateAuthority {
     /// The CA certificate, DER.
     pub fn cert_der(&self) -> &CertificateDer<'static> {
         &self.cert
+    }
+
+    /// When the CA certificate expires (Unix seconds).
+    pub fn not_after(&self) -> Result<i64, PkiError> {
+        Ok(CertInfo::parse(&self.cert)?.not_after)
+    }
+
+    /// `not_after`, no later than the CA's own expiry: a certificate the
+    /// CA cannot vouch for to its end would fail chain checks early.
+    fn clamp(&self, not_after: i64) -> Result<i64, PkiError> {
+        Ok(not_after.min(self.not_after()?))
     }
 
     /// The CA certificate, PEM.
@@ -356,6 +386,9 @@ impl CertificateAuthority {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.serial_number = Some(random_serial());
+        let now = unix_now();
+        params.not_before = offset_time(now - CERT_BACKDATE.as_secs() as i64)?;
+        params.not_after = offset_time(self.clamp(now + SERVER_CERT_TTL.as_secs() as i64)?)?;
         let cert = params.signed_by(&key, &self.issuer).map_err(gen_err)?;
         Ok((
             vec![cert.der().clone(), self.cert.clone()],
@@ -383,7 +416,7 @@ impl CertificateAuthority {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.serial_number = Some(random_serial());
         params.not_before = offset_time(not_before)?;
-        params.not_after = offset_time(not_after)?;
+        params.not_after = offset_time(self.clamp(not_after)?)?;
         let request = CertificateSigningRequestParams {
             params,
             public_key: csr.public_key,
@@ -456,6 +489,14 @@ impl NodeIdentity {
         let ca = CertificateDer::from(ca_der);
         webpki::anchor_from_trusted_cert(&ca)
             .map_err(|e| PkiError::BadCertificate(format!("CA certificate: {e}")))?;
+        // Signed by that CA, for client authentication, at its own start
+        // (expiry is the caller's to judge: an expired node asks to enrol
+        // again, with its own message).
+        PeerVerifier::new(ca.clone())
+            .verify_cert(&cert, info.not_before)
+            .map_err(|e| {
+                PkiError::BadCertificate(format!("the certificate does not chain to the CA: {e}"))
+            })?;
         Ok(Self {
             key,
             cert,
@@ -500,10 +541,12 @@ impl NodeIdentity {
     }
 
     /// Whether to renew at `now`: once less than a third of the
-    /// lifetime is left, or less than `renew_before` if given.
+    /// lifetime is left (when the server's registry opens renewal), or
+    /// less than `renew_before` if that is shorter.
     pub fn renewal_due(&self, now: i64, renew_before: Option<Duration>) -> bool {
         let lifetime = self.info.not_after - self.info.not_before;
-        let threshold = renew_before.map_or(lifetime / 3, |d| d.as_secs() as i64);
+        let threshold =
+            renew_before.map_or(lifetime / 3, |d| (d.as_secs() as i64).min(lifetime / 3));
         self.remaining(now) <= threshold
     }
 
@@ -527,7 +570,7 @@ impl NodeIdentity {
             let path = dir.join(name);
             std::fs::read(&path).map_err(file_err(&path))
         };
-        let bundle = read(NODE_IDENTITY_FILE)?;
+        let bundle = read_secret(&dir.join(NODE_IDENTITY_FILE))?;
         let cert = CertificateDer::from_pem_slice(&bundle)
             .map_err(|e| PkiError::BadCertificate(format!("{NODE_IDENTITY_FILE}: {e}")))?;
         let key_der = PrivateKeyDer::from_pem_slice(&bundle)
@@ -544,6 +587,26 @@ fn file_err(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
         path: path.to_owned(),
         source,
     }
+}
+
+/// Reads a private key file, refusing one that others may read (any
+/// group or other permission bit, on Unix).
+pub fn read_secret(path: &Path) -> Result<Vec<u8>, PkiError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)
+            .map_err(file_err(path))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            return Err(PkiError::KeyReadableByOthers {
+                path: path.to_owned(),
+                mode: mode & 0o777,
+            });
+        }
+    }
+    std::fs::read(path).map_err(file_err(path))
 }
 
 /// Writes `bytes` to `path` (mode 0600 when `secret`), durably and

@@ -40,6 +40,9 @@ pub const CLOSE_REFUSED: u32 = 1;
 /// Application close code: the node is not (or no longer) allowed in;
 /// the close reason says why. Retrying cannot help.
 pub const CLOSE_UNAUTHORIZED: u32 = 2;
+/// Close code: the connection's certificate expired, or a renewal
+/// superseded it; the node reconnects with its current certificate.
+pub const CLOSE_CERT_ENDED: u32 = 3;
 
 /// What can go wrong at the transport level.
 #[derive(Debug, thiserror::Error)]
@@ -123,12 +126,51 @@ pub struct ServerIdentity {
 impl ServerIdentity {
     /// Loads the identity in `dir`, creating it (CA and a server certificate
     /// for `names`, DNS names or IP addresses) if `dir` has none.
+    /// A loaded server certificate with a third of its life or less left
+    /// is reissued from the CA (when its key is here) and saved.
     pub fn load_or_create(dir: &Path, names: &[String]) -> Result<Self, NetError> {
         if dir.join(SERVER_CERT_FILE).exists() {
-            Self::load(dir)
+            let mut identity = Self::load(dir)?;
+            identity.rotate_if_due(dir, names, pki::unix_now())?;
+            Ok(identity)
         } else {
             Self::create(dir, names)
         }
+    }
+
+    /// Reissues the server certificate for `names` when a third of its
+    /// lifetime or less is left at `now`, saving it in `dir`; returns
+    /// whether it did. Without the CA key here it only warns (or fails,
+    /// once the certificate has expired): rotate it where the key is.
+    pub fn rotate_if_due(
+        &mut self,
+        dir: &Path,
+        names: &[String],
+        now: i64,
+    ) -> Result<bool, NetError> {
+        let info = CertInfo::parse(&self.cert_chain[0]).map_err(tls_err)?;
+        let (lifetime, left) = (info.not_after - info.not_before, info.not_after - now);
+        if left * 3 > lifetime {
+            return Ok(false);
+        }
+        let Some(ca) = &self.ca else {
+            if left <= 0 {
+                return Err(NetError::Tls(format!(
+                    "the server certificate in {} expired at {}; reissue it where the CA key is (`fedveil-server run` there renews it)",
+                    dir.display(),
+                    pki::format_time(info.not_after)
+                )));
+            }
+            tracing::warn!(expires = %pki::format_time(info.not_after), "the server certificate expires soon and the CA key is not here to reissue it");
+            return Ok(false);
+        };
+        let (cert_chain, key) = ca.issue_server(names).map_err(tls_err)?;
+        self.cert_chain = cert_chain;
+        self.key = key;
+        self.save(dir)?;
+        let renewed = CertInfo::parse(&self.cert_chain[0]).map_err(tls_err)?;
+        tracing::info!(serial = %renewed.serial, valid_until = %pki::format_time(renewed.not_after), "server certificate reissued");
+        Ok(true)
     }
 
     /// Creates a fresh CA and server certificate in `dir`. Keys are written
@@ -189,19 +231,23 @@ impl ServerIdentity {
         let mut cert_chain = CertificateDer::pem_slice_iter(&read(SERVER_CERT_FILE)?)
             .collect::<Result<Vec<_>, _>>()
             .map_err(tls_err)?;
-        let key = PrivateKeyDer::from_pem_slice(&read(SERVER_KEY_FILE)?).map_err(tls_err)?;
+        let key = PrivateKeyDer::from_pem_slice(
+            &pki::read_secret(&dir.join(SERVER_KEY_FILE)).map_err(tls_err)?,
+        )
+        .map_err(tls_err)?;
         let ca_cert_pem = String::from_utf8(read(CA_CERT_FILE)?).map_err(tls_err)?;
         let ca_der = CertificateDer::from_pem_slice(ca_cert_pem.as_bytes()).map_err(tls_err)?;
         // Directories from before enrolment hold the server certificate alone.
         if cert_chain.len() == 1 {
             cert_chain.push(ca_der);
         }
-        let ca = match std::fs::read_to_string(dir.join(CA_KEY_FILE)) {
-            Ok(key_pem) => {
-                Some(CertificateAuthority::from_pem(&ca_cert_pem, &key_pem).map_err(tls_err)?)
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(file_err(&dir.join(CA_KEY_FILE))(e)),
+        let ca_key = dir.join(CA_KEY_FILE);
+        let ca = if ca_key.exists() {
+            let key_pem =
+                String::from_utf8(pki::read_secret(&ca_key).map_err(tls_err)?).map_err(tls_err)?;
+            Some(CertificateAuthority::from_pem(&ca_cert_pem, &key_pem).map_err(tls_err)?)
+        } else {
+            None
         };
         Ok(Self {
             ca_cert_pem,
@@ -566,6 +612,10 @@ pub enum Rejection {
     /// An application close with a reason.
     #[error("the server refused this node: {0}")]
     Refused(String),
+    /// The connection's certificate ended (expired or superseded by a
+    /// renewal): reconnect with the current one.
+    #[error("the server closed the connection: {0}")]
+    CertificateEnded(String),
     /// The server's certificate failed this node's checks.
     #[error("this node does not trust the server: {0}")]
     ServerUntrusted(String),
@@ -619,6 +669,13 @@ pub fn rejection(err: &quinn::ConnectionError) -> Option<Rejection> {
             if close.error_code == quinn::VarInt::from_u32(CLOSE_UNAUTHORIZED) =>
         {
             Some(Rejection::Refused(
+                String::from_utf8_lossy(&close.reason).into_owned(),
+            ))
+        }
+        E::ApplicationClosed(close)
+            if close.error_code == quinn::VarInt::from_u32(CLOSE_CERT_ENDED) =>
+        {
+            Some(Rejection::CertificateEnded(
                 String::from_utf8_lossy(&close.reason).into_owned(),
             ))
         }
@@ -731,9 +788,61 @@ mod tests {
         assert_eq!(loaded.ca_fingerprint(), created.ca_fingerprint());
         assert_eq!(loaded.cert_chain, created.cert_chain);
         assert!(loaded.ca.is_some(), "the CA key is loaded for enrolment");
+        // A key others may read is refused, not used.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let key = dir.join(SERVER_KEY_FILE);
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+            let err = ServerIdentity::load(&dir).err().unwrap().to_string();
+            assert!(err.contains("readable by others"), "{err}");
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
         // Without the key file the server can still serve, not enrol.
         std::fs::remove_file(dir.join(CA_KEY_FILE)).unwrap();
         assert!(ServerIdentity::load(&dir).unwrap().ca.is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Explicit lifetimes: the CA for years, the server certificate for
+    /// months, reissued from the CA when a third of it is left.
+    #[test]
+    fn the_server_certificate_is_reissued_when_a_third_of_its_life_is_left() {
+        let dir = std::env::temp_dir().join(format!("fedveil-rotate-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let names = vec!["localhost".to_string()];
+        let mut identity = ServerIdentity::create(&dir, &names).unwrap();
+        let info = |id: &ServerIdentity| CertInfo::parse(&id.cert_chain[0]).unwrap();
+        let ca = identity.ca.as_ref().unwrap();
+        let ca_life = ca.not_after().unwrap() - pki::unix_now();
+        assert!(
+            (ca_life - pki::CA_CERT_TTL.as_secs() as i64).abs() < 60,
+            "{ca_life}"
+        );
+        let first = info(&identity);
+        let life = first.not_after - first.not_before;
+        assert!((life - (pki::SERVER_CERT_TTL + pki::CERT_BACKDATE).as_secs() as i64).abs() < 60);
+        // Half its life left: kept.
+        assert!(
+            !identity
+                .rotate_if_due(&dir, &names, first.not_before + life / 2)
+                .unwrap()
+        );
+        // A quarter left: reissued, saved, and it chains to the same CA.
+        let late = first.not_before + life * 3 / 4;
+        assert!(identity.rotate_if_due(&dir, &names, late).unwrap());
+        let second = info(&ServerIdentity::load(&dir).unwrap());
+        assert_ne!(second.serial, first.serial);
+        assert_eq!(second.serial, info(&identity).serial);
+        // Without the CA key an expired certificate is an error that says
+        // where to renew it.
+        std::fs::remove_file(dir.join(CA_KEY_FILE)).unwrap();
+        let mut keyless = ServerIdentity::load(&dir).unwrap();
+        let err = keyless
+            .rotate_if_due(&dir, &names, second.not_after + 1)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("expired"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -143,7 +143,7 @@ fn kind_of(m: &Message) -> &'static str {
     }
 }
 
-const REASONS: [ReasonCode; 29] = [
+const REASONS: [ReasonCode; 30] = [
     ReasonCode::VersionMismatch,
     ReasonCode::ModelMismatch,
     ReasonCode::MalformedFrame,
@@ -173,6 +173,7 @@ const REASONS: [ReasonCode; 29] = [
     ReasonCode::Internal,
     ReasonCode::LeftRound,
     ReasonCode::BudgetSpent,
+    ReasonCode::RenewalTooEarly,
 ];
 
 fn text() -> impl Strategy<Value = String> {

@@ -123,7 +123,8 @@ fn revocation_kills_every_certificate_of_the_node_even_after_reenrolment() {
     let old = enrol(&reg, &ca, "alpha");
     let renewed = {
         let (_, csr) = pki::new_key_and_csr("alpha").unwrap();
-        reg.renew(&old.info, NOW, sign(&ca, &csr)).unwrap()
+        reg.renew(&old.info, NOW + 25 * DAY, sign(&ca, &csr))
+            .unwrap()
     };
     // Both the old and the renewed certificate work until revocation.
     assert!(reg.is_live(&old.info.serial, "alpha").unwrap());
@@ -151,7 +152,7 @@ fn revocation_kills_every_certificate_of_the_node_even_after_reenrolment() {
     // Renewal with a revoked certificate is refused.
     let (_, csr) = pki::new_key_and_csr("alpha").unwrap();
     assert!(matches!(
-        reg.renew(&renewed.info, NOW, sign(&ca, &csr)),
+        reg.renew(&renewed.info, NOW + 25 * DAY, sign(&ca, &csr)),
         Err(EnrolError::Revoked(_))
     ));
     // Enrolled again with a new token: the new certificate works, the old
@@ -190,5 +191,52 @@ fn revocation_voids_pending_tokens_and_unknown_certificates_are_refused() {
     assert!(matches!(
         reg.check(&ghost.info),
         Err(RegistryRejection::Unknown { .. })
+    ));
+}
+
+/// Renewal opens in the last third of a certificate's life; the node's
+/// previous certificates stay usable for the grace period (a lost answer
+/// can be retried), are listed as live meanwhile, and are refused after.
+#[test]
+fn renewal_opens_late_and_supersedes_the_old_certificate_after_a_grace() {
+    let reg = Registry::in_memory().unwrap();
+    let ca = CertificateAuthority::generate().unwrap();
+    let old = enrol(&reg, &ca, "alpha");
+    let (_, csr) = pki::new_key_and_csr("alpha").unwrap();
+    let early = reg
+        .renew(&old.info, NOW + 10 * DAY, sign(&ca, &csr))
+        .unwrap_err();
+    assert_eq!(early.code(), ReasonCode::RenewalTooEarly);
+    assert!(early.to_string().contains("last third"), "{early}");
+    let at = NOW + 21 * DAY;
+    let lost = reg.renew(&old.info, at, sign(&ca, &csr)).unwrap();
+    // The answer was lost: the node retries with its old certificate.
+    let (_, csr) = pki::new_key_and_csr("alpha").unwrap();
+    let new = reg.renew(&old.info, at + 60, sign(&ca, &csr)).unwrap();
+    let grace = DEFAULT_RENEWAL_GRACE.as_secs() as i64;
+    let during = at + 120;
+    assert!(reg.is_live_at(&old.info.serial, "alpha", during).unwrap());
+    assert_eq!(reg.live_serials("alpha", during).unwrap().len(), 3);
+    // The retry's grace ends a minute after the first one's.
+    let after = at + 60 + grace + 1;
+    for gone in [&old, &lost] {
+        assert_eq!(
+            reg.cert_state(&gone.info.serial, "alpha", after).unwrap(),
+            CertState::Superseded
+        );
+    }
+    assert_eq!(
+        reg.cert_state(&new.info.serial, "alpha", after).unwrap(),
+        CertState::Live
+    );
+    assert_eq!(
+        reg.live_serials("alpha", after).unwrap(),
+        vec![(new.info.serial.clone(), new.info.not_after)]
+    );
+    // A superseded certificate cannot renew either.
+    let (_, csr) = pki::new_key_and_csr("alpha").unwrap();
+    assert!(matches!(
+        reg.renew(&old.info, after, sign(&ca, &csr)),
+        Err(EnrolError::Superseded(_))
     ));
 }

@@ -8,7 +8,7 @@
 //! `RAYON_NUM_THREADS`. Prints one JSON line.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -70,6 +70,20 @@ enum Command {
         dropout: f64,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+    },
+    /// One client's signature work in a SecAgg+ round with enrolled
+    /// identities: signing its keys and checking its neighbours' (chain and
+    /// signature), then signing the survivor set and checking its
+    /// neighbours' signatures over it (the consistency check).
+    AttestCost {
+        /// Neighbours k.
+        #[arg(long, default_value_t = 20)]
+        neighbours: usize,
+        /// Clients in the survivor set each signature covers.
+        #[arg(long, default_value_t = 100)]
+        survivors: u64,
+        #[arg(long, default_value_t = 20)]
+        repeats: usize,
     },
     /// The server's per-round commit: a checkpoint of the CNN with FedAdam
     /// moments and a DP ledger, written to a state database in DIR.
@@ -158,6 +172,11 @@ fn main() -> Result<()> {
             );
         }
         Command::Checkpoint { commits, dir } => checkpoint(commits, &dir)?,
+        Command::AttestCost {
+            neighbours,
+            survivors,
+            repeats,
+        } => attest_cost(neighbours, survivors, repeats)?,
         Command::MaskThroughput { values, repeats } => {
             let mut acc = vec![0u32; values];
             let start = Instant::now();
@@ -314,6 +333,69 @@ fn checkpoint(commits: usize, dir: &std::path::Path) -> Result<()> {
             "ledger_json_bytes": serde_json::to_string(&ledger)?.len(),
             "state_dir_bytes": db_bytes,
         })
+    );
+    Ok(())
+}
+
+/// See [`Command::AttestCost`]; prints milliseconds per client and round.
+fn attest_cost(neighbours: usize, survivors: u64, repeats: usize) -> Result<()> {
+    use fedveil_net::pki::{self, CertificateAuthority, NodeAttestor, NodeIdentity};
+    use fedveil_proto::secagg::{KeyAttestor, survivors_message};
+    use fedveil_proto::wire::PeerKeys;
+    let ca = CertificateAuthority::generate()?;
+    let now = pki::unix_now();
+    let nodes = (0..=neighbours)
+        .map(|i| {
+            let name = format!("node-{i}");
+            let (key, csr) = pki::new_key_and_csr(&name)?;
+            let issued = ca.issue_client(&csr, &name, now - 60, now + 86_400)?;
+            Ok(NodeAttestor::new(NodeIdentity::new(
+                key,
+                issued.der,
+                ca.cert_der().to_vec(),
+            )?))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let keys: Vec<PeerKeys> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let mut k = PeerKeys {
+                id: i as u64,
+                enc_pk: [1; 32],
+                mask_pk: [2; 32],
+                round_digest: [3; 32],
+                attestation: None,
+            };
+            k.attestation = Some(a.attest(1, &k));
+            k
+        })
+        .collect();
+    let set: Vec<u64> = (0..survivors).collect();
+    let message = survivors_message(1, &[3; 32], &set);
+    let signatures: Vec<Vec<u8>> = nodes.iter().map(|a| a.sign_survivors(&message)).collect();
+    let me = &nodes[0];
+    let (mut keys_time, mut check_time) = (Duration::ZERO, Duration::ZERO);
+    for _ in 0..repeats {
+        let t = Instant::now();
+        std::hint::black_box(me.attest(1, &keys[0]));
+        for k in &keys[1..] {
+            me.verify(1, k)?;
+        }
+        keys_time += t.elapsed();
+        let t = Instant::now();
+        std::hint::black_box(me.sign_survivors(&message));
+        for (k, sig) in keys[1..].iter().zip(&signatures[1..]) {
+            let cert = &k.attestation.as_ref().expect("signed").certificate;
+            me.verify_survivors(cert, &message, sig)?;
+        }
+        check_time += t.elapsed();
+    }
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0 / repeats as f64;
+    println!(
+        "{{\"bench\":\"attest-cost\",\"neighbours\":{neighbours},\"survivors\":{survivors},\"keys_ms\":{:.2},\"consistency_ms\":{:.2}}}",
+        ms(keys_time),
+        ms(check_time)
     );
     Ok(())
 }

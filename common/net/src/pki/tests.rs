@@ -405,3 +405,39 @@ fn the_server_certificate_has_a_san_of_the_right_type_per_name_and_ends_with_the
     assert!(eku.server_auth && !eku.client_auth);
     assert!(ca.issue_server(&[]).is_err());
 }
+
+/// The identity a node is built from must be its CA's: a certificate of
+/// another CA (or for another key) is refused, as is a key file others
+/// may read.
+#[test]
+fn a_node_identity_is_its_cas_and_its_key_stays_private() {
+    let ca = CertificateAuthority::generate().unwrap();
+    let other = CertificateAuthority::generate().unwrap();
+    let (key, csr) = new_key_and_csr("alice").unwrap();
+    let issued = other.issue_client(&csr, "alice", 0, 30 * DAY).unwrap();
+    let err = NodeIdentity::new(key, issued.der, ca.cert_der().to_vec()).unwrap_err();
+    assert!(err.to_string().contains("does not chain"), "{err}");
+    // A node certificate never outlives its CA.
+    let (key, csr) = new_key_and_csr("bob").unwrap();
+    let forever = ca
+        .issue_client(&csr, "bob", 0, i64::from(i32::MAX) * 2)
+        .unwrap();
+    assert_eq!(forever.info.not_after, ca.not_after().unwrap());
+    let bob = NodeIdentity::new(key, forever.der, ca.cert_der().to_vec()).unwrap();
+    let dir = std::env::temp_dir().join(format!("fedveil-node-key-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    bob.save(&dir).unwrap();
+    assert!(NodeIdentity::load(&dir).is_ok());
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let file = dir.join(NODE_IDENTITY_FILE);
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(matches!(
+            NodeIdentity::load(&dir),
+            Err(PkiError::KeyReadableByOthers { mode: 0o640, .. })
+        ));
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -516,6 +516,8 @@ pub enum ReasonCode {
     /// Server → node: one more round would take the node past the
     /// server's population budget (epsilon over all its runs).
     BudgetSpent = 28,
+    /// Server → node: renewal opens later in the certificate's life.
+    RenewalTooEarly = 29,
 }
 
 /// Either side: a refusal with a reason code and a human-readable detail.
