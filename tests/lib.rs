@@ -81,6 +81,15 @@ pub fn deploy_with(
     tag: &str,
     adjust: impl FnOnce(&mut CoordinatorConfig) + Send + 'static,
 ) -> Deployment {
+    deploy_limited(tag, fedveil_server::ConnectionLimits::default(), adjust)
+}
+
+/// [`deploy_with`], holding early connections to `limits`.
+pub fn deploy_limited(
+    tag: &str,
+    limits: fedveil_server::ConnectionLimits,
+    adjust: impl FnOnce(&mut CoordinatorConfig) + Send + 'static,
+) -> Deployment {
     let dir = std::env::temp_dir().join(format!("fedveil-enrol-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -112,6 +121,7 @@ pub fn deploy_with(
         .identity(identity)
         .registry(Arc::clone(&registry))
         .listen("127.0.0.1:0".parse().unwrap())
+        .connection_limits(limits)
         .observer(Box::new(Forward(events_tx)))
         .tune(move |config| {
             *config = CoordinatorConfig {

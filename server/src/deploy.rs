@@ -43,7 +43,9 @@ use fedveil_proto::wire::{DataSpec, FrameLimits, ModelSpec};
 use fedveil_settings::{Deployment, Population, Settings, SettingsError};
 
 use crate::config_file::DEFAULT_PORT;
-use crate::driver::{Evaluator, LogObserver, Observer, RunReport, ServeOptions, serve};
+use crate::driver::{
+    ConnectionLimits, Evaluator, LogObserver, Observer, RunReport, ServeOptions, serve,
+};
 use crate::enrol::NodeService;
 use crate::registry::{EnrolError, Registry};
 use crate::setup::{MetricsFiles, ModelEvaluator, ServerObserver, initial_model};
@@ -124,9 +126,17 @@ pub struct ServerBuilder {
     secret_seed: Option<u64>,
     observer: Option<Box<dyn Observer>>,
     metrics_dir: Option<PathBuf>,
+    connections: ConnectionLimits,
 }
 
 impl ServerBuilder {
+    /// What early connections (in the handshake, before their hello) may
+    /// hold [default: [`ConnectionLimits::default`]].
+    pub fn connection_limits(mut self, limits: ConnectionLimits) -> Self {
+        self.connections = limits;
+        self
+    }
+
     /// Enrolled nodes connected before the first round starts [default:
     /// [`Deployment::default`]'s, the smallest secure-aggregation cohort].
     pub fn min_clients(mut self, n: usize) -> Self {
@@ -367,6 +377,7 @@ impl ServerBuilder {
             }),
             store,
             limits: FrameLimits::for_model(served.spec.param_count),
+            connections: self.connections,
             observer,
             ca_fingerprint,
             name: self.names.first().cloned().unwrap_or_default(),
@@ -488,6 +499,7 @@ pub struct Server {
     nodes: Arc<NodeService>,
     store: Option<Store>,
     limits: FrameLimits,
+    connections: ConnectionLimits,
     observer: Box<dyn Observer>,
     ca_fingerprint: String,
     /// The name invitations tell nodes to dial.
@@ -515,6 +527,7 @@ impl Server {
             secret_seed: None,
             observer: None,
             metrics_dir: None,
+            connections: ConnectionLimits::default(),
         }
     }
 
@@ -627,6 +640,7 @@ impl Server {
                     .as_mut()
                     .map(|s| s as &mut dyn crate::driver::StateSink),
                 nodes: Some(self.nodes),
+                connections: self.connections,
             },
             shutdown,
         )

@@ -30,6 +30,51 @@ pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a new connection may take to open its stream and say hello.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections in the TLS handshake at once; more are refused outright.
+pub const DEFAULT_MAX_HANDSHAKES: usize = 256;
+/// Above this many handshakes at once, a peer must first prove its address
+/// (a QUIC retry) before the server does any TLS work for it.
+pub const DEFAULT_RETRY_ABOVE_HANDSHAKES: usize = 32;
+/// Connections that have not said hello yet, over all peers.
+pub const DEFAULT_MAX_UNADMITTED: usize = 256;
+/// Connections of one enrolled node that have not said hello yet.
+pub const DEFAULT_MAX_UNADMITTED_PER_NODE: usize = 2;
+/// Messages of one connection read but not yet handled: beyond them the
+/// reader stops reading, and QUIC flow control pushes back on the peer.
+pub const DEFAULT_MAX_QUEUED_PER_CONNECTION: usize = 64;
+
+/// How many connections the server holds in each early state, and how
+/// long it waits for a hello: what an unauthenticated or misbehaving peer
+/// can make it hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// See [`DEFAULT_MAX_HANDSHAKES`].
+    pub max_handshakes: usize,
+    /// See [`DEFAULT_RETRY_ABOVE_HANDSHAKES`].
+    pub retry_above_handshakes: usize,
+    /// See [`DEFAULT_MAX_UNADMITTED`].
+    pub max_unadmitted: usize,
+    /// See [`DEFAULT_MAX_UNADMITTED_PER_NODE`].
+    pub max_unadmitted_per_node: usize,
+    /// See [`DEFAULT_MAX_QUEUED_PER_CONNECTION`].
+    pub max_queued_per_connection: usize,
+    /// How long a connection may take to open its stream and say hello.
+    pub hello_timeout: Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            max_handshakes: DEFAULT_MAX_HANDSHAKES,
+            retry_above_handshakes: DEFAULT_RETRY_ABOVE_HANDSHAKES,
+            max_unadmitted: DEFAULT_MAX_UNADMITTED,
+            max_unadmitted_per_node: DEFAULT_MAX_UNADMITTED_PER_NODE,
+            max_queued_per_connection: DEFAULT_MAX_QUEUED_PER_CONNECTION,
+            hello_timeout: HELLO_TIMEOUT,
+        }
+    }
+}
+
 /// How often the registry is checked for revocations made by another
 /// process (`fedveil-server revoke`); live connections of a revoked node
 /// are dropped within this interval.
@@ -174,7 +219,9 @@ struct NewConnection {
 
 enum Inbound {
     Connected(Box<NewConnection>),
-    Message(ClientId, Message),
+    /// The permit bounds the connection's unhandled messages; dropping it
+    /// lets its reader read on.
+    Message(ClientId, Message, tokio::sync::OwnedSemaphorePermit),
     Failed(ClientId, NetError),
     Closed(ClientId),
 }
@@ -209,6 +256,8 @@ pub struct ServeOptions<'a> {
     /// must check them against the same registry: see
     /// [`quic::server_config`]); without it, clients are anonymous.
     pub nodes: Option<Arc<NodeService>>,
+    /// What early connections may hold.
+    pub connections: ConnectionLimits,
 }
 
 /// Runs `coordinator` on `endpoint` until all rounds are done or `shutdown`
@@ -226,12 +275,16 @@ pub async fn serve(
         observer,
         state,
         nodes,
+        connections,
     } = options;
+    let handshakes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut driver = Driver {
         state,
         nodes: nodes.clone(),
         registry_version: None,
         polls: 0,
+        connections,
+        unadmitted: HashMap::new(),
         coordinator,
         evaluator: Some(Box::new(evaluator)),
         limits,
@@ -265,10 +318,15 @@ pub async fn serve(
         };
         tokio::select! {
             incoming = endpoint.accept() => match incoming {
-                Some(incoming) => { tokio::spawn(handshake(incoming, tx.clone(), nodes.clone())); }
+                Some(incoming) => admit_handshake(incoming, &handshakes, connections, &tx, &nodes),
                 None => break,
             },
-            _ = revocation_poll.tick(), if nodes.is_some() => driver.drop_revoked(Instant::now()),
+            _ = revocation_poll.tick() => {
+                driver.drop_silent(Instant::now());
+                if nodes.is_some() {
+                    driver.drop_revoked(Instant::now());
+                }
+            }
             Some(inbound) = rx.recv() => driver.on_inbound(inbound, &tx),
             () = timer => driver.coordinator.handle_timeout(Instant::now()),
             () = &mut shutdown => {
@@ -290,6 +348,10 @@ struct Driver<'s> {
     registry_version: Option<i64>,
     /// Revocation polls so far.
     polls: u64,
+    connections: ConnectionLimits,
+    /// Connections that have not been admitted yet: when their hello is
+    /// due, and their certificate's node name.
+    unadmitted: HashMap<ClientId, (Instant, Option<String>)>,
     coordinator: Coordinator,
     evaluator: Option<Box<dyn Evaluator>>,
     limits: FrameLimits,
@@ -311,6 +373,29 @@ impl Driver<'_> {
                     recv,
                     identity,
                 } = *new;
+                let name = identity.as_ref().map(|(_, info)| info.name.clone());
+                let limits = self.connections;
+                let of_node = |n: &String| {
+                    self.unadmitted
+                        .values()
+                        .filter(|(_, m)| m.as_ref() == Some(n))
+                        .count()
+                };
+                let refusal = if self.unadmitted.len() >= limits.max_unadmitted {
+                    Some("too many connections are waiting to say hello; try again later")
+                } else if name
+                    .as_ref()
+                    .is_some_and(|n| of_node(n) >= limits.max_unadmitted_per_node)
+                {
+                    Some("this node already has connections waiting to say hello")
+                } else {
+                    None
+                };
+                if let Some(why) = refusal {
+                    tracing::warn!(remote = %connection.remote_address(), node = ?name, why, "connection refused");
+                    connection.close(CLOSE_REFUSED.into(), why.as_bytes());
+                    return;
+                }
                 let id = self
                     .coordinator
                     .connect_as(identity.as_ref().map(|(der, info)| PeerIdentity {
@@ -322,11 +407,16 @@ impl Driver<'_> {
                 {
                     tracing::warn!(%err, node = %info.name, "cannot record last-seen time");
                 }
+                self.unadmitted
+                    .insert(id, (now + limits.hello_timeout, name));
                 let (out_tx, out_rx) = mpsc::unbounded_channel();
                 tokio::spawn(read_loop(
                     id,
                     recv,
                     self.limits,
+                    Arc::new(tokio::sync::Semaphore::new(
+                        limits.max_queued_per_connection,
+                    )),
                     tx.clone(),
                     Arc::clone(&self.traffic),
                 ));
@@ -346,7 +436,9 @@ impl Driver<'_> {
                     },
                 );
             }
-            Inbound::Message(id, message) => self.coordinator.handle_message(id, message, now),
+            Inbound::Message(id, message, _permit) => {
+                self.coordinator.handle_message(id, message, now)
+            }
             Inbound::Failed(id, NetError::Codec(err)) => {
                 tracing::warn!(client = id, %err, "undecodable frame; dropping connection");
                 self.coordinator.codec_error(id, &err, now);
@@ -362,6 +454,25 @@ impl Driver<'_> {
     fn drop_peer(&mut self, id: ClientId, now: Instant) {
         self.coordinator.disconnect(id, now);
         self.peers.remove(&id);
+        self.unadmitted.remove(&id);
+    }
+
+    /// Closes the connections that did not say hello in time.
+    fn drop_silent(&mut self, now: Instant) {
+        let late: Vec<ClientId> = self
+            .unadmitted
+            .iter()
+            .filter(|(_, (due, _))| *due <= now)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in late {
+            tracing::warn!(client = id, "no hello in time; closing");
+            if let Some(peer) = self.peers.get(&id) {
+                peer.connection
+                    .close(CLOSE_REFUSED.into(), b"no hello in time");
+            }
+            self.drop_peer(id, now);
+        }
     }
 
     /// Closes the connections of nodes revoked since the last check (by
@@ -442,12 +553,16 @@ impl Driver<'_> {
                 }
                 if t.close {
                     self.peers.remove(&t.to);
+                    self.unadmitted.remove(&t.to);
                 }
             }
             while let Some(event) = self.coordinator.poll_event() {
                 progressed = true;
                 observer.on_event(&event);
                 match event {
+                    Event::Joined { id, .. } => {
+                        self.unadmitted.remove(&id);
+                    }
                     Event::RoundCompleted(summary) => {
                         let metrics = self.round_metrics(&summary).await;
                         if let Some(state) = self.state.as_deref_mut() {
@@ -529,17 +644,59 @@ impl Driver<'_> {
     }
 }
 
+/// Starts the handshake of `incoming`, unless too many are under way:
+/// beyond `retry_above_handshakes` the peer must first prove its address
+/// (a QUIC retry: one round trip, no TLS work for a spoofed source), and
+/// beyond `max_handshakes` it is refused.
+fn admit_handshake(
+    incoming: quinn::Incoming,
+    handshakes: &Arc<std::sync::atomic::AtomicUsize>,
+    limits: ConnectionLimits,
+    tx: &mpsc::UnboundedSender<Inbound>,
+    nodes: &Option<Arc<NodeService>>,
+) {
+    let under_way = handshakes.load(Ordering::Relaxed);
+    if under_way >= limits.max_handshakes {
+        tracing::warn!(remote = %incoming.remote_address(), under_way, "too many handshakes; refusing");
+        return incoming.refuse();
+    }
+    if under_way >= limits.retry_above_handshakes && !incoming.remote_address_validated() {
+        if incoming.may_retry() {
+            let _ = incoming.retry();
+        } else {
+            incoming.refuse();
+        }
+        return;
+    }
+    handshakes.fetch_add(1, Ordering::Relaxed);
+    let handshakes = Arc::clone(handshakes);
+    let (tx, nodes) = (tx.clone(), nodes.clone());
+    tokio::spawn(async move {
+        handshake(incoming, tx, nodes, limits.hello_timeout, &handshakes).await;
+    });
+}
+
 async fn handshake(
     incoming: quinn::Incoming,
     tx: mpsc::UnboundedSender<Inbound>,
     nodes: Option<Arc<NodeService>>,
+    hello_timeout: Duration,
+    handshakes: &std::sync::atomic::AtomicUsize,
 ) {
+    let done = || handshakes.fetch_sub(1, Ordering::Relaxed);
     let remote = incoming.remote_address();
     let connection = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
         Ok(Ok(c)) => c,
-        Ok(Err(err)) => return tracing::warn!(%remote, %err, "handshake failed"),
-        Err(_) => return tracing::warn!(%remote, "handshake timed out"),
+        Ok(Err(err)) => {
+            done();
+            return tracing::warn!(%remote, %err, "handshake failed");
+        }
+        Err(_) => {
+            done();
+            return tracing::warn!(%remote, "handshake timed out");
+        }
     };
+    done();
     let identity = quic::peer_certificate(&connection);
     if quic::negotiated_alpn(&connection).as_deref() == Some(quic::ENROL_ALPN) {
         return match nodes {
@@ -557,7 +714,7 @@ async fn handshake(
             b"no client certificate: this node is not enrolled (run `fedveil-client enroll`)",
         );
     }
-    match tokio::time::timeout(HELLO_TIMEOUT, connection.accept_bi()).await {
+    match tokio::time::timeout(hello_timeout, connection.accept_bi()).await {
         Ok(Ok((send, recv))) => {
             let _ = tx.send(Inbound::Connected(Box::new(NewConnection {
                 connection,
@@ -580,19 +737,27 @@ async fn read_loop(
     id: ClientId,
     recv: quinn::RecvStream,
     limits: FrameLimits,
+    queued: Arc<tokio::sync::Semaphore>,
     tx: mpsc::UnboundedSender<Inbound>,
     traffic: Arc<Traffic>,
 ) {
-    let mut reader = MessageReader::new(recv, limits);
+    // A hello carries no payload: an unadmitted peer cannot make the
+    // server buffer a model-sized frame.
+    let mut reader = MessageReader::with_first_frame(recv, FrameLimits::hello(), limits);
     let mut counted = 0;
     loop {
+        // Wait for room before reading on: a peer that floods stalls in
+        // its own flow-control window, not in the server's memory.
+        let Ok(permit) = Arc::clone(&queued).acquire_owned().await else {
+            return;
+        };
         let next = reader.next().await;
         traffic
             .up
             .fetch_add(reader.bytes_read() - counted, Ordering::Relaxed);
         counted = reader.bytes_read();
         let inbound = match next {
-            Ok(Some(message)) => Inbound::Message(id, message),
+            Ok(Some(message)) => Inbound::Message(id, message, permit),
             Ok(None) => Inbound::Closed(id),
             Err(err) => Inbound::Failed(id, err),
         };

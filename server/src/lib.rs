@@ -13,6 +13,8 @@ pub mod setup;
 pub mod store;
 
 pub use deploy::{DeployError, RunStatus, Server, ServerBuilder};
-pub use driver::{Evaluator, LogObserver, Observer, RunReport, ServeOptions, StateSink, serve};
+pub use driver::{
+    ConnectionLimits, Evaluator, LogObserver, Observer, RunReport, ServeOptions, StateSink, serve,
+};
 pub use enrol::NodeService;
 pub use registry::Registry;

@@ -123,6 +123,7 @@ fn start_server_on(
                 observer: &mut rec,
                 state: None,
                 nodes: None,
+                connections: Default::default(),
             },
             std::future::pending(),
         )

@@ -551,9 +551,11 @@ async fn an_enrolled_node_sending_hostile_frames_is_dropped_alone() {
             ReasonCode::FrameTooLarge,
         ),
         (
-            "an update claiming the whole model, then the end of the stream",
+            // Before its hello a connection may send no payload at all, so
+            // a half-sent model-sized frame is refused at its prefix.
+            "an update claiming the whole model before any hello, then the end of the stream",
             update_claiming(param_count * 4),
-            ReasonCode::MalformedFrame,
+            ReasonCode::FrameTooLarge,
         ),
     ];
     for (name, bytes, want) in attacks {
@@ -764,4 +766,58 @@ async fn a_node_forging_shares_costs_a_round_not_the_run() {
             .unwrap_or_else(|e| panic!("{name} left the run: {e}"));
         assert!(report.rounds_trained >= 3, "{name}: {report:?}");
     }
+}
+
+/// One enrolled identity opening many connections that never say hello
+/// (each sends one byte of a frame and stops): beyond the per-node cap
+/// they are refused at once, the others are closed when their hello is
+/// due, and an honest node trains through it all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_never_say_hello_are_capped_then_closed() {
+    let limits = fedveil_server::ConnectionLimits {
+        hello_timeout: Duration::from_secs(2),
+        ..Default::default()
+    };
+    let cap = limits.max_unadmitted_per_node;
+    let d = fedveil_tests::deploy_limited("silent", limits, |config| {
+        config.rounds = 1;
+        config.min_clients = 1;
+        config.round.max_local_steps = Some(1);
+    });
+    let identity = d.enrol(&d.token("mallory")).await.unwrap();
+    let tls = ClientOptions::enrolled(d.addr, "localhost", &identity)
+        .unwrap()
+        .tls
+        .unwrap();
+    let client = endpoint();
+    let mut conns = Vec::new();
+    for _ in 0..cap + 3 {
+        let c = client
+            .connect_with(tls.clone(), d.addr, "localhost")
+            .unwrap()
+            .await
+            .unwrap();
+        let (mut send, _recv) = c.open_bi().await.unwrap();
+        send.write_all(b"F").await.unwrap();
+        conns.push((c, send));
+    }
+    let (mut refused, mut silent) = (0, 0);
+    for (c, _send) in &conns {
+        match tokio::time::timeout(Duration::from_secs(20), c.closed()).await {
+            Ok(quinn::ConnectionError::ApplicationClosed(close)) => {
+                let why = String::from_utf8_lossy(&close.reason);
+                if why.contains("already has connections waiting") {
+                    refused += 1;
+                } else if why.contains("no hello in time") {
+                    silent += 1;
+                } else {
+                    panic!("unexpected close: {why}");
+                }
+            }
+            other => panic!("expected the server to close, got {other:?}"),
+        }
+    }
+    assert_eq!((refused, silent), (3, cap));
+    let honest = honest_node_completes_a_round(&d, "ann").await;
+    honest.await.unwrap().unwrap();
 }

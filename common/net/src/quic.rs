@@ -733,6 +733,19 @@ impl MessageReader {
         }
     }
 
+    /// Reads frames from `recv`, the first within `first` (a hello: see
+    /// [`FrameLimits::hello`]), the rest within `limits`.
+    pub fn with_first_frame(
+        recv: quinn::RecvStream,
+        first: FrameLimits,
+        limits: FrameLimits,
+    ) -> Self {
+        Self {
+            decoder: FrameDecoder::with_first_frame(first, limits),
+            ..Self::new(recv, limits)
+        }
+    }
+
     /// Bytes read from the stream so far.
     pub fn bytes_read(&self) -> u64 {
         self.bytes_read

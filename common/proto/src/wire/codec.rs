@@ -98,6 +98,16 @@ impl Default for FrameLimits {
 pub const MAX_APPENDED_VALUES: u64 = 2;
 
 impl FrameLimits {
+    /// Limits for the first frame of a training connection: a hello, which
+    /// carries no payload, so an unadmitted peer cannot make the server
+    /// buffer a model-sized frame.
+    pub fn hello() -> Self {
+        Self {
+            max_payload_bytes: 0,
+            ..Self::default()
+        }
+    }
+
     /// Limits for a peer exchanging models of `param_count` parameters: the
     /// largest payload is a masked update (the model plus what
     /// [`MAX_APPENDED_VALUES`] allows).
@@ -384,6 +394,10 @@ impl PayloadBuffer {
 #[derive(Debug)]
 pub struct FrameDecoder {
     limits: FrameLimits,
+    /// Limits of the first frame only, when they differ.
+    first: Option<FrameLimits>,
+    /// Frames decoded so far.
+    frames: u64,
     /// Bytes of the unfinished frame taken so far (prefix included).
     frame_bytes: usize,
     buf: Vec<u8>,
@@ -396,10 +410,29 @@ impl FrameDecoder {
     pub fn new(limits: FrameLimits) -> Self {
         Self {
             limits,
+            first: None,
+            frames: 0,
             frame_bytes: 0,
             buf: Vec::new(),
             state: DecodeState::Prefix,
             poisoned: None,
+        }
+    }
+
+    /// A decoder whose first frame must fit `first` (see
+    /// [`FrameLimits::hello`]) and every later one `limits`.
+    pub fn with_first_frame(first: FrameLimits, limits: FrameLimits) -> Self {
+        Self {
+            first: Some(first),
+            ..Self::new(limits)
+        }
+    }
+
+    /// The limits the next frame is held to.
+    fn current(&self) -> FrameLimits {
+        match self.first {
+            Some(first) if self.frames == 0 => first,
+            _ => self.limits,
         }
     }
 
@@ -426,6 +459,7 @@ impl FrameDecoder {
                     if let Some(msg) = msg {
                         // A step ends where its frame ends.
                         self.frame_bytes = 0;
+                        self.frames += 1;
                         out.push(msg);
                     }
                     bytes = &bytes[used..];
@@ -487,16 +521,17 @@ impl FrameDecoder {
         check_magic_and_version(b)?;
         let header_len = u32::from_le_bytes(b[6..10].try_into().expect("4 bytes"));
         let payload_len = u64::from_le_bytes(b[10..18].try_into().expect("8 bytes"));
-        if header_len > self.limits.header_bytes() {
+        let limits = self.current();
+        if header_len > limits.header_bytes() {
             return Err(CodecError::HeaderTooLarge {
                 len: header_len,
-                max: self.limits.header_bytes(),
+                max: limits.header_bytes(),
             });
         }
-        if payload_len > self.limits.max_payload_bytes {
+        if payload_len > limits.max_payload_bytes {
             return Err(CodecError::PayloadTooLarge {
                 len: payload_len,
-                max: self.limits.max_payload_bytes,
+                max: limits.max_payload_bytes,
             });
         }
         if payload_len % 4 != 0 {
@@ -626,6 +661,25 @@ pub fn decode_one(bytes: &[u8], limits: FrameLimits) -> Result<Message, CodecErr
 mod tests {
     use super::*;
     use crate::wire::message::*;
+
+    /// Before its hello is in, a peer cannot send a frame with a payload,
+    /// however it splits it; after it, the model's limits apply.
+    #[test]
+    fn the_first_frame_is_held_to_the_hello_limits() {
+        let hello = all_kinds().remove(0);
+        let mut d = FrameDecoder::with_first_frame(FrameLimits::hello(), FrameLimits::for_model(3));
+        let first = encode(&update(3)).unwrap().to_vec();
+        assert!(matches!(
+            d.push(&first[..20]),
+            Err(CodecError::PayloadTooLarge { max: 0, .. })
+        ));
+        let mut d = FrameDecoder::with_first_frame(FrameLimits::hello(), FrameLimits::for_model(3));
+        let mut stream = encode(&hello).unwrap().to_vec();
+        stream.extend(encode(&update(3)).unwrap().to_vec());
+        let got = d.push(&stream).unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[1], update(3));
+    }
 
     fn update(n: usize) -> Message {
         Message::Update(Update {
