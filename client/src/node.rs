@@ -244,9 +244,13 @@ impl Node {
     /// instead of the one it enrolled with when given.
     pub async fn open_at(dir: impl AsRef<Path>, server: Option<&str>) -> Result<Self, NodeError> {
         let dir = dir.as_ref();
-        let identity = NodeIdentity::load(dir).map_err(|source| NodeError::NotEnrolled {
-            dir: dir.to_owned(),
-            source,
+        let identity = NodeIdentity::load(dir).map_err(|source| match source {
+            // The identity is there; its file's mode is what to fix.
+            e @ PkiError::KeyReadableByOthers { .. } => NodeError::Pki(e),
+            source => NodeError::NotEnrolled {
+                dir: dir.to_owned(),
+                source,
+            },
         })?;
         let path = dir.join(NODE_SETTINGS_FILE);
         let settings = |detail: String| NodeError::Settings {

@@ -68,6 +68,24 @@ async fn a_node_enrolled_into_a_directory_trains_comes_back_and_is_told_when_to_
     let run = running.await.unwrap();
     assert_eq!(run.rounds_completed, 1);
 
+    // A key others may read is refused, saying how to fix it (not to enrol
+    // again).
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let key = home.join(fedveil_net::pki::NODE_IDENTITY_FILE);
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = Node::open(&home).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                NodeError::Pki(fedveil_net::pki::PkiError::KeyReadableByOthers { .. })
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("chmod 600"), "{err}");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
     // A directory without an identity says to enrol first.
     assert!(matches!(
         Node::open(dir.join("nobody")).await,
