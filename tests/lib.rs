@@ -90,6 +90,16 @@ pub fn deploy_limited(
     limits: fedveil_server::ConnectionLimits,
     adjust: impl FnOnce(&mut CoordinatorConfig) + Send + 'static,
 ) -> Deployment {
+    deploy_built(tag, |b| b.connection_limits(limits), adjust)
+}
+
+/// [`deploy_with`], with the server builder passed through `build` last
+/// (connection limits, a deviating server's fault hook...).
+pub fn deploy_built(
+    tag: &str,
+    build: impl FnOnce(fedveil_server::ServerBuilder) -> fedveil_server::ServerBuilder,
+    adjust: impl FnOnce(&mut CoordinatorConfig) + Send + 'static,
+) -> Deployment {
     let dir = std::env::temp_dir().join(format!("fedveil-enrol-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -113,7 +123,7 @@ pub fn deploy_limited(
         ..Settings::default()
     };
     // As fedveil-server does: nodes must have the server's kind of data.
-    let server = Server::builder(settings)
+    let builder = Server::builder(settings)
         .model(
             fedveil_ml::model::builtin("cnn").unwrap(),
             Arc::clone(&split.test),
@@ -121,7 +131,6 @@ pub fn deploy_limited(
         .identity(identity)
         .registry(Arc::clone(&registry))
         .listen("127.0.0.1:0".parse().unwrap())
-        .connection_limits(limits)
         .observer(Box::new(Forward(events_tx)))
         .tune(move |config| {
             *config = CoordinatorConfig {
@@ -141,9 +150,8 @@ pub fn deploy_limited(
                 ..CoordinatorConfig::default()
             };
             adjust(config);
-        })
-        .build()
-        .unwrap();
+        });
+    let server = build(builder).build().unwrap();
     let addr = server.local_addr();
     let fingerprint = pki::parse_fingerprint(server.ca_fingerprint()).unwrap();
     let run = tokio::spawn(server.run(std::future::pending()));

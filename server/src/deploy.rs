@@ -44,7 +44,8 @@ use fedveil_settings::{Deployment, Population, Settings, SettingsError};
 
 use crate::config_file::DEFAULT_PORT;
 use crate::driver::{
-    ConnectionLimits, Evaluator, LogObserver, Observer, RunReport, ServeOptions, serve,
+    ConnectionLimits, Evaluator, LogObserver, Observer, RunReport, ServeOptions, ServerFaultHook,
+    serve,
 };
 use crate::enrol::NodeService;
 use crate::registry::{EnrolError, Registry};
@@ -127,9 +128,17 @@ pub struct ServerBuilder {
     observer: Option<Box<dyn Observer>>,
     metrics_dir: Option<PathBuf>,
     connections: ConnectionLimits,
+    faults: Option<Arc<dyn ServerFaultHook>>,
 }
 
 impl ServerBuilder {
+    /// Makes this a deviating server, for tests and attack studies: every
+    /// message goes through `hook` (see [`ServerFaultHook`]).
+    pub fn faults(mut self, hook: Arc<dyn ServerFaultHook>) -> Self {
+        self.faults = Some(hook);
+        self
+    }
+
     /// What early connections (in the handshake, before their hello) may
     /// hold [default: [`ConnectionLimits::default`]].
     pub fn connection_limits(mut self, limits: ConnectionLimits) -> Self {
@@ -281,6 +290,7 @@ impl ServerBuilder {
                 &settings,
                 &Deployment {
                     min_clients: self.min_clients,
+                    ..Deployment::default()
                 },
             )
         });
@@ -301,7 +311,8 @@ impl ServerBuilder {
         // starts the population afresh.
         let mut coordinator = Coordinator::builder(config, served.spec.clone())
             .expect_data(served.data.clone())
-            .population(registry.spends()?, settings.population_budget);
+            .population(registry.spends()?, settings.population_budget)
+            .verify_signatures(Arc::new(pki::NodeSignatures));
         if let Some(strategy) = self.strategy {
             coordinator = coordinator.strategy(strategy);
         }
@@ -378,6 +389,7 @@ impl ServerBuilder {
             store,
             limits: FrameLimits::for_model(served.spec.param_count),
             connections: self.connections,
+            faults: self.faults,
             observer,
             ca_fingerprint,
             name: self.names.first().cloned().unwrap_or_default(),
@@ -500,6 +512,7 @@ pub struct Server {
     store: Option<Store>,
     limits: FrameLimits,
     connections: ConnectionLimits,
+    faults: Option<Arc<dyn ServerFaultHook>>,
     observer: Box<dyn Observer>,
     ca_fingerprint: String,
     /// The name invitations tell nodes to dial.
@@ -528,6 +541,7 @@ impl Server {
             observer: None,
             metrics_dir: None,
             connections: ConnectionLimits::default(),
+            faults: None,
         }
     }
 
@@ -641,6 +655,7 @@ impl Server {
                     .map(|s| s as &mut dyn crate::driver::StateSink),
                 nodes: Some(self.nodes),
                 connections: self.connections,
+                faults: self.faults,
             },
             shutdown,
         )

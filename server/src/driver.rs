@@ -28,52 +28,11 @@ use tokio::task::JoinHandle;
 pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// How long a TLS handshake may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a new connection may take to open its stream and say hello.
-pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connections in the TLS handshake at once; more are refused outright.
-pub const DEFAULT_MAX_HANDSHAKES: usize = 256;
-/// Above this many handshakes at once, a peer must first prove its address
-/// (a QUIC retry) before the server does any TLS work for it.
-pub const DEFAULT_RETRY_ABOVE_HANDSHAKES: usize = 32;
-/// Connections that have not said hello yet, over all peers.
-pub const DEFAULT_MAX_UNADMITTED: usize = 256;
-/// Connections of one enrolled node that have not said hello yet.
-pub const DEFAULT_MAX_UNADMITTED_PER_NODE: usize = 2;
-/// Messages of one connection read but not yet handled: beyond them the
-/// reader stops reading, and QUIC flow control pushes back on the peer.
-pub const DEFAULT_MAX_QUEUED_PER_CONNECTION: usize = 64;
-
-/// How many connections the server holds in each early state, and how
-/// long it waits for a hello: what an unauthenticated or misbehaving peer
-/// can make it hold.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ConnectionLimits {
-    /// See [`DEFAULT_MAX_HANDSHAKES`].
-    pub max_handshakes: usize,
-    /// See [`DEFAULT_RETRY_ABOVE_HANDSHAKES`].
-    pub retry_above_handshakes: usize,
-    /// See [`DEFAULT_MAX_UNADMITTED`].
-    pub max_unadmitted: usize,
-    /// See [`DEFAULT_MAX_UNADMITTED_PER_NODE`].
-    pub max_unadmitted_per_node: usize,
-    /// See [`DEFAULT_MAX_QUEUED_PER_CONNECTION`].
-    pub max_queued_per_connection: usize,
-    /// How long a connection may take to open its stream and say hello.
-    pub hello_timeout: Duration,
-}
-
-impl Default for ConnectionLimits {
-    fn default() -> Self {
-        Self {
-            max_handshakes: DEFAULT_MAX_HANDSHAKES,
-            retry_above_handshakes: DEFAULT_RETRY_ABOVE_HANDSHAKES,
-            max_unadmitted: DEFAULT_MAX_UNADMITTED,
-            max_unadmitted_per_node: DEFAULT_MAX_UNADMITTED_PER_NODE,
-            max_queued_per_connection: DEFAULT_MAX_QUEUED_PER_CONNECTION,
-            hello_timeout: HELLO_TIMEOUT,
-        }
-    }
-}
+pub use fedveil_settings::connections::{
+    ConnectionLimits, DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_OUTBOUND_QUEUED,
+    DEFAULT_MAX_QUEUED_PER_CONNECTION, DEFAULT_MAX_UNADMITTED, DEFAULT_MAX_UNADMITTED_PER_NODE,
+    DEFAULT_RETRY_ABOVE_HANDSHAKES, HELLO_TIMEOUT,
+};
 
 /// How often the registry is checked for revocations made by another
 /// process (`fedveil-server revoke`); live connections of a revoked node
@@ -96,6 +55,15 @@ impl<F: FnMut(&[f32]) -> EvalStats + Send + 'static> Evaluator for F {
     fn evaluate(&mut self, global_model: &[f32]) -> EvalStats {
         self(global_model)
     }
+}
+
+/// Fault injection for tests and attack studies: a server that deviates
+/// from the protocol. Called with every message the coordinator sends;
+/// `Some` replaces it (a forged survivor set, another model for one node,
+/// stripped signatures...), `None` sends it as it is.
+pub trait ServerFaultHook: Send + Sync + std::fmt::Debug {
+    /// What goes to client `to` instead of `message`, if anything else.
+    fn before_send(&self, to: ClientId, message: &Message) -> Option<Message>;
 }
 
 /// Told what happens during a run (logging, metrics files, progress bars).
@@ -224,6 +192,17 @@ enum Inbound {
     Message(ClientId, Message, tokio::sync::OwnedSemaphorePermit),
     Failed(ClientId, NetError),
     Closed(ClientId),
+    /// A registry check finished (run off the async workers): the
+    /// registry's version then, and the connections to close.
+    CertsChecked(Option<i64>, Vec<EndedCert>),
+}
+
+/// A connection whose certificate no longer admits it.
+struct EndedCert {
+    id: ClientId,
+    name: String,
+    code: u32,
+    why: &'static str,
 }
 
 struct Outbound {
@@ -232,7 +211,7 @@ struct Outbound {
 }
 
 struct Peer {
-    out: mpsc::UnboundedSender<Outbound>,
+    out: mpsc::Sender<Outbound>,
     connection: quinn::Connection,
     identity: Option<CertInfo>,
 }
@@ -258,6 +237,8 @@ pub struct ServeOptions<'a> {
     pub nodes: Option<Arc<NodeService>>,
     /// What early connections may hold.
     pub connections: ConnectionLimits,
+    /// A deviating server, for tests: see [`ServerFaultHook`].
+    pub faults: Option<Arc<dyn ServerFaultHook>>,
 }
 
 /// Runs `coordinator` on `endpoint` until all rounds are done or `shutdown`
@@ -276,6 +257,7 @@ pub async fn serve(
         state,
         nodes,
         connections,
+        faults,
     } = options;
     let handshakes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut driver = Driver {
@@ -283,7 +265,9 @@ pub async fn serve(
         nodes: nodes.clone(),
         registry_version: None,
         polls: 0,
+        checking: false,
         connections,
+        faults,
         unadmitted: HashMap::new(),
         coordinator,
         evaluator: Some(Box::new(evaluator)),
@@ -324,7 +308,7 @@ pub async fn serve(
             _ = revocation_poll.tick() => {
                 driver.drop_silent(Instant::now());
                 if nodes.is_some() {
-                    driver.drop_revoked(Instant::now());
+                    driver.check_certs(&tx);
                 }
             }
             Some(inbound) = rx.recv() => driver.on_inbound(inbound, &tx),
@@ -348,7 +332,10 @@ struct Driver<'s> {
     registry_version: Option<i64>,
     /// Revocation polls so far.
     polls: u64,
+    /// Whether a registry check is under way.
+    checking: bool,
     connections: ConnectionLimits,
+    faults: Option<Arc<dyn ServerFaultHook>>,
     /// Connections that have not been admitted yet: when their hello is
     /// due, and their certificate's node name.
     unadmitted: HashMap<ClientId, (Instant, Option<String>)>,
@@ -402,14 +389,19 @@ impl Driver<'_> {
                         name: info.name.clone(),
                         certificate: der.clone(),
                     }));
-                if let (Some(nodes), Some((_, info))) = (&self.nodes, &identity)
-                    && let Err(err) = nodes.registry.touch(&info.name, pki::unix_now())
-                {
-                    tracing::warn!(%err, node = %info.name, "cannot record last-seen time");
+                if let (Some(nodes), Some((_, info))) = (&self.nodes, &identity) {
+                    // SQLite may wait on another process's lock: never on
+                    // an async worker.
+                    let (nodes, name) = (Arc::clone(nodes), info.name.clone());
+                    tokio::task::spawn_blocking(move || {
+                        if let Err(err) = nodes.registry.touch(&name, pki::unix_now()) {
+                            tracing::warn!(%err, node = %name, "cannot record last-seen time");
+                        }
+                    });
                 }
                 self.unadmitted
                     .insert(id, (now + limits.hello_timeout, name));
-                let (out_tx, out_rx) = mpsc::unbounded_channel();
+                let (out_tx, out_rx) = mpsc::channel(limits.max_outbound_queued.max(1));
                 tokio::spawn(read_loop(
                     id,
                     recv,
@@ -448,6 +440,26 @@ impl Driver<'_> {
                 self.drop_peer(id, now);
             }
             Inbound::Closed(id) => self.drop_peer(id, now),
+            Inbound::CertsChecked(version, ended) => {
+                self.checking = false;
+                if version.is_some() {
+                    self.registry_version = version;
+                }
+                for EndedCert {
+                    id,
+                    name,
+                    code,
+                    why,
+                } in ended
+                {
+                    let Some(peer) = self.peers.get(&id) else {
+                        continue;
+                    };
+                    tracing::warn!(client = id, node = %name, reason = why, "closing the connection");
+                    peer.connection.close(code.into(), why.as_bytes());
+                    self.drop_peer(id, now);
+                }
+            }
         }
     }
 
@@ -475,50 +487,30 @@ impl Driver<'_> {
         }
     }
 
-    /// Closes the connections of nodes revoked since the last check (by
-    /// `fedveil-server revoke`, from another process), and of those whose
-    /// certificate expired or was superseded by a renewal (the node
-    /// reconnects with its current one). Their rounds go on without them,
-    /// as after any dropout.
-    fn drop_revoked(&mut self, now: Instant) {
-        use crate::registry::CertState;
+    /// Starts a check, off the async workers, of the connections of nodes
+    /// revoked since the last one (by `fedveil-server revoke`, from another
+    /// process), and of those whose certificate expired or was superseded
+    /// by a renewal (the node reconnects with its current one); the
+    /// driver closes them when the answer comes. Their rounds go on
+    /// without them, as after any dropout.
+    fn check_certs(&mut self, tx: &mpsc::UnboundedSender<Inbound>) {
         let Some(nodes) = &self.nodes else { return };
-        let registry = &nodes.registry;
-        let wall = pki::unix_now();
+        if self.checking {
+            return;
+        }
+        self.checking = true;
         self.polls += 1;
-        let version = match registry.data_version() {
-            Ok(v) => v,
-            Err(err) => return tracing::warn!(%err, "cannot poll the node registry"),
-        };
-        let changed = self.registry_version.replace(version) != Some(version);
-        let recheck = changed || self.polls.is_multiple_of(REGISTRY_RECHECK_POLLS);
-        let ended: Vec<(ClientId, String, u32, &'static str)> = self
+        let live: Vec<(ClientId, CertInfo)> = self
             .peers
             .iter()
-            .filter_map(|(&id, peer)| {
-                let info = peer.identity.as_ref()?;
-                let name = info.name.clone();
-                if info.not_after <= wall {
-                    return Some((id, name, CLOSE_CERT_ENDED, "this connection's certificate expired; reconnect with the renewed one"));
-                }
-                if !recheck {
-                    return None;
-                }
-                // Fail closed: an unreadable registry keeps nobody in.
-                match registry.cert_state(&info.serial, &info.name, wall) {
-                    Ok(CertState::Live) => None,
-                    Ok(CertState::Superseded) => Some((id, name, CLOSE_CERT_ENDED, "this connection's certificate was superseded by a renewal; reconnect with the new one")),
-                    Ok(_) | Err(_) => Some((id, name, CLOSE_UNAUTHORIZED, "this node's certificate was revoked by the server's operator")),
-                }
-            })
+            .filter_map(|(&id, p)| Some((id, p.identity.clone()?)))
             .collect();
-        for (id, name, code, why) in ended {
-            tracing::warn!(client = id, node = %name, reason = why, "closing the connection");
-            if let Some(peer) = self.peers.get(&id) {
-                peer.connection.close(code.into(), why.as_bytes());
-            }
-            self.drop_peer(id, now);
-        }
+        let (nodes, tx) = (Arc::clone(nodes), tx.clone());
+        let (last, polls) = (self.registry_version, self.polls);
+        tokio::task::spawn_blocking(move || {
+            let (version, ended) = ended_certs(&nodes.registry, &live, last, polls);
+            let _ = tx.send(Inbound::CertsChecked(version, ended));
+        });
     }
 
     /// Sends what the coordinator queued and handles its events; returns
@@ -543,18 +535,43 @@ impl Driver<'_> {
                     break;
                 }
             }
+            let mut not_reading = Vec::new();
             while let Some(t) = self.coordinator.poll_transmit() {
                 progressed = true;
+                let message = match &self.faults {
+                    Some(hook) => match hook.before_send(t.to, &t.message) {
+                        Some(replaced) => Arc::new(replaced),
+                        None => t.message,
+                    },
+                    None => t.message,
+                };
                 if let Some(peer) = self.peers.get(&t.to) {
-                    let _ = peer.out.send(Outbound {
-                        message: t.message,
+                    let queued = peer.out.try_send(Outbound {
+                        message,
                         close: t.close,
                     });
+                    if let Err(mpsc::error::TrySendError::Full(_)) = queued {
+                        not_reading.push(t.to);
+                    }
                 }
                 if t.close {
                     self.peers.remove(&t.to);
                     self.unadmitted.remove(&t.to);
                 }
+            }
+            for id in not_reading {
+                if let Some(peer) = self.peers.get(&id) {
+                    tracing::warn!(
+                        client = id,
+                        queued = self.connections.max_outbound_queued,
+                        "the client does not read its messages; closing"
+                    );
+                    peer.connection.close(
+                        CLOSE_REFUSED.into(),
+                        b"this connection does not read its messages",
+                    );
+                }
+                self.drop_peer(id, Instant::now());
             }
             while let Some(event) = self.coordinator.poll_event() {
                 progressed = true;
@@ -642,6 +659,54 @@ impl Driver<'_> {
         self.report.epsilon = self.coordinator.ledger().map(|l| l.epsilon());
         self.report
     }
+}
+
+/// Which of `live` must close: expired certificates always, and, when the
+/// registry changed since version `last` or every
+/// [`REGISTRY_RECHECK_POLLS`] polls, those revoked or superseded. Fails
+/// closed: an unreadable registry keeps nobody in.
+fn ended_certs(
+    registry: &crate::registry::Registry,
+    live: &[(ClientId, CertInfo)],
+    last: Option<i64>,
+    polls: u64,
+) -> (Option<i64>, Vec<EndedCert>) {
+    use crate::registry::CertState;
+    let wall = pki::unix_now();
+    let version = match registry.data_version() {
+        Ok(v) => Some(v),
+        Err(err) => {
+            tracing::warn!(%err, "cannot poll the node registry");
+            None
+        }
+    };
+    let recheck =
+        version.is_some() && (version != last || polls.is_multiple_of(REGISTRY_RECHECK_POLLS));
+    let ended = live
+        .iter()
+        .filter_map(|(id, info)| {
+            let ended = |code, why| {
+                Some(EndedCert {
+                    id: *id,
+                    name: info.name.clone(),
+                    code,
+                    why,
+                })
+            };
+            if info.not_after <= wall {
+                return ended(CLOSE_CERT_ENDED, "this connection's certificate expired; reconnect with the renewed one");
+            }
+            if !recheck {
+                return None;
+            }
+            match registry.cert_state(&info.serial, &info.name, wall) {
+                Ok(CertState::Live) => None,
+                Ok(CertState::Superseded) => ended(CLOSE_CERT_ENDED, "this connection's certificate was superseded by a renewal; reconnect with the new one"),
+                Ok(_) | Err(_) => ended(CLOSE_UNAUTHORIZED, "this node's certificate was revoked by the server's operator"),
+            }
+        })
+        .collect();
+    (version, ended)
 }
 
 /// Starts the handshake of `incoming`, unless too many are under way:
@@ -771,7 +836,7 @@ async fn read_loop(
 async fn write_loop(
     mut send: quinn::SendStream,
     connection: quinn::Connection,
-    mut out: mpsc::UnboundedReceiver<Outbound>,
+    mut out: mpsc::Receiver<Outbound>,
     traffic: Arc<Traffic>,
 ) {
     let mut close_code = CLOSE_OK;

@@ -96,9 +96,17 @@ pub async fn serve_enrolment(connection: quinn::Connection, service: Arc<NodeSer
         let answer = match reader.next().await {
             Ok(Some(request)) => {
                 let kind = request.kind();
-                // One short SQLite transaction and one signature: cheap
-                // enough to run inline.
-                let answer = service.handle(request, peer.as_ref(), pki::unix_now());
+                // A SQLite transaction may wait on another process's lock:
+                // never on an async worker.
+                let service = Arc::clone(&service);
+                let peer = peer.clone();
+                let answer = tokio::task::spawn_blocking(move || {
+                    service.handle(request, peer.as_ref(), pki::unix_now())
+                })
+                .await
+                .unwrap_or_else(|_| {
+                    Message::error(ReasonCode::Internal, "the enrolment failed".to_owned())
+                });
                 if let Message::Error(e) = &answer {
                     tracing::warn!(%remote, request = kind, code = ?e.code, detail = %e.detail, "enrolment refused");
                 }

@@ -14,7 +14,8 @@ pub mod store;
 
 pub use deploy::{DeployError, RunStatus, Server, ServerBuilder};
 pub use driver::{
-    ConnectionLimits, Evaluator, LogObserver, Observer, RunReport, ServeOptions, StateSink, serve,
+    ConnectionLimits, Evaluator, LogObserver, Observer, RunReport, ServeOptions, ServerFaultHook,
+    StateSink, serve,
 };
 pub use enrol::NodeService;
 pub use registry::Registry;

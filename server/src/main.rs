@@ -359,6 +359,7 @@ async fn run(args: RunArgs, settings: Settings, deployment: Deployment) -> Resul
     let state_path = args.state.path(dir);
     let mut builder = Server::builder(settings.clone())
         .min_clients(deployment.min_clients)
+        .connection_limits(deployment.connection_limits()?)
         .identity_dir(dir)
         .names(args.identity.name.clone())
         .listen(args.listen.unwrap_or(file.listen))
@@ -518,6 +519,25 @@ mod tests {
             (0.1, 5, 10)
         );
         assert_eq!(settings.seed, 1);
+    }
+
+    #[test]
+    fn connection_limits_are_flags_checked_when_read() {
+        let (_, deployment) = parse(&[]).unwrap();
+        assert_eq!(
+            deployment.connection_limits().unwrap(),
+            fedveil_server::ConnectionLimits::default()
+        );
+        let (_, deployment) =
+            parse(&["--max-outbound-queued", "8", "--hello-timeout", "2.5"]).unwrap();
+        let limits = deployment.connection_limits().unwrap();
+        assert_eq!(limits.max_outbound_queued, 8);
+        assert_eq!(limits.hello_timeout, Duration::from_millis(2500));
+        let (_, deployment) = parse(&["--max-unadmitted-per-node", "0"]).unwrap();
+        let err = deployment.connection_limits().unwrap_err().to_string();
+        assert!(err.contains("max_unadmitted_per_node"), "{err}");
+        let (_, deployment) = parse(&["--hello-timeout", "0"]).unwrap();
+        assert!(deployment.connection_limits().is_err());
     }
 
     #[test]

@@ -241,7 +241,13 @@ impl Store {
                 step,
             } => {
                 let json = serde_json::to_string(ledger).expect("ledger serializes");
-                let tx = self.conn.transaction().map_err(&err)?;
+                // Write-locked from the start: a deferred transaction that reads
+                // first fails at once (busy, whatever the timeout) when the
+                // registry or another process wrote meanwhile.
+                let tx = self
+                    .conn
+                    .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                    .map_err(&err)?;
                 for name in population {
                     let saved: Option<String> = tx
                         .query_row(
@@ -289,7 +295,13 @@ impl Store {
                     .as_ref()
                     .map(|l| serde_json::to_string(l).expect("ledger serializes"));
                 let rng = serde_json::to_string(&c.sampling_rng).expect("rng state serializes");
-                let tx = self.conn.transaction().map_err(&err)?;
+                // Write-locked from the start: a deferred transaction that reads
+                // first fails at once (busy, whatever the timeout) when the
+                // registry or another process wrote meanwhile.
+                let tx = self
+                    .conn
+                    .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                    .map_err(&err)?;
                 tx.execute(
                     "INSERT OR REPLACE INTO checkpoint (run_id, next_round, rounds_completed, rounds_failed, model, opt_step, opt_m, opt_v, ledger, clip_norm, rng, committed_at)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",

@@ -124,6 +124,7 @@ fn start_server_on(
                 state: None,
                 nodes: None,
                 connections: Default::default(),
+                faults: None,
             },
             std::future::pending(),
         )

@@ -821,3 +821,311 @@ async fn connections_that_never_say_hello_are_capped_then_closed() {
     let honest = honest_node_completes_a_round(&d, "ann").await;
     honest.await.unwrap().unwrap();
 }
+
+/// What one node sent, by round and message kind: a spy on honest nodes.
+#[derive(Debug, Default)]
+struct Sent(std::sync::Mutex<Vec<(u64, &'static str)>>);
+
+impl Sent {
+    fn kinds_in(&self, round: u64) -> Vec<&'static str> {
+        let sent = self.0.lock().unwrap();
+        sent.iter()
+            .filter(|(r, _)| *r == round)
+            .map(|(_, k)| *k)
+            .collect()
+    }
+}
+
+impl fedveil_client::FaultHook for Sent {
+    fn before_send(&self, message: &Message) -> fedveil_client::Fault {
+        let (round, kind) = match message {
+            Message::SecAgg(m) => (m.round(), m.kind()),
+            Message::Update(u) => (u.round, "update"),
+            other => (0, other.kind()),
+        };
+        self.0.lock().unwrap().push((round, kind));
+        fedveil_client::Fault::Send
+    }
+}
+
+/// Enrols `names` and runs each as a real node, `hook(name)` seeing what
+/// it sends.
+async fn run_nodes(
+    d: &Deployment,
+    names: &[&'static str],
+    hook: impl Fn(&str) -> Option<std::sync::Arc<dyn fedveil_client::FaultHook>>,
+) -> Vec<(&'static str, Node)> {
+    let mut nodes = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let identity = d.enrol(&d.token(name)).await.unwrap();
+        let mut opts = ClientOptions::enrolled(d.addr, "localhost", &identity).unwrap();
+        opts.faults = hook(name);
+        let trainer = d.trainer(i as u64);
+        nodes.push((
+            *name,
+            tokio::spawn(async move { fedveil_client::run(&endpoint(), &opts, trainer).await }),
+        ));
+    }
+    nodes
+}
+
+/// Plays the run until `rounds` rounds have ended; returns each round's
+/// outcome (its contributors, or `None` for a failed round).
+async fn outcomes(d: &Deployment, rounds: usize) -> Vec<(u64, Option<usize>)> {
+    let mut out = Vec::new();
+    while out.len() < rounds {
+        match d.next_event(ROUND_TIMEOUT).await {
+            Some(Event::RoundFailed { round, .. }) => out.push((round, None)),
+            Some(Event::RoundCompleted(s)) => out.push((s.round, Some(s.contributors.len()))),
+            Some(Event::Finished { .. }) | None => break,
+            Some(_) => {}
+        }
+    }
+    out
+}
+
+/// Each round, one enrolled node breaks SecAgg+ another way: keys whose
+/// signature does not verify, shares of the wrong size, shares far too
+/// large, no shares, shares for only some neighbours, a survivor-set
+/// signature that does not verify. The server drops it alone each time:
+/// every round completes with the honest nodes' inputs, and no honest
+/// node leaves a round or the run.
+#[derive(Debug)]
+struct Mallory;
+
+impl fedveil_client::FaultHook for Mallory {
+    fn before_send(&self, message: &Message) -> fedveil_client::Fault {
+        let Message::SecAgg(m) = message else {
+            return fedveil_client::Fault::Send;
+        };
+        let mut m = m.clone();
+        let round = m.round();
+        match (&mut m, round) {
+            (SecAgg::AdvertiseKeys { keys, .. }, 1) => {
+                keys.attestation.as_mut().unwrap().signature[8] ^= 1;
+            }
+            (SecAgg::Shares { shares, .. }, 2) => {
+                for s in shares {
+                    s.ciphertext.truncate(10);
+                }
+            }
+            (SecAgg::Shares { shares, .. }, 3) => {
+                for s in shares {
+                    s.ciphertext.resize(4 * 1024, 7);
+                }
+            }
+            (SecAgg::Shares { shares, .. }, 4) => shares.clear(),
+            (SecAgg::Shares { shares, .. }, 5) => shares.truncate(1),
+            (SecAgg::SurvivorsSigned { signature, .. }, 6) => signature[8] ^= 1,
+            _ => return fedveil_client::Fault::Send,
+        }
+        fedveil_client::Fault::Replace(Box::new(Message::SecAgg(m)))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_malicious_node_costs_only_itself_in_secure_rounds() {
+    let d = deploy_with("mallory-secagg", |config| {
+        config.rounds = 7;
+        config.min_clients = 6;
+        config.max_failed_rounds = 7;
+        config.round.max_local_steps = Some(1);
+        config.round.secure_aggregation = true;
+        config.secagg = Some(fedveil_proto::round::server::SecAggConfig::default());
+    });
+    let names = ["ann", "bob", "cat", "dan", "eve", "mallory"];
+    let spies: std::collections::HashMap<&str, std::sync::Arc<Sent>> = names[..5]
+        .iter()
+        .map(|n| (*n, Default::default()))
+        .collect();
+    let nodes = run_nodes(&d, &names, |name| {
+        if name == "mallory" {
+            Some(std::sync::Arc::new(Mallory))
+        } else {
+            Some(spies[name].clone())
+        }
+    })
+    .await;
+    let rounds = outcomes(&d, 7).await;
+    let failed: Vec<u64> = rounds
+        .iter()
+        .filter(|(_, c)| c.is_none())
+        .map(|(r, _)| *r)
+        .collect();
+    assert!(failed.is_empty(), "rounds {failed:?} failed: {rounds:?}");
+    assert!(
+        rounds.iter().all(|(_, c)| c.unwrap() >= 5),
+        "the honest five contribute to every round: {rounds:?}"
+    );
+    for (name, spy) in &spies {
+        for round in 1..=7 {
+            let kinds = spy.kinds_in(round);
+            assert!(
+                kinds.contains(&"secagg-unmask-shares"),
+                "{name} did not complete round {round}: {kinds:?} (rounds {rounds:?}, sent {:?})",
+                spy.0.lock().unwrap()
+            );
+        }
+        assert!(
+            !spy.kinds_in(0).contains(&"error"),
+            "{name} left a round: {:?}",
+            spy.0.lock().unwrap()
+        );
+    }
+    for (name, node) in nodes {
+        let report = tokio::time::timeout(ROUND_TIMEOUT, node)
+            .await
+            .unwrap_or_else(|_| panic!("{name} did not finish"))
+            .unwrap();
+        if name != "mallory" {
+            assert!(report.is_ok(), "{name} left the run: {report:?}");
+        }
+    }
+}
+
+/// A node that never reads while it sends small frames: one report of an
+/// error a round is heard, the rest are refused, and the refusals queue
+/// up behind the round starts it never reads. The server closes it when
+/// its outbound queue is full instead of holding messages for it without
+/// end, and the honest node trains on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_never_reads_is_closed_when_its_queue_is_full() {
+    let limits = fedveil_server::ConnectionLimits {
+        max_outbound_queued: 4,
+        ..Default::default()
+    };
+    let d = fedveil_tests::deploy_limited("not-reading", limits, |config| {
+        config.rounds = 1_000_000;
+        config.min_clients = 1;
+        config.max_failed_rounds = 1_000_000;
+        // Only a full queue may close it here.
+        config.max_refusals_per_round = u32::MAX;
+        config.round.max_local_steps = Some(1);
+    });
+    let honest = vec![honest_node_completes_a_round(&d, "ann").await];
+    let mallory = d.enrol(&d.token("mallory")).await.unwrap();
+    let tls = ClientOptions::enrolled(d.addr, "localhost", &mallory)
+        .unwrap()
+        .tls
+        .unwrap();
+    let conn = endpoint()
+        .connect_with(tls, d.addr, "localhost")
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, _never_read) = conn.open_bi().await.unwrap();
+    let hello = Message::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        node_name: "mallory".into(),
+        model: d.trainer(0).spec().clone(),
+        num_examples: 10,
+        data: d.split.test.spec(),
+    });
+    quic::write_message(&mut send, &hello).await.unwrap();
+    let flood = tokio::spawn(async move {
+        let report = Message::error(ReasonCode::LeftRound, "cannot train".to_owned());
+        loop {
+            if quic::write_message(&mut send, &report).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    let closed = tokio::time::timeout(Duration::from_secs(120), conn.closed())
+        .await
+        .expect("the server closes a node that never reads");
+    match closed {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            let why = String::from_utf8_lossy(&close.reason);
+            assert!(why.contains("does not read"), "{why}");
+        }
+        other => panic!("expected the server to close, got {other:?}"),
+    }
+    flood.abort();
+    still_running(&d, &honest, "a node that never reads");
+    let honest = honest_node_completes_a_round(&d, "bob").await;
+    assert!(!honest.is_finished());
+}
+
+/// A deviating server, driving real nodes over QUIC: the real server with
+/// a fault hook on what it sends. Round by round it weakens the SecAgg+
+/// parameters, starves one node of shares, announces too small a survivor
+/// set, and strips the consistency-check signatures. The nodes refuse each
+/// deviation before it could expose an input: no masked input without t
+/// shares, no unmask shares without a valid survivor set signed by t
+/// neighbours. They stay in the run, and a faithful round then completes.
+#[derive(Debug, Default)]
+struct Deviating {
+    starved: std::sync::Mutex<Option<u64>>,
+}
+
+impl fedveil_server::ServerFaultHook for Deviating {
+    fn before_send(&self, to: u64, message: &Message) -> Option<Message> {
+        let Message::SecAgg(m) = message else {
+            return None;
+        };
+        let mut m = m.clone();
+        let round = m.round();
+        match (&mut m, round) {
+            (SecAgg::Setup { setup, .. }, 1) => setup.params.threshold = 1,
+            (SecAgg::PeerShares { shares, .. }, 2) => {
+                let mut starved = self.starved.lock().unwrap();
+                if *starved.get_or_insert(to) != to {
+                    return None;
+                }
+                shares.truncate(1);
+            }
+            (SecAgg::ConsistencyCheck { survivors, .. }, 3) => survivors.truncate(2),
+            (SecAgg::UnmaskRequest { signatures, .. }, 4) => signatures.truncate(1),
+            _ => return None,
+        }
+        Some(Message::SecAgg(m))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_refuse_a_deviating_server_and_stay_in_the_run() {
+    let names = ["ann", "bob", "cat", "dan", "eve"];
+    let d = fedveil_tests::deploy_built(
+        "deviating",
+        |b| b.faults(std::sync::Arc::new(Deviating::default())),
+        |config| {
+            config.rounds = 5;
+            config.min_clients = 5;
+            config.max_failed_rounds = 5;
+            config.round.max_local_steps = Some(1);
+            config.round.secure_aggregation = true;
+            config.secagg = Some(fedveil_proto::round::server::SecAggConfig::default());
+        },
+    );
+    let spies: std::collections::HashMap<&str, std::sync::Arc<Sent>> =
+        names.iter().map(|n| (*n, Default::default())).collect();
+    let nodes = run_nodes(&d, &names, |name| Some(spies[name].clone())).await;
+    let rounds = outcomes(&d, 5).await;
+    let sent = |round: u64, kind: &str| {
+        spies
+            .values()
+            .filter(|s| s.kinds_in(round).contains(&kind))
+            .count()
+    };
+    // Round 1, t = 1: nobody advertises keys under it.
+    assert_eq!(rounds[0], (1, None), "{rounds:?}");
+    assert_eq!(sent(1, "secagg-advertise-keys"), 0);
+    // Round 2: the starved node sends no masked input; the others complete.
+    assert_eq!(sent(2, "secagg-masked-input"), 4);
+    assert_eq!(rounds[1], (2, Some(4)), "{rounds:?}");
+    // Rounds 3 and 4: nobody reveals a share.
+    assert_eq!(rounds[2], (3, None), "{rounds:?}");
+    assert_eq!(sent(3, "secagg-unmask-shares"), 0);
+    assert_eq!(rounds[3], (4, None), "{rounds:?}");
+    assert_eq!(sent(4, "secagg-unmask-shares"), 0);
+    // A faithful round: everyone is still there.
+    assert_eq!(rounds[4], (5, Some(5)), "{rounds:?}");
+    for (name, node) in nodes {
+        let report = tokio::time::timeout(ROUND_TIMEOUT, node)
+            .await
+            .unwrap_or_else(|_| panic!("{name} did not finish"))
+            .unwrap();
+        assert!(report.is_ok(), "{name} left the run: {report:?}");
+    }
+}

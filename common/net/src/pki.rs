@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 
 pub use rcgen::KeyPair;
 
-use fedveil_proto::secagg::{AttestationError, KeyAttestor, keys_message};
+use fedveil_proto::secagg::{AttestationError, KeyAttestor, SignatureCheck, keys_message};
 use fedveil_proto::wire::{KeyAttestation, PeerKeys};
 
 /// Default lifetime of a client certificate; nodes renew before it ends.
@@ -773,6 +773,24 @@ impl KeyAttestor for NodeAttestor {
 
     fn identity(&self) -> &str {
         self.identity.name()
+    }
+}
+
+/// The server's check of its nodes' signatures (ECDSA P-256 / SHA-256 by
+/// the key of the certificate the connection authenticated with).
+///
+/// ```
+/// use fedveil_net::pki::NodeSignatures;
+/// use fedveil_proto::secagg::SignatureCheck;
+///
+/// assert!(!NodeSignatures.verify(b"not a certificate", b"message", b"signature"));
+/// ```
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NodeSignatures;
+
+impl SignatureCheck for NodeSignatures {
+    fn verify(&self, certificate: &[u8], message: &[u8], signature: &[u8]) -> bool {
+        signature_valid(certificate, message, signature)
     }
 }
 

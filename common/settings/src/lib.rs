@@ -39,6 +39,9 @@ use fedveil_proto::strategy::{AggregationRule, StrategyError};
 use fedveil_proto::wire::{LocalOptimizer, RoundConfig};
 use serde::{Deserialize, Serialize};
 
+pub mod connections;
+use connections::ConnectionLimits;
+
 /// A setting that cannot be used, or a settings file that cannot be read.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -557,13 +560,84 @@ pub struct Deployment {
     /// Enrolled clients connected before the first round starts.
     #[arg(long, required = false, help_heading = "Deployment")]
     pub min_clients: usize,
+    /// TLS handshakes at once; more are refused outright.
+    #[arg(long, required = false, help_heading = "Connection limits")]
+    pub max_handshakes: usize,
+    /// Above this many handshakes at once, a peer must first prove its
+    /// address (a QUIC retry).
+    #[arg(long, required = false, help_heading = "Connection limits")]
+    pub retry_above_handshakes: usize,
+    /// Connections waiting to say hello, over all peers.
+    #[arg(long, required = false, help_heading = "Connection limits")]
+    pub max_unadmitted: usize,
+    /// Connections of one enrolled node waiting to say hello.
+    #[arg(long, required = false, help_heading = "Connection limits")]
+    pub max_unadmitted_per_node: usize,
+    /// Messages of one connection read but not yet handled (then QUIC flow
+    /// control pushes back).
+    #[arg(long, required = false, help_heading = "Connection limits")]
+    pub max_queued_per_connection: usize,
+    /// Messages queued for one connection but not yet written; a peer that
+    /// does not read past them is disconnected.
+    #[arg(long, required = false, help_heading = "Connection limits")]
+    pub max_outbound_queued: usize,
+    /// Seconds a connection may take to open its stream and say hello.
+    #[arg(long, required = false, help_heading = "Connection limits")]
+    pub hello_timeout: f64,
 }
 
 impl Default for Deployment {
     fn default() -> Self {
+        let limits = ConnectionLimits::default();
         Self {
             min_clients: MIN_SECAGG_COHORT,
+            max_handshakes: limits.max_handshakes,
+            retry_above_handshakes: limits.retry_above_handshakes,
+            max_unadmitted: limits.max_unadmitted,
+            max_unadmitted_per_node: limits.max_unadmitted_per_node,
+            max_queued_per_connection: limits.max_queued_per_connection,
+            max_outbound_queued: limits.max_outbound_queued,
+            hello_timeout: limits.hello_timeout.as_secs_f64(),
         }
+    }
+}
+
+impl Deployment {
+    /// The connection limits these settings name; each must be at least 1
+    /// (the hello timeout positive).
+    pub fn connection_limits(&self) -> Result<ConnectionLimits, SettingsError> {
+        let counts = [
+            ("max_handshakes", self.max_handshakes),
+            ("retry_above_handshakes", self.retry_above_handshakes),
+            ("max_unadmitted", self.max_unadmitted),
+            ("max_unadmitted_per_node", self.max_unadmitted_per_node),
+            ("max_queued_per_connection", self.max_queued_per_connection),
+            ("max_outbound_queued", self.max_outbound_queued),
+        ];
+        if let Some((setting, value)) = counts.into_iter().find(|(_, n)| *n == 0) {
+            return Err(SettingsError::Invalid {
+                setting,
+                value: value.to_string(),
+                reason: "must be at least 1".into(),
+            });
+        }
+        let hello_timeout = Duration::try_from_secs_f64(self.hello_timeout)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| SettingsError::Invalid {
+                setting: "hello_timeout",
+                value: self.hello_timeout.to_string(),
+                reason: "must be a positive number of seconds".into(),
+            })?;
+        Ok(ConnectionLimits {
+            max_handshakes: self.max_handshakes,
+            retry_above_handshakes: self.retry_above_handshakes,
+            max_unadmitted: self.max_unadmitted,
+            max_unadmitted_per_node: self.max_unadmitted_per_node,
+            max_queued_per_connection: self.max_queued_per_connection,
+            max_outbound_queued: self.max_outbound_queued,
+            hello_timeout,
+        })
     }
 }
 

@@ -24,7 +24,9 @@ use rand_chacha::ChaCha20Rng;
 use crate::aggregate::{AggregateError, ExactSum, MAX_WEIGHTED_MAGNITUDE, WeightedMean};
 use crate::dp::{self, DpPlan, Mechanism, NodeSpend, PrivacyLedger};
 use crate::secagg::server::{Outcome, SecAggServer, Stage as SecAggStage};
-use crate::secagg::{DEFAULT_BITS, DEFAULT_CLIP, DEFAULT_EXPECTED_DROPOUT, DEFAULT_MAX_WEIGHT};
+use crate::secagg::{
+    DEFAULT_BITS, DEFAULT_CLIP, DEFAULT_EXPECTED_DROPOUT, DEFAULT_MAX_WEIGHT, SignatureCheck,
+};
 use crate::server_opt::ServerOptimizerConfig;
 use crate::strategy::{
     AggregationInput, AggregationRule, Candidate, ClientEvalSummary, ClientEvaluation,
@@ -426,6 +428,9 @@ struct ClientEntry {
     identity: Option<PeerIdentity>,
     /// Refusals drawn in the current round.
     refusals: u32,
+    /// Whether it reported an error this round (one is heard; more count
+    /// as refusals, so a node cannot flood the server's log).
+    reported_error: bool,
 }
 
 /// Who a connection is, as mutual TLS proved it: the node name from its
@@ -586,6 +591,8 @@ pub struct Coordinator {
     ledger: Option<PrivacyLedger>,
     /// What each node has spent over all runs, and the most it may.
     population: Population,
+    /// Checks nodes' signatures on arrival (enrolled deployments).
+    signatures: Option<Arc<dyn SignatureCheck>>,
     /// The clip bound in force (with DP on; it moves under adaptive clipping).
     clip_norm: Option<f64>,
     strategy: Box<dyn Strategy>,
@@ -628,6 +635,7 @@ pub struct CoordinatorBuilder {
     secret_seed: Option<u64>,
     data: Option<DataSpec>,
     population: Population,
+    signatures: Option<Arc<dyn SignatureCheck>>,
 }
 
 /// The nodes' privacy over all runs: what each has spent (from the
@@ -666,6 +674,15 @@ impl CoordinatorBuilder {
         self
     }
 
+    /// Verifies each enrolled node's SecAgg key and survivor-set
+    /// signatures with `check` as they arrive, so a node that signs badly
+    /// is dropped alone (see [`SecAggServer::with_signature_check`]).
+    /// Without it, only the nodes' neighbours check them.
+    pub fn verify_signatures(mut self, check: Arc<dyn SignatureCheck>) -> Self {
+        self.signatures = Some(check);
+        self
+    }
+
     /// See [`Coordinator::with_secret_seed`]: simulations only.
     pub fn secret_seed(mut self, seed: u64) -> Self {
         self.secret_seed = Some(seed);
@@ -690,6 +707,7 @@ impl CoordinatorBuilder {
             secret_seed,
             data,
             population,
+            signatures,
         } = self;
         cfg.validate()?;
         if let Some(budget) = population.budget {
@@ -742,6 +760,7 @@ impl CoordinatorBuilder {
             secret_rng,
             ledger,
             population,
+            signatures,
             clip_norm,
             strategy,
             durable: VecDeque::new(),
@@ -826,6 +845,7 @@ impl Coordinator {
             secret_seed: None,
             data: None,
             population: Population::default(),
+            signatures: None,
         }
     }
 
@@ -1012,6 +1032,7 @@ impl Coordinator {
                 node_name: None,
                 identity,
                 refusals: 0,
+                reported_error: false,
             },
         );
         id
@@ -1065,10 +1086,17 @@ impl Coordinator {
             Message::Update(update) if admitted => self.on_update(id, update, now),
             Message::Evaluation(eval) if admitted => self.on_evaluation(id, eval),
             Message::SecAgg(msg) if admitted => self.on_secagg(id, msg, now),
-            Message::Error(err) => {
-                tracing::warn!(client = id, code = ?err.code, detail = %err.detail, "client reported an error");
-                if admitted {
+            Message::Error(err) if admitted => {
+                let first = self
+                    .clients
+                    .get_mut(&id)
+                    .is_some_and(|c| !std::mem::replace(&mut c.reported_error, true));
+                if first {
+                    tracing::warn!(client = id, code = ?err.code, detail = %err.detail, "client reported an error");
                     self.withdraw(id, now);
+                } else {
+                    let detail = "an error was already reported this round".to_owned();
+                    self.refuse(id, ReasonCode::UnexpectedMessage, detail, false);
                 }
             }
             other => {
@@ -1663,6 +1691,10 @@ impl Coordinator {
                         graph_seed,
                         digest,
                     )
+                    .map(|(server, setups)| match &self.signatures {
+                        Some(check) => (server.with_signature_check(Arc::clone(check)), setups),
+                        None => (server, setups),
+                    })
                     .map_err(|e| e.to_string())
                 };
                 match built {
@@ -1738,6 +1770,7 @@ impl Coordinator {
             };
         for entry in self.clients.values_mut() {
             entry.refusals = 0;
+            entry.reported_error = false;
         }
         self.events.push_back(Event::RoundStarted {
             round,

@@ -1,6 +1,7 @@
 //! Both state machines driven in memory: no sockets, explicit time.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::server::SecAggConfig;
@@ -745,6 +746,147 @@ fn secagg_keys_signed_with_another_nodes_certificate_are_refused() {
     let s = h.completed()[0];
     assert_eq!(s.contributors.len(), n - 1);
     assert!(!s.contributors.contains(&ids[n - 1]));
+}
+
+/// An attestor that signs like `inner` but spoils its key signature, its
+/// survivor-set signature, or both: a node whose signatures do not verify.
+#[derive(Debug)]
+struct SpoiledSigner {
+    inner: TagAttestor,
+    keys: bool,
+    survivors: bool,
+}
+
+impl crate::secagg::KeyAttestor for SpoiledSigner {
+    fn attest(&self, round: u64, keys: &crate::wire::PeerKeys) -> crate::wire::KeyAttestation {
+        let mut a = self.inner.attest(round, keys);
+        if self.keys {
+            a.signature[0] ^= 1;
+        }
+        a
+    }
+    fn verify(
+        &self,
+        round: u64,
+        keys: &crate::wire::PeerKeys,
+    ) -> Result<String, crate::secagg::AttestationError> {
+        self.inner.verify(round, keys)
+    }
+    fn sign_survivors(&self, message: &[u8]) -> Vec<u8> {
+        let mut s = self.inner.sign_survivors(message);
+        if self.survivors {
+            s[0] ^= 1;
+        }
+        s
+    }
+    fn verify_survivors(
+        &self,
+        certificate: &[u8],
+        message: &[u8],
+        signature: &[u8],
+    ) -> Result<(), crate::secagg::AttestationError> {
+        self.inner.verify_survivors(certificate, message, signature)
+    }
+    fn identity(&self) -> &str {
+        self.inner.identity()
+    }
+}
+
+/// Enrolled nodes, the last of which signs through `last`.
+fn signed_harness(
+    n: usize,
+    last: impl FnOnce(TagAttestor) -> Arc<dyn crate::secagg::KeyAttestor>,
+) -> (Harness, Vec<ClientId>) {
+    let server = Coordinator::builder(secure_cfg(n), spec())
+        .verify_signatures(Arc::new(crate::secagg::tests::TagCheck))
+        .start(vec![0.0; D])
+        .unwrap();
+    let mut h = Harness::with_server(server, 0);
+    let mut last = Some(last);
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let name = format!("node-{i}");
+        let id = h.server.connect_as(Some(super::PeerIdentity {
+            name: name.clone(),
+            certificate: name.as_bytes().to_vec(),
+        }));
+        let honest = TagAttestor {
+            name: name.clone(),
+            certificate: name.as_bytes().to_vec(),
+        };
+        let attestor: Arc<dyn crate::secagg::KeyAttestor> = if i == n - 1 {
+            (last.take().unwrap())(honest)
+        } else {
+            Arc::new(honest)
+        };
+        let mut session = ClientSession::new(&name, spec(), 10, rng()).with_attestor(attestor);
+        while let Some(m) = session.poll_transmit() {
+            h.server.handle_message(id, m, h.now);
+        }
+        h.clients.insert(id, session);
+        h.pump();
+        ids.push(id);
+    }
+    (h, ids)
+}
+
+/// The server checks each key signature itself: a node whose signature
+/// does not verify is dropped at once, and the round completes with the
+/// others (before, each neighbour refused its keys and left the round).
+#[test]
+fn keys_whose_signature_does_not_verify_cost_only_their_node() {
+    let n = 6;
+    let (mut h, ids) = signed_harness(n, |inner| {
+        Arc::new(SpoiledSigner {
+            inner,
+            keys: true,
+            survivors: false,
+        })
+    });
+    let trains = settle(&mut h);
+    assert!(
+        h.errors_to
+            .contains(&(ids[n - 1], ReasonCode::SecAggViolation))
+    );
+    assert_eq!(trains.len(), n - 1, "the others go on");
+    for (id, round, _) in &trains {
+        submit_secure(&mut h, *id, *round, vec![1.0; D], 10);
+    }
+    settle(&mut h);
+    let completed = h.completed();
+    assert_eq!(completed.len(), 1, "{:?}", failures(&h));
+    assert_eq!(completed[0].contributors.len(), n - 1);
+    assert!(!completed[0].contributors.contains(&ids[n - 1]));
+}
+
+/// A survivor whose consistency-check signature does not verify is left
+/// out of the unmask requests by the server: its neighbours still count t
+/// valid signatures, and the round completes with its input in the sum.
+#[test]
+fn a_bad_survivor_signature_is_left_out_by_the_server() {
+    let n = 6;
+    let (mut h, ids) = signed_harness(n, |inner| {
+        Arc::new(SpoiledSigner {
+            inner,
+            keys: false,
+            survivors: true,
+        })
+    });
+    let trains = settle(&mut h);
+    assert_eq!(trains.len(), n);
+    for (id, round, _) in &trains {
+        submit_secure(&mut h, *id, *round, vec![1.0; D], 10);
+    }
+    settle(&mut h);
+    assert!(
+        h.errors_to
+            .contains(&(ids[n - 1], ReasonCode::SecAggViolation))
+    );
+    let completed = h.completed();
+    assert_eq!(completed.len(), 1, "{:?}", failures(&h));
+    for v in h.server.global_model() {
+        assert!((v - 1.0).abs() < 1e-5, "{v}");
+    }
 }
 
 #[test]
@@ -2032,6 +2174,30 @@ fn a_client_refused_too_often_in_a_round_is_disconnected() {
     h.send_raw(a, junk(round));
     assert_eq!(h.closed, vec![a], "the third in one round closes it");
     assert_eq!(h.errors_to.len(), 5, "each refusal is sent once");
+}
+
+/// A node may report one error a round (it leaves the round); a stream of
+/// them counts as refusals, so it is closed instead of filling the log.
+#[test]
+fn a_node_flooding_error_reports_is_disconnected() {
+    let mut config = cfg(3, 2, 1.0);
+    config.max_refusals_per_round = 3;
+    let mut h = Harness::new(config, 2);
+    let trains = settle(&mut h);
+    let a = trains[0].0;
+    let report = || Message::error(ReasonCode::LeftRound, "cannot train".to_owned());
+    h.send_raw(a, report());
+    assert!(
+        h.errors_to.is_empty(),
+        "the first report is heard, not refused"
+    );
+    for _ in 0..2 {
+        h.send_raw(a, report());
+    }
+    assert!(h.closed.is_empty());
+    h.send_raw(a, report());
+    assert_eq!(h.closed, vec![a], "the third extra report closes it");
+    assert_eq!(h.errors_to.len(), 3);
 }
 
 /// A deviating server, scripted by hand around real client sessions with

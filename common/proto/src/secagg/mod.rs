@@ -55,6 +55,16 @@ pub trait KeyAttestor: Send + Sync + std::fmt::Debug {
     fn identity(&self) -> &str;
 }
 
+/// What the server checks of the signatures a node makes with the key of
+/// the certificate its connection authenticated with (TLS already chained
+/// that certificate to the CA): a node whose keys or survivor-set
+/// signature do not verify is dropped at once, so its neighbours never
+/// have to refuse the round over it.
+pub trait SignatureCheck: Send + Sync + std::fmt::Debug {
+    /// Whether `signature` over `message` was made with `certificate`'s key.
+    fn verify(&self, certificate: &[u8], message: &[u8], signature: &[u8]) -> bool;
+}
+
 /// Why a peer's round keys are not trusted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]

@@ -8,6 +8,7 @@
 //! unmask request.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 
 use curve25519_dalek::scalar::Scalar;
 use x25519_dalek::PublicKey;
@@ -16,7 +17,7 @@ use super::client::SHARE_CIPHERTEXT_LEN;
 use super::client::x25519_secret;
 use super::encode::FixedPoint;
 use super::shamir::{self, Share};
-use super::{MAX_SIGNATURE_LEN, ParamsError, graph, prg};
+use super::{MAX_SIGNATURE_LEN, ParamsError, SignatureCheck, graph, prg};
 use crate::wire::{
     EncryptedShare, PeerKeys, ReasonCode, RevealedShare, SecAgg, SecAggParams, SecAggSetup,
     SurvivorSignature,
@@ -151,6 +152,8 @@ pub struct SecAggServer {
     outbox: VecDeque<(u64, SecAgg)>,
     values: FixedPoint,
     weights: FixedPoint,
+    /// Checks signatures as they arrive (enrolled deployments).
+    signatures_check: Option<Arc<dyn SignatureCheck>>,
 }
 
 impl SecAggServer {
@@ -202,9 +205,20 @@ impl SecAggServer {
                 outbox: VecDeque::new(),
                 values,
                 weights,
+                signatures_check: None,
             },
             setups,
         ))
+    }
+
+    /// Verifies each client's key signature and survivor-set signature on
+    /// arrival with `check`, against the certificate in its keys (which
+    /// the caller must have matched to the connection's): a bad signature
+    /// drops the client from the round instead of making each of its
+    /// neighbours refuse it.
+    pub fn with_signature_check(mut self, check: Arc<dyn SignatureCheck>) -> Self {
+        self.signatures_check = Some(check);
+        self
     }
 
     /// The stage the round is in.
@@ -268,6 +282,18 @@ impl SecAggServer {
                     Err(violation(format!(
                         "client {from} advertised keys for another model or round config than this round's"
                     )))
+                } else if let Some(check) = &self.signatures_check
+                    && !keys.attestation.as_ref().is_some_and(|a| {
+                        check.verify(
+                            &a.certificate,
+                            &super::keys_message(self.round, &keys),
+                            &a.signature,
+                        )
+                    })
+                {
+                    Err(violation(format!(
+                        "client {from} advertised SecAgg keys whose signature does not verify under its certificate"
+                    )))
                 } else {
                     self.keys.insert(from, keys);
                     Ok(())
@@ -282,6 +308,21 @@ impl SecAggServer {
                     Err(violation(format!(
                         "client {from} sent a survivor-set signature of {} bytes, more than {MAX_SIGNATURE_LEN}",
                         signature.len()
+                    )))
+                } else if let Some(check) = &self.signatures_check
+                    && !self
+                        .keys
+                        .get(&from)
+                        .and_then(|k| k.attestation.as_ref())
+                        .is_some_and(|a| {
+                            let survivors: Vec<u64> = self.u3.iter().copied().collect();
+                            let message =
+                                super::survivors_message(self.round, &self.digest, &survivors);
+                            check.verify(&a.certificate, &message, &signature)
+                        })
+                {
+                    Err(violation(format!(
+                        "client {from} signed the survivor set with a signature that does not verify under its certificate"
                     )))
                 } else {
                     self.signatures.insert(from, signature);

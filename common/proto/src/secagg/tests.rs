@@ -664,11 +664,22 @@ fn tag(certificate: &[u8], message: &[u8]) -> Vec<u8> {
     t
 }
 
+/// The server's side of the test double: a tag verifies when it is the
+/// certificate and the message's hash.
+#[derive(Debug)]
+pub(crate) struct TagCheck;
+
+impl crate::secagg::SignatureCheck for TagCheck {
+    fn verify(&self, certificate: &[u8], message: &[u8], signature: &[u8]) -> bool {
+        signature == tag(certificate, message)
+    }
+}
+
 impl crate::secagg::KeyAttestor for TagAttestor {
-    fn attest(&self, _round: u64, _keys: &crate::wire::PeerKeys) -> crate::wire::KeyAttestation {
+    fn attest(&self, round: u64, keys: &crate::wire::PeerKeys) -> crate::wire::KeyAttestation {
         crate::wire::KeyAttestation {
             certificate: self.certificate.clone(),
-            signature: Vec::new(),
+            signature: tag(&self.certificate, &crate::secagg::keys_message(round, keys)),
         }
     }
     fn verify(
