@@ -239,6 +239,7 @@ impl Store {
                 ledger,
                 population,
                 step,
+                gate,
             } => {
                 let json = serde_json::to_string(ledger).expect("ledger serializes");
                 // Write-locked from the start: a deferred transaction that reads
@@ -266,7 +267,7 @@ impl Store {
                         }
                         None => NodeSpend::default(),
                     };
-                    spend.add(ledger.orders(), step);
+                    spend.add(ledger.orders(), step, *gate);
                     tx.execute(
                         "INSERT OR REPLACE INTO node_spend (name, spend) VALUES (?1, ?2)",
                         params![

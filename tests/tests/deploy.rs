@@ -284,7 +284,7 @@ async fn a_new_run_name_continues_each_nodes_spend_up_to_the_population_budget()
             let plan_step: &(Vec<f64>, Vec<f64>) = step.as_ref().unwrap();
             let mut three = NodeSpend::default();
             for _ in 0..3 {
-                three.add(&plan_step.0, &plan_step.1);
+                three.add(&plan_step.0, &plan_step.1, 0.0);
             }
             three.epsilon(1e-5) * 1.001
         });
@@ -334,8 +334,8 @@ async fn a_new_run_name_continues_each_nodes_spend_up_to_the_population_budget()
             .plan(1.0, 3, 10, 3, true)
             .unwrap();
             let mut two = NodeSpend::default();
-            two.add(&plan.orders, &plan.rdp_per_round);
-            two.add(&plan.orders, &plan.rdp_per_round);
+            two.add(&plan.orders, &plan.rdp_per_round, 0.0);
+            two.add(&plan.orders, &plan.rdp_per_round, 0.0);
             assert!((spends["ann"].epsilon(1e-5) - two.epsilon(1e-5)).abs() < 1e-9);
             step = Some((plan.orders, plan.rdp_per_round));
             spends_after_a = Some(spends);

@@ -34,7 +34,7 @@ fn ledger(rounds: u64) -> PrivacyLedger {
     let orders = vec![2.0, 4.0, 8.0];
     let mut l = PrivacyLedger::new(orders, 1e-5, 100.0);
     for r in 1..=rounds {
-        l.charge(r, &[0.01, 0.02, 0.04]).unwrap();
+        l.charge(r, &[0.01, 0.02, 0.04], 0.0).unwrap();
     }
     l
 }
@@ -56,6 +56,7 @@ fn a_checkpoint_comes_back_exactly() {
             ledger: ledger(1),
             population: vec![],
             step: vec![],
+            gate: 0.0,
         })
         .unwrap();
     let c = checkpoint(2, Some(ledger(1)));
@@ -86,6 +87,7 @@ fn a_round_charged_after_the_checkpoint_is_not_lost() {
             ledger: ledger(3),
             population: vec![],
             step: vec![],
+            gate: 0.0,
         })
         .unwrap();
     let saved = store.load().unwrap();
@@ -99,6 +101,7 @@ fn a_round_charged_after_the_checkpoint_is_not_lost() {
                 ledger: ledger(3),
                 population: vec![],
                 step: vec![],
+                gate: 0.0,
             })
             .is_err()
     );
@@ -271,14 +274,15 @@ fn node_spends_carry_over_runs_and_roll_back_with_their_charge() {
             ledger: ledger.clone(),
             population: who.iter().map(|s| s.to_string()).collect(),
             step: step.clone(),
+            gate: 0.0,
         })
     };
     let mut a = Store::open(&path, "a", "{}").unwrap();
-    charged.charge(1, &step).unwrap();
+    charged.charge(1, &step, 0.0).unwrap();
     charge(&mut a, 1, &charged, &["ann", "bob"]).unwrap();
     let mut b = Store::open(&path, "b", "{}").unwrap();
     let mut fresh = PrivacyLedger::new(orders.clone(), 1e-5, f64::MAX);
-    fresh.charge(1, &step).unwrap();
+    fresh.charge(1, &step, 0.0).unwrap();
     charge(&mut b, 1, &fresh, &["ann"]).unwrap();
     // Run a charging its round 1 again is refused, and charges no one.
     assert!(charge(&mut a, 1, &charged, &["ann", "bob"]).is_err());

@@ -296,12 +296,13 @@ fn checkpoint(commits: usize, dir: &std::path::Path) -> Result<()> {
     let mut checkpoint = coordinator.checkpoint();
     let start = Instant::now();
     for round in 1..=commits as u64 {
-        ledger.charge(round, &plan.rdp_per_round)?;
+        ledger.charge(round, &plan.rdp_per_round, plan.gate_per_round)?;
         store.persist(&Durable::Charged {
             round,
             ledger: ledger.clone(),
             population: population.clone(),
             step: plan.rdp_per_round.clone(),
+            gate: plan.gate_per_round,
         })?;
         checkpoint.next_round = round + 1;
         checkpoint.rounds_completed = round;

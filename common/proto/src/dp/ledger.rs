@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::rdp;
+use super::{gate, rdp};
 
 /// One charged round.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -45,6 +45,10 @@ pub struct PrivacyLedger {
     pub budget: f64,
     /// Every charged round, in order.
     pub entries: Vec<LedgerEntry>,
+    /// Summed probability that one client decided whether a round ran
+    /// (see [`super::gate`]); taken out of delta.
+    #[serde(default)]
+    pub gate: f64,
 }
 
 impl PrivacyLedger {
@@ -57,6 +61,7 @@ impl PrivacyLedger {
             delta,
             budget,
             entries: Vec::new(),
+            gate: 0.0,
         }
     }
 
@@ -65,25 +70,27 @@ impl PrivacyLedger {
         if self.entries.is_empty() {
             return 0.0;
         }
-        rdp::epsilon(&self.orders, &self.rdp, self.delta).0
+        gate::epsilon(&self.orders, &self.rdp, self.delta, self.gate)
     }
 
-    /// Epsilon after one more round costing `step` (RDP per order).
-    pub fn epsilon_with(&self, step: &[f64]) -> f64 {
+    /// Epsilon after one more round costing `step` (RDP per order), whose
+    /// running could hinge on one client with probability `gate`.
+    pub fn epsilon_with(&self, step: &[f64], gate: f64) -> f64 {
         let total: Vec<f64> = self.rdp.iter().zip(step).map(|(a, b)| a + b).collect();
-        rdp::epsilon(&self.orders, &total, self.delta).0
+        gate::epsilon(&self.orders, &total, self.delta, self.gate + gate)
     }
 
     /// Charges round `round` if it fits the budget. A round is charged when
-    /// its cohort is sampled, whether or not it completes: an aborted round
-    /// may still have leaked through what clients sent.
-    pub fn charge(&mut self, round: u64, step: &[f64]) -> Result<f64, BudgetExceeded> {
+    /// its cohort is sampled, whether it then runs, is skipped for too
+    /// small a cohort, or aborts: what clients sent may have leaked, and so
+    /// may whether it ran (`gate`, see [`super::gate::per_round`]).
+    pub fn charge(&mut self, round: u64, step: &[f64], gate: f64) -> Result<f64, BudgetExceeded> {
         assert_eq!(
             step.len(),
             self.orders.len(),
             "RDP vector on another order grid"
         );
-        let would_be = self.epsilon_with(step);
+        let would_be = self.epsilon_with(step, gate);
         if would_be > self.budget {
             return Err(BudgetExceeded {
                 round,
@@ -98,6 +105,7 @@ impl PrivacyLedger {
         for (a, b) in self.rdp.iter_mut().zip(step) {
             *a = (*a + b).min(f64::MAX);
         }
+        self.gate += gate;
         self.entries.push(LedgerEntry {
             round,
             epsilon: would_be,
@@ -150,11 +158,16 @@ pub struct NodeSpend {
     pub rdp: Vec<f64>,
     /// Rounds charged.
     pub rounds: u64,
+    /// Summed probability that the node decided whether a round ran (see
+    /// [`super::gate`]).
+    #[serde(default)]
+    pub gate: f64,
 }
 
 impl NodeSpend {
-    /// Adds one round costing `step` at `orders`.
-    pub fn add(&mut self, orders: &[f64], step: &[f64]) {
+    /// Adds one round costing `step` at `orders`, whose running hinged on
+    /// the node with probability `gate`.
+    pub fn add(&mut self, orders: &[f64], step: &[f64], gate: f64) {
         let grid = rdp::integer_orders();
         let step = project(orders, step, &grid);
         if self.rdp.len() != grid.len() {
@@ -164,6 +177,7 @@ impl NodeSpend {
             *a = (*a + b).min(f64::MAX);
         }
         self.rounds += 1;
+        self.gate += gate;
     }
 
     /// Epsilon at `delta` (0 before any round).
@@ -171,13 +185,13 @@ impl NodeSpend {
         if self.rounds == 0 {
             return 0.0;
         }
-        rdp::epsilon(&rdp::integer_orders(), &self.rdp, delta).0
+        gate::epsilon(&rdp::integer_orders(), &self.rdp, delta, self.gate)
     }
 
     /// Epsilon at `delta` after one more round costing `step` at `orders`.
-    pub fn epsilon_with(&self, orders: &[f64], step: &[f64], delta: f64) -> f64 {
+    pub fn epsilon_with(&self, orders: &[f64], step: &[f64], gate: f64, delta: f64) -> f64 {
         let mut next = self.clone();
-        next.add(orders, step);
+        next.add(orders, step, gate);
         next.epsilon(delta)
     }
 }
@@ -197,8 +211,8 @@ mod tests {
         assert_eq!(spend.epsilon(delta), 0.0);
         let mut run = PrivacyLedger::new(fine.clone(), delta, f64::MAX);
         for round in 1..=20 {
-            spend.add(&fine, &step);
-            run.charge(round, &step).unwrap();
+            spend.add(&fine, &step, 0.0);
+            run.charge(round, &step, 0.0).unwrap();
         }
         assert_eq!(spend.rounds, 20);
         let (per_node, per_run) = (spend.epsilon(delta), run.epsilon());
@@ -206,7 +220,7 @@ mod tests {
         assert!(per_node < per_run * 1.05, "{per_node} vs {per_run}");
         // A second run doubles the RDP: more epsilon, not a fresh start.
         for _ in 0..20 {
-            spend.add(&fine, &step);
+            spend.add(&fine, &step, 0.0);
         }
         assert!(spend.epsilon(delta) > per_node * 1.2);
         // Orders past the source grid are unbounded.
@@ -225,12 +239,12 @@ mod tests {
         assert_eq!(ledger.epsilon(), 0.0);
         let mut last = 0.0;
         for round in 1..=10 {
-            let eps = ledger.charge(round, &step).unwrap();
+            let eps = ledger.charge(round, &step, 0.0).unwrap();
             assert!(eps > last);
             last = eps;
         }
         assert!((ledger.epsilon() - budget).abs() < 1e-9);
-        let err = ledger.charge(11, &step).unwrap_err();
+        let err = ledger.charge(11, &step, 0.0).unwrap_err();
         assert_eq!(err.round, 11);
         assert!(err.would_be > budget);
         // A refused round changes nothing.

@@ -16,6 +16,7 @@
 
 pub mod adaptive;
 pub mod clip;
+pub mod gate;
 pub mod ledger;
 pub mod noise;
 pub mod rdp;
@@ -116,6 +117,27 @@ pub struct DpConfig {
 /// A DP configuration that cannot give the promised guarantee.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum DpConfigError {
+    /// Rounds need a Poisson cohort of some size, and whether one runs
+    /// hinges on a single client too often for delta (see [`gate`]).
+    #[error(
+        "a round runs only when its Poisson cohort holds at least {min_cohort} clients (expected {expected:.1} of {population}); whether it runs then hinges on one client with probability {per_round:.2e} a round, {total:.2e} over {rounds} rounds, which at the planned epsilon would take more than a tenth of delta {delta:e}: lower --dp-min-contributors, sample more clients a round, or use central DP without secure aggregation (every round runs)"
+    )]
+    GatedSkips {
+        /// Fewest clients a round runs with.
+        min_cohort: usize,
+        /// Expected cohort.
+        expected: f64,
+        /// Population sampled from.
+        population: usize,
+        /// Probability per round.
+        per_round: f64,
+        /// Over the planned rounds.
+        total: f64,
+        /// Planned rounds.
+        rounds: u64,
+        /// The run's delta.
+        delta: f64,
+    },
     /// A clip norm that is not positive and finite.
     #[error("clip norm must be positive and finite, got {0}")]
     ClipNorm(f64),
@@ -397,6 +419,13 @@ pub struct DpPlan {
     pub denominator: Option<f64>,
     /// Distributed DP: rounds with fewer contributors are aborted.
     pub min_contributors: usize,
+    /// Fewest clients a Poisson cohort needs for the round to run (0:
+    /// every cohort runs, an empty one too); smaller ones are skipped, and
+    /// charged like the rest.
+    pub min_cohort: usize,
+    /// Probability, per round at the planned population, that whether a
+    /// round runs hinges on one client ([`gate::per_round`]).
+    pub gate_per_round: f64,
     /// Adaptive clipping, with the std of the noise on the indicator sum
     /// (in clients; the server adds it under central DP, the clients'
     /// Skellam shares carry it under distributed DP).
@@ -449,16 +478,40 @@ impl DpConfig {
             }
         }
         let expected_cohort = (q * population as f64).max(1.0);
-        match self.mechanism {
-            Mechanism::Central => self.plan_central(q, expected_cohort),
-            Mechanism::Local => self.plan_local(q),
+        let plan = match self.mechanism {
+            Mechanism::Central => {
+                // Without secure aggregation every cohort runs, even an
+                // empty one (the server's noise alone); SecAgg+ needs a few.
+                let min_cohort = if secure_aggregation {
+                    crate::round::server::MIN_SECAGG_COHORT
+                } else {
+                    0
+                };
+                let gate = gate::per_round(population, q, min_cohort);
+                self.plan_central(q, expected_cohort, min_cohort, gate)?
+            }
+            Mechanism::Local => self.plan_local(q)?,
             Mechanism::Distributed => {
                 if !secure_aggregation {
                     return Err(DpConfigError::DistributedWithoutSecAgg);
                 }
-                self.plan_distributed(q, expected_cohort, dim, max_cohort)
+                self.plan_distributed(q, population, dim, max_cohort)?
             }
+        };
+        let total = plan.gate_per_round * self.planned_rounds as f64;
+        let planned = plan.epsilon_after(self.planned_rounds);
+        if !gate::fits(total, planned, self.delta) {
+            return Err(DpConfigError::GatedSkips {
+                min_cohort: plan.min_cohort,
+                expected: expected_cohort,
+                population,
+                per_round: plan.gate_per_round,
+                total,
+                rounds: self.planned_rounds,
+                delta: self.delta,
+            });
         }
+        Ok(plan)
     }
 
     fn budget_or(&self, fallback: f64) -> f64 {
@@ -471,7 +524,13 @@ impl DpConfig {
     /// Central DP. With adaptive clipping the update and the indicator sum
     /// form one Gaussian mechanism of joint multiplier
     /// (z^-2 + (2 sigma_b)^-2)^-1/2, which is what is accounted.
-    fn plan_central(&self, q: f64, expected_cohort: f64) -> Result<DpPlan, DpConfigError> {
+    fn plan_central(
+        &self,
+        q: f64,
+        expected_cohort: f64,
+        min_cohort: usize,
+        gate: f64,
+    ) -> Result<DpPlan, DpConfigError> {
         let count_std = self.adaptive.map(|a| a.count_noise_std(expected_cohort));
         let (z, z_joint) = match (self.noise, count_std) {
             (NoiseLevel::NoiseMultiplier(z), None) => (z, z),
@@ -479,7 +538,21 @@ impl DpConfig {
                 (z, adaptive::joint_noise_multiplier(z, s))
             }
             (NoiseLevel::TargetEpsilon(e), count_std) => {
-                let joint = rdp::gaussian_noise_multiplier(q, e, self.planned_rounds, self.delta)?;
+                let joint = if gate > 0.0 {
+                    let orders = rdp::default_orders();
+                    let eps = |z: f64| {
+                        let step = rdp::sampled_gaussian(q, z, &orders);
+                        planned_epsilon(&orders, &step, self.planned_rounds, self.delta, gate)
+                    };
+                    rdp::smallest_noise(e, eps).ok_or(AccountingError::Unreachable {
+                        epsilon: e,
+                        delta: self.delta,
+                        rounds: self.planned_rounds,
+                        max: rdp::MAX_NOISE_MULTIPLIER,
+                    })?
+                } else {
+                    rdp::gaussian_noise_multiplier(q, e, self.planned_rounds, self.delta)?
+                };
                 match count_std {
                     None => (joint, joint),
                     Some(s) => (adaptive::update_noise_multiplier(joint, s)?, joint),
@@ -488,7 +561,13 @@ impl DpConfig {
         };
         let orders = rdp::default_orders();
         let rdp_per_round = rdp::sampled_gaussian(q, z_joint, &orders);
-        let planned = planned_epsilon(&orders, &rdp_per_round, self.planned_rounds, self.delta);
+        let planned = planned_epsilon(
+            &orders,
+            &rdp_per_round,
+            self.planned_rounds,
+            self.delta,
+            gate,
+        );
         Ok(DpPlan {
             config: self.clone(),
             round: DpRound::Central {
@@ -500,6 +579,8 @@ impl DpConfig {
             sampling_rate: q,
             denominator: Some(expected_cohort),
             min_contributors: 1,
+            min_cohort,
+            gate_per_round: gate,
             adaptive: self.adaptive.zip(count_std),
             orders,
             rdp_per_round,
@@ -518,7 +599,13 @@ impl DpConfig {
         };
         let orders = rdp::default_orders();
         let rdp_per_round = rdp::sampled_gaussian(1.0, z, &orders);
-        let planned = planned_epsilon(&orders, &rdp_per_round, self.planned_rounds, self.delta);
+        let planned = planned_epsilon(
+            &orders,
+            &rdp_per_round,
+            self.planned_rounds,
+            self.delta,
+            0.0,
+        );
         Ok(DpPlan {
             config: self.clone(),
             round: DpRound::Local {
@@ -530,6 +617,8 @@ impl DpConfig {
             sampling_rate: q,
             denominator: None,
             min_contributors: 1,
+            min_cohort: 1,
+            gate_per_round: 0.0,
             adaptive: None,
             orders,
             rdp_per_round,
@@ -549,16 +638,34 @@ impl DpConfig {
     fn plan_distributed(
         &self,
         q: f64,
-        expected_cohort: f64,
+        population: usize,
         dim: usize,
         max_cohort: usize,
     ) -> Result<DpPlan, DpConfigError> {
+        let expected_cohort = (q * population as f64).max(1.0);
+        let min_cohort = |m: usize| m.max(crate::round::server::MIN_SECAGG_COHORT);
+        let gate_of = |m: usize| gate::per_round(population, q, min_cohort(m));
+        // By default the largest m up to a fraction of the expected cohort
+        // whose gate stays within its share of delta.
         let m = self.min_contributors.unwrap_or_else(|| {
-            ((DEFAULT_MIN_CONTRIBUTOR_FRACTION * expected_cohort).ceil() as usize).max(2)
+            let most =
+                ((DEFAULT_MIN_CONTRIBUTOR_FRACTION * expected_cohort).ceil() as usize).max(2);
+            // The epsilon the gate will be paid at: the target, else the
+            // budget, else a generous one.
+            let at = match self.noise {
+                NoiseLevel::TargetEpsilon(e) => e,
+                NoiseLevel::NoiseMultiplier(_) => {
+                    self.budget.unwrap_or(gate::DEFAULT_EPSILON_FOR_MINIMUM)
+                }
+            };
+            let fits =
+                |m: &usize| gate::fits(gate_of(*m) * self.planned_rounds as f64, at, self.delta);
+            (2..=most).rev().find(fits).unwrap_or(2)
         });
         if m < 2 {
             return Err(DpConfigError::TooFewContributors(m));
         }
+        let gate = gate_of(m);
         let cohort = max_cohort.max(m);
         let orders = rdp::integer_orders();
         // The indicator travels as +-1 (sensitivity 1) with Sk(2 sigma_b^2)
@@ -602,7 +709,13 @@ impl DpConfig {
                     if scaled_clip <= 0.0 {
                         return f64::INFINITY;
                     }
-                    planned_epsilon(&orders, &cost(z, delta2), self.planned_rounds, self.delta)
+                    planned_epsilon(
+                        &orders,
+                        &cost(z, delta2),
+                        self.planned_rounds,
+                        self.delta,
+                        gate,
+                    )
                 };
                 rdp::smallest_noise(target, eps).ok_or(AccountingError::Unreachable {
                     epsilon: target,
@@ -623,7 +736,13 @@ impl DpConfig {
         let granularity = self.clip_norm / scaled_clip;
         let mu = z * z * delta2 * delta2 / 2.0;
         let rdp_per_round = cost(z, delta2);
-        let planned = planned_epsilon(&orders, &rdp_per_round, self.planned_rounds, self.delta);
+        let planned = planned_epsilon(
+            &orders,
+            &rdp_per_round,
+            self.planned_rounds,
+            self.delta,
+            gate,
+        );
         Ok(DpPlan {
             config: self.clone(),
             round: DpRound::Distributed {
@@ -638,6 +757,8 @@ impl DpConfig {
             sampling_rate: q,
             denominator: Some(expected_cohort),
             min_contributors: m,
+            min_cohort: min_cohort(m),
+            gate_per_round: gate,
             adaptive: self.adaptive.zip(count_std),
             orders,
             rdp_per_round,
@@ -649,7 +770,13 @@ impl DpConfig {
 impl DpPlan {
     /// Epsilon after `rounds` rounds of this plan.
     pub fn epsilon_after(&self, rounds: u64) -> f64 {
-        planned_epsilon(&self.orders, &self.rdp_per_round, rounds, self.config.delta)
+        planned_epsilon(
+            &self.orders,
+            &self.rdp_per_round,
+            rounds,
+            self.config.delta,
+            self.gate_per_round,
+        )
     }
 
     /// Logs the plan once at the start of a run.
@@ -670,9 +797,11 @@ impl DpPlan {
     }
 }
 
-fn planned_epsilon(orders: &[f64], per_round: &[f64], rounds: u64, delta: f64) -> f64 {
+/// Epsilon after `rounds` rounds costing `per_round`, each of whose
+/// running hinges on one client with probability `gate`.
+fn planned_epsilon(orders: &[f64], per_round: &[f64], rounds: u64, delta: f64, gate: f64) -> f64 {
     let total: Vec<f64> = per_round.iter().map(|r| r * rounds as f64).collect();
-    rdp::epsilon(orders, &total, delta).0
+    gate::epsilon(orders, &total, delta, gate * rounds as f64)
 }
 
 #[cfg(test)]

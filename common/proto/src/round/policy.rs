@@ -346,7 +346,7 @@ impl NodePolicy {
                     });
                 }
                 if let Some(budget) = self.max_epsilon {
-                    let would_be = ledger.privacy.epsilon_with(rdp);
+                    let would_be = ledger.privacy.epsilon_with(rdp, 0.0);
                     // NaN (a diverged bound) counts as over the budget.
                     if would_be.is_nan() || would_be > budget {
                         return Err(PolicyViolation::BudgetExhausted {
@@ -429,7 +429,7 @@ impl NodeLedger {
             RoundCost::Noised { rdp, .. } => {
                 // The policy was checked before: the ledger's own budget
                 // (f64::MAX) never refuses.
-                let _ = self.privacy.charge(round, rdp);
+                let _ = self.privacy.charge(round, rdp, 0.0);
             }
         }
         self.privacy.epsilon()
@@ -532,8 +532,8 @@ mod tests {
         assert!((noise_multiplier - 1.2).abs() < 1e-9, "{noise_multiplier}");
         let node = NodeLedger::new(1e-5);
         let mut server = crate::dp::PrivacyLedger::new(plan.orders.clone(), 1e-5, f64::MAX);
-        server.charge(1, &plan.rdp_per_round).unwrap();
-        assert!(node.privacy.epsilon_with(&rdp) > server.epsilon());
+        server.charge(1, &plan.rdp_per_round, 0.0).unwrap();
+        assert!(node.privacy.epsilon_with(&rdp, 0.0) > server.epsilon());
         // Before the setup the cost is not known; fewer guaranteed
         // contributors mean less noise.
         assert_eq!(round_cost(Some(&plan.round), None, dim), None);
@@ -573,8 +573,8 @@ mod tests {
             };
             assert!((noise_multiplier - 1.5).abs() < 1e-12);
             let mut server = crate::dp::PrivacyLedger::new(plan.orders.clone(), 1e-5, f64::MAX);
-            server.charge(1, &plan.rdp_per_round).unwrap();
-            let node = NodeLedger::new(1e-5).privacy.epsilon_with(&rdp);
+            server.charge(1, &plan.rdp_per_round, 0.0).unwrap();
+            let node = NodeLedger::new(1e-5).privacy.epsilon_with(&rdp, 0.0);
             // The node's coarser order grid may only add.
             assert!(
                 node >= server.epsilon() * 0.999,

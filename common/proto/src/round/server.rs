@@ -517,6 +517,9 @@ pub enum Durable {
         population: Vec<String>,
         /// The round's RDP at the ledger's orders.
         step: Vec<f64>,
+        /// The probability that whether it ran hinged on one node (see
+        /// [`crate::dp::gate`]), charged to each of them too.
+        gate: f64,
     },
     /// A round ended (completed or failed): the state to continue from.
     Checkpoint(Box<Checkpoint>),
@@ -710,6 +713,11 @@ impl CoordinatorBuilder {
             signatures,
         } = self;
         cfg.validate()?;
+        // SecAgg+ needs a few clients, whatever the plan was made for: a
+        // smaller cohort is skipped, and accounted as such (`dp::gate`).
+        if let (Some(plan), Some(_)) = (cfg.dp.as_mut(), &cfg.secagg) {
+            plan.min_cohort = plan.min_cohort.max(MIN_SECAGG_COHORT);
+        }
         if let Some(budget) = population.budget {
             if cfg.dp.is_none() {
                 return Err(ConfigError(
@@ -1584,7 +1592,12 @@ impl Coordinator {
             .filter_map(|(&id, c)| c.node_name.clone().map(|n| (n, id)))
             .collect();
         population.sort_unstable();
-        self.exclude_spent(&mut population);
+        let gate_of =
+            |plan: &DpPlan, n: usize| dp::gate::per_round(n, plan.sampling_rate, plan.min_cohort);
+        if let Some(plan) = &self.cfg.dp {
+            let gate = gate_of(plan, population.len());
+            self.exclude_spent(&mut population, gate);
+        }
         let candidates: Vec<(&str, ClientId)> =
             population.iter().map(|(n, id)| (n.as_str(), *id)).collect();
         let mut cohort: Vec<ClientId> = match &self.cfg.dp {
@@ -1629,14 +1642,54 @@ impl Coordinator {
                 ),
             );
         }
-        if let Some(plan) = &self.cfg.dp {
-            let needed = plan.min_contributors.max(1);
+        // Charge every sampled round before any client sees it, to the run
+        // and to every node it was sampled from: a round skipped for too
+        // small a cohort too, since whether it runs can hinge on one node
+        // (see `dp::gate`; skipping rounds uncharged would raise the
+        // sampling rate the accountant assumes).
+        if let (Some(ledger), Some(plan)) = (&mut self.ledger, &self.cfg.dp) {
+            let gate = gate_of(plan, population.len());
+            match ledger.charge(round, &plan.rdp_per_round, gate) {
+                Ok(eps) => {
+                    tracing::info!(
+                        round,
+                        epsilon = eps,
+                        delta = plan.config.delta,
+                        "privacy spent"
+                    );
+                    let population: Vec<String> = population.into_iter().map(|(n, _)| n).collect();
+                    for name in &population {
+                        self.population.spends.entry(name.clone()).or_default().add(
+                            &plan.orders,
+                            &plan.rdp_per_round,
+                            gate,
+                        );
+                    }
+                    self.durable.push_back(Durable::Charged {
+                        round,
+                        ledger: ledger.clone(),
+                        population,
+                        step: plan.rdp_per_round.clone(),
+                        gate,
+                    });
+                }
+                Err(exceeded) => {
+                    tracing::warn!(%exceeded, "privacy budget reached");
+                    self.phase = Phase::Finished;
+                    self.say_goodbye(&exceeded.to_string());
+                    self.events.push_back(Event::BudgetExhausted(exceeded));
+                    self.events.push_back(Event::Finished {
+                        rounds_completed: self.rounds_completed,
+                    });
+                    return;
+                }
+            }
+            let needed = plan.min_cohort;
             if cohort.len() < needed {
-                // Nothing is sent, so nothing is released or charged.
                 return self.fail_round(
                     round,
                     format!(
-                        "Poisson sampling drew {} clients, fewer than the {needed} the DP noise is calibrated to",
+                        "Poisson sampling drew {} clients, fewer than the {needed} a round runs with; skipped (and charged, like every sampled round)",
                         cohort.len()
                     ),
                 );
@@ -1709,44 +1762,6 @@ impl Coordinator {
                 }
             }
         };
-        // Charge the round before any client sees it: to the run, and to
-        // every node it was sampled from.
-        if let (Some(ledger), Some(plan)) = (&mut self.ledger, &self.cfg.dp) {
-            match ledger.charge(round, &plan.rdp_per_round) {
-                Ok(eps) => {
-                    tracing::info!(
-                        round,
-                        epsilon = eps,
-                        delta = plan.config.delta,
-                        "privacy spent"
-                    );
-                    let population: Vec<String> = population.into_iter().map(|(n, _)| n).collect();
-                    for name in &population {
-                        self.population
-                            .spends
-                            .entry(name.clone())
-                            .or_default()
-                            .add(&plan.orders, &plan.rdp_per_round);
-                    }
-                    self.durable.push_back(Durable::Charged {
-                        round,
-                        ledger: ledger.clone(),
-                        population,
-                        step: plan.rdp_per_round.clone(),
-                    });
-                }
-                Err(exceeded) => {
-                    tracing::warn!(%exceeded, "privacy budget reached");
-                    self.phase = Phase::Finished;
-                    self.say_goodbye(&exceeded.to_string());
-                    self.events.push_back(Event::BudgetExhausted(exceeded));
-                    self.events.push_back(Event::Finished {
-                        rounds_completed: self.rounds_completed,
-                    });
-                    return;
-                }
-            }
-        }
         let start = Arc::new(Message::RoundStart(RoundStart {
             round,
             config: self.round_config(),
@@ -1776,6 +1791,7 @@ impl Coordinator {
             round,
             cohort: cohort.clone(),
         });
+        let nobody = cohort.is_empty();
         self.phase = Phase::Collecting(Box::new(RoundState {
             round,
             pending: cohort.iter().copied().collect(),
@@ -1789,6 +1805,11 @@ impl Coordinator {
             deadline,
             timed_out: false,
         }));
+        if nobody {
+            // Central DP: an empty Poisson cohort still releases the
+            // server's noise, as the accountant assumes.
+            self.maybe_finish(now);
+        }
     }
 
     /// The round ends without touching the global model.
@@ -1904,7 +1925,19 @@ impl Coordinator {
         let Aggregation::Plain { mean: sum, kept } = &mut r.agg else {
             unreachable!("secure rounds finish through finish_secure")
         };
-        let Some(mean) = sum.mean() else {
+        let central_dp = self
+            .cfg
+            .dp
+            .as_ref()
+            .is_some_and(|p| matches!(p.round, dp::DpRound::Central { .. }));
+        let mean = match sum.mean() {
+            Some(mean) => Some(mean),
+            // Central DP releases the noised sum whoever contributed, so
+            // that whether a round runs never hinges on one client.
+            None if central_dp && kept.is_none() => Some(vec![0.0; self.aggregate_len()]),
+            None => None,
+        };
+        let Some(mean) = mean else {
             let reason = format!(
                 "no valid update from a cohort of {}{}",
                 r.cohort.len(),
@@ -2002,7 +2035,7 @@ impl Coordinator {
     /// Takes out of `population` (and disconnects) every node whose next
     /// round would take its epsilon over all runs past the population
     /// budget.
-    fn exclude_spent(&mut self, population: &mut Vec<(String, ClientId)>) {
+    fn exclude_spent(&mut self, population: &mut Vec<(String, ClientId)>, gate: f64) {
         let (Some(plan), Some(budget)) = (&self.cfg.dp, self.population.budget) else {
             return;
         };
@@ -2015,7 +2048,7 @@ impl Coordinator {
                 .get(name)
                 .cloned()
                 .unwrap_or_default();
-            let would_be = spend.epsilon_with(&plan.orders, &plan.rdp_per_round, delta);
+            let would_be = spend.epsilon_with(&plan.orders, &plan.rdp_per_round, gate, delta);
             let keep = would_be <= budget;
             if !keep {
                 spent.push((*id, name.clone(), spend.epsilon(delta), would_be));

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::server::SecAggConfig;
+use super::server::{MIN_SECAGG_COHORT, SecAggConfig};
 use super::*;
 use crate::wire::{
     Evaluation, LocalOptimizer, Message, ModelSpec, ReasonCode, RoundConfig, Update,
@@ -1053,6 +1053,107 @@ fn dp_cohorts_are_poisson_sampled() {
     );
 }
 
+/// Central DP without secure aggregation runs every sampled round, an
+/// empty Poisson cohort too: the server's noise alone moves the model, the
+/// round is charged, and whether a round runs never hinges on one client
+/// (before, an empty cohort was skipped uncharged).
+#[test]
+fn central_dp_runs_and_charges_an_empty_poisson_cohort() {
+    let mut c = cfg(3, 3, 0.01);
+    c.dp = Some(dp_plan(
+        Mechanism::Central,
+        1.0,
+        10_000,
+        0.01,
+        3,
+        Some(100.0),
+        None,
+    ));
+    assert_eq!(c.dp.as_ref().unwrap().min_cohort, 0);
+    // Three clients at 1%: the first cohort is empty for most seeds.
+    for seed in 0..16 {
+        let server = Coordinator::builder(c.clone(), spec())
+            .secret_seed(seed)
+            .start(vec![0.0; D])
+            .unwrap();
+        let mut h = Harness::with_server(server, 3);
+        settle(&mut h);
+        let Some(s) = h.completed().first().map(|s| (*s).clone()) else {
+            continue;
+        };
+        assert!(s.contributors.is_empty(), "{s:?}");
+        assert!(failures(&h).is_empty());
+        assert!(
+            h.server.global_model().iter().any(|v| *v != 0.0),
+            "noise applied"
+        );
+        let ledger = h.server.ledger().unwrap();
+        assert_eq!(ledger.rounds_charged(), 1);
+        assert_eq!(ledger.gate, 0.0);
+        return;
+    }
+    panic!("no seed drew an empty first cohort");
+}
+
+/// Rounds that need a cohort of some size (here SecAgg+'s three) skip a
+/// smaller Poisson cohort, and the skip is charged, with the probability
+/// that one client decided it (before, skipped rounds were not charged,
+/// which raised the sampling rate the accountant assumed).
+#[test]
+fn a_skipped_round_is_charged_with_its_gate() {
+    // 300 clients sampled at 1%: a cohort under three (skipped) about
+    // two times in five; seeds are tried until the first round skips.
+    let n = 300;
+    let mut c = secure_cfg(n);
+    c.fraction = 0.01;
+    c.max_clients = n;
+    // Whether a round of 300 at 1% runs hinges on one client with
+    // probability 2e-3: a delta of 0.1 absorbs it, 1e-5 would not (the run
+    // would stop at its budget instead).
+    c.dp = Some(
+        DpConfig {
+            mechanism: Mechanism::Central,
+            clip_norm: 1.0,
+            noise: NoiseLevel::NoiseMultiplier(1.0),
+            delta: 0.1,
+            planned_rounds: 3,
+            budget: Some(100.0),
+            min_contributors: None,
+            adaptive: None,
+        }
+        .plan(0.01, 10_000, D, n, true)
+        .unwrap(),
+    );
+    let plan = c.dp.clone().unwrap();
+    for seed in 0..64 {
+        let server = Coordinator::builder(c.clone(), spec())
+            .secret_seed(seed)
+            .start(vec![0.0; D])
+            .unwrap();
+        let mut h = Harness::with_server(server, n);
+        settle(&mut h);
+        if !failures(&h)
+            .iter()
+            .any(|r| r.contains("skipped (and charged"))
+        {
+            continue;
+        }
+        let ledger = h.server.ledger().unwrap();
+        assert_eq!(ledger.rounds_charged(), 1);
+        let gate = crate::dp::gate::per_round(n, 0.01, MIN_SECAGG_COHORT);
+        assert!(
+            gate > 0.0 && (ledger.gate - gate).abs() < 1e-18,
+            "{}",
+            ledger.gate
+        );
+        // The epsilon reported takes the gate out of delta.
+        let gated = crate::dp::gate::epsilon(&plan.orders, &plan.rdp_per_round, 0.1, gate);
+        assert_eq!(ledger.epsilon(), gated);
+        return;
+    }
+    panic!("no seed skipped the first round");
+}
+
 #[test]
 fn local_dp_noise_is_added_on_the_client() {
     let mut c = cfg(1, 3, 1.0);
@@ -1107,7 +1208,8 @@ fn distributed_dp_sums_noised_integers_under_secagg() {
 
 #[test]
 fn distributed_dp_aborts_before_unmasking_too_few_contributors() {
-    let n = 5;
+    // Six sampled, five needed: no single node decides whether it runs.
+    let n = 6;
     let mut c = secure_cfg(n);
     c.dp = Some(dp_plan(
         Mechanism::Distributed,
@@ -1120,13 +1222,13 @@ fn distributed_dp_aborts_before_unmasking_too_few_contributors() {
     ));
     let mut h = Harness::new(c, n);
     let trains = settle(&mut h);
-    // One leaves before masking: 4 inputs would satisfy SecAgg's own t + 1,
+    // Two leave before masking: 4 inputs would satisfy SecAgg's own t + 1,
     // but not the 5 the noise is calibrated to.
-    for (id, _, _) in &trains[..1] {
+    for (id, _, _) in &trains[..2] {
         h.server.disconnect(*id, h.now);
         h.clients.remove(id);
     }
-    for (id, round, _) in &trains[1..] {
+    for (id, round, _) in &trains[2..] {
         submit_secure(&mut h, *id, *round, vec![0.5; D], 10);
     }
     settle(&mut h);
@@ -1283,7 +1385,7 @@ fn a_restored_ledger_continues_and_a_spent_one_is_refused() {
     c.dp = Some(plan.clone());
     let mut spent = plan.ledger();
     for round in 1..=3 {
-        spent.charge(round, &plan.rdp_per_round).unwrap();
+        spent.charge(round, &plan.rdp_per_round, 0.0).unwrap();
     }
     let mut server = Coordinator::new(c.clone(), spec(), vec![0.0; D], 4).unwrap();
     server.restore_ledger(spent.clone()).unwrap();
@@ -1645,7 +1747,7 @@ fn strategies_that_see_each_update_are_refused_where_the_server_sees_only_the_su
         } else {
             cfg(1, 3, 1.0)
         };
-        c.dp = Some(dp_plan(mechanism, 1.0, 3, 1.0, 1, None, None));
+        c.dp = Some(dp_plan(mechanism, 1.0, 4, 1.0, 1, None, None));
         c.aggregation = AggregationRule::Krum { byzantine: 0 };
         let err = Coordinator::new(c, spec(), vec![0.0; D], 1).unwrap_err();
         assert!(
@@ -2571,7 +2673,7 @@ fn a_node_past_the_population_budget_is_not_sampled_again() {
     let plan = dp_plan(Mechanism::Central, 2.0, 3, 1.0, 10, None, None);
     let mut spent = NodeSpend::default();
     for _ in 0..9 {
-        spent.add(&plan.orders, &plan.rdp_per_round);
+        spent.add(&plan.orders, &plan.rdp_per_round, 0.0);
     }
     let budget = spent.epsilon(1e-5) * 1.01;
     let mut c = cfg(10, 3, 1.0);
