@@ -724,46 +724,25 @@ impl fedveil_client::FaultHook for ForgeFirstShares {
 /// them (before, each honest node's session ended on the bad share).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_forging_shares_costs_a_round_not_the_run() {
-    let d = deploy_with("forged-shares", |config| {
-        config.rounds = 3;
-        config.min_clients = 5;
-        config.max_failed_rounds = 3;
-        config.round.max_local_steps = Some(1);
-        config.round.secure_aggregation = true;
-        config.secagg = Some(fedveil_proto::round::server::SecAggConfig::default());
-    });
-    let mut nodes = Vec::new();
-    for (i, name) in ["ann", "bob", "cat", "dan", "mallory"].iter().enumerate() {
-        let identity = d.enrol(&d.token(name)).await.unwrap();
-        let mut opts = ClientOptions::enrolled(d.addr, "localhost", &identity).unwrap();
-        if *name == "mallory" {
-            opts.faults = Some(std::sync::Arc::new(ForgeFirstShares::default()));
-        }
-        let trainer = d.trainer(i as u64);
-        nodes.push((
-            *name,
-            tokio::spawn(async move { fedveil_client::run(&endpoint(), &opts, trainer).await }),
-        ));
-    }
-    let mut failed = 0;
-    let mut completed = Vec::new();
-    while completed.len() < 3 {
-        match d.next_event(ROUND_TIMEOUT).await {
-            Some(Event::RoundFailed { .. }) => failed += 1,
-            Some(Event::RoundCompleted(summary)) => completed.push(summary),
-            Some(Event::Finished { .. }) | None => break,
-            Some(_) => {}
-        }
-    }
-    assert_eq!(failed, 1, "only the forged round fails");
-    assert_eq!(completed.len(), 3, "every later round completes");
-    assert!(completed.iter().all(|s| s.contributors.len() == 5));
-    for (name, node) in nodes {
-        let report = tokio::time::timeout(ROUND_TIMEOUT, node)
-            .await
-            .unwrap_or_else(|_| panic!("{name} did not finish"))
-            .unwrap()
-            .unwrap_or_else(|e| panic!("{name} left the run: {e}"));
+    let d = deploy_with("forged-shares", |config| secure_rounds(config, 3, 5));
+    let names = ["ann", "bob", "cat", "dan", "mallory"];
+    let nodes = run_nodes(&d, &names, |name| {
+        (name == "mallory").then(|| {
+            std::sync::Arc::new(ForgeFirstShares::default())
+                as std::sync::Arc<dyn fedveil_client::FaultHook>
+        })
+    })
+    .await;
+    // Three rounds must complete; the forged one fails first.
+    let rounds = outcomes(&d, 4).await;
+    assert_eq!(rounds[0].1, None, "the forged round fails: {rounds:?}");
+    assert!(
+        rounds[1..].iter().all(|(_, c)| *c == Some(5)),
+        "every later round completes with all five: {rounds:?}"
+    );
+    for report in finished(nodes).await {
+        let (name, report) = report;
+        let report = report.unwrap_or_else(|e| panic!("{name} left the run: {e}"));
         assert!(report.rounds_trained >= 3, "{name}: {report:?}");
     }
 }
@@ -820,6 +799,32 @@ async fn connections_that_never_say_hello_are_capped_then_closed() {
     assert_eq!((refused, silent), (3, cap));
     let honest = honest_node_completes_a_round(&d, "ann").await;
     honest.await.unwrap().unwrap();
+}
+
+/// Secure rounds of one training step, `rounds` of them to complete, each
+/// waiting for `nodes` nodes; as many may fail.
+fn secure_rounds(config: &mut fedveil_proto::round::CoordinatorConfig, rounds: u64, nodes: usize) {
+    config.rounds = rounds;
+    config.min_clients = nodes;
+    config.max_failed_rounds = rounds;
+    config.round.max_local_steps = Some(1);
+    config.round.secure_aggregation = true;
+    config.secagg = Some(fedveil_proto::round::server::SecAggConfig::default());
+}
+
+/// Each node's outcome once its run ends.
+async fn finished(
+    nodes: Vec<(&'static str, Node)>,
+) -> Vec<(&'static str, Result<ClientReport, ClientError>)> {
+    let mut out = Vec::new();
+    for (name, node) in nodes {
+        let report = tokio::time::timeout(ROUND_TIMEOUT, node)
+            .await
+            .unwrap_or_else(|_| panic!("{name} did not finish"))
+            .unwrap();
+        out.push((name, report));
+    }
+    out
 }
 
 /// What one node sent, by round and message kind: a spy on honest nodes.
@@ -925,14 +930,7 @@ impl fedveil_client::FaultHook for Mallory {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_malicious_node_costs_only_itself_in_secure_rounds() {
-    let d = deploy_with("mallory-secagg", |config| {
-        config.rounds = 7;
-        config.min_clients = 6;
-        config.max_failed_rounds = 7;
-        config.round.max_local_steps = Some(1);
-        config.round.secure_aggregation = true;
-        config.secagg = Some(fedveil_proto::round::server::SecAggConfig::default());
-    });
+    let d = deploy_with("mallory-secagg", |config| secure_rounds(config, 7, 6));
     let names = ["ann", "bob", "cat", "dan", "eve", "mallory"];
     let spies: std::collections::HashMap<&str, std::sync::Arc<Sent>> = names[..5]
         .iter()
@@ -972,11 +970,7 @@ async fn one_malicious_node_costs_only_itself_in_secure_rounds() {
             spy.0.lock().unwrap()
         );
     }
-    for (name, node) in nodes {
-        let report = tokio::time::timeout(ROUND_TIMEOUT, node)
-            .await
-            .unwrap_or_else(|_| panic!("{name} did not finish"))
-            .unwrap();
+    for (name, report) in finished(nodes).await {
         if name != "mallory" {
             assert!(report.is_ok(), "{name} left the run: {report:?}");
         }
@@ -1089,14 +1083,7 @@ async fn nodes_refuse_a_deviating_server_and_stay_in_the_run() {
     let d = fedveil_tests::deploy_built(
         "deviating",
         |b| b.faults(std::sync::Arc::new(Deviating::default())),
-        |config| {
-            config.rounds = 5;
-            config.min_clients = 5;
-            config.max_failed_rounds = 5;
-            config.round.max_local_steps = Some(1);
-            config.round.secure_aggregation = true;
-            config.secagg = Some(fedveil_proto::round::server::SecAggConfig::default());
-        },
+        |config| secure_rounds(config, 5, 5),
     );
     let spies: std::collections::HashMap<&str, std::sync::Arc<Sent>> =
         names.iter().map(|n| (*n, Default::default())).collect();
@@ -1121,11 +1108,7 @@ async fn nodes_refuse_a_deviating_server_and_stay_in_the_run() {
     assert_eq!(sent(4, "secagg-unmask-shares"), 0);
     // A faithful round: everyone is still there.
     assert_eq!(rounds[4], (5, Some(5)), "{rounds:?}");
-    for (name, node) in nodes {
-        let report = tokio::time::timeout(ROUND_TIMEOUT, node)
-            .await
-            .unwrap_or_else(|_| panic!("{name} did not finish"))
-            .unwrap();
+    for (name, report) in finished(nodes).await {
         assert!(report.is_ok(), "{name} left the run: {report:?}");
     }
 }

@@ -1592,8 +1592,13 @@ impl Coordinator {
             .filter_map(|(&id, c)| c.node_name.clone().map(|n| (n, id)))
             .collect();
         population.sort_unstable();
-        let gate_of =
-            |plan: &DpPlan, n: usize| dp::gate::per_round(n, plan.sampling_rate, plan.min_cohort);
+        // Local DP protects each update on its own (its accounting claims no
+        // amplification by sampling), so whether a round runs leaks nothing
+        // it accounts for.
+        let gate_of = |plan: &DpPlan, n: usize| match plan.config.mechanism {
+            Mechanism::Local => 0.0,
+            _ => dp::gate::per_round(n, plan.sampling_rate, plan.min_cohort),
+        };
         if let Some(plan) = &self.cfg.dp {
             let gate = gate_of(plan, population.len());
             self.exclude_spent(&mut population, gate);
