@@ -514,6 +514,16 @@ impl DpConfig {
         Ok(plan)
     }
 
+    /// No noise multiplier up to the largest reaches `epsilon`.
+    fn unreachable(&self, epsilon: f64) -> AccountingError {
+        AccountingError::Unreachable {
+            epsilon,
+            delta: self.delta,
+            rounds: self.planned_rounds,
+            max: rdp::MAX_NOISE_MULTIPLIER,
+        }
+    }
+
     fn budget_or(&self, fallback: f64) -> f64 {
         self.budget.unwrap_or(match self.noise {
             NoiseLevel::TargetEpsilon(e) if self.mechanism != Mechanism::Local => e,
@@ -544,12 +554,7 @@ impl DpConfig {
                         let step = rdp::sampled_gaussian(q, z, &orders);
                         planned_epsilon(&orders, &step, self.planned_rounds, self.delta, gate)
                     };
-                    rdp::smallest_noise(e, eps).ok_or(AccountingError::Unreachable {
-                        epsilon: e,
-                        delta: self.delta,
-                        rounds: self.planned_rounds,
-                        max: rdp::MAX_NOISE_MULTIPLIER,
-                    })?
+                    rdp::smallest_noise(e, eps).ok_or_else(|| self.unreachable(e))?
                 } else {
                     rdp::gaussian_noise_multiplier(q, e, self.planned_rounds, self.delta)?
                 };
@@ -717,12 +722,7 @@ impl DpConfig {
                         gate,
                     )
                 };
-                rdp::smallest_noise(target, eps).ok_or(AccountingError::Unreachable {
-                    epsilon: target,
-                    delta: self.delta,
-                    rounds: self.planned_rounds,
-                    max: rdp::MAX_NOISE_MULTIPLIER,
-                })?
+                rdp::smallest_noise(target, eps).ok_or_else(|| self.unreachable(target))?
             }
         };
         let (max_norm, scaled_clip, delta2) = geometry(z);
