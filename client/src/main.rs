@@ -157,6 +157,12 @@ fn command() -> clap::Command {
     Cli::command().mut_subcommand("run", DataSettings::add_flags)
 }
 
+/// Burn's CPU backend frees and reallocates large buffers at every training
+/// step; the system allocator hands them back to the kernel and faults them
+/// in again, mimalloc reuses them (a CNN step: 51 -> 33 ms, docs/BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> Result<()> {
     let matches = command().get_matches();
     let cli = Cli::from_arg_matches(&matches)?;

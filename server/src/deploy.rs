@@ -280,7 +280,7 @@ impl ServerBuilder {
     /// endpoint. Call it inside a Tokio runtime.
     pub fn build(self) -> Result<Server, DeployError> {
         let settings = self.settings;
-        let device = settings.data.device()?.device()?;
+        let device = settings.data.device()?.device().map_err(ModelError::from)?;
         let served = match self.model {
             Some(build) => build(&device, settings.seed)?,
             None => builtin(&settings, &device)?,

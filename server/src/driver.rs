@@ -284,6 +284,7 @@ pub async fn serve(
             epsilon: None,
         },
         last_traffic: (0, 0),
+        cpu: crate::cpu::CpuMeter::start(),
     };
     let (tx, mut rx) = mpsc::unbounded_channel();
     tokio::pin!(shutdown);
@@ -347,6 +348,8 @@ struct Driver<'s> {
     traffic: Arc<Traffic>,
     report: RunReport,
     last_traffic: (u64, u64),
+    /// The cores' business from one round's end to the next.
+    cpu: crate::cpu::CpuMeter,
 }
 
 impl Driver<'_> {
@@ -632,6 +635,7 @@ impl Driver<'_> {
             bytes_up: up - last_up,
             bytes_down: down - last_down,
             round_secs: s.started_at.elapsed().as_secs_f64(),
+            cpu_busy: self.cpu.lap(),
             cohort: s.cohort.len(),
             contributors: s.contributors.len(),
             dropped: s.dropped.len(),

@@ -5,6 +5,7 @@
 #![warn(missing_docs)]
 
 pub mod config_file;
+pub mod cpu;
 pub mod deploy;
 pub mod driver;
 pub mod enrol;

@@ -6,6 +6,7 @@
 use std::path::Path;
 
 use clap::Args;
+use fedveil_ml::model::DeviceSpec;
 use fedveil_settings::{Deployment, Layered, Settings, SettingsError, SettingsFile, Simulation};
 use serde::{Deserialize, Serialize};
 
@@ -66,9 +67,26 @@ impl SimConfig {
     pub fn concurrency(&self) -> usize {
         self.sim
             .max_concurrent_training
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .unwrap_or_else(cores)
             .max(1)
     }
+
+    /// Threads each training gets to itself on `device`, or None where the
+    /// trainings share one pool (a GPU device, or `threads_per_training =
+    /// 0`). On the CPU each training gets an equal share of the cores, so
+    /// trainings at once do not queue on one another's operations.
+    pub fn threads_per_training(&self, device: DeviceSpec) -> Option<usize> {
+        match self.sim.threads_per_training {
+            Some(0) => None,
+            Some(n) => Some(n),
+            None if device.is_host() => Some((cores() / self.concurrency()).max(1)),
+            None => None,
+        }
+    }
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 #[cfg(test)]
@@ -79,6 +97,24 @@ mod tests {
         let path = std::env::temp_dir().join(format!("fedveil-{}-{name}", std::process::id()));
         std::fs::write(&path, text).unwrap();
         path
+    }
+
+    #[test]
+    fn each_cpu_training_gets_its_share_of_the_cores_and_a_gpu_none() {
+        let mut c = SimConfig::default();
+        c.sim.max_concurrent_training = Some(1);
+        assert_eq!(c.threads_per_training(DeviceSpec::Cpu), Some(cores()));
+        c.sim.max_concurrent_training = Some(cores() * 4);
+        assert_eq!(c.threads_per_training(DeviceSpec::Cpu), Some(1));
+        assert_eq!(c.threads_per_training(DeviceSpec::Cuda(0)), None);
+        c.sim.threads_per_training = Some(0);
+        assert_eq!(
+            c.threads_per_training(DeviceSpec::Cpu),
+            None,
+            "0 = one shared pool"
+        );
+        c.sim.threads_per_training = Some(3);
+        assert_eq!(c.threads_per_training(DeviceSpec::Cuda(0)), Some(3));
     }
 
     #[test]

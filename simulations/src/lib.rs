@@ -262,7 +262,10 @@ pub async fn run_federation<I: Send + Sync + 'static>(
     // Every trainer is built before any client dials, so no handshake waits
     // on model construction. They share one device and one pool of model
     // instances: as many exist as train at once, however many clients.
-    let models = ModelPool::of(factory, shape, device.clone())?;
+    let mut models = ModelPool::of(factory, shape, device.clone())?;
+    if let Some(threads) = cfg.threads_per_training(cfg.run.data.device()?) {
+        models = models.with_threads_per_training(threads);
+    }
     let mut trainers = Vec::with_capacity(clients_n);
     for (i, dataset) in client_data.into_iter().enumerate() {
         let trainer: Arc<dyn LocalTrainer> = Arc::new(

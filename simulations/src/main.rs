@@ -195,6 +195,12 @@ impl Cli {
     }
 }
 
+/// Burn's CPU backend frees and reallocates large buffers at every training
+/// step; the system allocator hands them back to the kernel and faults them
+/// in again, mimalloc reuses them (a CNN step: 51 -> 33 ms, docs/BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> Result<()> {
     let (cli, matches) = parse_from(std::env::args_os()).unwrap_or_else(|e| e.exit());
     match &cli.command {
@@ -236,7 +242,7 @@ fn main() -> Result<()> {
         MetricsFiles::create(&out).with_context(|| format!("cannot create {}", out.display()))?;
     std::fs::write(out.join("config.toml"), toml::to_string(&cfg)?)?;
     eprintln!(
-        "fedveil-sim: {} enrolled clients (mutual TLS) on {} ({} train / {} test, {} split), {} rounds, C={}, E={}{}, B={}, {} lr={}, secure aggregation {}, aggregation {} then {}, {} trainings at once",
+        "fedveil-sim: {} enrolled clients (mutual TLS) on {} ({} train / {} test, {} split), {} rounds, C={}, E={}{}, B={}, {} lr={}, secure aggregation {}, aggregation {} then {}, {} trainings at once{} on {}",
         cfg.sim.clients,
         cfg.run.data.dataset,
         loaded.split.train.len(),
@@ -255,7 +261,15 @@ fn main() -> Result<()> {
         if cfg.run.secagg { "on" } else { "off" },
         cfg.run.aggregation,
         cfg.run.server_optimizer,
-        cfg.concurrency()
+        cfg.concurrency(),
+        cfg.run
+            .data
+            .device()
+            .ok()
+            .and_then(|d| cfg.threads_per_training(d))
+            .map(|t| format!(" of {t} thread{}", if t == 1 { "" } else { "s" }))
+            .unwrap_or_default(),
+        cfg.run.data.device
     );
     if let Some(dp) = cfg.run.dp_config()? {
         eprintln!(

@@ -148,6 +148,9 @@ impl Observer for ProgressObserver {
             human_bytes(m.bytes_down),
             m.round_secs
         );
+        if let Some(busy) = m.cpu_busy {
+            line.push_str(&format!("  cores {:.0}% busy", busy * 100.0));
+        }
         if let Some(eps) = m.epsilon {
             line.push_str(&format!("  epsilon {eps:.3}"));
         }

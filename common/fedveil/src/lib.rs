@@ -38,7 +38,7 @@
 #![warn(missing_docs)]
 
 pub use burn;
-pub use fedveil_ml::{data, model, train};
+pub use fedveil_ml::{data, device, model, train};
 pub use fedveil_net::{pki, quic};
 pub use fedveil_proto::{aggregate, dp, metrics, round, secagg, server_opt, strategy, wire};
 pub use fedveil_settings as settings;

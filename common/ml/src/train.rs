@@ -45,8 +45,16 @@ pub struct ModelPool<I = Example> {
     shape: DataShape,
     device: Device,
     spec: ModelSpec,
-    idle: Mutex<Vec<Box<dyn FlModel<I>>>>,
+    idle: Mutex<Vec<Instance<I>>>,
     built: std::sync::atomic::AtomicUsize,
+    threads_per_training: Option<usize>,
+}
+
+/// A model instance, and the threads its training runs on when the pool
+/// gives each training its own (see [`ModelPool::with_threads_per_training`]).
+struct Instance<I> {
+    model: Box<dyn FlModel<I>>,
+    threads: Option<Arc<rayon::ThreadPool>>,
 }
 
 impl ModelPool<Example> {
@@ -71,9 +79,28 @@ impl<I: 'static> ModelPool<I> {
             shape,
             device,
             spec: first.spec().clone(),
-            idle: Mutex::new(vec![first]),
+            idle: Mutex::new(vec![Instance {
+                model: first,
+                threads: None,
+            }]),
             built: 1.into(),
+            threads_per_training: None,
         }))
+    }
+
+    /// Runs each training on its own `threads` threads instead of the
+    /// process's shared rayon pool. On a CPU device, trainings at once then
+    /// split the cores between them rather than queueing every operation on
+    /// one pool: a simulation training 2 clients at once on 2 cores gives
+    /// each 1 thread.
+    ///
+    /// # Panics
+    /// If the pool is already shared (set this before handing it out).
+    pub fn with_threads_per_training(mut self: Arc<Self>, threads: usize) -> Arc<Self> {
+        Arc::get_mut(&mut self)
+            .expect("threads per training are set before the pool is shared")
+            .threads_per_training = Some(threads.max(1));
+        self
     }
 
     /// The model the pool's instances are.
@@ -94,16 +121,27 @@ impl<I: 'static> ModelPool<I> {
     /// An idle instance (built if none is), returned to the pool on drop.
     fn take(self: &Arc<Self>) -> Result<PooledModel<I>, ModelError> {
         let idle = self.idle.lock().expect("pool lock").pop();
-        let model = match idle {
-            Some(model) => model,
+        let mut instance = match idle {
+            Some(instance) => instance,
             None => {
                 self.built
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                self.factory.build(&self.shape, &self.device)?
+                Instance {
+                    model: self.factory.build(&self.shape, &self.device)?,
+                    threads: None,
+                }
             }
         };
+        if let (Some(n), None) = (self.threads_per_training, &instance.threads) {
+            let threads = rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .thread_name(|i| format!("fedveil-train-{i}"))
+                .build()
+                .map_err(|e| ModelError::Threads(e.to_string()))?;
+            instance.threads = Some(Arc::new(threads));
+        }
         Ok(PooledModel {
-            model: Some(model),
+            instance: Some(instance),
             pool: Arc::clone(self),
         })
     }
@@ -111,27 +149,25 @@ impl<I: 'static> ModelPool<I> {
 
 /// A model on loan from a [`ModelPool`].
 struct PooledModel<I: 'static> {
-    model: Option<Box<dyn FlModel<I>>>,
+    instance: Option<Instance<I>>,
     pool: Arc<ModelPool<I>>,
 }
 
-impl<I> std::ops::Deref for PooledModel<I> {
-    type Target = dyn FlModel<I>;
-    fn deref(&self) -> &Self::Target {
-        self.model.as_deref().expect("present until dropped")
-    }
-}
-
-impl<I> std::ops::DerefMut for PooledModel<I> {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        self.model.as_deref_mut().expect("present until dropped")
+impl<I> PooledModel<I> {
+    /// Runs `work` on the instance's own threads, if it has them.
+    fn run<T: Send>(&mut self, work: impl FnOnce(&mut dyn FlModel<I>) -> T + Send) -> T {
+        let instance = self.instance.as_mut().expect("present until dropped");
+        match &instance.threads {
+            Some(threads) => threads.install(|| work(instance.model.as_mut())),
+            None => work(instance.model.as_mut()),
+        }
     }
 }
 
 impl<I> Drop for PooledModel<I> {
     fn drop(&mut self) {
-        if let (Some(model), Ok(mut idle)) = (self.model.take(), self.pool.idle.lock()) {
-            idle.push(model);
+        if let (Some(instance), Ok(mut idle)) = (self.instance.take(), self.pool.idle.lock()) {
+            idle.push(instance);
         }
     }
 }
@@ -217,7 +253,20 @@ impl<I: 'static> LocalTrainer for Trainer<I> {
         config: &RoundConfig,
         global_model: &[f32],
     ) -> Result<(Update, Evaluation), ModelError> {
-        let mut model = self.models.take()?;
+        self.models
+            .take()?
+            .run(|model| self.train_with(model, round, config, global_model))
+    }
+}
+
+impl<I: 'static> Trainer<I> {
+    fn train_with(
+        &self,
+        model: &mut dyn FlModel<I>,
+        round: u64,
+        config: &RoundConfig,
+        global_model: &[f32],
+    ) -> Result<(Update, Evaluation), ModelError> {
         model.set_params(global_model)?;
         // Under a step cap, score the global model on as many examples as
         // training may see, not all the data, which could cost more than
@@ -367,6 +416,35 @@ mod tests {
         assert_eq!(drawn(30, 3), shard.indices);
         assert_eq!(drawn(99, 3), shard.indices);
         assert!(Sample::of(&shard, 8, 3).get(8).is_err());
+    }
+
+    /// A training on its own threads gives the update a training on the
+    /// shared pool gives, bit for bit: the thread count splits work, not the
+    /// order of any sum (the simulation's metrics stay reproducible).
+    #[test]
+    fn trainings_on_their_own_threads_match_the_shared_pool_bit_for_bit() {
+        let data = SyntheticConfig {
+            train_examples: 40,
+            test_examples: 1,
+            ..Default::default()
+        }
+        .generate(5)
+        .train;
+        let shape = DataShape::of(&data);
+        let device = Device::flex();
+        let global = model::build("cnn", &shape, &device).unwrap().params();
+        let update = |pool: Arc<ModelPool>| {
+            let trainer = Trainer::pooled(pool, Shard::whole(Arc::clone(&data)), 3).unwrap();
+            let (update, _) = trainer.train_round(1, &round_config(), &global).unwrap();
+            update.delta.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        };
+        let shared = update(ModelPool::new("cnn", shape.clone(), device.clone()).unwrap());
+        for threads in [1, 2, 3] {
+            let own = ModelPool::new("cnn", shape.clone(), device.clone())
+                .unwrap()
+                .with_threads_per_training(threads);
+            assert_eq!(update(own), shared, "{threads} threads");
+        }
     }
 
     /// Clients sharing a pool train exactly as clients with models of their

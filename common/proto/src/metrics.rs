@@ -112,6 +112,12 @@ pub struct RoundMetrics {
     /// A cost.
     #[serde(default, skip_serializing)]
     pub round_secs: f64,
+    /// How busy the machine's cores were, from the previous round's end to
+    /// this one's: the server process's CPU time over wall time times cores
+    /// (1 = every core all the time; in a simulation the clients are in the
+    /// process too). None where the platform does not say. A cost.
+    #[serde(default, skip_serializing)]
+    pub cpu_busy: Option<f64>,
     /// Clients sampled.
     pub cohort: usize,
     /// Clients whose update is in the aggregate.
@@ -159,17 +165,24 @@ pub struct RoundCosts {
     pub bytes_up: u64,
     /// Bytes the server sent.
     pub bytes_down: u64,
+    /// Share of the cores kept busy (see [`RoundMetrics::cpu_busy`]).
+    #[serde(default)]
+    pub cpu_busy: Option<f64>,
 }
 
 impl RoundCosts {
     /// Column names of [`RoundCosts::csv_row`].
-    pub const CSV_HEADER: &'static str = "round,round_secs,bytes_up,bytes_down";
+    pub const CSV_HEADER: &'static str = "round,round_secs,bytes_up,bytes_down,cpu_busy";
 
     /// The round as a line of `costs.csv`.
     pub fn csv_row(&self) -> String {
         format!(
-            "{},{:.3},{},{}",
-            self.round, self.round_secs, self.bytes_up, self.bytes_down
+            "{},{:.3},{},{},{}",
+            self.round,
+            self.round_secs,
+            self.bytes_up,
+            self.bytes_down,
+            self.cpu_busy.map(|b| format!("{b:.3}")).unwrap_or_default()
         )
     }
 }
@@ -210,6 +223,7 @@ impl RoundMetrics {
             round_secs: self.round_secs,
             bytes_up: self.bytes_up,
             bytes_down: self.bytes_down,
+            cpu_busy: self.cpu_busy,
         }
     }
 
@@ -229,6 +243,7 @@ impl RoundMetrics {
         self.round_secs = costs.round_secs;
         self.bytes_up = costs.bytes_up;
         self.bytes_down = costs.bytes_down;
+        self.cpu_busy = costs.cpu_busy;
     }
 
     /// The round as a line of `metrics.csv`.
@@ -273,6 +288,7 @@ mod tests {
             bytes_up: 10,
             bytes_down: 20,
             round_secs: 1.5,
+            cpu_busy: Some(0.75),
             cohort: 3,
             contributors: 2,
             dropped: 1,

@@ -181,7 +181,9 @@ pub struct DataSettings {
     /// a colon, e.g. transformer-cls:d_model=256 or mlp:hidden=128).
     #[arg(long, required = false, help_heading = "Data and model")]
     pub model: String,
-    /// cpu, cuda or cuda:N (cuda needs a build with the `cuda` feature).
+    /// cpu (Burn's flex), wgpu (a GPU through Vulkan, Metal or DX12), wgpu:cpu
+    /// (Mesa's lavapipe), wgpu:N, wgpu:integrated[:N], cuda or cuda:N (cuda
+    /// needs a build with the `cuda` feature).
     #[arg(long, required = false, help_heading = "Data and model")]
     pub device: String,
 }
@@ -301,7 +303,7 @@ impl DataSettings {
     pub fn device(&self) -> Result<DeviceSpec, SettingsError> {
         self.device
             .parse()
-            .map_err(|e: fedveil_ml::model::ModelError| {
+            .map_err(|e: fedveil_ml::model::DeviceError| {
                 SettingsError::invalid("device", &self.device, e.to_string())
             })
     }
@@ -668,6 +670,11 @@ pub struct Simulation {
     /// Local trainings running at once [default: number of cores].
     #[arg(long, help_heading = "Simulation")]
     pub max_concurrent_training: Option<usize>,
+    /// CPU threads each training runs on, its own; 0 = all trainings share
+    /// one pool of all cores [default: cores / trainings at once on the
+    /// cpu device, 0 on a GPU].
+    #[arg(long, help_heading = "Simulation")]
+    pub threads_per_training: Option<usize>,
 }
 
 impl Default for Simulation {
@@ -679,6 +686,7 @@ impl Default for Simulation {
             dropout: 0.0,
             straggler_delay: None,
             max_concurrent_training: None,
+            threads_per_training: None,
         }
     }
 }

@@ -134,6 +134,7 @@ fn the_round_history_keeps_metrics_and_costs() {
         bytes_up: 1234,
         bytes_down: 5678,
         round_secs: 2.5,
+        cpu_busy: None,
         cohort: 4,
         contributors: 3,
         dropped: 1,

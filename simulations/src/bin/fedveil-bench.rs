@@ -20,6 +20,10 @@ use fedveil_proto::secagg::{SecAggParams, prg};
 use fedveil_proto::wire::LocalOptimizer;
 use std::collections::BTreeMap;
 
+/// As in the other binaries: mimalloc reuses Burn's per-step buffers.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "fedveil-bench")]
 struct Cli {
@@ -128,6 +132,7 @@ fn main() -> Result<()> {
             vocab,
             classes,
         } => {
+            let spec = device;
             let device = device.device()?;
             let examples = batch * steps.max(warmup);
             let data = if name.starts_with("transformer") {
@@ -161,7 +166,7 @@ fn main() -> Result<()> {
             let stats = m.train(&shard(steps), &plan(steps))?;
             let secs = start.elapsed().as_secs_f64();
             println!(
-                "{{\"bench\":\"train-step\",\"model\":\"{name}\",\"params\":{},\"batch\":{batch},\"steps\":{},\"threads\":{},\"ms_per_step\":{:.3}}}",
+                "{{\"bench\":\"train-step\",\"device\":\"{spec}\",\"model\":\"{name}\",\"params\":{},\"batch\":{batch},\"steps\":{},\"threads\":{},\"ms_per_step\":{:.3}}}",
                 m.spec().param_count,
                 stats.steps,
                 std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| {

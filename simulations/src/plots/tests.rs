@@ -9,6 +9,7 @@ fn metrics(rounds: u64, dp: bool) -> Vec<RoundMetrics> {
             bytes_up: 1_000_000 * round,
             bytes_down: 2_000_000,
             round_secs: 1.5,
+            cpu_busy: None,
             cohort: 10,
             contributors: 9,
             dropped: 1,

@@ -2,11 +2,11 @@
 //! Conv(32,3x3) ReLU, MaxPool 2, Conv(64,3x3) ReLU, MaxPool 2,
 //! Conv(64,3x3) ReLU, Flatten, Dense(64) ReLU, Dense(classes).
 
-use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
 use burn::nn::{Linear, LinearConfig, Relu};
 use burn::prelude::*;
 
+use super::conv::LoweredConv2d;
 use super::dense::{DenseBatch, Inputs};
 use super::federated::{BatchMetrics, FederatedModel, cross_entropy};
 
@@ -27,9 +27,9 @@ pub struct CnnConfig {
 /// The built-in CNN (see [`CnnConfig`]).
 #[derive(Module, Debug)]
 pub struct Cnn {
-    conv1: Conv2d,
-    conv2: Conv2d,
-    conv3: Conv2d,
+    conv1: LoweredConv2d,
+    conv2: LoweredConv2d,
+    conv3: LoweredConv2d,
     pool: MaxPool2d,
     fc1: Linear,
     fc2: Linear,
@@ -46,9 +46,9 @@ impl CnnConfig {
     pub fn init(&self, device: &Device) -> Cnn {
         let side = self.final_side();
         Cnn {
-            conv1: Conv2dConfig::new([self.in_channels, 32], [3, 3]).init(device),
-            conv2: Conv2dConfig::new([32, 64], [3, 3]).init(device),
-            conv3: Conv2dConfig::new([64, 64], [3, 3]).init(device),
+            conv1: LoweredConv2d::new([self.in_channels, 32], [3, 3], device),
+            conv2: LoweredConv2d::new([32, 64], [3, 3], device),
+            conv3: LoweredConv2d::new([64, 64], [3, 3], device),
             pool: MaxPool2dConfig::new([2, 2]).init(),
             fc1: LinearConfig::new(64 * side * side, 64).init(device),
             fc2: LinearConfig::new(64, self.num_classes).init(device),

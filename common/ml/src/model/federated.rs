@@ -408,11 +408,17 @@ where
                 break;
             }
             order.shuffle(&mut rng);
-            let (mut loss_sum, mut seen) = (0.0f64, 0usize);
+            // Summed on the device and read once per epoch: a read-back per
+            // step would make a GPU wait for every step before queueing the next.
+            let (mut loss_sum, mut seen) = (None::<Tensor<1>>, 0usize);
             for positions in order.chunks(plan.batch_size).take(max_steps - steps) {
                 let batch = self.batcher.batch(items(data, positions)?, &self.device);
                 let loss = model.train_step(batch);
-                loss_sum += f64::from(loss.clone().into_scalar::<f32>()) * positions.len() as f64;
+                let weighted = loss.clone().detach() * positions.len() as f32;
+                loss_sum = Some(match loss_sum {
+                    Some(sum) => sum + weighted,
+                    None => weighted,
+                });
                 let grads = GradientsParams::from_grads(loss.backward(), &model);
                 model = optim.step(plan.learning_rate, model, grads);
                 if let Some(anchor) = &anchor {
@@ -425,7 +431,8 @@ where
                 steps += 1;
                 seen += positions.len();
             }
-            last_epoch_loss = (loss_sum / seen.max(1) as f64) as f32;
+            last_epoch_loss =
+                loss_sum.map_or(0.0, |sum| sum.into_scalar::<f32>() / seen.max(1) as f32);
         }
         if !last_epoch_loss.is_finite() && plan.epochs > 0 && !order.is_empty() {
             return Err(ModelError::Diverged(last_epoch_loss));

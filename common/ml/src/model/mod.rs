@@ -2,21 +2,20 @@
 //! the object-safe view the framework holds ([`FlModel`]), factories, the
 //! built-in models, and the flat-vector view.
 //!
-//! Burn 0.22 picks the backend at run time through [`Device`], so model code
-//! names no backend; [`DeviceSpec`] turns `--device cpu|cuda[:N]` into one.
+//! Burn 0.22 picks the backend at run time through a `Device`, so model code
+//! names no backend; [`DeviceSpec`] turns `--device` into one.
 
 pub mod cnn;
+pub mod conv;
 pub mod dense;
 pub mod federated;
 pub mod flat;
 pub mod mlp;
 pub mod transformer;
 
-use std::fmt;
-use std::str::FromStr;
-
 use burn::prelude::Device;
 
+pub use crate::device::{DeviceError, DeviceSpec};
 pub use dense::{DenseBatch, DenseBatcher, Example, Inputs};
 pub use federated::{
     BatchMetrics, EVAL_BATCH_SIZE, EvalStats, Federated, FederatedModel, FlModel, ModelFactory,
@@ -74,9 +73,12 @@ pub enum ModelError {
         /// What is wrong.
         source: OptionError,
     },
-    /// The device is unknown or not compiled in: the device asked for, and why.
-    #[error("device '{0}' is not available: {1}")]
-    Device(String, String),
+    /// A training's own threads could not be started.
+    #[error("cannot start the training threads: {0}")]
+    Threads(String),
+    /// The device is unknown, not compiled in or not on this machine.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
 }
 
 /// What a model needs to know about the data to be built.
@@ -255,59 +257,6 @@ fn incompatible(name: &str, shape: &DataShape, reason: &str) -> ModelError {
         model: name.to_owned(),
         shape: shape.example_shape.clone(),
         reason: reason.to_owned(),
-    }
-}
-
-/// `--device cpu | cuda | cuda:N`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum DeviceSpec {
-    /// Burn's `flex` CPU backend.
-    #[default]
-    Cpu,
-    /// Burn's CUDA backend (needs the `cuda` cargo feature).
-    Cuda(usize),
-}
-
-impl FromStr for DeviceSpec {
-    type Err = ModelError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || ModelError::Device(s.to_owned(), "expected cpu, cuda or cuda:N".into());
-        match s {
-            "cpu" => Ok(Self::Cpu),
-            "cuda" => Ok(Self::Cuda(0)),
-            _ => match s.strip_prefix("cuda:") {
-                Some(n) => n.parse().map(Self::Cuda).map_err(|_| bad()),
-                None => Err(bad()),
-            },
-        }
-    }
-}
-
-impl fmt::Display for DeviceSpec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Cpu => write!(f, "cpu"),
-            Self::Cuda(n) => write!(f, "cuda:{n}"),
-        }
-    }
-}
-
-impl DeviceSpec {
-    /// The Burn device, or an error if this build has no such backend.
-    pub fn device(self) -> Result<Device, ModelError> {
-        match self {
-            Self::Cpu => Ok(Device::flex()),
-            #[cfg(feature = "cuda")]
-            Self::Cuda(n) => Ok(Device::cuda(n)),
-            #[cfg(not(feature = "cuda"))]
-            Self::Cuda(_) => Err(ModelError::Device(
-                self.to_string(),
-                "this build has no CUDA backend; rebuild with `--features cuda` \
-                 (needs network access at build time)"
-                    .into(),
-            )),
-        }
     }
 }
 

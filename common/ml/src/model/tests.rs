@@ -259,23 +259,6 @@ fn invalid_plans_are_refused() {
 }
 
 #[test]
-fn device_specs_parse() {
-    assert_eq!("cpu".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cpu);
-    assert_eq!("cuda".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(0));
-    assert_eq!("cuda:3".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(3));
-    assert!("gpu".parse::<DeviceSpec>().is_err());
-    assert!("cuda:x".parse::<DeviceSpec>().is_err());
-    #[cfg(not(feature = "cuda"))]
-    assert!(
-        DeviceSpec::Cuda(0)
-            .device()
-            .unwrap_err()
-            .to_string()
-            .contains("--features cuda")
-    );
-}
-
-#[test]
 fn the_proximal_term_pulls_the_local_model_towards_the_global_one() {
     let split = SyntheticConfig {
         train_examples: 200,
