@@ -182,8 +182,8 @@ pub struct DataSettings {
     #[arg(long, required = false, help_heading = "Data and model")]
     pub model: String,
     /// cpu (Burn's flex), wgpu (a GPU through Vulkan, Metal or DX12), wgpu:cpu
-    /// (Mesa's lavapipe), wgpu:N, wgpu:integrated[:N], cuda or cuda:N (cuda
-    /// needs a build with the `cuda` feature).
+    /// (Mesa's lavapipe), wgpu:N, wgpu:integrated or wgpu:integrated:N, cuda
+    /// or cuda:N (cuda needs a build with the `cuda` feature).
     #[arg(long, required = false, help_heading = "Data and model")]
     pub device: String,
 }
